@@ -1,0 +1,228 @@
+"""Base configuration and its validation.
+
+Every field is declared here once, with a comment on the same line; presets in experiments/ start from
+`get_config()` and change only what differs. `validate()` rejects an inconsistent config before anything
+compiles, with a message that names the field.
+
+The inline comments are the configuration reference: docs/configuration.md is generated from them
+(`python -m llm_jax.config_docs`), and a test fails when a field has no comment.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+# Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
+ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
+REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out')
+SCHEDULES = ('cosine', 'linear', 'constant')
+OBJECTIVES = ('clm', 'mlm')
+DTYPES = ('float32', 'bfloat16', 'float16')
+NONFINITE_POLICIES = ('stop', 'skip')
+DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'sft_jsonl')
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
+# apart. Turning FSDP into tensor parallelism is an edit of this table (or of config.mesh sizes).
+DEFAULT_RULES = (
+    # parameters
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('layers', None),
+    ('norm', None),
+    ('lora_rank', None),
+    # activations
+    ('act_batch', ('data', 'fsdp')),
+    ('act_seq', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The base config: a small LLaMA-style model on the synthetic source. Presets override fields."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 32000  # Vocabulary size; must equal the tokenizer's size when a tokenizer is used.
+  c.model.d_model = 512  # Width of the residual stream.
+  c.model.num_layers = 8  # Number of transformer blocks.
+  c.model.num_heads = 8  # Query heads; must divide d_model (head_dim = d_model // num_heads).
+  c.model.num_kv_heads = 8  # Key/value heads (grouped-query attention); must divide num_heads.
+  c.model.ffn_dim = 1408  # Hidden width of the SwiGLU MLP.
+  c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this.
+  c.model.rope_theta = 10000.0  # RoPE base frequency (LLaMA-2: 10000, LLaMA-3: 500000).
+  c.model.norm_eps = 1e-5  # Epsilon of RMSNorm.
+  c.model.tie_embeddings = False  # Share the token embedding with the output projection.
+  c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
+  c.model.dtype = 'bfloat16'  # Compute dtype of activations and matmuls: float32 | bfloat16 | float16.
+  c.model.param_dtype = 'float32'  # Storage dtype of the parameters (master weights).
+  c.model.logits_dtype = 'float32'  # Dtype of the output logits fed to the loss.
+  c.model.attention = 'auto'  # Attention kernel: auto | xla | cudnn | splash. auto: cudnn on GPU, splash on TPU, else xla.
+  c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out.
+  c.model.scan_layers = True  # Stack the blocks with nn.scan (faster compile) instead of unrolling them.
+  c.model.objective = 'clm'  # Training objective: clm (causal LM) | mlm (masked LM, bidirectional attention).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | sft_jsonl.
+  c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
+  c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
+  c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
+  c.data.paths = ''  # text_files / sft_jsonl: comma-separated globs of .txt, .md or .jsonl files.
+  c.data.text_field = 'text'  # text_files: the field holding the text in .jsonl records.
+  c.data.tfds_name = ''  # tfds: dataset name, e.g. 'lm1b' or 'wikitext/wikitext-103-raw-v1'.
+  c.data.tfds_data_dir = ''  # tfds: data_dir of the prepared dataset ('' = the TFDS default).
+  c.data.tfds_text_key = 'text'  # tfds: feature holding the text.
+  c.data.train_split = 'train'  # Split used for training.
+  c.data.eval_split = 'validation'  # Split used for evaluation.
+  c.data.tokenizer_path = ''  # SentencePiece model to use; '' = train one on the corpus during preparation.
+  c.data.tokenizer_type = 'bpe'  # Model type of a trained tokenizer: bpe | unigram.
+  c.data.prepared_dir = ''  # Where prepared token shards go; '' = <workdir>/data.
+  c.data.min_doc_chars = 16  # Documents shorter than this (after cleaning) are dropped.
+  c.data.max_docs = 0  # Read at most this many documents per split (0 = all); for quick experiments.
+  c.data.mask_prob = 0.15  # mlm: fraction of tokens selected for prediction (80% [MASK], 10% random, 10% kept).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # Optimizer steps to train for.
+  c.train.learning_rate = 3e-4  # Peak learning rate.
+  c.train.warmup_steps = 100  # Linear warmup steps from 0 to the peak learning rate.
+  c.train.schedule = 'cosine'  # Decay after warmup: cosine | linear | constant.
+  c.train.min_lr_ratio = 0.1  # Final learning rate as a fraction of the peak (cosine, linear).
+  c.train.weight_decay = 0.1  # AdamW decoupled weight decay; never applied to norms and biases (1-D parameters).
+  c.train.beta1 = 0.9  # AdamW beta1.
+  c.train.beta2 = 0.95  # AdamW beta2.
+  c.train.eps = 1e-8  # AdamW epsilon.
+  c.train.grad_clip = 1.0  # Clip gradients to this global norm (0 = no clipping).
+  c.train.grad_accum_steps = 1  # Microbatches per step, accumulated inside the jitted step with lax.scan.
+  c.train.moments_dtype = 'float32'  # Dtype of both AdamW moments: float32 | bfloat16 (halves optimizer memory).
+  c.train.log_every = 10  # Write a metrics row (metrics.jsonl, TensorBoard, stdout) every this many steps.
+  c.train.seed = 0  # Seed of parameter initialisation and of dropout-free model randomness.
+  c.train.init_from = ''  # Workdir whose latest checkpoint initialises the parameters of a fresh run.
+  c.train.nonfinite = 'stop'  # On NaN/Inf loss or gradients: stop (raise, naming the step) | skip (drop the update).
+  c.train.max_nonfinite_skips = 5  # nonfinite=skip: stop after this many skipped steps in a row.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 500  # Evaluate every this many steps (0 = only at the end).
+  c.eval.steps = 10  # Batches of the eval split per evaluation.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500  # Save every this many steps (and always at the end); 0 = only at the end.
+  c.checkpoint.keep = 3  # Checkpoints to keep (oldest are deleted).
+  c.checkpoint.async_save = True  # Write checkpoints in the background while training goes on.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel mesh axis size (-1 = all devices the other axes leave).
+  c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size: parameters and optimizer state sharded over it.
+  c.mesh.tensor = 1  # Tensor-parallel axis size: heads, MLP and vocabulary sharded over it.
+  c.mesh.rules = DEFAULT_RULES  # Logical-axis rules: (logical name, mesh axis or tuple of axes or None).
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # LoRA rank (0 = no adapters, train all parameters).
+  c.lora.alpha = 16.0  # LoRA scale numerator: adapters are scaled by alpha / rank.
+  c.lora.targets = 'q,k,v,o'  # Comma-separated projections that get adapters: q,k,v,o,gate,up,down.
+  return c
+
+
+class ConfigError(ValueError):
+  """A config field has a value that cannot work; the message names the field."""
+
+
+def _fail(field: str, message: str):
+  raise ConfigError(f'config.{field}: {message}')
+
+
+def _choice(config, section: str, name: str, choices):
+  value = config[section][name]
+  if value not in choices:
+    _fail(f'{section}.{name}', f'unknown value {value!r}; expected one of {", ".join(choices)}')
+
+
+def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
+  """Sizes of ('data', 'fsdp', 'tensor'), with a single -1 replaced by the devices the others leave."""
+  sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    _fail(f'mesh.{free[1]}', f'only one mesh axis may be -1, got {free}')
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      _fail(f'mesh.{axis}', f'must be a positive size or -1, got {size}')
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if num_devices % fixed:
+      _fail(f'mesh.{free[0]}', f'the other axes use {fixed} devices, which does not divide the {num_devices} available')
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    _fail('mesh', f'data*fsdp*tensor = {sizes["data"]}*{sizes["fsdp"]}*{sizes["tensor"]} = {fixed} '
+          f'but {num_devices} devices are available')
+  return sizes
+
+
+def validate(config, num_devices: int) -> dict[str, int]:
+  """Raises ConfigError naming the first inconsistent field; returns the resolved mesh shape."""
+  m, d, t = config.model, config.data, config.train
+  for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'max_seq_len'):
+    if m[name] <= 0:
+      _fail(f'model.{name}', f'must be positive, got {m[name]}')
+  if m.d_model % m.num_heads:
+    _fail('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model}')
+  if m.num_heads % m.num_kv_heads:
+    _fail('model.num_kv_heads', f'{m.num_kv_heads} kv heads do not divide num_heads={m.num_heads}')
+  if (m.d_model // m.num_heads) % 2:
+    _fail('model.num_heads', f'head_dim = d_model/num_heads = {m.d_model // m.num_heads} must be even for RoPE')
+  for name in ('dtype', 'param_dtype', 'logits_dtype'):
+    _choice(config, 'model', name, DTYPES)
+  _choice(config, 'model', 'attention', ATTENTION_KINDS)
+  _choice(config, 'model', 'remat', REMAT_POLICIES)
+  _choice(config, 'model', 'objective', OBJECTIVES)
+  _choice(config, 'data', 'source', DATA_SOURCES)
+  _choice(config, 'train', 'schedule', SCHEDULES)
+  _choice(config, 'train', 'nonfinite', NONFINITE_POLICIES)
+  if t.moments_dtype not in ('float32', 'bfloat16'):
+    _fail('train.moments_dtype', f'unknown value {t.moments_dtype!r}; expected float32 or bfloat16')
+  if d.seq_len <= 0:
+    _fail('data.seq_len', f'must be positive, got {d.seq_len}')
+  if d.seq_len > m.max_seq_len:
+    _fail('data.seq_len', f'{d.seq_len} is longer than model.max_seq_len={m.max_seq_len}')
+  if t.steps <= 0:
+    _fail('train.steps', f'must be positive, got {t.steps}')
+  if t.warmup_steps < 0:
+    _fail('train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
+  if t.learning_rate <= 0:
+    _fail('train.learning_rate', f'must be positive, got {t.learning_rate}')
+  if t.grad_accum_steps <= 0:
+    _fail('train.grad_accum_steps', f'must be positive, got {t.grad_accum_steps}')
+  if t.log_every <= 0:
+    _fail('train.log_every', f'must be positive, got {t.log_every}')
+  if config.checkpoint.keep <= 0:
+    _fail('checkpoint.keep', f'must be positive, got {config.checkpoint.keep}')
+  mesh = resolve_mesh_shape(config.mesh, num_devices)
+  batch_shards = mesh['data'] * mesh['fsdp']
+  if d.global_batch_size % (batch_shards * t.grad_accum_steps):
+    _fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*fsdp*grad_accum_steps = '
+          f'{mesh["data"]}*{mesh["fsdp"]}*{t.grad_accum_steps} = {batch_shards * t.grad_accum_steps}')
+  known_axes = {rule[0] for rule in config.mesh.rules}
+  for rule in config.mesh.rules:
+    targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for target in targets:
+      if target is not None and target not in MESH_AXES:
+        _fail('mesh.rules', f'rule {tuple(rule)} names mesh axis {target!r}; mesh axes are {MESH_AXES}')
+  for needed in ('embed', 'vocab', 'act_batch'):
+    if needed not in known_axes:
+      _fail('mesh.rules', f'no rule for logical axis {needed!r}')
+  if config.lora.rank < 0:
+    _fail('lora.rank', f'must be >= 0, got {config.lora.rank}')
+  if config.lora.rank:
+    allowed = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+    for target in filter(None, config.lora.targets.split(',')):
+      if target.strip() not in allowed:
+        _fail('lora.targets', f'unknown projection {target!r}; expected some of {",".join(allowed)}')
+  return mesh

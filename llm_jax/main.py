@@ -1,0 +1,46 @@
+"""Train a model: `python -m llm_jax.main --config=experiments/tiny.py --workdir=DIR [--config.a.b=v ...]`.
+
+Thin on purpose: flags -> config -> train.train_and_evaluate(config, workdir), which tests call directly.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer; '
+                               'a run restarted with the same workdir resumes.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step for the configured mesh, print per-device '
+                             'memory and FLOPs, and exit without training.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=experiments/tiny.py')
+  if _DRY_RUN.value:
+    from llm_jax import dry_run
+    dry_run.report(config)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  from llm_jax import train  # after flag parsing: keeps --help fast
+  try:
+    result = train.train_and_evaluate(config, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    sys.exit(f'error: {e}')
+  if result.get('preempted'):
+    print('preempted: checkpoint saved; restart with the same --workdir to resume')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

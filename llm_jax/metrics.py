@@ -1,0 +1,146 @@
+"""FLOPs per token, MFU, and the writers of metrics (metrics.jsonl, TensorBoard, stdout).
+
+FLOPs convention (the one MaxText, PaLM and the peer benchmark use): per trained token,
+
+  6 * N_matmul  +  6 * num_layers * d_model * seq_len   (causal)
+                   12 * num_layers * d_model * seq_len  (bidirectional, objective='mlm')
+
+N_matmul counts every weight that takes part in a matmul: the blocks' projections and the output projection
+(lm_head, or the tied embedding used as one); the input embedding is a gather and is not counted, nor are the
+norm scales. The attention term is QK^T and PV: 2 matmuls * 2 FLOPs * seq * d_model per token and layer in the
+forward pass, times 3 for forward + backward, halved when causal. Rematerialised recomputation is NOT counted:
+MFU measures useful work, so remat lowers it honestly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+# Peak dense bf16 FLOP/s per device, from the vendors' data sheets. Unknown kinds (CPUs) have no peak, and
+# their MFU is reported as null rather than a made-up number.
+PEAK_BF16_FLOPS = {
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA A100-SXM4-40GB': 312e12,
+    'NVIDIA A100 80GB PCIe': 312e12,
+    'NVIDIA L4': 121e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+}
+
+
+def peak_flops_per_device(device_kind: str | None = None) -> float | None:
+  """Peak bf16 FLOP/s of one device, matched by the longest table key that prefixes its kind; None if unknown."""
+  kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
+  matches = [key for key in PEAK_BF16_FLOPS if kind.startswith(key)]
+  return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+
+
+def matmul_params(model_config) -> int:
+  """Weights used in matmuls (see the module docstring), from the config alone."""
+  m = model_config
+  head_dim = m.d_model // m.num_heads
+  attention = m.d_model * head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o; k, v
+  mlp = 3 * m.d_model * m.ffn_dim
+  return m.num_layers * (attention + mlp) + m.vocab_size * m.d_model  # + output projection
+
+
+def total_params(model_config) -> int:
+  """All parameters: matmul weights, the input embedding (unless tied) and the norm scales."""
+  m = model_config
+  embedding = 0 if m.tie_embeddings else m.vocab_size * m.d_model
+  norms = (2 * m.num_layers + 1) * m.d_model
+  return matmul_params(m) + embedding + norms
+
+
+def flops_per_token(model_config, seq_len: int) -> float:
+  """Training FLOPs per token, forward + backward (module docstring)."""
+  m = model_config
+  attention_factor = 6 if m.objective == 'clm' else 12
+  return 6 * matmul_params(m) + attention_factor * m.num_layers * m.d_model * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, device_kind: str | None = None):
+  """Model FLOPs utilisation in [0, 1], or None on devices with no known peak."""
+  peak = peak_flops_per_device(device_kind)
+  if peak is None:
+    return None
+  return tokens_per_s * flops_per_tok / (peak * num_devices)
+
+
+class MetricsWriter:
+  """Appends rows to <workdir>/metrics.jsonl, mirrors scalars to TensorBoard and prints a readable line.
+
+  Only process 0 writes; other processes get a writer that does nothing.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout):
+    self.enabled = enabled
+    self.stream = stream
+    self._tb = None
+    self._jsonl = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+    try:  # TensorBoard is optional: tensorboardX is pure Python, but an image may lack it
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:
+      print('tensorboardX is not installed: no TensorBoard events (metrics.jsonl is still written)', file=stream)
+
+  def write(self, row: dict[str, Any], echo: bool = True) -> None:
+    if not self.enabled:
+      return
+    row = {k: _plain(v) for k, v in row.items()}
+    self._jsonl.write(json.dumps(row) + '\n')
+    step = int(row.get('step', 0))
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != 'step' and isinstance(value, (int, float)) and value is not None:
+          self._tb.add_scalar(key, value, step)
+    if echo:
+      print(format_row(row), file=self.stream, flush=True)
+
+  def write_text(self, tag: str, text: str, step: int) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_text(tag, text, step)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _plain(value):
+  """JSON-friendly scalars (numpy/jax scalars -> Python)."""
+  if hasattr(value, 'item'):
+    return value.item()
+  return value
+
+
+def format_row(row: dict[str, Any]) -> str:
+  parts = [f'step {row.get("step")}']
+  for key, value in row.items():
+    if key == 'step' or value is None:
+      continue
+    if isinstance(value, float):
+      parts.append(f'{key} {value:.4g}')
+    elif isinstance(value, (int, str)):
+      parts.append(f'{key} {value}')
+  return time.strftime('%H:%M:%S ') + ' | '.join(parts)

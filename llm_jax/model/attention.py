@@ -1,0 +1,166 @@
+"""Grouped-query self-attention and the one place that picks the attention kernel.
+
+Kernels share one signature, `kernel(q, k, v, mask_info) -> out`, with q [B,T,N,H], k/v [B,S,K,H] and out
+[B,T,N,H]. `mask_info` carries segment ids and whether attention is causal; each kernel builds the mask its
+own way, and none may ignore the segment ids (tokens never attend across packed documents).
+
+  xla     einsum + softmax; runs everywhere and is the reference.
+  cudnn   jax.nn.dot_product_attention(implementation='cudnn') on NVIDIA GPUs (bf16/fp16, head_dim % 8 == 0);
+          the segment mask is passed explicitly.
+  splash  the Pallas splash-attention kernel on TPU, with segment ids (not testable on CPU or GPU).
+  auto    cudnn on GPU and splash on TPU where the shapes allow, xla otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llm_jax.model.layers import Projection, apply_rope
+from llm_jax.model.partitioning import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskInfo:
+  """What decides which key each query may see."""
+  q_segment_ids: jax.Array  # [B,T] int32; 0 = padding
+  kv_segment_ids: jax.Array  # [B,S]
+  causal: bool
+  q_offset: jax.Array | int = 0  # absolute index of query 0 in the key sequence (decoding with a cache)
+
+  def dense(self) -> jax.Array:
+    """[B,T,S] bool: same segment, and (if causal) key index <= query index."""
+    mask = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
+    if self.causal:
+      t, s = self.q_segment_ids.shape[1], self.kv_segment_ids.shape[1]
+      q_index = jnp.arange(t)[:, None] + jnp.asarray(self.q_offset).reshape(-1, 1, 1)
+      mask = mask & (jnp.arange(s)[None, :] <= q_index)
+    return mask
+
+
+def xla_attention(q, k, v, mask_info: MaskInfo):
+  """Reference kernel: softmax in float32, queries grouped over their shared kv head."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+  mask = mask_info.dense()[:, None, None, :, :]
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
+  return out.reshape(b, t, n, h)
+
+
+def cudnn_attention(q, k, v, mask_info: MaskInfo):
+  """cuDNN flash attention; GQA is native, the causal part is fused, segments go in as a boolean mask."""
+  segment_mask = mask_info.q_segment_ids[:, :, None] == mask_info.kv_segment_ids[:, None, :]
+  return jax.nn.dot_product_attention(q, k, v, mask=segment_mask[:, None], is_causal=mask_info.causal,
+                                      implementation='cudnn')
+
+
+def splash_attention(q, k, v, mask_info: MaskInfo):
+  """Pallas splash attention on TPU (segment ids supported natively). Imported lazily: TPU only."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  mask_cls = sm.CausalMask if mask_info.causal else sm.FullMask
+  mask = sm.MultiHeadMask([mask_cls((t, t)) for _ in range(n)])
+  kernel = sk.make_splash_mqa_single_device(mask) if kv_heads == 1 else sk.make_splash_mha_single_device(mask)
+  segments = sk.SegmentIds(q=mask_info.q_segment_ids, kv=mask_info.kv_segment_ids)
+  # splash works per example on [heads, seq, head_dim] with pre-scaled queries.
+  qt = jnp.swapaxes(q, 1, 2) * (h ** -0.5)
+  kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  if kv_heads not in (1, n):
+    repeat = n // kv_heads
+    kt, vt = jnp.repeat(kt, repeat, axis=1), jnp.repeat(vt, repeat, axis=1)
+  if kv_heads == 1:
+    kt, vt = kt[:, 0], vt[:, 0]
+  out = jax.vmap(kernel)(qt, kt, vt, segment_ids=segments)
+  return jnp.swapaxes(out, 1, 2)
+
+
+KERNELS: dict[str, Callable] = {'xla': xla_attention, 'cudnn': cudnn_attention, 'splash': splash_attention}
+
+
+def cudnn_supported(head_dim: int, dtype) -> bool:
+  return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
+
+
+def choose_kernel(name: str, head_dim: int, dtype, decoding: bool = False) -> str:
+  """Resolves 'auto' once, from the backend and shapes. Decoding (one query against a cache) uses xla."""
+  if name != 'auto':
+    return name
+  if decoding:
+    return 'xla'
+  backend = jax.default_backend()
+  if backend == 'gpu' and cudnn_supported(head_dim, dtype):
+    return 'cudnn'
+  if backend == 'tpu' and head_dim % 128 == 0:
+    return 'splash'
+  return 'xla'
+
+
+class SelfAttention(nn.Module):
+  """Grouped-query attention with RoPE: q/k/v projections, kernel dispatch, output projection."""
+  num_heads: int
+  num_kv_heads: int
+  rope_theta: float
+  kernel: str = 'auto'
+  causal: bool = True
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  init_std: float = 0.02
+  lora_targets: Sequence[str] = ()
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+
+  def _proj(self, name, features, axes, in_dims=1):
+    rank = self.lora_rank if name in self.lora_targets else 0
+    return Projection(features, axes, in_dims=in_dims, dtype=self.dtype, param_dtype=self.param_dtype,
+                      init_std=self.init_std, lora_rank=rank, lora_alpha=self.lora_alpha, name=name)
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions, decode: bool = False):
+    d_model = x.shape[-1]
+    head_dim = d_model // self.num_heads
+    n, kv = self.num_heads, self.num_kv_heads
+    q = self._proj('q', (n, head_dim), ('embed', 'heads', 'head_dim'))(x)  # [B,T,N,H]
+    k = self._proj('k', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)  # [B,T,K,H]
+    v = self._proj('v', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)
+    q = constrain(apply_rope(q, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_heads', None))
+    k = constrain(apply_rope(k, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_kv_heads', None))
+    v = constrain(v, ('act_batch', 'act_seq', 'act_kv_heads', None))
+    q, k, v = (checkpoint_name(t, name) for t, name in ((q, 'query_proj'), (k, 'key_proj'), (v, 'value_proj')))
+
+    if decode:
+      k, v, kv_segment_ids, q_offset = self._update_cache(k, v, segment_ids)
+      mask_info = MaskInfo(segment_ids, kv_segment_ids, self.causal, q_offset)
+    else:
+      mask_info = MaskInfo(segment_ids, segment_ids, self.causal)
+    kernel = choose_kernel(self.kernel, head_dim, self.dtype, decoding=decode)
+    out = KERNELS[kernel](q, k, v, mask_info)
+    out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
+    return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
+
+  def _update_cache(self, k, v, segment_ids):
+    """Writes this call's keys/values at the cache index and returns the whole cache.
+
+    The cache is allocated by `Transformer.init_cache` (shape [B, max_len, K, H]); slots not yet written have
+    segment id 0, which no real query has, so they are never attended to.
+    """
+    cached_k = self.variable('cache', 'k', jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable('cache', 'v', jnp.zeros, v.shape, v.dtype)
+    cached_seg = self.variable('cache', 'segment_ids', jnp.zeros, segment_ids.shape, jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+    cached_seg.value = jax.lax.dynamic_update_slice(cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
+    index.value = i + k.shape[1]
+    return cached_k.value, cached_v.value, cached_seg.value, i

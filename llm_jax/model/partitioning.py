@@ -1,0 +1,38 @@
+"""Logical axis names for activations, bound to a mesh only while a step is traced.
+
+The model names its activations ('act_batch', 'act_seq', 'act_embed', ...) and calls `constrain`; outside an
+`activation_sharding(mesh, rules)` context (a plain CPU forward, a unit test) that is a no-op. Parameters carry
+their names through `nn.with_logical_partitioning`; both use the same rules table (config.mesh.rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar('llm_jax_activation_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Sequence[tuple]):
+  """Within this context, `constrain` pins activations to `mesh` according to `rules`."""
+  token = _ACTIVE.set((mesh, tuple(tuple(rule) for rule in rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names; identity when no mesh is active."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = nn.logical_to_mesh_axes(tuple(names), rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

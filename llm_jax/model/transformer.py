@@ -1,0 +1,143 @@
+"""The decoder: embedding -> blocks (scanned or unrolled, with a remat policy) -> RMSNorm -> logits.
+
+`TransformerConfig` is a frozen copy of config.model (flax modules need hashable fields); the model never
+reads the ml_collections config itself, so it can be built from a Hugging Face config too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.model.attention import SelfAttention
+from llm_jax.model.layers import RMSNorm, SwiGLU
+from llm_jax.model.partitioning import constrain
+
+# Names tagged with checkpoint_name in the blocks.
+MATMUL_OUTPUTS = ('query_proj', 'key_proj', 'value_proj', 'out_proj', 'mlp_gate', 'mlp_up', 'mlp_out')
+
+# Remat policy name -> jax.checkpoint policy (None = no remat: keep every activation).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_matmuls': jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS),
+    'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out', 'out_proj'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  ffn_dim: int
+  max_seq_len: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  logits_dtype: str = 'float32'
+  attention: str = 'auto'
+  remat: str = 'none'
+  scan_layers: bool = True
+  objective: str = 'clm'
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
+
+  @classmethod
+  def from_config(cls, config) -> 'TransformerConfig':
+    """From the full ml_collections config (config.model plus config.lora)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in config.model.items() if k in fields}
+    lora = config.get('lora')
+    if lora is not None and lora.rank:
+      values.update(lora_rank=lora.rank, lora_alpha=lora.alpha,
+                    lora_targets=tuple(t.strip() for t in lora.targets.split(',') if t.strip()))
+    return cls(**values)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+  cfg: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions):
+    cfg = self.cfg
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    lora = dict(lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='attn_norm')(x)
+    x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta, kernel=cfg.attention,
+                          causal=cfg.objective == 'clm', dtype=dtype, param_dtype=param_dtype,
+                          init_std=cfg.init_std, name='attn', **lora)(h, segment_ids, positions, self.decode)
+    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
+    x = x + SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, name='mlp', **lora)(h)
+    return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
+
+
+class ScannedBlock(Block):
+  """A Block with the (carry, out) signature nn.scan expects."""
+
+  def __call__(self, x, segment_ids, positions):
+    return super().__call__(x, segment_ids, positions), None
+
+
+class Transformer(nn.Module):
+  """tokens [B,T] -> logits [B,T,V]. segment_ids (0 = padding) and positions default to one document."""
+  cfg: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, positions=None):
+    cfg = self.cfg
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                 ('vocab', 'embed')), name='embed')
+    x = constrain(embed(tokens), ('act_batch', 'act_seq', 'act_embed'))
+    x = self._blocks(x, segment_ids, positions)
+    x = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name='final_norm')(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                        param_dtype=jnp.dtype(cfg.param_dtype), name='lm_head',
+                        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                 ('embed', 'vocab')))(x)
+    logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
+    return logits.astype(jnp.dtype(cfg.logits_dtype))
+
+  def _blocks(self, x, segment_ids, positions):
+    cfg = self.cfg
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.scan_layers:
+      block_cls = ScannedBlock
+      if cfg.remat != 'none':
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+      stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(cfg, self.decode, name='layers')(x, segment_ids, positions)
+      return x
+    block_cls = Block
+    if cfg.remat != 'none':
+      block_cls = nn.remat(block_cls, policy=policy)
+    for i in range(cfg.num_layers):
+      x = block_cls(cfg, self.decode, name=f'layers_{i}')(x, segment_ids, positions)
+    return x

@@ -1,0 +1,381 @@
+"""Training: the state, the pure train/eval steps, and the loop with its periodic actions.
+
+  train_step(state, batch) -> (state, metrics)   jitted once, with shardings and the state donated
+  eval_step(params, batch) -> (loss_sum, tokens)
+
+The loop resumes from the latest complete checkpoint in the workdir, else initialises from
+config.train.init_from, else from scratch; the data iterator starts at the restored step, so a resumed run
+produces the same losses as an uninterrupted one. TensorFlow is never imported here (only the text data
+sources use it), so training on the synthetic source runs where TensorFlow is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llm_jax import checkpoint
+from llm_jax import config as config_lib
+from llm_jax import data
+from llm_jax import metrics as metrics_lib
+from llm_jax import optim
+from llm_jax import sharding
+from llm_jax.model import Transformer, TransformerConfig
+from llm_jax.model.partitioning import activation_sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class NonFiniteError(FloatingPointError):
+  """Loss or gradients became NaN/Inf; the message names the step."""
+
+
+def create_model(config, decode: bool = False) -> Transformer:
+  return Transformer(TransformerConfig.from_config(config), decode=decode)
+
+
+def _dummy_tokens(config):
+  return jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
+
+
+def init_params_fn(config, model: Transformer) -> Callable[[jax.Array], Any]:
+  """rng -> boxed parameters (with logical axis names)."""
+  return lambda rng: model.init(rng, _dummy_tokens(config))['params']
+
+
+def state_init_fn(config, model, optimizer) -> Callable[[jax.Array], TrainState]:
+  """rng -> boxed TrainState; the moments inherit the logical axis names of their parameters."""
+  params_fn = init_params_fn(config, model)
+
+  def init_fn(rng):
+    params = params_fn(rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+  return init_fn
+
+
+def abstract_params(config, model=None, mesh=None) -> Any:
+  """ShapeDtypeStructs of the parameters (with shardings when a mesh is given); allocates nothing."""
+  model = model or create_model(config)
+  boxed = jax.eval_shape(init_params_fn(config, model), jax.random.key(0))
+  shapes = nn.unbox(boxed)
+  if mesh is None:
+    return shapes
+  shardings = sharding.logical_shardings(boxed, mesh, sharding.rules_of(config))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def token_losses(logits, targets):
+  """Per-token cross-entropy in float32: [B,T,V], [B,T] -> [B,T]."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def loss_sum(params, batch, model) -> jax.Array:
+  """Sum of masked token losses (divided by the token count of the whole step by the caller)."""
+  logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+  return jnp.sum(token_losses(logits, batch['targets']) * batch['loss_mask'])
+
+
+def _microbatches(batch, accum: int):
+  """[B, T] -> [accum, B/accum, T], taking rows i::accum so each device keeps its own rows (no resharding)."""
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape(b // accum, accum, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(config, model, optimizer, mesh=None):
+  """The pure step. The loss is the mean over all target tokens of the step, so accumulating k microbatches
+  gives exactly the gradient of one step on the whole batch."""
+  accum = config.train.grad_accum_steps
+  skip_nonfinite = config.train.nonfinite == 'skip'
+  schedule = optim.make_schedule(config.train)
+  rules = sharding.rules_of(config)
+
+  def step(state: TrainState, batch):
+    with activation_sharding(mesh, rules) if mesh is not None else _null_context():
+      tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
+      grad_fn = jax.value_and_grad(lambda p, mb: loss_sum(p, mb, model) / tokens)
+      if accum == 1:
+        loss, grads = grad_fn(state.params, batch)
+      else:
+        def body(carry, microbatch):
+          loss_acc, grads_acc = carry
+          loss_mb, grads_mb = grad_fn(state.params, microbatch)
+          return (loss_acc + loss_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), None
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), _microbatches(batch, accum))
+      grad_norm = optax.global_norm(grads)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      if skip_nonfinite:  # keep the old state: the step counter still advances, so the data moves on
+        keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
+      metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
+                     learning_rate=schedule(state.step), finite=finite, target_tokens=tokens)
+      return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def make_eval_step(config, model, mesh=None):
+  rules = sharding.rules_of(config)
+
+  def step(params, batch):
+    with activation_sharding(mesh, rules) if mesh is not None else _null_context():
+      return loss_sum(params, batch, model), jnp.sum(batch['loss_mask'])
+
+  return step
+
+
+class _null_context:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+class PreemptionFlag:
+  """Set by SIGTERM; the loop saves at the next step boundary and returns."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+    return self
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+
+def _tokenizer_fingerprint(workdir: str) -> str | None:
+  path = os.path.join(workdir, 'tokenizer.fingerprint')
+  if os.path.exists(path):
+    with open(path) as f:
+      return f.read().strip()
+  return None
+
+
+def _check_compatible(meta: dict, config, workdir: str, where: str) -> None:
+  """A checkpoint must match the model config and tokenizer it is loaded into; name what differs."""
+  saved_model = meta.get('model') or {}
+  for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
+              'scan_layers'):
+    if key in saved_model and saved_model[key] != config.model[key]:
+      raise ValueError(f'config.model.{key}={config.model[key]!r} but the checkpoint in {where} was trained with '
+                       f'{saved_model[key]!r}')
+  saved_fp, current_fp = meta.get('tokenizer_fingerprint'), _tokenizer_fingerprint(workdir)
+  if saved_fp and current_fp and saved_fp != current_fp:
+    raise ValueError(f'tokenizer mismatch: the checkpoint in {where} was trained with tokenizer {saved_fp[:16]}..., '
+                     f'but {os.path.join(workdir, "tokenizer.model")} is {current_fp[:16]}...')
+
+
+def _meta(config, workdir) -> dict:
+  return dict(model=config.model.to_dict(), tokenizer_fingerprint=_tokenizer_fingerprint(workdir),
+              data_source=config.data.source, data_seed=config.data.seed)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a run builds once: mesh, model, optimizer, compiled steps, state. Tests and jobs reuse it."""
+  config: Any
+  workdir: str
+  devices: list | None = None
+
+  def __post_init__(self):
+    devices = list(self.devices if self.devices is not None else jax.devices())
+    config_lib.validate(self.config, len(devices))
+    self.mesh = sharding.make_mesh(self.config, devices)
+    self.rules = sharding.rules_of(self.config)
+    self.model = create_model(self.config)
+    self.optimizer = optim.make_optimizer(self.config.train)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self._init_fn = state_init_fn(self.config, self.model, self.optimizer)
+    abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
+    self.state_shardings = sharding.logical_shardings(abstract_state, self.mesh, self.rules)
+    self.train_step = jax.jit(make_train_step(self.config, self.model, self.optimizer, self.mesh),
+                              in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                              donate_argnums=(0,))
+    self.eval_step = jax.jit(make_eval_step(self.config, self.model, self.mesh),
+                             in_shardings=(self.state_shardings.params, self.batch_sharding),
+                             out_shardings=sharding.replicated(self.mesh))
+
+  def fresh_state(self) -> TrainState:
+    state, _ = sharding.sharded_init(self._init_fn, self.mesh, self.rules, jax.random.key(self.config.train.seed))
+    return state
+
+  def put(self, batch) -> dict[str, jax.Array]:
+    return sharding.put_batch(batch, self.mesh)
+
+  def evaluate(self, params, num_batches: int | None = None) -> dict[str, float]:
+    """Mean token loss and perplexity over the first `eval.steps` batches of the eval split."""
+    num_batches = num_batches or self.config.eval.steps
+    iterator = data.make_iterator(self.config, self.config.data.eval_split, 0, jax.process_index(),
+                                  jax.process_count(), self.workdir)
+    total, count = 0.0, 0.0
+    for _, batch in zip(range(num_batches), iterator):
+      loss, tokens = self.eval_step(params, self.put(batch))
+      total, count = total + float(loss), count + float(tokens)
+    eval_loss = total / max(count, 1.0)
+    return dict(eval_loss=eval_loss, eval_perplexity=float(np.exp(min(eval_loss, 50.0))), eval_tokens=count)
+
+
+def _restore_or_init(trainer: Trainer, manager, writer) -> TrainState:
+  """Latest complete checkpoint in the workdir, else config.train.init_from, else fresh."""
+  config, workdir = trainer.config, trainer.workdir
+  step = manager.latest_step()
+  state = trainer.fresh_state()
+  if step is not None:
+    restored = checkpoint.restore(manager, step, state.params, state.opt_state)
+    _check_compatible(restored['meta'], config, workdir, workdir)
+    print(f'resuming from {checkpoint.checkpoint_dir(workdir)}/{step}', flush=True)
+    return TrainState(step=jnp.asarray(step, jnp.int32), params=restored['params'],
+                      opt_state=restored['opt_state'])
+  if config.train.init_from:
+    source = config.train.init_from
+    if checkpoint.latest_step(source) is None:
+      raise FileNotFoundError(f'config.train.init_from: {source} has no complete checkpoint')
+    params, meta = checkpoint.load_params(source, state.params)
+    _check_compatible(meta, config, workdir, source)
+    print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)
+    return TrainState(step=state.step, params=params, opt_state=trainer.optimizer.init(params))
+  return state
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
+  """Trains config.train.steps steps in `workdir` (resuming if it has checkpoints). Returns the last metrics."""
+  workdir = os.path.abspath(workdir)
+  is_writer = jax.process_index() == 0
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+  data.prepare(config, workdir)
+  trainer = Trainer(config, workdir, devices)
+  if is_writer:
+    checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+  manager = checkpoint.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+  preemption = PreemptionFlag().install()
+  try:
+    return _loop(trainer, manager, writer, preemption)
+  finally:
+    preemption.uninstall()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+
+
+def _loop(trainer: Trainer, manager, writer, preemption: PreemptionFlag) -> dict[str, Any]:
+  config, workdir = trainer.config, trainer.workdir
+  state = _restore_or_init(trainer, manager, writer)
+  start = int(state.step)
+  total_steps = config.train.steps
+  meta = _meta(config, workdir)
+  num_devices = trainer.mesh.size
+  tokens_per_step = config.data.global_batch_size * config.data.seq_len
+  flops_per_token = metrics_lib.flops_per_token(config.model, config.data.seq_len)
+  iterator = data.make_iterator(config, config.data.train_split, start, jax.process_index(), jax.process_count(),
+                                workdir)
+  last = dict(step=start)
+  monitor = NonFiniteMonitor(config.train)
+  pending = None  # (step, metrics) of the previous step, checked while the current one runs
+  interval_start, interval_steps = None, 0
+  for step in range(start, total_steps):
+    batch = trainer.put(next(iterator))
+    state, step_metrics = trainer.train_step(state, batch)
+    if pending is not None:
+      monitor.check(*pending)
+    pending = (step, step_metrics)
+    done = step + 1
+    if interval_start is None:  # the first step includes compilation: time from its end
+      jax.block_until_ready(step_metrics)
+      interval_start, interval_steps = time.perf_counter(), 0
+    else:
+      interval_steps += 1
+    if done % config.train.log_every == 0 or done == total_steps:
+      values = jax.device_get(step_metrics)
+      monitor.check(step, values)
+      pending = None
+      elapsed = time.perf_counter() - interval_start
+      tokens_per_s = interval_steps * tokens_per_step / elapsed if interval_steps else None
+      last = dict(step=done, loss=float(values['loss']), learning_rate=float(values['learning_rate']),
+                  grad_norm=float(values['grad_norm']), param_norm=float(values['param_norm']),
+                  tokens_per_s=tokens_per_s,
+                  mfu=metrics_lib.mfu(tokens_per_s, flops_per_token, num_devices) if tokens_per_s else None)
+      if config.train.nonfinite == 'skip':
+        last['skipped_steps'] = monitor.skipped_total
+      writer.write(last)
+      interval_start, interval_steps = time.perf_counter(), 0
+    if config.eval.every and done % config.eval.every == 0 and done != total_steps:
+      writer.write(dict(step=done, **trainer.evaluate(state.params)))
+    if config.checkpoint.every and done % config.checkpoint.every == 0:
+      checkpoint.save(manager, done, state.params, state.opt_state, meta)
+    if preemption.is_set():
+      checkpoint.save(manager, done, state.params, state.opt_state, meta, force=True)
+      manager.wait_until_finished()
+      print(f'SIGTERM: saved step {done} to {checkpoint.checkpoint_dir(workdir)}; exiting', flush=True)
+      return dict(last, preempted=True)
+  if pending is not None:
+    monitor.check(*pending)
+  if start < total_steps or manager.latest_step() != total_steps:
+    eval_row = dict(step=total_steps, **trainer.evaluate(state.params))
+    writer.write(eval_row)
+    last.update(eval_row)
+    if manager.latest_step() != total_steps:
+      checkpoint.save(manager, total_steps, state.params, state.opt_state, meta, force=True)
+  return last
+
+
+class NonFiniteMonitor:
+  """Stops the run (policy 'stop') or counts skipped updates (policy 'skip') when loss or gradients are NaN/Inf.
+
+  The step itself computes a `finite` flag (and, under 'skip', keeps the old state); the host checks the flag
+  one step late so that checking never stalls the device queue.
+  """
+
+  def __init__(self, train_config):
+    self.policy = train_config.nonfinite
+    self.max_skips = train_config.max_nonfinite_skips
+    self.skips_in_a_row = 0
+    self.skipped_total = 0
+
+  def check(self, step: int, step_metrics) -> None:
+    if bool(jax.device_get(step_metrics['finite'])):
+      self.skips_in_a_row = 0
+      return
+    loss, grad_norm = (float(jax.device_get(step_metrics[k])) for k in ('loss', 'grad_norm'))
+    if self.policy == 'stop':
+      raise NonFiniteError(f'non-finite values at step {step + 1}: loss={loss}, grad_norm={grad_norm} '
+                           f'(config.train.nonfinite=stop)')
+    self.skips_in_a_row += 1
+    self.skipped_total += 1
+    if self.skips_in_a_row > self.max_skips:
+      raise NonFiniteError(f'non-finite values at step {step + 1}: {self.skips_in_a_row} updates in a row were '
+                           f'skipped, more than config.train.max_nonfinite_skips={self.max_skips}')
