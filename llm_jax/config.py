@@ -226,3 +226,29 @@ def validate(config, num_devices: int) -> dict[str, int]:
       if target.strip() not in allowed:
         _fail('lora.targets', f'unknown projection {target!r}; expected some of {",".join(allowed)}')
   return mesh
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to <workdir>/config.json, laid over the base config (fields added since default).
+
+  Used by generate, evaluate, convert and resume; raises FileNotFoundError naming the file when it is missing.
+  """
+  import json
+  import os
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'{workdir}: no such workdir')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: missing; is {workdir} a llm_jax workdir (made by training or convert)?')
+  with open(path) as f:
+    saved = json.load(f)
+  config = get_config()
+  for section, values in saved.items():
+    if section not in config or not isinstance(values, dict):
+      continue
+    for key, value in values.items():
+      if key in config[section]:
+        if key == 'rules':
+          value = tuple((rule[0], tuple(rule[1]) if isinstance(rule[1], list) else rule[1]) for rule in value)
+        config[section][key] = value
+  return config
