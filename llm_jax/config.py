@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out.
   c.model.scan_layers = True  # Stack the blocks with nn.scan (faster compile) instead of unrolling them.
   c.model.objective = 'clm'  # Training objective: clm (causal LM) | mlm (masked LM, bidirectional attention).
+  c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
 
   c.data = ml_collections.ConfigDict()
   c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | sft_jsonl.
@@ -90,6 +91,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.min_doc_chars = 16  # Documents shorter than this (after cleaning) are dropped.
   c.data.max_docs = 0  # Read at most this many documents per split (0 = all); for quick experiments.
   c.data.mask_prob = 0.15  # mlm: fraction of tokens selected for prediction (80% [MASK], 10% random, 10% kept).
+  c.data.sft_eval_paths = ''  # sft_jsonl: comma-separated globs of the eval records ('' = evaluate on the training records).
+  c.data.sft_truncation = 'truncate'  # sft_jsonl: a record longer than seq_len+1 tokens: truncate (drop the oldest context first) | drop | error.
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps to train for.
@@ -218,6 +221,12 @@ def validate(config, num_devices: int) -> dict[str, int]:
   for needed in ('embed', 'vocab', 'act_batch'):
     if needed not in known_axes:
       _fail('mesh.rules', f'no rule for logical axis {needed!r}')
+  if m.objective == 'mlm' and not 0 <= m.mask_token_id < m.vocab_size:
+    _fail('model.mask_token_id', f'{m.mask_token_id} is not an id of the vocabulary [0, {m.vocab_size})')
+  if not 0.0 < d.mask_prob < 1.0:
+    _fail('data.mask_prob', f'must be in (0, 1), got {d.mask_prob}')
+  if d.sft_truncation not in ('truncate', 'drop', 'error'):
+    _fail('data.sft_truncation', f'unknown value {d.sft_truncation!r}; expected one of truncate, drop, error')
   if config.lora.rank < 0:
     _fail('lora.rank', f'must be >= 0, got {config.lora.rank}')
   if config.lora.rank:

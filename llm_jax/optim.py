@@ -65,8 +65,18 @@ def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.Grad
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  """clip -> Adam direction -> decoupled weight decay (masked) -> -learning_rate."""
+def make_optimizer(train_config, trainable_mask=None) -> optax.GradientTransformation:
+  """clip -> Adam direction -> decoupled weight decay (masked) -> -learning_rate.
+
+  `trainable_mask` (a tree of bools like the parameters, or a function params -> such a tree; e.g.
+  llm_jax.model.lora.trainable_mask) restricts all of it to the True leaves: the others get zero updates and no
+  optimizer state at all (LoRA: frozen base weights cost no moments).
+  """
+  if trainable_mask is not None:
+    def labels(params):
+      mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
+      return jax.tree.map(lambda trainable: 'train' if trainable else 'freeze', mask)
+    return optax.multi_transform({'train': make_optimizer(train_config), 'freeze': optax.set_to_zero()}, labels)
   parts = []
   if train_config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_config.grad_clip))

@@ -30,9 +30,11 @@ from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax import data
 from llm_jax import metrics as metrics_lib
+from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import sharding
 from llm_jax.model import Transformer, TransformerConfig
+from llm_jax.model import lora as lora_lib
 from llm_jax.model.partitioning import activation_sharding
 
 
@@ -111,6 +113,7 @@ def make_train_step(config, model, optimizer, mesh=None):
 
   def step(state: TrainState, batch):
     with activation_sharding(mesh, rules) if mesh is not None else _null_context():
+      batch = objectives.prepare_batch(config, batch, state.step)  # clm: as is; mlm: masking of (seed, step)
       tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
       grad_fn = jax.value_and_grad(lambda p, mb: loss_sum(p, mb, model) / tokens)
       if accum == 1:
@@ -122,9 +125,14 @@ def make_train_step(config, model, optimizer, mesh=None):
           return (loss_acc + loss_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), None
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), _microbatches(batch, accum))
+      if config.lora.rank:  # frozen base: no gradient (XLA drops its computation), parameters kept bit-identical
+        trainable = lora_lib.trainable_mask(grads)
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
       grad_norm = optax.global_norm(grads)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
+      if config.lora.rank:
+        params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       if skip_nonfinite:  # keep the old state: the step counter still advances, so the data moves on
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -140,8 +148,13 @@ def make_eval_step(config, model, mesh=None):
   rules = sharding.rules_of(config)
 
   def step(params, batch):
+    """(loss sum, target tokens, correctly predicted target tokens): mlm counts masked positions only."""
     with activation_sharding(mesh, rules) if mesh is not None else _null_context():
-      return loss_sum(params, batch, model), jnp.sum(batch['loss_mask'])
+      batch = objectives.prepare_batch(config, batch, objectives.EVAL_STEP)
+      logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+      mask = batch['loss_mask']
+      correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch['targets']) * mask)
+      return jnp.sum(token_losses(logits, batch['targets']) * mask), jnp.sum(mask), correct
 
   return step
 
@@ -215,7 +228,8 @@ class Trainer:
     self.mesh = sharding.make_mesh(self.config, devices)
     self.rules = sharding.rules_of(self.config)
     self.model = create_model(self.config)
-    self.optimizer = optim.make_optimizer(self.config.train)
+    self.optimizer = optim.make_optimizer(  # LoRA: only the adapters train and have optimizer state
+        self.config.train, trainable_mask=lora_lib.trainable_mask if self.config.lora.rank else None)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self._init_fn = state_init_fn(self.config, self.model, self.optimizer)
     abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
@@ -240,12 +254,14 @@ class Trainer:
     num_batches = num_batches or self.config.eval.steps
     iterator = data.make_iterator(self.config, self.config.data.eval_split, 0, jax.process_index(),
                                   jax.process_count(), self.workdir)
-    total, count = 0.0, 0.0
+    total, count, correct = 0.0, 0.0, 0.0
     for _, batch in zip(range(num_batches), iterator):
-      loss, tokens = self.eval_step(params, self.put(batch))
-      total, count = total + float(loss), count + float(tokens)
+      loss, tokens, hits = self.eval_step(params, self.put(batch))
+      total, count, correct = total + float(loss), count + float(tokens), correct + float(hits)
     eval_loss = total / max(count, 1.0)
-    return dict(eval_loss=eval_loss, eval_perplexity=float(np.exp(min(eval_loss, 50.0))), eval_tokens=count)
+    # eval_accuracy: next-token accuracy (clm), masked-token accuracy (mlm).
+    return dict(eval_loss=eval_loss, eval_perplexity=float(np.exp(min(eval_loss, 50.0))), eval_tokens=count,
+                eval_accuracy=correct / max(count, 1.0))
 
 
 def _restore_or_init(trainer: Trainer, manager, writer) -> TrainState:
@@ -263,7 +279,12 @@ def _restore_or_init(trainer: Trainer, manager, writer) -> TrainState:
     source = config.train.init_from
     if checkpoint.latest_step(source) is None:
       raise FileNotFoundError(f'config.train.init_from: {source} has no complete checkpoint')
-    params, meta = checkpoint.load_params(source, state.params)
+    if config.lora.rank:  # the source has no adapters: load its base weights, keep the fresh (zero-B) adapters
+      base, adapters = lora_lib.split(state.params)
+      params, meta = checkpoint.load_params(source, base)
+      params = lora_lib.combine(params, adapters)
+    else:
+      params, meta = checkpoint.load_params(source, state.params)
     _check_compatible(meta, config, workdir, source)
     print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)
     return TrainState(step=state.step, params=params, opt_state=trainer.optimizer.init(params))
