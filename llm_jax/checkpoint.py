@@ -64,14 +64,24 @@ def restore(manager: ocp.CheckpointManager, step: int, params_like, opt_state_li
   return dict(manager.restore(int(step), args=ocp.args.Composite(**items)))
 
 
-def load_params(workdir: str, params_like, step: int | None = None) -> tuple[Any, dict]:
-  """Parameters and meta of a workdir's checkpoint (latest by default), for init_from, generate, convert."""
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON meta of a checkpoint alone (cheap): check compatibility before restoring arrays."""
+  return dict(manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
+
+def load_params(workdir: str, params_like, step: int | None = None, check_meta=None) -> tuple[Any, dict]:
+  """Parameters and meta of a workdir's checkpoint (latest by default), for init_from, generate, convert.
+
+  `check_meta(meta)`, if given, runs before any array is read (to raise a clear error on a mismatch).
+  """
   step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(f'{workdir}: no complete checkpoint under {checkpoint_dir(workdir)}')
   manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS,
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
+    if check_meta is not None:
+      check_meta(read_meta(manager, step))
     restored = restore(manager, step, params_like)
   finally:
     manager.close()

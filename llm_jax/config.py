@@ -261,3 +261,18 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
           value = tuple((rule[0], tuple(rule[1]) if isinstance(rule[1], list) else rule[1]) for rule in value)
         config[section][key] = value
   return config
+
+
+def load_experiment(name_or_path: str) -> ml_collections.ConfigDict:
+  """get_config() of a preset: 'tiny' (experiments/tiny.py in this checkout) or a path to any config file."""
+  import importlib.util
+  import os
+  path = name_or_path
+  if not path.endswith('.py'):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', f'{path}.py')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such config file')
+  spec = importlib.util.spec_from_file_location(f'llm_jax_experiment_{os.path.basename(path)[:-3]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -270,8 +270,8 @@ def _restore_or_init(trainer: Trainer, manager, writer) -> TrainState:
   step = manager.latest_step()
   state = trainer.fresh_state()
   if step is not None:
+    _check_compatible(checkpoint.read_meta(manager, step), config, workdir, workdir)
     restored = checkpoint.restore(manager, step, state.params, state.opt_state)
-    _check_compatible(restored['meta'], config, workdir, workdir)
     print(f'resuming from {checkpoint.checkpoint_dir(workdir)}/{step}', flush=True)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=restored['params'],
                       opt_state=restored['opt_state'])
@@ -284,8 +284,8 @@ def _restore_or_init(trainer: Trainer, manager, writer) -> TrainState:
       params, meta = checkpoint.load_params(source, base)
       params = lora_lib.combine(params, adapters)
     else:
-      params, meta = checkpoint.load_params(source, state.params)
-    _check_compatible(meta, config, workdir, source)
+      params, meta = checkpoint.load_params(
+        source, state.params, check_meta=lambda meta: _check_compatible(meta, config, workdir, source))
     print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)
     return TrainState(step=state.step, params=params, opt_state=trainer.optimizer.init(params))
   return state
