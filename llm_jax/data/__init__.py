@@ -21,7 +21,7 @@ _SOURCES = {
     'stdlib': 'llm_jax.data.pipeline',
     'text_files': 'llm_jax.data.pipeline',
     'tfds': 'llm_jax.data.pipeline',
-    'sft_jsonl': 'llm_jax.data.pipeline',
+    'sft_jsonl': 'llm_jax.data.sft',
 }
 
 Batch = dict[str, np.ndarray]
