@@ -93,11 +93,15 @@ def cudnn_supported(head_dim: int, dtype) -> bool:
 
 
 def choose_kernel(name: str, head_dim: int, dtype, decoding: bool = False) -> str:
-  """Resolves 'auto' once, from the backend and shapes. Decoding (one query against a cache) uses xla."""
-  if name != 'auto':
-    return name
+  """Resolves 'auto' once, from the backend and shapes.
+
+  Decoding always uses xla, whatever `name` says: queries there sit at `q_offset` in a longer cache, which only
+  the xla kernel's dense mask takes into account (the others assume T == S).
+  """
   if decoding:
     return 'xla'
+  if name != 'auto':
+    return name
   backend = jax.default_backend()
   if backend == 'gpu' and cudnn_supported(head_dim, dtype):
     return 'cudnn'
@@ -149,15 +153,19 @@ class SelfAttention(nn.Module):
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
 
   def _update_cache(self, k, v, segment_ids):
-    """Writes this call's keys/values at the cache index and returns the whole cache.
+    """Writes this call's keys/values [B,T,K,H] at the cache index and returns the whole cache.
 
-    The cache is allocated by `Transformer.init_cache` (shape [B, max_len, K, H]); slots not yet written have
-    segment id 0, which no real query has, so they are never attended to.
+    The cache ('cache' collection: cached_key, cached_value [B,S,K,H], cached_segment_ids [B,S], cache_index) is
+    allocated zeroed by `transformer.init_cache` with S = the longest sequence to decode. One index serves the
+    whole batch: prompts of different lengths are left-padded (segment id 0, never equal to a real token's), so
+    every row writes its t-th token to the same slot. Slots not yet written have segment id 0 and lie after the
+    queries, so they are never attended to. Returns (k, v [B,S,K,H], kv_segment_ids [B,S], q_offset = slot of this call's 1st query).
     """
-    cached_k = self.variable('cache', 'k', jnp.zeros, k.shape, k.dtype)
-    cached_v = self.variable('cache', 'v', jnp.zeros, v.shape, v.dtype)
-    cached_seg = self.variable('cache', 'segment_ids', jnp.zeros, segment_ids.shape, jnp.int32)
-    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    # Named apart from the 'k' and 'v' projection submodules.
+    cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    cached_seg = self.variable('cache', 'cached_segment_ids', jnp.zeros, segment_ids.shape, jnp.int32)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
     i = index.value
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))

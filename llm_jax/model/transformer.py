@@ -126,9 +126,10 @@ class Transformer(nn.Module):
   def _blocks(self, x, segment_ids, positions):
     cfg = self.cfg
     policy = REMAT_POLICIES[cfg.remat]
+    remat = cfg.remat != 'none' and not self.decode  # decoding takes no gradients: nothing to rematerialise
     if cfg.scan_layers:
       block_cls = ScannedBlock
-      if cfg.remat != 'none':
+      if remat:
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
       stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
@@ -136,8 +137,21 @@ class Transformer(nn.Module):
       x, _ = stack(cfg, self.decode, name='layers')(x, segment_ids, positions)
       return x
     block_cls = Block
-    if cfg.remat != 'none':
+    if remat:
       block_cls = nn.remat(block_cls, policy=policy)
     for i in range(cfg.num_layers):
       x = block_cls(cfg, self.decode, name=f'layers_{i}')(x, segment_ids, positions)
     return x
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, max_len: int) -> dict:
+  """A zeroed KV cache for `Transformer(cfg, decode=True)`: per layer cached_key, cached_value [B,S,K,H],
+  cached_segment_ids [B,S] and cache_index (see SelfAttention._update_cache).
+
+  Scanned layers stack it on a leading [L] axis (like their parameters). Shapes come from `jax.eval_shape`, so
+  nothing but the zeros is computed.
+  """
+  model = Transformer(cfg, decode=True)
+  tokens = jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
