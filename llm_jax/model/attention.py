@@ -159,7 +159,9 @@ class SelfAttention(nn.Module):
     allocated zeroed by `transformer.init_cache` with S = the longest sequence to decode. One index serves the
     whole batch: prompts of different lengths are left-padded (segment id 0, never equal to a real token's), so
     every row writes its t-th token to the same slot. Slots not yet written have segment id 0 and lie after the
-    queries, so they are never attended to. Returns (k, v [B,S,K,H], kv_segment_ids [B,S], q_offset = slot of this call's 1st query).
+    queries, so they are never attended to.
+
+    Returns (k, v [B,S,K,H], kv_segment_ids [B,S], q_offset: the slot of this call's first query).
     """
     # Named apart from the 'k' and 'v' projection submodules.
     cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
