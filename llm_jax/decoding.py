@@ -16,8 +16,10 @@ loop stops when every row has. Shapes: B batch, P padded prompt length, N new to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -188,3 +190,64 @@ def complete(cfg: TransformerConfig, params, tokenizer: Any, texts: Sequence[str
                    tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size)
     completions += [tokenizer.decode([t for t in row if t != tokenizer.eos_id]) for row in new]
   return completions
+
+
+# --- a workdir's model for inference (generate, evaluate) ----------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A workdir's checkpoint, ready to decode or score: `trainer` holds the config, mesh and the eval step."""
+  trainer: Any  # llm_jax.train.Trainer built from the workdir's config (no optimizer state is loaded)
+  params: Any  # parameters on the trainer's mesh
+  tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer, or None when the workdir has none (synthetic data)
+  step: int  # the checkpoint's step
+
+  @property
+  def config(self):
+    return self.trainer.config
+
+  @property
+  def model_config(self) -> TransformerConfig:
+    return TransformerConfig.from_config(self.config)
+
+
+def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_path: str = '', devices=None,
+                 need_tokenizer: bool = True) -> LoadedModel:
+  """The latest (or `step`'s) parameters of a workdir, sharded as its config says, and its tokenizer.
+
+  `config` defaults to the workdir's config.json. When the run's mesh does not fit the devices here, the
+  parameters are replicated instead (mesh data=-1). Errors, each one message naming the path: unknown workdir,
+  no config.json, no checkpoint, no tokenizer (when `need_tokenizer`), a tokenizer other than the checkpoint's.
+  """
+  from llm_jax import checkpoint
+  from llm_jax import config as config_lib
+  from llm_jax import train
+  from llm_jax.data import tokenizer as tokenizer_lib
+
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'--workdir {workdir}: no such directory')
+  config = config if config is not None else config_lib.load_workdir_config(workdir)
+  step = checkpoint.latest_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'--workdir {workdir}: no complete checkpoint under {checkpoint.checkpoint_dir(workdir)} '
+                            f'(train first, or wait for the first checkpoint)')
+  tokenizer = None
+  path = tokenizer_path or os.path.join(workdir, tokenizer_lib.WORKDIR_MODEL)
+  if os.path.exists(path):
+    tokenizer = tokenizer_lib.load_from_workdir(workdir) if not tokenizer_path else tokenizer_lib.load(path)
+    tokenizer_lib.check_vocab(config, tokenizer)
+  elif need_tokenizer or tokenizer_path:
+    raise FileNotFoundError(f'{path}: no tokenizer (a run on data.source=synthetic has none); pass a tokenizer '
+                            f'file or use a workdir trained on text')
+  devices = list(devices if devices is not None else jax.devices())
+  try:
+    config_lib.resolve_mesh_shape(config.mesh, len(devices))
+  except config_lib.ConfigError:
+    config = copy.deepcopy(config)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  trainer = train.Trainer(config, workdir, devices)
+  params, meta = checkpoint.load_params(workdir, train.abstract_params(config, mesh=trainer.mesh), step)
+  recorded = meta.get('tokenizer_fingerprint')
+  if tokenizer is not None and recorded:
+    tokenizer_lib.check_fingerprint(tokenizer, recorded, f'the checkpoint {checkpoint.checkpoint_dir(workdir)}/{step}')
+  return LoadedModel(trainer=trainer, params=params, tokenizer=tokenizer, step=int(step))

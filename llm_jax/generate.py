@@ -1,0 +1,76 @@
+"""Sample completions from a trained workdir:
+
+  python -m llm_jax.generate --workdir=DIR --prompt="def main(" [--prompt=... | --prompts_file=F]
+      [--max_new_tokens=64 --temperature=0.8 --top_k=0 --top_p=0.95 --seed=0]
+
+Loads the latest checkpoint and the tokenizer of the workdir (checked against the checkpoint's fingerprint),
+decodes all prompts as one batch with the KV cache (llm_jax.decoding), and prints each completion after a
+`=== prompt i ===` header. `run()` does the work and is what tests call.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir: its latest checkpoint and tokenizer are used.')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt to complete; repeat the flag for several.')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Text file with one prompt per line (blank lines skipped; '
+                                    '"\\n" in a line stands for a newline).')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Most tokens to generate per prompt (fewer at EOS).')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = no limit.')
+_TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling: the smallest set of tokens with this total '
+                            'probability; 1 = no limit.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Random seed of sampling; the same seed gives the same text.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
+_TOKENIZER = flags.DEFINE_string('tokenizer', '', 'SentencePiece model to use instead of <workdir>/tokenizer.model '
+                                 '(it must be the one the checkpoint was trained with).')
+
+
+def read_prompts(path: str) -> list[str]:
+  """One prompt per non-blank line; a literal backslash-n in a line becomes a newline."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise FileNotFoundError(f'--prompts_file {path}: cannot read it ({e.strerror})') from None
+  prompts = [line.replace('\\n', '\n') for line in lines if line.strip()]
+  if not prompts:
+    raise ValueError(f'--prompts_file {path}: no prompts (every line is blank)')
+  return prompts
+
+
+def run(workdir: str, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
+        top_p: float = 0.95, seed: int = 0, step: int | None = None, tokenizer_path: str = '',
+        devices=None) -> list[str]:
+  """Completions (generated text only) of `prompts` by the workdir's checkpoint."""
+  from llm_jax import decoding  # after flag parsing: keeps --help fast
+  sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+  if not prompts:
+    raise decoding.PromptError('no prompts: pass --prompt or --prompts_file')
+  decoding.check_prompts(prompts, max_seq_len=sys.maxsize)  # an empty prompt fails before the model is loaded
+  loaded = decoding.load_workdir(workdir, step=step, tokenizer_path=tokenizer_path, devices=devices)
+  return decoding.complete(loaded.model_config, loaded.params, loaded.tokenizer, prompts, max_new_tokens, sampling,
+                           seed)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  try:
+    prompts = list(_PROMPT.value) + (read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else [])
+    completions = run(_WORKDIR.value, prompts, _MAX_NEW_TOKENS.value, _TEMPERATURE.value, _TOP_K.value,
+                      _TOP_P.value, _SEED.value, _STEP.value, _TOKENIZER.value)
+  except (ValueError, FileNotFoundError) as e:  # PromptError, TokenizerError, ConfigError are ValueErrors
+    sys.exit(f'error: {e}')
+  for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+    print(f'=== prompt {i} ===\n{prompt}{completion}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
