@@ -1,0 +1,185 @@
+"""Compile-only check: will this config fit, and how much work is a step? `python -m llm_jax.main --dry_run`.
+
+Lowers and compiles the real train step (the `Trainer`'s jitted, donated, sharded `train_step`) for the
+configured mesh from abstract inputs only: `jax.eval_shape` gives the state's shapes, the logical-axis rules
+give its shardings, and `jax.ShapeDtypeStruct`s stand in for the state and the batch. Nothing is allocated,
+so a 7B config can be checked on a laptop CPU with a fake mesh:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+    python -m llm_jax.main --config=experiments/7b.py --config.mesh.fsdp=8 --config.mesh.data=1 --dry_run
+
+Memory comes from XLA's buffer assignment of the compiled step (`compiled.memory_analysis()`), per device:
+arguments (state + batch), outputs, temporaries (activations, gradients, workspace), generated code; donated
+arguments alias outputs and are counted once. The figures are those of the backend that compiled: a CPU
+compile of a GPU config is an estimate of the GPU figure (fusion and bf16 handling differ; the argument and
+output sizes are exact, temporaries are indicative). FLOPs come from `compiled.cost_analysis()`; XLA counts
+the body of a loop once, so with scanned layers (or gradient accumulation) it under-counts; the report shows
+the model FLOPs from `metrics.flops_per_token` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax import config as config_lib
+from llm_jax import metrics as metrics_lib
+from llm_jax import sharding
+from llm_jax import train
+
+GIB = 1024 ** 3
+
+# Usable memory of common devices, for the "fits" lines of the report.
+DEVICE_MEMORY_GB = {'H100 80GB': 80.0, 'H200 141GB': 141.0, 'A100 40GB': 40.0, 'TPU v5e 16GB': 16.0}
+
+
+def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch as ShapeDtypeStructs with the trainer's batch sharding (same keys/dtypes as data/)."""
+  shape = (config.data.global_batch_size, config.data.seq_len)
+  batch_sharding = sharding.batch_sharding(mesh)
+  dtypes = dict(inputs=jnp.int32, targets=jnp.int32, segment_ids=jnp.int32, positions=jnp.int32,
+                loss_mask=jnp.float32)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, dtype in dtypes.items()}
+
+
+def abstract_state(trainer: train.Trainer) -> train.TrainState:
+  """The TrainState as ShapeDtypeStructs carrying the trainer's shardings; allocates nothing."""
+  init_fn = train.state_init_fn(trainer.config, trainer.model, trainer.optimizer)
+  shapes = nn.unbox(jax.eval_shape(init_fn, jax.random.key(0)))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      trainer.state_shardings)
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (largest shard, i.e. the first device's)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard_shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _cost(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per module
+    cost = cost[0] if cost else {}
+  return cost or {}
+
+
+def analyze(config, devices=None) -> dict[str, Any]:
+  """Compiles the train step from abstract inputs; returns per-device memory (bytes and GiB) and FLOPs."""
+  t0 = time.perf_counter()
+  trainer = train.Trainer(config, workdir='', devices=devices)
+  state = abstract_state(trainer)
+  batch = abstract_batch(config, trainer.mesh)
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+  t1 = time.perf_counter()
+  lowered = trainer.train_step.lower(state, batch)
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  t3 = time.perf_counter()
+
+  mem = compiled.memory_analysis()
+  arguments, outputs = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  alias, temp, code = mem.alias_size_in_bytes, mem.temp_size_in_bytes, mem.generated_code_size_in_bytes
+  # Donated buffers appear both as arguments and outputs; they exist once.
+  total = arguments + outputs - alias + temp + code
+  xla_peak = getattr(mem, 'peak_memory_in_bytes', 0) or 0
+  peak = max(total, xla_peak + code) if xla_peak else total
+
+  num_devices = trainer.mesh.size
+  tokens = config.data.global_batch_size * config.data.seq_len
+  model_flops = metrics_lib.flops_per_token(config.model, config.data.seq_len) * tokens / num_devices
+  cost = _cost(compiled)
+  device_kind = trainer.mesh.devices.flat[0].device_kind
+  result = dict(
+      device_kind=device_kind,
+      platform=trainer.mesh.devices.flat[0].platform,
+      num_devices=num_devices,
+      mesh=dict(trainer.mesh.shape),
+      params=params,
+      params_gb_per_device=_per_device_bytes(state.params) / GIB,
+      opt_state_gb_per_device=_per_device_bytes(state.opt_state) / GIB,
+      batch_gb_per_device=_per_device_bytes(batch) / GIB,
+      memory_per_device_bytes=dict(arguments=arguments, outputs=outputs, alias=alias, temporaries=temp,
+                                   generated_code=code, total=total, peak_estimate=peak,
+                                   xla_peak=xla_peak or None),
+      memory_per_device_gb={k: v / GIB for k, v in dict(arguments=arguments, outputs=outputs, alias=alias,
+                                                        temporaries=temp, generated_code=code, total=total,
+                                                        peak_estimate=peak).items()},
+      xla_flops_per_device=float(cost.get('flops', 0.0)) or None,
+      xla_bytes_accessed_per_device=float(cost.get('bytes accessed', 0.0)) or None,
+      model_flops_per_device=model_flops,
+      flops_per_token=metrics_lib.flops_per_token(config.model, config.data.seq_len),
+      tokens_per_step=tokens,
+      seconds=dict(setup=round(t1 - t0, 2), lower=round(t2 - t1, 2), compile=round(t3 - t2, 2)),
+      config=summary(config),
+  )
+  return result
+
+
+def summary(config) -> dict[str, Any]:
+  """The fields that decide speed and memory, for reports."""
+  m, d, t = config.model, config.data, config.train
+  return dict(d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+              ffn_dim=m.ffn_dim, vocab_size=m.vocab_size, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
+              grad_accum_steps=t.grad_accum_steps, dtype=m.dtype, param_dtype=m.param_dtype,
+              logits_dtype=m.logits_dtype, moments_dtype=t.moments_dtype, attention=m.attention, remat=m.remat,
+              scan_layers=m.scan_layers, mesh=dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                                                   tensor=config.mesh.tensor))
+
+
+def format_report(r: dict[str, Any]) -> str:
+  g = r['memory_per_device_gb']
+  lines = [
+      f'dry run: {r["config"]["num_layers"]} layers, d_model {r["config"]["d_model"]}, seq {r["config"]["seq_len"]}, '
+      f'global batch {r["config"]["global_batch_size"]}, mesh {r["mesh"]} on {r["num_devices"]} x '
+      f'{r["device_kind"]} ({r["platform"]})',
+      f'parameters (eval_shape): {r["params"]:,}',
+      f'state per device: params {r["params_gb_per_device"]:.3f} GiB, optimizer {r["opt_state_gb_per_device"]:.3f} '
+      f'GiB; batch {r["batch_gb_per_device"] * 1024:.2f} MiB',
+      'compiled train step, memory per device (GiB):',
+      f'  arguments       {g["arguments"]:10.3f}',
+      f'  outputs         {g["outputs"]:10.3f}',
+      f'  aliased (donated, counted once) {g["alias"]:.3f}',
+      f'  temporaries     {g["temporaries"]:10.3f}',
+      f'  generated code  {g["generated_code"]:10.3f}',
+      f'  total           {g["total"]:10.3f}   (arguments + outputs - aliased + temporaries + code)',
+      f'  peak estimate   {g["peak_estimate"]:10.3f}',
+  ]
+  xla = r['xla_flops_per_device']
+  lines.append(f'FLOPs per device and step: model {r["model_flops_per_device"]:.4g} (6N + attention, '
+               f'{r["flops_per_token"]:.4g}/token); XLA cost analysis '
+               f'{xla:.4g}' if xla else f'FLOPs per device and step: model {r["model_flops_per_device"]:.4g}; '
+               'XLA cost analysis unavailable')
+  if r['config']['scan_layers'] and xla:
+    lines.append('  (XLA counts a scanned loop body once: with scan_layers its figure covers about one layer)')
+  fits = ', '.join(f'{name}: {"yes" if g["peak_estimate"] <= cap * 0.95 else "no"}'
+                   for name, cap in DEVICE_MEMORY_GB.items())
+  lines.append(f'fits (peak estimate <= 95% of device memory): {fits}')
+  if r['platform'] == 'cpu':
+    lines.append('  compiled for CPU: arguments/outputs are exact; temporaries are indicative of a GPU/TPU compile')
+  s = r['seconds']
+  lines.append(f'time: setup {s["setup"]} s, lower {s["lower"]} s, compile {s["compile"]} s')
+  return '\n'.join(lines)
+
+
+def report(config, devices=None, stream=sys.stdout) -> dict[str, Any]:
+  """Prints the readable report and then one JSON line with every figure; returns the figures.
+
+  A config error (a field that cannot work on this mesh) exits with its one-line message, as training does.
+  """
+  try:
+    result = analyze(config, devices)
+  except config_lib.ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
+  print(format_report(result), file=stream)
+  print(json.dumps(result), file=stream, flush=True)
+  return result
