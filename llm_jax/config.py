@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_text_key = 'text'  # tfds: feature holding the text.
   c.data.train_split = 'train'  # Split used for training.
   c.data.eval_split = 'validation'  # Split used for evaluation.
+  c.data.validation_fraction = 0.02  # stdlib / text_files: share of documents held out as the validation split, by a stable hash of their path.
   c.data.tokenizer_path = ''  # SentencePiece model to use; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Model type of a trained tokenizer: bpe | unigram.
   c.data.prepared_dir = ''  # Where prepared token shards go; '' = <workdir>/data.

@@ -76,7 +76,7 @@ def fingerprint(config) -> str:
   description = {
       'format_version': FORMAT_VERSION, 'source': d.source, 'inputs': sources.input_fingerprint(config),
       'min_doc_chars': d.min_doc_chars, 'max_docs': d.max_docs,
-      'validation_fraction': sources.VALIDATION_FRACTION, 'tokenizer': tokenizer,
+      'validation_fraction': d.validation_fraction, 'tokenizer': tokenizer,
   }
   return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
@@ -196,7 +196,12 @@ def _obtain_tokenizer(config, staging: str) -> tokenizer_lib.Tokenizer:
   if config.data.tokenizer_path:
     shutil.copyfile(config.data.tokenizer_path, path)
   else:
-    model = tokenizer_lib.train(_tokenizer_sample(config), config.model.vocab_size, config.data.tokenizer_type,
+    # A list, not a generator: errors of the source then surface as themselves, not from inside SentencePiece.
+    sample = list(_tokenizer_sample(config))
+    if not sample:
+      raise PrepareError(f'{_source_description(config)}: the train split is empty after cleaning (no document '
+                         f'of at least config.data.min_doc_chars={config.data.min_doc_chars} characters)')
+    model = tokenizer_lib.train(sample, config.model.vocab_size, config.data.tokenizer_type,
                                 num_threads=os.cpu_count() or 1)
     with open(path, 'wb') as f:
       f.write(model)
@@ -268,14 +273,17 @@ def _tokenize_split(config, role, tokenizer, staging, dtype, seen, progress) -> 
     writer.close()
     bar.close()
   if not stats['num_documents']:
-    what = {'stdlib': 'the stdlib', 'text_files': f'config.data.paths={config.data.paths!r}',
-            'tfds': f'config.data.tfds_name={config.data.tfds_name!r}'}.get(config.data.source, config.data.source)
-    raise PrepareError(f'{what}: the {role} split is empty after cleaning ({stats["documents_read"]} documents '
+    raise PrepareError(f'{_source_description(config)}: the {role} split is empty after cleaning ({stats["documents_read"]} documents '
                        f'read, {stats["dropped_short"]} shorter than config.data.min_doc_chars='
                        f'{config.data.min_doc_chars}, {stats["dropped_duplicate"]} duplicates)')
   if stats['replaced_bytes']:
     print(f'prepare {role}: {stats["replaced_bytes"]} bytes were not UTF-8 and were replaced by U+FFFD')
   return {'shards': writer.shards, **stats}
+
+
+def _source_description(config) -> str:
+  return {'stdlib': 'the stdlib', 'text_files': f'config.data.paths={config.data.paths!r}',
+          'tfds': f'config.data.tfds_name={config.data.tfds_name!r}'}.get(config.data.source, config.data.source)
 
 
 def _write_prepared(config, staging: str, expected_fingerprint: str, progress: bool) -> dict:

@@ -11,7 +11,8 @@ A source yields `Document`s for one of two roles, 'train' and 'validation':
               config.data.train_split and config.data.eval_split, the text in config.data.tfds_text_key.
 
 stdlib and text_files have no given split: a document is held out for validation when a stable hash of its key
-(relative path, or 'path:line' for JSONL records) falls in the first VALIDATION_FRACTION of the hash range, so the
+(relative path, or 'path:line' for JSONL records) falls in the first config.data.validation_fraction of the hash
+range, so the
 split is the same on every machine and does not move when files are added. Files are read in the order of that
 hash too, so the first megabytes read are a fair sample of the corpus (the tokenizer trains on them).
 
@@ -32,11 +33,11 @@ import unicodedata
 from typing import Iterator
 
 ROLES = ('train', 'validation')
-VALIDATION_FRACTION = 0.02  # share of stdlib / text_files documents held out, by hash of their key
 _STDLIB_SKIPPED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'})
 _TEXT_SUFFIXES = ('.txt', '.md')
 # C0/C1 control characters except tab and newline (carriage returns are turned into newlines first).
 _CONTROL_CHARS = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
+_LEADING_BLANK_LINES = re.compile(r'\A(?:[ \t]*\n)+')
 
 
 class SourceError(ValueError):
@@ -51,17 +52,17 @@ class Document:
 
 
 def clean(text: str) -> str:
-  """NFC normalisation, newlines as '\\n', control characters other than tab and newline removed, outer
-  whitespace stripped. Inner whitespace is kept: indentation is content in code."""
+  """NFC normalisation, newlines as '\\n', control characters other than tab and newline removed, leading blank
+  lines and trailing whitespace stripped. Other whitespace is kept: indentation is content in code."""
   if not unicodedata.is_normalized('NFC', text):
     text = unicodedata.normalize('NFC', text)
   text = text.replace('\r\n', '\n').replace('\r', '\n')
-  return _CONTROL_CHARS.sub('', text).strip()
+  return _LEADING_BLANK_LINES.sub('', _CONTROL_CHARS.sub('', text).rstrip())
 
 
-def role_of(key: str) -> str:
-  """'validation' for a stable ~VALIDATION_FRACTION of keys, else 'train'."""
-  return 'validation' if _unit_hash(key) < VALIDATION_FRACTION else 'train'
+def role_of(key: str, validation_fraction: float) -> str:
+  """'validation' for a stable `validation_fraction` of keys, else 'train'."""
+  return 'validation' if _unit_hash(key) < validation_fraction else 'train'
 
 
 def _unit_hash(key: str) -> float:
@@ -146,12 +147,15 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[Document]:
 
 
 def _file_documents(config, role: str) -> Iterator[Document]:
+  fraction = config.data.validation_fraction
+  if not 0 < fraction < 1:
+    raise SourceError(f'config.data.validation_fraction: must be between 0 and 1, got {fraction}')
   for key, path in _listing(config):
     if path.endswith('.jsonl'):
       for doc in _jsonl_documents(path, config.data.text_field):
-        if role_of(doc.key) == role:
+        if role_of(doc.key, fraction) == role:
           yield doc
-    elif role_of(key) == role:
+    elif role_of(key, fraction) == role:
       text, replaced = _read_file(path)
       yield Document(key, text, replaced)
 
