@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 MLM_STREAM = 0x4D4C4D  # 'MLM': separates the masking randomness from any other use of the data seed
-EVAL_STEP = -1  # the `step` used by eval steps (a fixed mask per eval batch)
+EVAL_STEP = 2**31 - 1  # the `step` of eval steps (a fixed mask per eval batch): one no training run reaches
 
 # Shares of the selected tokens (BERT): [MASK], random id, unchanged.
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1
