@@ -1,0 +1,570 @@
+"""Hugging Face interop for LLaMA-family checkpoints: import into a workdir, export from one.
+
+  python -m llm_jax.convert from_hf --hf_dir D --workdir W [--noscan_layers] [--dtype float32]
+  python -m llm_jax.convert to_hf --workdir W --hf_dir D [--hf_dtype bfloat16]
+
+Import reads `config.json` and the safetensors weights (one `model.safetensors`, or shards listed in
+`model.safetensors.index.json`) and writes a workdir that training (`config.train.init_from=W`), generation and
+evaluation use: `config.json` (the base config with the model fields taken from the HF config), the parameters as
+the checkpoint of step 0, and the SentencePiece `tokenizer.model` beside the HF files with its fingerprint.
+The data source stays `synthetic` (a checkpoint carries no data: pick a source before training); when a tokenizer
+is imported, `data.tokenizer_path` points at the workdir's copy, so text sources tokenise with the model's own
+tokenizer instead of training a new one. Export writes `config.json` (LlamaConfig fields) and safetensors that
+`transformers.LlamaForCausalLM.from_pretrained` loads, plus `tokenizer.model` when the workdir has one.
+
+Weights map one tensor at a time through `TENSORS` (HF name -> our parameter path + transform). A torch
+`nn.Linear` stores [out, in]; our kernels are [in..., out...] with heads split out, e.g. q_proj [N*H, D] <->
+attn/q/kernel [D, N, H] and o_proj [D, N*H] <-> attn/o/kernel [N, H, D]. With scanned layers every per-layer
+leaf has a leading [L] axis, filled (or read) one layer at a time.
+
+Rotary layout: our RoPE (`model.layers.apply_rope`) is the rotate-half form of HF's LlamaModel, pairing
+feature i with i + H/2. The permutation of q/k rows in HF's `convert_llama_weights_to_hf.py` converts Meta's
+interleaved layout (pairs (2i, 2i+1)) into that rotate-half form; HF checkpoints are already in it, so q/k
+load here unpermuted (tests/test_convert.py checks logits against transformers to 1e-4 in float32).
+
+Memory: the parameters exist once on the host (preallocated in `param_dtype`); each HF tensor is read (memory-
+mapped by safetensors), transformed and written into its slot, so at most one extra tensor is alive. Export
+streams the safetensors file tensor by tensor for the same reason.
+
+The safetensors library reads every tensor whose dtype numpy has; numpy has no bfloat16 (the dtype of most
+LLaMA releases), so bfloat16 tensors are memory-mapped from the byte range the file header names, as
+`ml_dtypes.bfloat16`. torch is never imported.
+
+Options outside what llm_jax implements (another architecture, rope scaling, biases, another activation,
+a decoupled head_dim, quantised weights) are refused with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from llm_jax import checkpoint
+from llm_jax import config as config_lib
+
+HF_ARCHITECTURE = 'LlamaForCausalLM'
+SINGLE_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+TOKENIZER_FILE = 'tokenizer.model'
+FINGERPRINT_FILE = 'tokenizer.fingerprint'
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # export shards above this size (the HF default, 5GB)
+
+# safetensors dtype code <-> numpy dtype (bfloat16 through ml_dtypes).
+DTYPES = {'F32': np.dtype('<f4'), 'F16': np.dtype('<f2'), 'BF16': np.dtype(ml_dtypes.bfloat16)}
+DTYPE_CODES = {'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16'}
+
+# Tensors HF checkpoints may carry that hold no weights (older LLaMA files saved the RoPE frequencies).
+IGNORED_SUFFIXES = ('.rotary_emb.inv_freq',)
+
+
+class ConversionError(ValueError):
+  """The checkpoint or workdir cannot be converted; the message names the file, field or tensor."""
+
+
+# ------------------------------------------------------------------------------------------------ the mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Same:
+  """The tensor has the same layout on both sides (embeddings, norm scales)."""
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape)
+
+  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return x
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+  """torch nn.Linear weight [out, in] <-> our kernel [*in_shape, *out_shape], whose first `in_dims` axes are inputs."""
+  in_dims: int = 1
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (math.prod(shape[self.in_dims:]), math.prod(shape[:self.in_dims]))
+
+  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return x.T.reshape(shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x.reshape(math.prod(x.shape[:self.in_dims]), -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  hf: str  # HF name; per-layer names have '{i}' for the layer index
+  ours: tuple[str, ...]  # path in our params tree (per-layer: below the layer's subtree)
+  transform: Same | Linear
+
+
+TENSORS = (
+    Tensor('model.embed_tokens.weight', ('embed', 'embedding'), Same()),  # [V,D] = [V,D]
+    Tensor('model.norm.weight', ('final_norm', 'scale'), Same()),  # [D]
+    Tensor('lm_head.weight', ('lm_head', 'kernel'), Linear()),  # [V,D] -> [D,V]; absent when tied
+)
+LAYER_TENSORS = (
+    Tensor('model.layers.{i}.input_layernorm.weight', ('attn_norm', 'scale'), Same()),  # [D]
+    Tensor('model.layers.{i}.self_attn.q_proj.weight', ('attn', 'q', 'kernel'), Linear()),  # [N*H,D] -> [D,N,H]
+    Tensor('model.layers.{i}.self_attn.k_proj.weight', ('attn', 'k', 'kernel'), Linear()),  # [K*H,D] -> [D,K,H]
+    Tensor('model.layers.{i}.self_attn.v_proj.weight', ('attn', 'v', 'kernel'), Linear()),  # [K*H,D] -> [D,K,H]
+    Tensor('model.layers.{i}.self_attn.o_proj.weight', ('attn', 'o', 'kernel'), Linear(in_dims=2)),  # [D,N*H]->[N,H,D]
+    Tensor('model.layers.{i}.post_attention_layernorm.weight', ('mlp_norm', 'scale'), Same()),  # [D]
+    Tensor('model.layers.{i}.mlp.gate_proj.weight', ('mlp', 'gate', 'kernel'), Linear()),  # [F,D] -> [D,F]
+    Tensor('model.layers.{i}.mlp.up_proj.weight', ('mlp', 'up', 'kernel'), Linear()),  # [F,D] -> [D,F]
+    Tensor('model.layers.{i}.mlp.down_proj.weight', ('mlp', 'down', 'kernel'), Linear()),  # [D,F] -> [F,D]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One HF tensor and where it lives in our params: `path`, and for scanned layers the index on axis 0."""
+  hf: str
+  path: tuple[str, ...]
+  layer: int | None
+  transform: Same | Linear
+
+  def view(self, params) -> Any:
+    leaf = _get(params, self.path)
+    return leaf if self.layer is None else leaf[self.layer]
+
+  def shape(self, abstract) -> tuple[int, ...]:
+    shape = tuple(_get(abstract, self.path).shape)
+    return shape if self.layer is None else shape[1:]
+
+
+def plan(model_config) -> list[Slot]:
+  """Every tensor of a model with this config.model, in HF checkpoint order."""
+  slots = [Slot(t.hf, t.ours, None, t.transform) for t in TENSORS
+           if not (model_config.tie_embeddings and t.ours[0] == 'lm_head')]
+  for i in range(model_config.num_layers):
+    for t in LAYER_TENSORS:
+      if model_config.scan_layers:
+        slots.append(Slot(t.hf.format(i=i), ('layers',) + t.ours, i, t.transform))
+      else:
+        slots.append(Slot(t.hf.format(i=i), (f'layers_{i}',) + t.ours, None, t.transform))
+  return slots
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _check_plan_covers(abstract, slots: list[Slot]) -> None:
+  """Every parameter of the model is some HF tensor: a parameter added to the model must be added here too."""
+  covered = {s.path for s in slots}
+  for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    path = tuple(k.key for k in key_path)
+    if path not in covered:
+      raise ConversionError(f'parameter {"/".join(path)} has no Hugging Face counterpart (is LoRA enabled?)')
+
+
+# ----------------------------------------------------------------------------------------------- HF configs
+
+
+def _rope(hf: dict) -> tuple[float, str | None]:
+  """(rope_theta, scaling type or None) from either config form: transformers>=5 `rope_parameters`, or the
+  older top-level `rope_theta` + `rope_scaling`."""
+  params = hf.get('rope_parameters') or {}
+  scaling = hf.get('rope_scaling') or {}
+  theta = params.get('rope_theta', hf.get('rope_theta', 10000.0))
+  scaling_kind = (scaling.get('rope_type') or scaling.get('type') or 'unnamed') if scaling else None
+  kind = next((k for k in (params.get('rope_type'), scaling_kind) if k not in (None, 'default')), None)
+  return float(theta), kind
+
+
+def check_supported(hf: dict, source: str = 'config.json') -> None:
+  """Raises ConversionError naming the first field of a HF config whose model llm_jax does not implement."""
+  def refuse(field, message):
+    raise ConversionError(f'{source}: {field}: {message}; llm_jax implements the plain LLaMA architecture only, '
+                          'so this checkpoint is not converted')
+
+  if hf.get('model_type') != 'llama':
+    refuse('model_type', f'{hf.get("model_type")!r} is not supported (expected "llama")')
+  architectures = hf.get('architectures') or [HF_ARCHITECTURE]
+  if list(architectures) != [HF_ARCHITECTURE]:
+    refuse('architectures', f'{architectures} is not supported (expected ["{HF_ARCHITECTURE}"])')
+  for field in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
+    if field not in hf:
+      raise ConversionError(f'{source}: {field}: missing')
+  _, scaling = _rope(hf)
+  if scaling:
+    refuse('rope_scaling', f'rope scaling of type {scaling!r} is not supported')
+  for field, implemented in (('attention_bias', False), ('mlp_bias', False), ('hidden_act', 'silu')):
+    if hf.get(field, implemented) != implemented:
+      refuse(field, f'{hf[field]!r} is not supported (expected {implemented!r})')
+  if hf.get('quantization_config'):
+    refuse('quantization_config', 'quantised weights are not supported')
+  head_dim = hf.get('head_dim')
+  if head_dim is not None and head_dim * hf['num_attention_heads'] != hf['hidden_size']:
+    refuse('head_dim', f'{head_dim} != hidden_size/num_attention_heads = '
+           f'{hf["hidden_size"]}/{hf["num_attention_heads"]}')
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isdir(hf_dir):
+    raise ConversionError(f'{hf_dir}: no such directory')
+  if not os.path.isfile(path):
+    raise ConversionError(f'{path}: missing; a Hugging Face checkpoint directory has config.json beside its '
+                          'safetensors')
+  with open(path) as f:
+    hf = json.load(f)
+  check_supported(hf, path)
+  return hf
+
+
+def model_fields_from_hf(hf: dict) -> dict[str, Any]:
+  """config.model fields of the model a HF LLaMA config describes."""
+  theta, _ = _rope(hf)
+  return dict(
+      vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
+      num_heads=hf['num_attention_heads'],
+      num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
+      ffn_dim=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
+      rope_theta=theta, norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      init_std=float(hf.get('initializer_range', 0.02)),
+  )
+
+
+def hf_config_from_model(model, dtype: str, token_ids: dict[str, int | None]) -> dict:
+  """config.json of a LlamaForCausalLM equal to our model (both rope forms, for old and new transformers)."""
+  return dict(
+      architectures=[HF_ARCHITECTURE], model_type='llama', vocab_size=model.vocab_size, hidden_size=model.d_model,
+      intermediate_size=model.ffn_dim, num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
+      num_key_value_heads=model.num_kv_heads, head_dim=model.d_model // model.num_heads, hidden_act='silu',
+      max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
+      rope_scaling=None, rope_parameters=dict(rope_type='default', rope_theta=model.rope_theta),
+      attention_bias=False, attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=model.tie_embeddings,
+      initializer_range=model.init_std, use_cache=True, torch_dtype=dtype, dtype=dtype, **token_ids)
+
+
+# ------------------------------------------------------------------------------------------ safetensors I/O
+
+
+class HFWeights:
+  """The tensors of a HF checkpoint directory (single file or sharded), read one at a time."""
+
+  def __init__(self, hf_dir: str):
+    index_path = os.path.join(hf_dir, INDEX_FILE)
+    single_path = os.path.join(hf_dir, SINGLE_FILE)
+    self._stack = contextlib.ExitStack()
+    self._handles: dict[str, Any] = {}
+    self._headers: dict[str, tuple[dict, int]] = {}
+    if os.path.isfile(index_path):
+      with open(index_path) as f:
+        weight_map = json.load(f).get('weight_map')
+      if not weight_map:
+        raise ConversionError(f'{index_path}: no "weight_map"')
+      for file in sorted(set(weight_map.values())):
+        if not os.path.isfile(os.path.join(hf_dir, file)):
+          raise ConversionError(f'{os.path.join(hf_dir, file)}: missing (listed in {index_path})')
+      self.files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+    elif os.path.isfile(single_path):
+      self.files = {name: single_path for name in self._handle(single_path).keys()}
+    else:
+      found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(hf_dir, '*.safetensors')))
+      raise ConversionError(f'{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found'
+                            + (f' (found {found})' if found else '')
+                            + '; only safetensors checkpoints are read (not pytorch_model.bin)')
+
+  def close(self) -> None:
+    self._stack.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _handle(self, path: str):
+    if path not in self._handles:
+      self._handles[path] = self._stack.enter_context(safe_open(path, framework='numpy'))
+    return self._handles[path]
+
+  def names(self) -> list[str]:
+    return list(self.files)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
+  def read(self, name: str) -> np.ndarray:
+    path = self.files[name]
+    code = self._handle(path).get_slice(name).get_dtype()
+    if code not in DTYPES:
+      raise ConversionError(f'{path}: tensor {name} has dtype {code}; expected one of {", ".join(DTYPES)}')
+    if code != 'BF16':
+      return self._handle(path).get_tensor(name)
+    header, data_start = self._header(path)
+    begin, _ = header[name]['data_offsets']
+    return np.memmap(path, dtype=DTYPES[code], mode='r', offset=data_start + begin,
+                     shape=tuple(header[name]['shape']))
+
+  def _header(self, path: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts (for dtypes numpy lacks)."""
+    if path not in self._headers:
+      with open(path, 'rb') as f:
+        size = int.from_bytes(f.read(8), 'little')
+        self._headers[path] = (json.loads(f.read(size)), 8 + size)
+    return self._headers[path]
+
+
+def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], str]],
+                      produce: Callable[[str], np.ndarray]) -> None:
+  """Streams a safetensors file: the header from `specs` (name, shape, dtype code), then each tensor's bytes
+  as `produce(name)` makes it, so only one tensor is in memory. Written to a temporary name, then renamed."""
+  header, offset = {}, 0
+  for name, shape, code in specs:
+    size = math.prod(shape) * DTYPES[code].itemsize
+    header[name] = dict(dtype=code, shape=list(shape), data_offsets=[offset, offset + size])
+    offset += size
+  header['__metadata__'] = {'format': 'pt'}
+  blob = json.dumps(header, separators=(',', ':')).encode()
+  blob += b' ' * (-len(blob) % 8)  # the data starts 8-byte aligned
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(len(blob).to_bytes(8, 'little'))
+    f.write(blob)
+    for name, shape, code in specs:
+      array = np.ascontiguousarray(produce(name), dtype=DTYPES[code])
+      assert array.shape == tuple(shape), (name, array.shape, shape)
+      f.write(array.reshape(-1).view(np.uint8).data)  # bytes, zero-copy (bfloat16 has no buffer format)
+  os.replace(tmp, path)
+
+
+def _shards(specs, max_shard_bytes: int) -> list[list]:
+  """Consecutive groups of tensors, each at most max_shard_bytes (a bigger tensor gets a shard of its own)."""
+  shards, size = [[]], 0
+  for spec in specs:
+    nbytes = math.prod(spec[1]) * DTYPES[spec[2]].itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
+    size += nbytes
+  return shards
+
+
+# -------------------------------------------------------------------------------------------------- workdirs
+
+
+def _abstract_params(config):
+  from llm_jax import train  # jobs -> train, never the other way
+  return train.abstract_params(config)
+
+
+def _install_tokenizer(source: str, workdir: str) -> str:
+  """Copies a SentencePiece model into the workdir with its fingerprint (data.tokenizer's binding when that
+  module is present, else a plain copy + sha256); returns the fingerprint."""
+  try:
+    from llm_jax.data import tokenizer as tokenizer_lib
+  except ImportError:
+    tokenizer_lib = None
+  if tokenizer_lib is not None:
+    return tokenizer_lib.bind_to_workdir(source, workdir).fingerprint
+  import hashlib
+  shutil.copyfile(source, os.path.join(workdir, TOKENIZER_FILE))
+  with open(source, 'rb') as f:
+    fingerprint = hashlib.sha256(f.read()).hexdigest()
+  with open(os.path.join(workdir, FINGERPRINT_FILE), 'w') as f:
+    f.write(fingerprint + '\n')
+  return fingerprint
+
+
+def write_workdir(config, params, workdir: str, meta: dict) -> None:
+  """config.json and `params` as the checkpoint of step 0: a workdir like one training makes."""
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+  manager = checkpoint.make_manager(workdir, keep=1, async_save=False)
+  try:
+    checkpoint.save(manager, 0, params, meta=meta, force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
+def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str = 'bfloat16',
+            param_dtype: str = 'float32') -> Any:
+  """Imports a HF LLaMA checkpoint into a new workdir; returns the workdir's config."""
+  hf = read_hf_config(hf_dir)
+  if checkpoint.latest_step(workdir) is not None:
+    raise ConversionError(f'{workdir}: already has checkpoints; import into a new workdir')
+  config = config_lib.get_config()
+  config.model.update(model_fields_from_hf(hf))
+  config.model.update(scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype)
+  config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
+  try:
+    config_lib.validate(config, 1)
+  except config_lib.ConfigError as e:
+    raise ConversionError(f'{hf_dir}/config.json describes a model llm_jax cannot build: {e}') from e
+
+  abstract = _abstract_params(config)
+  slots = plan(config.model)
+  _check_plan_covers(abstract, slots)
+  with HFWeights(hf_dir) as weights:
+    _check_tensors(weights, slots, abstract, hf_dir)
+    params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)  # the only full copy
+    for slot in slots:
+      target = slot.view(params)
+      target[...] = slot.transform.to_ours(weights.read(slot.hf), target.shape)
+
+  os.makedirs(workdir, exist_ok=True)
+  fingerprint = None
+  tokenizer_path = os.path.join(hf_dir, TOKENIZER_FILE)
+  if os.path.isfile(tokenizer_path):
+    fingerprint = _install_tokenizer(tokenizer_path, workdir)
+    config.data.tokenizer_path = os.path.join(os.path.abspath(workdir), TOKENIZER_FILE)
+  meta = dict(model=config.model.to_dict(), tokenizer_fingerprint=fingerprint,
+              converted_from=os.path.abspath(hf_dir), hf_config=hf)
+  write_workdir(config, params, workdir, meta)
+  return config
+
+
+def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str) -> None:
+  """Before allocating anything: every tensor present with its shape, and nothing we would silently drop."""
+  names = set(weights.names())
+  missing = [s.hf for s in slots if s.hf not in names]
+  if missing:
+    raise ConversionError(f'{hf_dir}: tensor {missing[0]} is missing from the checkpoint'
+                          + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''))
+  for slot in slots:
+    expected, found = slot.transform.hf_shape(slot.shape(abstract)), weights.shape(slot.hf)
+    if expected != found:
+      raise ConversionError(f'{weights.files[slot.hf]}: tensor {slot.hf} has shape {list(found)}, expected '
+                            f'{list(expected)} from config.json')
+  known = {s.hf for s in slots}
+  if not any(s.path[0] == 'lm_head' for s in slots):
+    known.add('lm_head.weight')  # tied: HF ties lm_head to the embedding too, ignoring a saved copy
+  unexpected = sorted(n for n in names - known if not n.endswith(IGNORED_SUFFIXES))
+  if unexpected:
+    raise ConversionError(f'{hf_dir}: tensor {unexpected[0]} is not part of a LLaMA model with this config.json'
+                          + (f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else '')
+                          + '; refusing to drop weights')
+
+
+def _check_exportable(config) -> None:
+  if config.model.objective != 'clm':
+    raise ConversionError(f'config.model.objective={config.model.objective!r}: only causal LMs (clm) export '
+                          f'as {HF_ARCHITECTURE}')
+  if config.lora.rank:
+    raise ConversionError(f'config.lora.rank={config.lora.rank}: merge the LoRA adapters into the weights before '
+                          'exporting')
+
+
+def _token_ids(workdir: str, meta: dict) -> dict[str, int | None]:
+  """bos/eos/pad ids: from the workdir's SentencePiece model, else from the imported HF config, else none."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.isfile(path):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=path)
+    ids = dict(bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), pad_token_id=sp.pad_id())
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+  hf = meta.get('hf_config') or {}
+  return {k: hf.get(k) for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')}
+
+
+def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+  """Exports the workdir's latest checkpoint as a HF LLaMA checkpoint; returns the files written."""
+  config = config_lib.load_workdir_config(workdir)
+  _check_exportable(config)
+  hf_dtype = hf_dtype or config.model.param_dtype
+  if hf_dtype not in DTYPE_CODES:
+    raise ConversionError(f'hf_dtype: {hf_dtype!r} is not one of {", ".join(DTYPE_CODES)}')
+  if os.path.exists(os.path.join(hf_dir, 'config.json')) or glob.glob(os.path.join(hf_dir, '*.safetensors')):
+    raise ConversionError(f'{hf_dir}: already holds a checkpoint; export into a new directory')
+  abstract = _abstract_params(config)
+  slots = plan(config.model)
+  _check_plan_covers(abstract, slots)
+  params, meta = checkpoint.load_params(workdir, abstract)
+  by_name = {s.hf: s for s in slots}
+  code = DTYPE_CODES[hf_dtype]
+  specs = [(s.hf, s.transform.hf_shape(s.shape(abstract)), code) for s in slots]
+
+  def produce(name: str) -> np.ndarray:
+    slot = by_name[name]
+    return slot.transform.to_hf(np.asarray(slot.view(params)))
+
+  os.makedirs(hf_dir, exist_ok=True)
+  shards = _shards(specs, max_shard_bytes)
+  written = []
+  if len(shards) == 1:
+    write_safetensors(os.path.join(hf_dir, SINGLE_FILE), specs, produce)
+    written.append(SINGLE_FILE)
+  else:
+    weight_map = {}
+    for k, shard in enumerate(shards):
+      file = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
+      write_safetensors(os.path.join(hf_dir, file), shard, produce)
+      weight_map.update({spec[0]: file for spec in shard})
+      written.append(file)
+    total = sum(math.prod(shape) * DTYPES[c].itemsize for _, shape, c in specs)
+    checkpoint.write_json_atomic(os.path.join(hf_dir, INDEX_FILE),
+                                 dict(metadata=dict(total_size=total), weight_map=weight_map))
+    written.append(INDEX_FILE)
+  hf_config = hf_config_from_model(config.model, hf_dtype, _token_ids(workdir, meta))
+  checkpoint.write_json_atomic(os.path.join(hf_dir, 'config.json'), hf_config)
+  written.append('config.json')
+  if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
+    shutil.copyfile(os.path.join(workdir, TOKENIZER_FILE), os.path.join(hf_dir, TOKENIZER_FILE))
+    written.append(TOKENIZER_FILE)
+  return written
+
+
+# ------------------------------------------------------------------------------------------------- entry point
+
+
+def _main():
+  import sys
+
+  from absl import app, flags
+
+  hf_dir = flags.DEFINE_string('hf_dir', None, 'Hugging Face checkpoint directory (config.json + safetensors).')
+  workdir = flags.DEFINE_string('workdir', None, 'llm_jax workdir (from_hf: created; to_hf: read).')
+  scan_layers = flags.DEFINE_bool('scan_layers', True, 'from_hf: store the layers stacked for nn.scan.')
+  dtype = flags.DEFINE_enum('dtype', 'bfloat16', list(DTYPE_CODES), 'from_hf: config.model.dtype (compute).')
+  param_dtype = flags.DEFINE_enum('param_dtype', 'float32', list(DTYPE_CODES),
+                                  'from_hf: config.model.param_dtype (stored weights).')
+  hf_dtype = flags.DEFINE_enum('hf_dtype', None, list(DTYPE_CODES), 'to_hf: dtype of the exported weights '
+                               '(default: the workdir\'s param_dtype).')
+  max_shard_gb = flags.DEFINE_float('max_shard_gb', DEFAULT_MAX_SHARD_BYTES / 1e9,
+                                    'to_hf: safetensors files above this size are split into shards.')
+
+  def main(argv):
+    if len(argv) != 2 or argv[1] not in ('from_hf', 'to_hf'):
+      raise app.UsageError('usage: python -m llm_jax.convert {from_hf|to_hf} --hf_dir D --workdir W')
+    if not hf_dir.value or not workdir.value:
+      raise app.UsageError('--hf_dir and --workdir are required')
+    try:
+      if argv[1] == 'from_hf':
+        from_hf(hf_dir.value, workdir.value, scan_layers=scan_layers.value, dtype=dtype.value,
+                param_dtype=param_dtype.value)
+        print(f'imported {hf_dir.value} into {workdir.value} (checkpoint step 0)')
+      else:
+        files = to_hf(workdir.value, hf_dir.value, hf_dtype=hf_dtype.value,
+                      max_shard_bytes=int(max_shard_gb.value * 1e9))
+        print(f'exported {workdir.value} to {hf_dir.value}: {", ".join(files)}')
+    except (ConversionError, FileNotFoundError, config_lib.ConfigError) as e:
+      sys.exit(f'error: {e}')
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()
