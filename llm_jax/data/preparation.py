@@ -14,7 +14,8 @@ Output, in config.data.prepared_dir ('' = <workdir>/data):
 Documents are cleaned (`sources.clean`), dropped when shorter than config.data.min_doc_chars, and exact
 duplicates are dropped (train is read first, so validation documents that also occur in train are dropped too:
 no contamination). Without config.data.tokenizer_path a tokenizer is trained on the lines of the first
-TOKENIZER_SAMPLE_CHARS characters of cleaned train documents (files are read in hash order, so that is a sample).
+`tokenizer_sample_chars(vocab_size)` characters of cleaned train documents (files are read in hash order, so
+that is a sample).
 
 Reuse: the fingerprint covers the source's inputs (file names, sizes, mtimes / TFDS name and version), the data
 options that change the tokens, and the tokenizer (its file hash, or its training options). When index.json in
@@ -46,7 +47,8 @@ FORMAT_VERSION = 1  # bump when the output layout or the cleaning changes: old o
 INDEX_FILE = 'index.json'
 TOKENIZER_FILE = 'tokenizer.model'
 SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MiB of uint16)
-TOKENIZER_SAMPLE_CHARS = 8_000_000  # characters of cleaned train text the tokenizer is trained on
+TOKENIZER_SAMPLE_CHARS_MIN = 8_000_000  # characters of cleaned train text the tokenizer is trained on, at least,
+TOKENIZER_SAMPLE_CHARS_PER_PIECE = 1_000  # and this many per piece of the vocabulary (32M for a 32k vocabulary)
 _ENCODE_BATCH_CHARS = 4_000_000  # characters handed to SentencePiece's threads at once
 
 
@@ -72,7 +74,7 @@ def fingerprint(config) -> str:
     tokenizer = {'sha256': tokenizer_lib.file_fingerprint(d.tokenizer_path)}
   else:
     tokenizer = {'train_vocab_size': config.model.vocab_size, 'type': d.tokenizer_type,
-                 'sample_chars': TOKENIZER_SAMPLE_CHARS}
+                 'sample_chars': tokenizer_sample_chars(config.model.vocab_size)}
   description = {
       'format_version': FORMAT_VERSION, 'source': d.source, 'inputs': sources.input_fingerprint(config),
       'min_doc_chars': d.min_doc_chars, 'max_docs': d.max_docs,
@@ -176,9 +178,14 @@ def _clean_documents(config, role: str, seen: set, stats: dict) -> Iterator[str]
     yield text
 
 
+def tokenizer_sample_chars(vocab_size: int) -> int:
+  """Characters of text a tokenizer of `vocab_size` pieces is trained on: enough to see each piece often."""
+  return max(TOKENIZER_SAMPLE_CHARS_MIN, TOKENIZER_SAMPLE_CHARS_PER_PIECE * vocab_size)
+
+
 def _tokenizer_sample(config) -> Iterator[str]:
-  """Non-empty lines of the first TOKENIZER_SAMPLE_CHARS characters of cleaned train documents."""
-  total = 0
+  """Non-empty lines of the first `tokenizer_sample_chars` characters of cleaned train documents."""
+  total, wanted = 0, tokenizer_sample_chars(config.model.vocab_size)
   for doc in sources.read_documents(config, 'train'):
     text = sources.clean(doc.text)
     if len(text) < config.data.min_doc_chars:
@@ -187,7 +194,7 @@ def _tokenizer_sample(config) -> Iterator[str]:
       if line.strip():
         yield line
     total += len(text)
-    if total >= TOKENIZER_SAMPLE_CHARS:
+    if total >= wanted:
       return
 
 
