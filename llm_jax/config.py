@@ -117,6 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 500  # Evaluate every this many steps (0 = only at the end).
   c.eval.steps = 10  # Batches of the eval split per evaluation.
+  c.eval.task_file = ''  # JSONL of {"prompt", "reference"} records scored (BLEU, ROUGE) at every evaluation; '' = none.
+  c.eval.task_max_examples = 32  # Records of eval.task_file scored per evaluation (0 = all).
+  c.eval.max_new_tokens = 32  # Tokens generated (greedy, to EOS) per task prompt, in the loop and by evaluate.
+  c.eval.log_samples = 3  # Task completions logged per evaluation (metrics.jsonl and TensorBoard text).
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # Save every this many steps (and always at the end); 0 = only at the end.

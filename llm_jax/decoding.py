@@ -251,3 +251,26 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
   if tokenizer is not None and recorded:
     tokenizer_lib.check_fingerprint(tokenizer, recorded, f'the checkpoint {checkpoint.checkpoint_dir(workdir)}/{step}')
   return LoadedModel(trainer=trainer, params=params, tokenizer=tokenizer, step=int(step))
+
+
+def generation_tasks(config, params, workdir: str, step: int, writer) -> dict[str, float]:
+  """The training loop's hook: greedy completions of config.eval.task_file, scored (text_metrics) and logged.
+
+  Writes one metrics row {step, task_bleu, task_rouge1, task_rouge2, task_rougeL, task_examples} and
+  config.eval.log_samples samples (metrics.jsonl row `task_samples`, TensorBoard text `samples/i`). Needs the
+  workdir's tokenizer; returns the row.
+  """
+  from llm_jax import text_metrics
+  from llm_jax.data import tokenizer as tokenizer_lib
+  e = config.eval
+  records = text_metrics.read_tasks(e.task_file, e.task_max_examples)
+  tokenizer = tokenizer_lib.load_from_workdir(workdir)
+  completions = complete(TransformerConfig.from_config(config), params, tokenizer,
+                         [r['prompt'] for r in records], e.max_new_tokens)
+  result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
+  row = dict(step=step, **{f'task_{k}': v for k, v in result.items()})
+  writer.write(dict(row, task_samples=samples) if samples else row)
+  for i, sample in enumerate(samples):
+    writer.write_text(f'samples/{i}', f'{sample["prompt"]}**{sample["completion"]}**\n\n(reference: '
+                      f'{sample["reference"]})', step)
+  return row

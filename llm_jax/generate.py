@@ -13,22 +13,6 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from absl import app, flags
-
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir: its latest checkpoint and tokenizer are used.')
-_PROMPT = flags.DEFINE_multi_string('prompt', [], 'A prompt to complete; repeat the flag for several.')
-_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Text file with one prompt per line (blank lines skipped; '
-                                    '"\\n" in a line stands for a newline).')
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'Most tokens to generate per prompt (fewer at EOS).')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = no limit.')
-_TOP_P = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling: the smallest set of tokens with this total '
-                            'probability; 1 = no limit.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Random seed of sampling; the same seed gives the same text.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
-_TOKENIZER = flags.DEFINE_string('tokenizer', '', 'SentencePiece model to use instead of <workdir>/tokenizer.model '
-                                 '(it must be the one the checkpoint was trained with).')
-
 
 def read_prompts(path: str) -> list[str]:
   """One prompt per non-blank line; a literal backslash-n in a line becomes a newline."""
@@ -57,20 +41,40 @@ def run(workdir: str, prompts: Sequence[str], max_new_tokens: int = 64, temperat
                            seed)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
-  try:
-    prompts = list(_PROMPT.value) + (read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else [])
-    completions = run(_WORKDIR.value, prompts, _MAX_NEW_TOKENS.value, _TEMPERATURE.value, _TOP_K.value,
-                      _TOP_P.value, _SEED.value, _STEP.value, _TOKENIZER.value)
-  except (ValueError, FileNotFoundError) as e:  # PromptError, TokenizerError, ConfigError are ValueErrors
-    sys.exit(f'error: {e}')
-  for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-    print(f'=== prompt {i} ===\n{prompt}{completion}', flush=True)
+def _main():
+  """The command line. Flags are defined here, not at import, so that tests can import every job together."""
+  from absl import app, flags
+
+  workdir = flags.DEFINE_string('workdir', None, 'Training workdir: its latest checkpoint and tokenizer are used.')
+  prompt = flags.DEFINE_multi_string('prompt', [], 'A prompt to complete; repeat the flag for several.')
+  prompts_file = flags.DEFINE_string('prompts_file', None, 'Text file with one prompt per line (blank lines '
+                                     'skipped; "\\n" in a line stands for a newline).')
+  max_new_tokens = flags.DEFINE_integer('max_new_tokens', 64, 'Most tokens to generate per prompt (fewer at EOS).')
+  temperature = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.')
+  top_k = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens only; 0 = no limit.')
+  top_p = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling: the smallest set of most likely tokens with this '
+                             'total probability; 1 = no limit.')
+  seed = flags.DEFINE_integer('seed', 0, 'Random seed of sampling; the same seed gives the same text.')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
+  tokenizer = flags.DEFINE_string('tokenizer', '', 'SentencePiece model to use instead of <workdir>/tokenizer.model '
+                                  '(it must be the one the checkpoint was trained with).')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if not workdir.value:
+      raise app.UsageError('--workdir is required')
+    try:
+      prompts = list(prompt.value) + (read_prompts(prompts_file.value) if prompts_file.value else [])
+      completions = run(workdir.value, prompts, max_new_tokens.value, temperature.value, top_k.value, top_p.value,
+                        seed.value, step.value, tokenizer.value)
+    except (ValueError, FileNotFoundError) as e:  # PromptError, TokenizerError, ConfigError are ValueErrors
+      sys.exit(f'error: {e}')
+    for i, (text, completion) in enumerate(zip(prompts, completions)):
+      print(f'=== prompt {i} ===\n{text}{completion}', flush=True)
+
+  app.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _main()

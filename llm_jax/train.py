@@ -29,6 +29,7 @@ import optax
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax import data
+from llm_jax import decoding
 from llm_jax import metrics as metrics_lib
 from llm_jax import objectives
 from llm_jax import optim
@@ -356,6 +357,8 @@ def _loop(trainer: Trainer, manager, writer, preemption: PreemptionFlag) -> dict
       interval_start, interval_steps = time.perf_counter(), 0
     if config.eval.every and done % config.eval.every == 0 and done != total_steps:
       writer.write(dict(step=done, **trainer.evaluate(state.params)))
+      if config.eval.task_file:  # generation tasks: BLEU/ROUGE rows and samples
+        decoding.generation_tasks(config, state.params, workdir, done, writer)
     if config.checkpoint.every and done % config.checkpoint.every == 0:
       checkpoint.save(manager, done, state.params, state.opt_state, meta)
     if preemption.is_set():
@@ -369,6 +372,8 @@ def _loop(trainer: Trainer, manager, writer, preemption: PreemptionFlag) -> dict
     eval_row = dict(step=total_steps, **trainer.evaluate(state.params))
     writer.write(eval_row)
     last.update(eval_row)
+    if config.eval.task_file:
+      decoding.generation_tasks(config, state.params, workdir, total_steps, writer)
     if manager.latest_step() != total_steps:
       checkpoint.save(manager, total_steps, state.params, state.opt_state, meta, force=True)
   return last

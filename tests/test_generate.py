@@ -29,7 +29,7 @@ def tiny_config(vocab_size=320, **eval_fields):
                  max_seq_len=64, dtype='float32')
   c.data.update(source='synthetic', seq_len=32, global_batch_size=4)
   c.train.update(steps=4, warmup_steps=1, log_every=2)
-  c.eval.update(every=0, steps=1, **eval_fields)
+  c.eval.update(dict(dict(every=0, steps=1), **eval_fields))
   c.checkpoint.update(every=0, async_save=False)
   return c
 

@@ -1,0 +1,149 @@
+"""Measure a trained workdir: perplexity on a split and, with a task file, BLEU and ROUGE of generations.
+
+  python -m llm_jax.evaluate --workdir=DIR [--split=validation] [--task_file=F.jsonl] [--config.eval.steps=50 ...]
+
+  perplexity   mean token loss (nats) over the first `eval.steps` batches of the split, its exp, and bits per
+               byte = total loss / ln 2 / UTF-8 bytes of the scored target tokens (so tokenizers compare);
+               bits per byte needs the workdir's tokenizer and a causal model (null otherwise)
+  tasks        greedy completions (eval.max_new_tokens) of each {"prompt", "reference"} record of the task file,
+               scored with sacrebleu BLEU and rouge-score ROUGE-1/2/L F1 (llm_jax.text_metrics; all 0..100)
+
+The config is the workdir's config.json with the --config.x=y overrides laid over it (fields that fix the
+checkpoint's shapes cannot change). The result is printed as JSON and written atomically to
+<workdir>/eval/step_<step>_<split>.json. `run()` does the work and is what tests call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+from llm_jax import config as config_lib
+
+# config.model fields that fix parameter shapes or layout: a checkpoint cannot be evaluated with other values.
+SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
+                'scan_layers')
+
+
+def apply_overrides(config, overrides: dict[str, Any]):
+  """Sets dotted `section.field` overrides on `config` (in place), refusing the fields that fix the shapes."""
+  for key, value in overrides.items():
+    section, _, field = key.partition('.')
+    if section == 'model' and field in SHAPE_FIELDS and value != config.model[field]:
+      raise config_lib.ConfigError(f'config.{key}: cannot change to {value!r}; the checkpoint was trained with '
+                                   f'{config.model[field]!r}')
+    node = config
+    *parents, last = key.split('.')
+    for name in parents:
+      node = node[name]
+    node[last] = value
+  return config
+
+
+def token_byte_lengths(tokenizer):
+  """[V] int64: UTF-8 bytes each token id spells (byte pieces <0xNN> 1, control and unknown pieces 0).
+
+  Counting per piece, rather than decoding the targets, stays exact where a window cuts a multi-byte character.
+  """
+  import numpy as np
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=tokenizer.path)
+  lengths = np.zeros(sp.vocab_size(), np.int64)
+  for i in range(sp.vocab_size()):
+    if sp.is_byte(i):
+      lengths[i] = 1
+    elif not (sp.is_control(i) or sp.is_unknown(i)):
+      lengths[i] = len(sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))  # U+2581 stands for a space
+  return lengths
+
+
+def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
+  """Loss, perplexity and bits per byte of the loaded checkpoint on `num_batches` batches of `split`."""
+  import itertools
+  import numpy as np
+  trainer = loaded.trainer
+  byte_lengths = None
+  if loaded.tokenizer is not None and loaded.config.model.objective == 'clm':
+    byte_lengths = token_byte_lengths(loaded.tokenizer)
+  total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
+  for batch in itertools.islice(trainer.iterator(split, 0), num_batches):
+    out = trainer.eval_step(loaded.params, trainer.put(batch))  # (loss sum, target tokens, ...)
+    total_loss, total_tokens = total_loss + float(out[0]), total_tokens + float(out[1])
+    if byte_lengths is not None:  # the text the scored targets spell: the loss is spent on exactly these bytes
+      targets = np.minimum(np.asarray(batch['targets']), len(byte_lengths) - 1)
+      total_bytes += int(np.sum(byte_lengths[targets] * (np.asarray(batch['loss_mask']) > 0)))
+  if not total_tokens:
+    raise ValueError(f'--split {split}: no target tokens in {num_batches} batches')
+  loss = total_loss / total_tokens
+  return dict(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(total_tokens),
+              bits_per_byte=total_loss / math.log(2) / total_bytes if total_bytes else None, bytes=total_bytes)
+
+
+def tasks(loaded, task_file: str) -> dict[str, Any]:
+  """Greedy completions of the task file's prompts, scored against the references; includes a few samples."""
+  from llm_jax import decoding, text_metrics
+  e = loaded.config.eval
+  records = text_metrics.read_tasks(task_file, e.task_max_examples)
+  completions = decoding.complete(loaded.model_config, loaded.params, loaded.tokenizer,
+                                  [r['prompt'] for r in records], e.max_new_tokens)
+  result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
+  return dict(result, file=os.path.abspath(task_file), samples=samples)
+
+
+def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None = None,
+        task_file: str | None = None, step: int | None = None, devices=None) -> dict[str, Any]:
+  """Evaluates the workdir's checkpoint; returns the result and writes it to <workdir>/eval/."""
+  from llm_jax import checkpoint, decoding  # after flag parsing: keeps --help fast
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'--workdir {workdir}: no such directory')
+  config = apply_overrides(config_lib.load_workdir_config(workdir), overrides or {})
+  split = split or config.data.eval_split
+  task_file = config.eval.task_file if task_file is None else task_file
+  if task_file and not os.path.exists(task_file):
+    raise FileNotFoundError(f'--task_file {task_file}: no such file')
+  loaded = decoding.load_workdir(workdir, config, step, devices=devices, need_tokenizer=bool(task_file))
+  result = dict(workdir=os.path.abspath(workdir), step=loaded.step, split=split,
+                perplexity=perplexity(loaded, split, config.eval.steps))
+  if task_file:
+    result['tasks'] = tasks(loaded, task_file)
+  path = os.path.join(workdir, 'eval', f'step_{loaded.step}_{split}.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  checkpoint.write_json_atomic(path, result)
+  result['output'] = path
+  return result
+
+
+def _main():
+  """The command line. Flags are defined here, not at import, so that tests can import every job together."""
+  import json
+
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  workdir = flags.DEFINE_string('workdir', None, 'Training workdir whose checkpoint is evaluated.')
+  config = config_flags.DEFINE_config_dict('config', config_lib.get_config(), 'Overrides of the workdir\'s config, '
+                                           'e.g. --config.eval.steps=50 (only the fields given change).')
+  split = flags.DEFINE_string('split', None, 'Split to measure perplexity on (default: config.data.eval_split).')
+  task_file = flags.DEFINE_string('task_file', None, 'JSONL of {"prompt", "reference"} records to complete and '
+                                  'score (default: config.eval.task_file; "" = none).')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    if not workdir.value:
+      raise app.UsageError('--workdir is required')
+    try:
+      result = run(workdir.value, config_flags.get_override_values(flags.FLAGS[config.name]), split.value,
+                   task_file.value, step.value)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, TokenizerError, TaskFileError are ValueErrors
+      sys.exit(f'error: {e}')
+    print(json.dumps(result, indent=2, sort_keys=True))
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _main()
