@@ -23,7 +23,9 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+  # cleanup_tmp_directories: a save cut short by a crash leaves a temporary directory; remove it on restart.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
@@ -39,13 +41,49 @@ def latest_step(workdir: str) -> int | None:
     manager.close()
 
 
+class CheckpointError(OSError):
+  """A save failed (unwritable directory, full disk, ...); the message names the last complete checkpoint."""
+
+
+def check_writable(workdir: str) -> None:
+  """Fails before training starts when the workdir cannot be written."""
+  try:
+    os.makedirs(checkpoint_dir(workdir), exist_ok=True)
+    probe = os.path.join(checkpoint_dir(workdir), f'.write_probe_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f'workdir {workdir} is not writable: {e.strerror or e}') from e
+
+
+def _failed(manager, what: str, error: Exception) -> CheckpointError:
+  try:
+    last = manager.latest_step()
+  except Exception:  # the manager itself may be what failed
+    last = None
+  last_good = f'{manager.directory}/{last}' if last is not None else 'none'
+  return CheckpointError(f'{what} failed: {error}; the last complete checkpoint is {last_good}')
+
+
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state=None, meta: dict | None = None,
          force: bool = False) -> bool:
   """Starts an (async) save of one step; returns whether a save was started."""
   items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))))
   if opt_state is not None:
     items['opt_state'] = ocp.args.StandardSave(opt_state)
-  return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+  try:
+    return manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+  except Exception as e:  # includes the error of a previous async save, raised here
+    raise _failed(manager, f'saving checkpoint step {step} to {manager.directory}', e) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Blocks until background saves are complete; a failed one raises CheckpointError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise _failed(manager, f'writing a checkpoint to {manager.directory}', e) from e
 
 
 def _abstract(tree):

@@ -16,6 +16,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer; '
                                'a run restarted with the same workdir resumes.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, to start JAX\'s '
+                                   'multi-process runtime (with --num_processes and --process_id).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index in a multi-process run (0-based).')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Start the multi-process runtime by auto-detection '
+                                 '(TPU pod slices, SLURM): jax.distributed.initialize() with no arguments.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step for the configured mesh, print per-device '
                              'memory and FLOPs, and exit without training.')
 
@@ -26,6 +32,9 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=experiments/tiny.py')
+  from llm_jax import sharding
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_DISTRIBUTED.value)
   if _DRY_RUN.value:
     from llm_jax import dry_run
     dry_run.report(config)

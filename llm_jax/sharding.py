@@ -66,9 +66,44 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple
   return tree, shardings
 
 
-def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles global arrays from this process's slice of the batch (works for one and many processes)."""
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, slice_count: int = 1) -> dict[str, jax.Array]:
+  """Global arrays from this process's slice of the batch (one of `slice_count`; see process_batch_slice)."""
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * slice_count,) + v.shape[1:])
+          for k, v in batch.items()}
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, auto: bool = False) -> None:
+  """Starts JAX's multi-process runtime. With explicit arguments: a cluster of our own (localhost tests,
+  bare GPU nodes); with `auto`: jax.distributed.initialize() detects TPU pods and SLURM by itself."""
+  explicit = coordinator_address or num_processes or process_id is not None
+  if not explicit and not auto:
+    return
+  if explicit:
+    if not (coordinator_address and num_processes and process_id is not None):
+      raise ValueError('--coordinator_address, --num_processes and --process_id must be given together')
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+
+
+def process_batch_slice(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+  """(slice index, slice count) of the global batch rows this process's devices hold.
+
+  The data pipeline cuts each global batch into `count` equal slices; this process must feed slice `index`.
+  Derived from the batch sharding itself, so it stays right for any device order in the mesh.
+  """
+  if jax.process_count() == 1:
+    return 0, 1
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
+  rows = sorted({(idx[0].start or 0, idx[0].stop or global_batch_size) for idx in indices.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  covered = sum(b - a for a, b in rows)
+  if covered != stop - start or global_batch_size % (stop - start) or start % (stop - start):
+    raise ValueError(f'process {jax.process_index()} holds batch rows {rows}, not one aligned block; put the '
+                     f'tensor axis inside a host (config.mesh.tensor <= devices per process)')
+  return start // (stop - start), global_batch_size // (stop - start)

@@ -139,7 +139,9 @@ def make_train_step(config, model, optimizer, mesh=None):
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
       metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
-                     learning_rate=schedule(state.step), finite=finite, target_tokens=tokens)
+                     learning_rate=schedule(state.step), finite=finite, target_tokens=tokens,
+                     # which gradients are NaN/Inf: read by the host only when `finite` is false
+                     nonfinite_grads=jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads))
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
@@ -168,15 +170,21 @@ class _null_context:
     return False
 
 
-class PreemptionFlag:
-  """Set by SIGTERM; the loop saves at the next step boundary and returns."""
+class Preemption:
+  """Tells the loop when to save and stop after SIGTERM, at a step boundary all processes agree on.
+
+  One process: our own SIGTERM handler sets a flag. Several: JAX's preemption sync manager (started by
+  jax.distributed.initialize) catches SIGTERM on any process and picks the same step for all of them;
+  `reached(step)` must then be called at every step by every process.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
+    self._multi_process = jax.process_count() > 1
 
   def install(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
     return self
 
@@ -185,7 +193,10 @@ class PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
 
-  def is_set(self) -> bool:
+  def reached(self, step: int) -> bool:
+    if self._multi_process:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()
 
 
@@ -232,6 +243,8 @@ class Trainer:
     self.optimizer = optim.make_optimizer(  # LoRA: only the adapters train and have optimizer state
         self.config.train, trainable_mask=lora_lib.trainable_mask if self.config.lora.rank else None)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    # (index, count): the slice of every global batch this process feeds (one process: the whole batch)
+    self.data_slice = sharding.process_batch_slice(self.mesh, self.config.data.global_batch_size)
     self._init_fn = state_init_fn(self.config, self.model, self.optimizer)
     abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
     self.state_shardings = sharding.logical_shardings(abstract_state, self.mesh, self.rules)
@@ -248,13 +261,16 @@ class Trainer:
     return state
 
   def put(self, batch) -> dict[str, jax.Array]:
-    return sharding.put_batch(batch, self.mesh)
+    return sharding.put_batch(batch, self.mesh, self.data_slice[1])
+
+  def iterator(self, split: str, start_step: int):
+    """This process's slices of batches start_step, start_step + 1, ... of `split`."""
+    return data.make_iterator(self.config, split, start_step, *self.data_slice, self.workdir)
 
   def evaluate(self, params, num_batches: int | None = None) -> dict[str, float]:
     """Mean token loss and perplexity over the first `eval.steps` batches of the eval split."""
     num_batches = num_batches or self.config.eval.steps
-    iterator = data.make_iterator(self.config, self.config.data.eval_split, 0, jax.process_index(),
-                                  jax.process_count(), self.workdir)
+    iterator = self.iterator(self.config.data.eval_split, 0)
     total, count, correct = 0.0, 0.0, 0.0
     for _, batch in zip(range(num_batches), iterator):
       loss, tokens, hits = self.eval_step(params, self.put(batch))
@@ -297,24 +313,33 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   is_writer = jax.process_index() == 0
   if is_writer:
-    os.makedirs(workdir, exist_ok=True)
-  data.prepare(config, workdir)
+    checkpoint.check_writable(workdir)
+    data.prepare(config, workdir)  # process 0 prepares; the others then find it done and only verify
+  _sync_processes('llm_jax_prepared')
+  if not is_writer:
+    data.prepare(config, workdir)
   trainer = Trainer(config, workdir, devices)
   if is_writer:
     checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
   manager = checkpoint.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
-  preemption = PreemptionFlag().install()
+  preemption = Preemption().install()
   try:
     return _loop(trainer, manager, writer, preemption)
   finally:
     preemption.uninstall()
-    manager.wait_until_finished()
+    checkpoint.wait(manager)
     manager.close()
     writer.close()
 
 
-def _loop(trainer: Trainer, manager, writer, preemption: PreemptionFlag) -> dict[str, Any]:
+def _sync_processes(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _loop(trainer: Trainer, manager, writer, preemption: Preemption) -> dict[str, Any]:
   config, workdir = trainer.config, trainer.workdir
   state = _restore_or_init(trainer, manager, writer)
   start = int(state.step)
@@ -323,8 +348,7 @@ def _loop(trainer: Trainer, manager, writer, preemption: PreemptionFlag) -> dict
   num_devices = trainer.mesh.size
   tokens_per_step = config.data.global_batch_size * config.data.seq_len
   flops_per_token = metrics_lib.flops_per_token(config.model, config.data.seq_len)
-  iterator = data.make_iterator(config, config.data.train_split, start, jax.process_index(), jax.process_count(),
-                                workdir)
+  iterator = trainer.iterator(config.data.train_split, start)
   last = dict(step=start)
   monitor = NonFiniteMonitor(config.train)
   pending = None  # (step, metrics) of the previous step, checked while the current one runs
@@ -361,9 +385,9 @@ def _loop(trainer: Trainer, manager, writer, preemption: PreemptionFlag) -> dict
         decoding.generation_tasks(config, state.params, workdir, done, writer)
     if config.checkpoint.every and done % config.checkpoint.every == 0:
       checkpoint.save(manager, done, state.params, state.opt_state, meta)
-    if preemption.is_set():
+    if preemption.reached(done):
       checkpoint.save(manager, done, state.params, state.opt_state, meta, force=True)
-      manager.wait_until_finished()
+      checkpoint.wait(manager)
       print(f'SIGTERM: saved step {done} to {checkpoint.checkpoint_dir(workdir)}; exiting', flush=True)
       return dict(last, preempted=True)
   if pending is not None:
@@ -398,7 +422,11 @@ class NonFiniteMonitor:
       return
     loss, grad_norm = (float(jax.device_get(step_metrics[k])) for k in ('loss', 'grad_norm'))
     if self.policy == 'stop':
-      raise NonFiniteError(f'non-finite values at step {step + 1}: loss={loss}, grad_norm={grad_norm} '
+      bad = [jax.tree_util.keystr(path, simple=True, separator='/') for path, flag in
+             jax.tree_util.tree_leaves_with_path(jax.device_get(step_metrics['nonfinite_grads'])) if flag]
+      listed = ', '.join(bad[:8]) + (f' and {len(bad) - 8} more' if len(bad) > 8 else '')
+      raise NonFiniteError(f'non-finite values at step {step + 1} (train batch {step}): loss={loss}, '
+                           f'grad_norm={grad_norm}; non-finite gradients: {listed or "none"} '
                            f'(config.train.nonfinite=stop)')
     self.skips_in_a_row += 1
     self.skipped_total += 1

@@ -94,12 +94,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
   interrupted = str(tmp_path / 'interrupted')
   calls = {'n': 0}
 
-  def preempt_at_12(self):
+  def preempt_at_12(self, step):
     calls['n'] += 1
     return calls['n'] == 12
 
   with monkeypatch.context() as m:
-    m.setattr(train.PreemptionFlag, 'is_set', preempt_at_12)
+    m.setattr(train.Preemption, "reached", preempt_at_12)
     result = train.train_and_evaluate(config, interrupted, devices)
   assert result['preempted'] and checkpoint.latest_step(interrupted) == 12
   train.train_and_evaluate(config, interrupted, devices)
