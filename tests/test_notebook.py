@@ -29,7 +29,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   text = '\n'.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
   assert 'runtime: CPU' in text
   assert 'llm_jax_repo' not in text  # the install cell was skipped: llm_jax came from this checkout
-  assert 'validation loss' in text and 'unigram baseline' in text
+  assert 'validation tokens: loss' in text and 'unigram baseline' in text
   assert "=== 'def main('" in text
   assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data'), \
       'the loss curve was not displayed'
