@@ -151,7 +151,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, policy):
   config = tiny_config(model=dict(init_std=float('inf')), train=dict(steps=10, nonfinite=policy,
                                                                       max_nonfinite_skips=2))
-  expected = r'at step 1:' if policy == 'stop' else r'at step 3: 3 updates in a row were skipped'
+  expected = r'at step 1 \(train batch 0\):' if policy == 'stop' else r'at step 3: 3 updates in a row were skipped'
   with pytest.raises(train.NonFiniteError, match=expected):
     train.train_and_evaluate(config, str(tmp_path / policy), jax.devices()[:1])
 
