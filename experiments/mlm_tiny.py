@@ -8,20 +8,13 @@ loss and eval_accuracy on the selected positions (llm_jax/objectives.py). Only 1
 so it needs more steps than the causal preset for the same loss drop.
 """
 
-import importlib.util
 import os
 
-
-def _tiny():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
-  spec = importlib.util.spec_from_file_location('llm_jax_experiment_tiny', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from llm_jax import config as config_lib
 
 
 def get_config():
-  c = _tiny()
+  c = config_lib.load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py'))
   c.model.objective = 'mlm'
   c.model.mask_token_id = 2
   c.data.mask_prob = 0.15

@@ -8,22 +8,15 @@ tokenizer is the init_from run's (set config.data.tokenizer_path to use another)
 full fine-tuning.
 """
 
-import importlib.util
 import os
+
+from llm_jax import config as config_lib
 
 from llm_jax import config as base  # pylint: disable=unused-import
 
 
-def _tiny():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py')
-  spec = importlib.util.spec_from_file_location('llm_jax_experiment_tiny', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config():
-  c = _tiny()  # same model as the pre-training preset, so init_from loads it
+  c = config_lib.load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny.py'))  # same model as the pre-training preset, so init_from loads it
   c.data.source = 'sft_jsonl'
   c.data.paths = ''  # set on the command line
   c.data.global_batch_size = 16
