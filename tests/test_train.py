@@ -161,3 +161,22 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
   train.train_and_evaluate(tiny_config(train=dict(steps=2)), workdir, jax.devices()[:1])
   with pytest.raises(ValueError, match=r'config.model.ffn_dim=96 but the checkpoint'):
     train.train_and_evaluate(tiny_config(train=dict(steps=4), model=dict(ffn_dim=96)), workdir, jax.devices()[:1])
+
+
+def test_training_on_synthetic_data_never_imports_tensorflow(tmp_path):
+  """The lent GPU images have no TensorFlow: the model, the loop and the synthetic source must not need it."""
+  script = f'''
+import sys
+import jax
+import llm_jax.model, llm_jax.train
+assert 'tensorflow' not in sys.modules, 'importing llm_jax.train imported tensorflow'
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_train import tiny_config
+llm_jax.train.train_and_evaluate(tiny_config(train=dict(steps=2)), {str(tmp_path / "run")!r}, jax.devices()[:1])
+assert 'tensorflow' not in sys.modules, 'training on the synthetic source imported tensorflow'
+print('no tensorflow')
+'''
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0 and 'no tensorflow' in result.stdout, result.stderr[-3000:]
