@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 32000  # Vocabulary size; must equal the tokenizer's size when a tokenizer is used.
+  c.model.vocab_size = 32000  # Vocabulary size; at least the tokenizer's size when a tokenizer is used (extra rows are padding).
   c.model.d_model = 512  # Width of the residual stream.
   c.model.num_layers = 8  # Number of transformer blocks.
   c.model.num_heads = 8  # Query heads; must divide d_model (head_dim = d_model // num_heads).
