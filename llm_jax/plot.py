@@ -111,6 +111,9 @@ def save_atomic(fig, out: str, dpi: int = 100) -> None:
     with os.fdopen(fd, 'wb') as f:
       FigureCanvasAgg(fig)
       fig.savefig(f, format=fmt, dpi=dpi)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
     os.replace(tmp, out)
   except BaseException:
     if os.path.exists(tmp):
