@@ -165,6 +165,8 @@ def generate(cfg: TransformerConfig, params, prompts: Sequence[Sequence[int]], m
   """New tokens of each prompt (token ids, without the prompt): at most max_new_tokens, ending at the first EOS
   (included), never past model.max_seq_len. `vocab_limit` (the tokenizer's size) keeps sampling away from the
   unused ids of a padded vocabulary. `params` may be sharded; the loop then runs sharded."""
+  if cfg.objective != 'clm':
+    raise ValueError(f'config.model.objective={cfg.objective!r}: only a causal (clm) model can generate')
   if max_new_tokens <= 0:
     raise ValueError(f'max_new_tokens must be positive, got {max_new_tokens}')
   batch = left_pad(prompts, cfg.max_seq_len, pad_id)

@@ -49,10 +49,12 @@ def _prompts(lengths, seed=0):
 
 
 @pytest.mark.parametrize('scan_layers', [True, False])
-def test_cached_greedy_equals_full_forward(scan_layers):
+@pytest.mark.parametrize('mixes', [[(5,), (3, 17)], [(5, 9), (1, 9, 4, 12, 16, 2, 7, 11)]],
+                         ids=['batch1+2-two-buckets', 'batch2+8'])
+def test_cached_greedy_equals_full_forward(scan_layers, mixes):
   cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
   params = _params(cfg)
-  for lengths in [(5,), (5, 9), (3, 17), (1, 9, 4, 12, 16, 2, 7, 11)]:  # batch 1, 2, 2 (two buckets), 8
+  for lengths in mixes:  # prompt lengths of one batch
     prompts = _prompts(lengths, seed=len(lengths))
     assert decoding.generate(cfg, params, prompts, max_new_tokens=8) == full_forward_greedy(cfg, params, prompts, 8)
 
@@ -130,5 +132,7 @@ def test_prompt_errors_name_the_prompt():
     decoding.generate(CFG, params, [[1, 2], []], 4)
   with pytest.raises(decoding.PromptError, match=r'prompt 0 has 48 tokens; model.max_seq_len=48'):
     decoding.generate(CFG, params, [[1] * 48], 4)
+  with pytest.raises(ValueError, match='only a causal'):
+    decoding.generate(dataclasses.replace(CFG, objective='mlm'), params, [[1, 2]], 4)
   with pytest.raises(ValueError, match='top_p must be in'):
     decoding.Sampling(temperature=1.0, top_p=0.0)
