@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax import config as config_lib
@@ -29,6 +29,8 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step for the c
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # orbax and jax log every save at INFO: keep stdout readable
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=experiments/tiny.py')
