@@ -170,3 +170,28 @@ def test_7b_parameter_count_without_allocating():
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert count == 6_738_415_616
   assert count == metrics.total_params(config.model)
+
+
+def test_pipeline_packing_keeps_documents_apart():
+  """Batches packed by the data pipeline: editing one document moves only that document's logits and loss."""
+  from llm_jax.data import pipeline
+  cfg = TransformerConfig(**SMALL)
+  rng = np.random.default_rng(1)
+  eos = 1
+  documents = [list(rng.integers(4, SMALL['vocab_size'], n)) for n in (7, 12, 5, 9)]
+  batch = pipeline.pack_documents(documents, seq_len=32, eos_id=eos)
+  edited_docs = [documents[0], list((np.array(documents[1]) + 3) % SMALL['vocab_size']), *documents[2:]]
+  edited = pipeline.pack_documents(edited_docs, seq_len=32, eos_id=eos)
+  params = _init(cfg, batch['inputs'])
+
+  def run(b):
+    logits = Transformer(cfg).apply({'params': params}, b['inputs'], b['segment_ids'], b['positions'])
+    return np.asarray(logits)
+
+  segments = batch['segment_ids']
+  np.testing.assert_array_equal(segments, edited['segment_ids'])
+  assert set(np.unique(segments)) >= {1, 2, 3, 4}
+  before, after = run(batch), run(edited)
+  second = segments == 2
+  assert not np.allclose(before[second], after[second])
+  np.testing.assert_array_equal(before[~second], after[~second])
