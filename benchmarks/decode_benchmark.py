@@ -94,8 +94,8 @@ def main(argv):
   from llm_jax.model import Transformer, TransformerConfig
 
   if _WORKDIR.value:
-    from llm_jax import decoding
-    loaded = decoding.load_workdir(_WORKDIR.value, need_tokenizer=False)
+    from llm_jax import workdir as workdir_lib
+    loaded = workdir_lib.load_workdir(_WORKDIR.value, need_tokenizer=False)
     cfg, params = loaded.model_config, loaded.params
   else:
     cfg = TransformerConfig.from_config(_CONFIG.value)

@@ -16,11 +16,9 @@ loop stops when every row has. Shapes: B batch, P padded prompt length, N new to
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -178,13 +176,17 @@ def generate(cfg: TransformerConfig, params, prompts: Sequence[Sequence[int]], m
 
 
 def complete(cfg: TransformerConfig, params, tokenizer: Any, texts: Sequence[str], max_new_tokens: int,
-             sampling: Sampling = Sampling(), seed: int = 0, batch_size: int = 16) -> list[str]:
+             sampling: Sampling = Sampling(), seed: int = 0, batch_size: int = 16,
+             encode: Callable[[str], list[int]] | None = None) -> list[str]:
   """Completions of `texts` (the generated text only, without the prompt and the EOS), `batch_size` at a time.
 
   `tokenizer` needs encode, decode, eos_id, pad_id and vocab_size (llm_jax.data.tokenizer.Tokenizer).
+  `encode` turns a text into the prompt tokens (default `tokenizer.encode`); a fine-tuned model is prompted
+  through its chat template instead (llm_jax.tasks.prompt_encoder).
   """
+  encode = encode or tokenizer.encode
   check_prompts(texts, cfg.max_seq_len)
-  ids = [tokenizer.encode(text) for text in texts]
+  ids = [list(encode(text)) for text in texts]
   check_prompts(ids, cfg.max_seq_len)
   completions = []
   for start in range(0, len(ids), batch_size):
@@ -194,85 +196,8 @@ def complete(cfg: TransformerConfig, params, tokenizer: Any, texts: Sequence[str
   return completions
 
 
-# --- a workdir's model for inference (generate, evaluate) ----------------------------------------------------------
-
-@dataclasses.dataclass
-class LoadedModel:
-  """A workdir's checkpoint, ready to decode or score: `trainer` holds the config, mesh and the eval step."""
-  trainer: Any  # llm_jax.train.Trainer built from the workdir's config (no optimizer state is loaded)
-  params: Any  # parameters on the trainer's mesh
-  tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer, or None when the workdir has none (synthetic data)
-  step: int  # the checkpoint's step
-
-  @property
-  def config(self):
-    return self.trainer.config
-
-  @property
-  def model_config(self) -> TransformerConfig:
-    return TransformerConfig.from_config(self.config)
-
-
-def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_path: str = '', devices=None,
-                 need_tokenizer: bool = True) -> LoadedModel:
-  """The latest (or `step`'s) parameters of a workdir, sharded as its config says, and its tokenizer.
-
-  `config` defaults to the workdir's config.json. When the run's mesh does not fit the devices here, the
-  parameters are replicated instead (mesh data=-1). Errors, each one message naming the path: unknown workdir,
-  no config.json, no checkpoint, no tokenizer (when `need_tokenizer`), a tokenizer other than the checkpoint's.
-  """
-  from llm_jax import checkpoint
-  from llm_jax import config as config_lib
-  from llm_jax import train
-  from llm_jax.data import tokenizer as tokenizer_lib
-
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'--workdir {workdir}: no such directory')
-  config = config if config is not None else config_lib.load_workdir_config(workdir)
-  step = checkpoint.latest_step(workdir) if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'--workdir {workdir}: no complete checkpoint under {checkpoint.checkpoint_dir(workdir)} '
-                            f'(train first, or wait for the first checkpoint)')
-  tokenizer = None
-  path = tokenizer_path or os.path.join(workdir, tokenizer_lib.WORKDIR_MODEL)
-  if os.path.exists(path):
-    tokenizer = tokenizer_lib.load_from_workdir(workdir) if not tokenizer_path else tokenizer_lib.load(path)
-    tokenizer_lib.check_vocab(config, tokenizer)
-  elif need_tokenizer or tokenizer_path:
-    raise FileNotFoundError(f'{path}: no tokenizer (a run on data.source=synthetic has none); pass a tokenizer '
-                            f'file or use a workdir trained on text')
-  devices = list(devices if devices is not None else jax.devices())
-  try:
-    config_lib.resolve_mesh_shape(config.mesh, len(devices))
-  except config_lib.ConfigError:
-    config = copy.deepcopy(config)
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-  trainer = train.Trainer(config, workdir, devices)
-  params, meta = checkpoint.load_params(workdir, train.abstract_params(config, mesh=trainer.mesh), step)
-  recorded = meta.get('tokenizer_fingerprint')
-  if tokenizer is not None and recorded:
-    tokenizer_lib.check_fingerprint(tokenizer, recorded, f'the checkpoint {checkpoint.checkpoint_dir(workdir)}/{step}')
-  return LoadedModel(trainer=trainer, params=params, tokenizer=tokenizer, step=int(step))
-
-
 def generation_tasks(config, params, workdir: str, step: int, writer) -> dict[str, float]:
-  """The training loop's hook: greedy completions of config.eval.task_file, scored (text_metrics) and logged.
-
-  Writes one metrics row {step, task_bleu, task_rouge1, task_rouge2, task_rougeL, task_examples} and
-  config.eval.log_samples samples (metrics.jsonl row `task_samples`, TensorBoard text `samples/i`). Needs the
-  workdir's tokenizer; returns the row.
-  """
-  from llm_jax import text_metrics
-  from llm_jax.data import tokenizer as tokenizer_lib
-  e = config.eval
-  records = text_metrics.read_tasks(e.task_file, e.task_max_examples)
-  tokenizer = tokenizer_lib.load_from_workdir(workdir)
-  completions = complete(TransformerConfig.from_config(config), params, tokenizer,
-                         [r['prompt'] for r in records], e.max_new_tokens)
-  result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
-  row = dict(step=step, **{f'task_{k}': v for k, v in result.items()})
-  writer.write(dict(row, task_samples=samples) if samples else row)
-  for i, sample in enumerate(samples):
-    writer.write_text(f'samples/{i}', f'{sample["prompt"]}**{sample["completion"]}**\n\n(reference: '
-                      f'{sample["reference"]})', step)
-  return row
+  """Kept for train.py's `decoding.generation_tasks` until it calls llm_jax.tasks.generation_tasks (the hook
+  reads files and scores text, which is job-side work; decoding itself depends only on model/)."""
+  from llm_jax import tasks  # pylint: disable=g-import-not-at-top
+  return tasks.generation_tasks(config, params, workdir, step, writer)

@@ -59,6 +59,16 @@ def token_byte_lengths(tokenizer):
   return lengths
 
 
+def global_sum(value: int) -> int:
+  """Sum of an integer over all processes (the value itself with one process)."""
+  import jax
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+  import numpy as np
+  return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
 def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
   """Loss, perplexity and bits per byte of the loaded checkpoint on `num_batches` batches of `split`."""
   import itertools
@@ -74,6 +84,7 @@ def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
     if byte_lengths is not None:  # the text the scored targets spell: the loss is spent on exactly these bytes
       targets = np.minimum(np.asarray(batch['targets']), len(byte_lengths) - 1)
       total_bytes += int(np.sum(byte_lengths[targets] * (np.asarray(batch['loss_mask']) > 0)))
+  total_bytes = global_sum(total_bytes)  # the loss is over the global batch; the bytes were this process's rows
   if not total_tokens:
     raise ValueError(f'--split {split}: no target tokens in {num_batches} batches')
   loss = total_loss / total_tokens
@@ -82,12 +93,14 @@ def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
 
 
 def tasks(loaded, task_file: str) -> dict[str, Any]:
-  """Greedy completions of the task file's prompts, scored against the references; includes a few samples."""
+  """Greedy completions of the task file's prompts (through the chat template when the run fine-tuned on
+  sft_jsonl), scored against the references; includes a few samples."""
   from llm_jax import decoding, text_metrics
   e = loaded.config.eval
   records = text_metrics.read_tasks(task_file, e.task_max_examples)
   completions = decoding.complete(loaded.model_config, loaded.params, loaded.tokenizer,
-                                  [r['prompt'] for r in records], e.max_new_tokens)
+                                  [r['prompt'] for r in records], e.max_new_tokens,
+                                  encode=loaded.prompt_encoder())
   result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
   return dict(result, file=os.path.abspath(task_file), samples=samples)
 
@@ -95,7 +108,7 @@ def tasks(loaded, task_file: str) -> dict[str, Any]:
 def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None = None,
         task_file: str | None = None, step: int | None = None, devices=None) -> dict[str, Any]:
   """Evaluates the workdir's checkpoint; returns the result and writes it to <workdir>/eval/."""
-  from llm_jax import checkpoint, decoding  # after flag parsing: keeps --help fast
+  from llm_jax import checkpoint, workdir as workdir_lib  # after flag parsing: keeps --help fast
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'--workdir {workdir}: no such directory')
   config = apply_overrides(config_lib.load_workdir_config(workdir), overrides or {})
@@ -103,7 +116,7 @@ def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None
   task_file = config.eval.task_file if task_file is None else task_file
   if task_file and not os.path.exists(task_file):
     raise FileNotFoundError(f'--task_file {task_file}: no such file')
-  loaded = decoding.load_workdir(workdir, config, step, devices=devices, need_tokenizer=bool(task_file))
+  loaded = workdir_lib.load_workdir(workdir, config, step, devices=devices, need_tokenizer=bool(task_file))
   result = dict(workdir=os.path.abspath(workdir), step=loaded.step, split=split,
                 perplexity=perplexity(loaded, split, config.eval.steps))
   if task_file:

@@ -1,11 +1,13 @@
 """Sample completions from a trained workdir:
 
   python -m llm_jax.generate --workdir=DIR --prompt="def main(" [--prompt=... | --prompts_file=F]
-      [--max_new_tokens=64 --temperature=0.8 --top_k=0 --top_p=0.95 --seed=0]
+      [--max_new_tokens=64 --temperature=0.8 --top_k=0 --top_p=0.95 --seed=0] [--chat | --nochat]
 
 Loads the latest checkpoint and the tokenizer of the workdir (checked against the checkpoint's fingerprint),
 decodes all prompts as one batch with the KV cache (llm_jax.decoding), and prints each completion after a
-`=== prompt i ===` header. `run()` does the work and is what tests call.
+`=== prompt i ===` header. A workdir fine-tuned on data.source=sft_jsonl is prompted through its chat template
+(`<|user|>` turn + `<|assistant|>` header, llm_jax.data.sft.encode_prompt), other workdirs with the raw text;
+--chat / --nochat override that. `run()` does the work and is what tests call.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ def read_prompts(path: str) -> list[str]:
 
 def run(workdir: str, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 0,
         top_p: float = 0.95, seed: int = 0, step: int | None = None, tokenizer_path: str = '',
-        devices=None) -> list[str]:
-  """Completions (generated text only) of `prompts` by the workdir's checkpoint."""
-  from llm_jax import decoding  # after flag parsing: keeps --help fast
+        devices=None, chat: bool | None = None) -> list[str]:
+  """Completions (generated text only) of `prompts` by the workdir's checkpoint. `chat` None: the chat template
+  exactly when the workdir trained on sft_jsonl."""
+  from llm_jax import decoding, workdir as workdir_lib  # after flag parsing: keeps --help fast
   sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
   if not prompts:
     raise decoding.PromptError('no prompts: pass --prompt or --prompts_file')
   decoding.check_prompts(prompts, max_seq_len=sys.maxsize)  # an empty prompt fails before the model is loaded
-  loaded = decoding.load_workdir(workdir, step=step, tokenizer_path=tokenizer_path, devices=devices)
+  loaded = workdir_lib.load_workdir(workdir, step=step, tokenizer_path=tokenizer_path, devices=devices)
   return decoding.complete(loaded.model_config, loaded.params, loaded.tokenizer, prompts, max_new_tokens, sampling,
-                           seed)
+                           seed, encode=loaded.prompt_encoder(chat))
 
 
 def _main():
@@ -58,6 +61,8 @@ def _main():
   step = flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
   tokenizer = flags.DEFINE_string('tokenizer', '', 'SentencePiece model to use instead of <workdir>/tokenizer.model '
                                   '(it must be the one the checkpoint was trained with).')
+  chat = flags.DEFINE_bool('chat', None, 'Wrap prompts in the SFT chat template (default: only for a workdir '
+                           'fine-tuned on data.source=sft_jsonl).')
 
   def main(argv):
     if len(argv) > 1:
@@ -67,7 +72,7 @@ def _main():
     try:
       prompts = list(prompt.value) + (read_prompts(prompts_file.value) if prompts_file.value else [])
       completions = run(workdir.value, prompts, max_new_tokens.value, temperature.value, top_k.value, top_p.value,
-                        seed.value, step.value, tokenizer.value)
+                        seed.value, step.value, tokenizer.value, chat=chat.value)
     except (ValueError, FileNotFoundError) as e:  # PromptError, TokenizerError, ConfigError are ValueErrors
       sys.exit(f'error: {e}')
     for i, (text, completion) in enumerate(zip(prompts, completions)):

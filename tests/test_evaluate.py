@@ -15,7 +15,8 @@ import sentencepiece as spm
 from rouge_score import rouge_scorer
 
 from llm_jax import config as config_lib
-from llm_jax import decoding, evaluate, text_metrics
+from llm_jax import evaluate, text_metrics
+from llm_jax import workdir as workdir_lib
 from llm_jax.data import synthetic
 from llm_jax.model import Transformer
 from test_generate import REPO, trained_workdir
@@ -91,7 +92,7 @@ def test_perplexity_and_bits_per_byte_match_an_independent_computation(run_dir):
   # independent: the model's logits, a float64 log-softmax in numpy, the raw synthetic batch 0
   config = config_lib.load_workdir_config(workdir)
   batch = synthetic.make_batch(config, 'validation', 0)
-  loaded = decoding.load_workdir(workdir, **ONE)
+  loaded = workdir_lib.load_workdir(workdir, **ONE)
   logits = np.asarray(Transformer(loaded.model_config).apply({'params': loaded.params}, batch['inputs'],
                                                              batch['segment_ids'], batch['positions']), np.float64)
   log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
@@ -109,8 +110,22 @@ def test_perplexity_and_bits_per_byte_match_an_independent_computation(run_dir):
     assert json.load(f)['perplexity'] == pytest.approx(ppl)
 
 
+def test_bits_per_byte_counts_the_bytes_of_every_process(run_dir, monkeypatch):
+  """With P processes the loss sum is global (the eval step sums the global batch) but each process reads only
+  its rows: the byte count must be summed over processes. Two processes with the same rows are simulated."""
+  from jax.experimental import multihost_utils
+  workdir, _ = run_dir
+  loaded = workdir_lib.load_workdir(workdir, **ONE)
+  one = evaluate.perplexity(loaded, 'validation', 1)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'process_allgather', lambda x: np.stack([np.asarray(x)] * 2))
+  two = evaluate.perplexity(loaded, 'validation', 1)
+  assert two['bytes'] == 2 * one['bytes']
+  assert two['bits_per_byte'] == pytest.approx(one['bits_per_byte'] / 2)
+
+
 def test_token_byte_lengths_spell_the_text(run_dir):
-  tokenizer = decoding.load_workdir(run_dir[0], **ONE).tokenizer
+  tokenizer = workdir_lib.load_workdir(run_dir[0], **ONE).tokenizer
   text = 'the quick  brown fox\n\tdef main(): héllo wörld — ✓ 日本'  # byte fallback for the rare characters
   ids = tokenizer.encode(text)
   assert tokenizer.decode(ids) == text

@@ -10,6 +10,7 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax import decoding, generate, train
+from llm_jax import workdir as workdir_lib
 from llm_jax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,13 +54,72 @@ def test_run_completes_prompts_reproducibly(workdir):
   greedy = generate.run(workdir, prompts, max_new_tokens=6, temperature=0.0, devices=jax.devices()[:1])
   assert len(greedy) == 2 and all(isinstance(text, str) for text in greedy)
   # The same as decoding the checkpoint directly; the seed fixes sampled text.
-  loaded = decoding.load_workdir(workdir, devices=jax.devices()[:1])
+  loaded = workdir_lib.load_workdir(workdir, devices=jax.devices()[:1])
   ids = decoding.generate(loaded.model_config, loaded.params, [loaded.tokenizer.encode(p) for p in prompts], 6,
                           eos_id=loaded.tokenizer.eos_id, vocab_limit=loaded.tokenizer.vocab_size)
   assert greedy == [loaded.tokenizer.decode([t for t in row if t != loaded.tokenizer.eos_id]) for row in ids]
   sample = lambda seed: generate.run(workdir, prompts, 6, temperature=1.0, top_k=20, seed=seed,
                                      devices=jax.devices()[:1])
   assert sample(3) == sample(3)
+
+
+def _as_sft_workdir(workdir, tmp_path):
+  """A copy of the workdir whose config says it fine-tuned on sft_jsonl (same weights and tokenizer)."""
+  import json
+  copy = str(tmp_path / 'sft')
+  shutil.copytree(workdir, copy)
+  with open(os.path.join(copy, 'config.json')) as f:
+    saved = json.load(f)
+  saved['data']['source'] = 'sft_jsonl'
+  with open(os.path.join(copy, 'config.json'), 'w') as f:
+    json.dump(saved, f)
+  return copy
+
+
+def test_sft_workdir_is_prompted_through_its_chat_template(workdir, tmp_path):
+  from llm_jax import tasks
+  from llm_jax.data import sft
+  one = dict(devices=jax.devices()[:1])
+  sft_dir = _as_sft_workdir(workdir, tmp_path)
+  prompts = ['the quick', 'def main(']
+  loaded = workdir_lib.load_workdir(sft_dir, **one)
+  tok = loaded.tokenizer
+
+  def expected(ids):
+    rows = decoding.generate(loaded.model_config, loaded.params, ids, 6, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+    return [tok.decode([t for t in row if t != tok.eos_id]) for row in rows]
+
+  chat_ids = [sft.encode_prompt(tok, p) for p in prompts]
+  assert chat_ids[0][:len(tok.encode('<|user|>'))] == tok.encode('<|user|>')
+  chat, raw = expected(chat_ids), expected([tok.encode(p) for p in prompts])
+  assert chat != raw  # the template changes what the model sees
+  assert generate.run(sft_dir, prompts, 6, temperature=0.0, **one) == chat  # default: follow data.source
+  assert generate.run(sft_dir, prompts, 6, temperature=0.0, chat=False, **one) == raw
+  assert generate.run(workdir, prompts, 6, temperature=0.0, chat=True, **one) == chat
+  assert generate.run(workdir, prompts, 6, temperature=0.0, **one) == raw
+  # the in-loop hook and evaluate use the same encoder
+  assert tasks.prompt_encoder(loaded.config, tok)('the quick') == chat_ids[0]
+  assert tasks.prompt_encoder(config_lib.load_workdir_config(workdir), tok)('the quick') == tok.encode('the quick')
+
+
+def test_load_on_devices_that_do_not_divide_the_run_batch(workdir):
+  """The run's batch (4) does not divide over the 8 devices here: loading to generate still works."""
+  assert len(jax.devices()) == 8
+  loaded = workdir_lib.load_workdir(workdir)  # all 8 devices
+  assert loaded.config.data.global_batch_size == 8 and loaded.config.train.grad_accum_steps == 1
+  assert generate.run(workdir, ['the quick'], 4, temperature=0.0) == generate.run(
+      workdir, ['the quick'], 4, temperature=0.0, devices=jax.devices()[:1])
+  config = config_lib.load_workdir_config(workdir)
+  config.data.global_batch_size, config.train.grad_accum_steps = 12, 3
+  config.mesh.update(data=2, fsdp=4, tensor=1)
+  config.eval.task_file = '/moved/away/tasks.jsonl'
+  fitted = workdir_lib.inference_config(config, 8)  # mesh fits; 12 -> largest multiple of 8 below it
+  assert (fitted.data.global_batch_size, fitted.mesh.data, fitted.mesh.fsdp) == (8, 2, 4)
+  assert fitted.eval.task_file == ''
+  fitted = workdir_lib.inference_config(config, 3)  # mesh does not fit: replicated, batch split over 3
+  assert (fitted.data.global_batch_size, fitted.mesh.data, fitted.mesh.fsdp) == (12, -1, 1)
+  config_lib.validate(fitted, 3)
+  assert config.data.global_batch_size == 12  # the run's config is not changed
 
 
 def test_cli_prints_completions(workdir, tmp_path):

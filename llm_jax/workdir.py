@@ -1,0 +1,109 @@
+"""A trained workdir's model for inference (generate, evaluate, the notebook, benchmarks).
+
+  load_workdir(workdir, ...) -> LoadedModel(trainer, params, tokenizer, step)
+  inference_config(config, num_devices)   the run's config made valid for loading on the devices here
+
+Loading is not training: the run's global batch, gradient accumulation and mesh were chosen for the machine it
+trained on. `inference_config` keeps everything that fixes the model and the data, and changes only:
+
+  train.grad_accum_steps   1 (nothing is accumulated when scoring)
+  eval.task_file           '' (the training loop's task file need not exist any more; evaluate takes --task_file)
+  mesh                     the run's mesh when it fits the devices here, else data=-1 fsdp=1 tensor=1
+                           (parameters replicated, batches split over every device)
+  data.global_batch_size   unchanged when data*fsdp of that mesh divides it; else the largest multiple of
+                           data*fsdp not above it (at least data*fsdp). Perplexity (evaluate) is then measured on
+                           batches of that size, so its batches hold other rows than the run's eval batches.
+
+A LoRA workdir loads with its adapters: the parameter tree has the lora_a/lora_b leaves and the model config
+(TransformerConfig.from_config) has the same lora rank, so generation and scoring run base + adapters unmerged
+(llm_jax.model.lora.merge gives the same function as plain weights, which convert.to_hf exports).
+
+This module is job-side: it builds a `train.Trainer` (for the mesh and the eval step); train never imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+
+from llm_jax import checkpoint
+from llm_jax import config as config_lib
+from llm_jax import tasks
+from llm_jax import train
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.model import TransformerConfig
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A workdir's checkpoint, ready to decode or score: `trainer` holds the config, mesh and the eval step."""
+  trainer: Any  # llm_jax.train.Trainer built from the (inference) config (no optimizer state is loaded)
+  params: Any  # parameters on the trainer's mesh (with adapters for a LoRA run)
+  tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer, or None when the workdir has none (synthetic data)
+  step: int  # the checkpoint's step
+
+  @property
+  def config(self):
+    return self.trainer.config
+
+  @property
+  def model_config(self) -> TransformerConfig:
+    return TransformerConfig.from_config(self.config)
+
+  def prompt_encoder(self, chat: bool | None = None) -> Callable[[str], list[int]]:
+    """text -> prompt tokens: the chat template when the run fine-tuned on sft_jsonl (or chat=True)."""
+    return tasks.prompt_encoder(self.config, self.tokenizer, chat)
+
+
+def inference_config(config, num_devices: int):
+  """A copy of `config` whose batch, accumulation and mesh are valid for `num_devices` (see the module doc)."""
+  config = copy.deepcopy(config)
+  config.train.grad_accum_steps = 1
+  config.eval.task_file = ''  # the training loop's task file: evaluate passes its own (--task_file)
+  try:
+    mesh = config_lib.resolve_mesh_shape(config.mesh, num_devices)
+  except config_lib.ConfigError:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    mesh = config_lib.resolve_mesh_shape(config.mesh, num_devices)
+  shards = mesh['data'] * mesh['fsdp']
+  batch = config.data.global_batch_size
+  if batch % shards:
+    config.data.global_batch_size = max(shards, batch // shards * shards)
+  return config
+
+
+def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_path: str = '', devices=None,
+                 need_tokenizer: bool = True) -> LoadedModel:
+  """The latest (or `step`'s) parameters of a workdir, sharded as its config says, and its tokenizer.
+
+  `config` defaults to the workdir's config.json; it is passed through `inference_config` for the devices
+  here. Errors, each one message naming the path: unknown workdir, no config.json, no checkpoint, no tokenizer
+  (when `need_tokenizer`), a tokenizer other than the checkpoint's.
+  """
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'--workdir {workdir}: no such directory')
+  config = config if config is not None else config_lib.load_workdir_config(workdir)
+  step = checkpoint.latest_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'--workdir {workdir}: no complete checkpoint under {checkpoint.checkpoint_dir(workdir)} '
+                            f'(train first, or wait for the first checkpoint)')
+  tokenizer = None
+  path = tokenizer_path or os.path.join(workdir, tokenizer_lib.WORKDIR_MODEL)
+  if os.path.exists(path):
+    tokenizer = tokenizer_lib.load_from_workdir(workdir) if not tokenizer_path else tokenizer_lib.load(path)
+    tokenizer_lib.check_vocab(config, tokenizer)
+  elif need_tokenizer or tokenizer_path:
+    raise FileNotFoundError(f'{path}: no tokenizer (a run on data.source=synthetic has none); pass a tokenizer '
+                            f'file or use a workdir trained on text')
+  devices = list(devices if devices is not None else jax.devices())
+  config = inference_config(config, len(devices))
+  trainer = train.Trainer(config, workdir, devices)
+  params, meta = checkpoint.load_params(workdir, train.abstract_params(config, mesh=trainer.mesh), step)
+  recorded = meta.get('tokenizer_fingerprint')
+  if tokenizer is not None and recorded:
+    tokenizer_lib.check_fingerprint(tokenizer, recorded, f'the checkpoint {checkpoint.checkpoint_dir(workdir)}/{step}')
+  return LoadedModel(trainer=trainer, params=params, tokenizer=tokenizer, step=int(step))
