@@ -10,7 +10,9 @@ the checkpoint of step 0, and the SentencePiece `tokenizer.model` beside the HF 
 The data source stays `synthetic` (a checkpoint carries no data: pick a source before training); when a tokenizer
 is imported, `data.tokenizer_path` points at the workdir's copy, so text sources tokenise with the model's own
 tokenizer instead of training a new one. Export writes `config.json` (LlamaConfig fields) and safetensors that
-`transformers.LlamaForCausalLM.from_pretrained` loads, plus `tokenizer.model` when the workdir has one.
+`transformers.LlamaForCausalLM.from_pretrained` loads, plus `tokenizer.model` when the workdir has one. A LoRA
+workdir (config.lora.rank > 0) exports its adapters merged into the base weights (`lora.merge`: W + A@B *
+alpha/rank), so the export is a plain LLaMA model computing the fine-tuned function.
 
 Weights map one tensor at a time through `TENSORS` (HF name -> our parameter path + transform). A torch
 `nn.Linear` stores [out, in]; our kernels are [in..., out...] with heads split out, e.g. q_proj [N*H, D] <->
@@ -52,12 +54,12 @@ from safetensors import safe_open
 
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
+from llm_jax.model import lora
 
 HF_ARCHITECTURE = 'LlamaForCausalLM'
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 TOKENIZER_FILE = 'tokenizer.model'
-FINGERPRINT_FILE = 'tokenizer.fingerprint'
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # export shards above this size (the HF default, 5GB)
 
 # safetensors dtype code <-> numpy dtype (bfloat16 through ml_dtypes).
@@ -171,7 +173,7 @@ def _check_plan_covers(abstract, slots: list[Slot]) -> None:
   for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]:
     path = tuple(k.key for k in key_path)
     if path not in covered:
-      raise ConversionError(f'parameter {"/".join(path)} has no Hugging Face counterpart (is LoRA enabled?)')
+      raise ConversionError(f'parameter {"/".join(path)} has no Hugging Face counterpart')
 
 
 # ----------------------------------------------------------------------------------------------- HF configs
@@ -370,21 +372,9 @@ def _abstract_params(config):
 
 
 def _install_tokenizer(source: str, workdir: str) -> str:
-  """Copies a SentencePiece model into the workdir with its fingerprint (data.tokenizer's binding when that
-  module is present, else a plain copy + sha256); returns the fingerprint."""
-  try:
-    from llm_jax.data import tokenizer as tokenizer_lib
-  except ImportError:
-    tokenizer_lib = None
-  if tokenizer_lib is not None:
-    return tokenizer_lib.bind_to_workdir(source, workdir).fingerprint
-  import hashlib
-  shutil.copyfile(source, os.path.join(workdir, TOKENIZER_FILE))
-  with open(source, 'rb') as f:
-    fingerprint = hashlib.sha256(f.read()).hexdigest()
-  with open(os.path.join(workdir, FINGERPRINT_FILE), 'w') as f:
-    f.write(fingerprint + '\n')
-  return fingerprint
+  """Copies a SentencePiece model into the workdir with its fingerprint; returns the fingerprint."""
+  from llm_jax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.bind_to_workdir(source, workdir).fingerprint
 
 
 def write_workdir(config, params, workdir: str, meta: dict) -> None:
@@ -462,9 +452,6 @@ def _check_exportable(config) -> None:
   if config.model.objective != 'clm':
     raise ConversionError(f'config.model.objective={config.model.objective!r}: only causal LMs (clm) export '
                           f'as {HF_ARCHITECTURE}')
-  if config.lora.rank:
-    raise ConversionError(f'config.lora.rank={config.lora.rank}: merge the LoRA adapters into the weights before '
-                          'exporting')
 
 
 def _token_ids(workdir: str, meta: dict) -> dict[str, int | None]:
@@ -489,10 +476,14 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
     raise ConversionError(f'hf_dtype: {hf_dtype!r} is not one of {", ".join(DTYPE_CODES)}')
   if os.path.exists(os.path.join(hf_dir, 'config.json')) or glob.glob(os.path.join(hf_dir, '*.safetensors')):
     raise ConversionError(f'{hf_dir}: already holds a checkpoint; export into a new directory')
-  abstract = _abstract_params(config)
+  abstract = _abstract_params(config)  # with lora_a/lora_b leaves when config.lora.rank > 0
+  base_abstract = lora.split(abstract)[0] if config.lora.rank else abstract
   slots = plan(config.model)
-  _check_plan_covers(abstract, slots)
+  _check_plan_covers(base_abstract, slots)
   params, meta = checkpoint.load_params(workdir, abstract)
+  if config.lora.rank:  # W + A@B * alpha/rank: the same function as base + adapters, as plain LLaMA weights
+    params = lora.merge(params, config.lora.alpha, config.lora.rank)
+  abstract = base_abstract
   by_name = {s.hf: s for s in slots}
   code = DTYPE_CODES[hf_dtype]
   specs = [(s.hf, s.transform.hf_shape(s.shape(abstract)), code) for s in slots]

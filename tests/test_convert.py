@@ -146,6 +146,37 @@ def test_round_trip_tied_unscanned_bfloat16_export(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), params)
 
 
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_lora_workdir_exports_merged_weights(tmp_path, scan_layers):
+  """A LoRA run exports W + A@B*alpha/r: transformers' logits on the export equal our model WITH its adapters
+  (unmerged), and the export holds no adapter tensors."""
+  from llm_jax.model import lora
+  config = config_lib.get_config()
+  config.model.update(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=96,
+                      max_seq_len=64, dtype='float32', init_std=0.1, scan_layers=scan_layers)
+  config.data.seq_len = 32
+  config.lora.update(rank=4, alpha=8.0, targets='q,k,v,o,gate,up,down')
+  model = train.create_model(config)
+  params = jax.tree.map(np.asarray, nn.unbox(train.init_params_fn(config, model)(jax.random.key(5))))
+  rng = np.random.default_rng(0)  # non-zero B: fresh adapters are zero and would make the test trivial
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: rng.normal(0, 0.2, x.shape).astype(x.dtype) if path[-1].key == 'lora_b' else x, params)
+  source = str(tmp_path / 'lora')
+  convert.write_workdir(config, params, source, dict(model=config.model.to_dict()))
+
+  hf_dir = str(tmp_path / 'hf')
+  convert.to_hf(source, hf_dir)
+  hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+  tokens = random_tokens(3)
+  with_adapters = np.asarray(model.apply({'params': params}, jnp.asarray(tokens)))
+  base_config = copy.deepcopy(config)
+  base_config.lora.rank = 0
+  base_only = np.asarray(train.create_model(base_config).apply({'params': lora.split(params)[0]}, tokens))
+  assert np.max(np.abs(base_only - with_adapters)) > 1e-2  # the adapters matter
+  assert np.max(np.abs(hf_logits(hf_model, tokens) - with_adapters)) <= TOL
+  assert not any('lora' in name for name in hf_model.state_dict())
+
+
 def test_imported_workdir_initialises_training(untied, tmp_path):
   """config.train.init_from = the imported workdir: the first step's loss is that of the imported weights."""
   from llm_jax.data import synthetic

@@ -12,6 +12,7 @@ import pytest
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax import data
+from llm_jax import lora_io
 from llm_jax import train
 from llm_jax.model import lora
 
@@ -120,15 +121,15 @@ def test_save_and_load_adapters_only(tmp_path):
   c = tiny_config(rank=2, targets='q,v')
   model = train.create_model(c)
   params = _randomise_adapters(nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))['params']))
-  directory = lora.save_adapters(params, str(tmp_path / 'adapters'), c.lora)
+  directory = lora_io.save_adapters(params, str(tmp_path / 'adapters'), c.lora)
   on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory) for f in fs)
   base_bytes = sum(x.nbytes for x in jax.tree.leaves(lora.split(params)[0]))
   assert on_disk < base_bytes  # the base weights are not in it
-  restored = lora.load_adapters(directory, params)
+  restored = lora_io.load_adapters(directory, params)
   for x, y in zip(jax.tree.leaves(lora.split(params)[1]), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(x, y)
   with pytest.raises(ValueError, match='no lora_a'):
-    lora.save_adapters(lora.split(params)[0], str(tmp_path / 'none'))
+    lora_io.save_adapters(lora.split(params)[0], str(tmp_path / 'none'))
 
 
 @pytest.mark.slow
@@ -150,3 +151,23 @@ def test_init_from_base_checkpoint_keeps_fresh_adapters(tmp_path):
   for x, y in zip(jax.tree.leaves(source), jax.tree.leaves(base_tuned)):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
   assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(adapters))
+
+
+def test_lora_workdir_generates_like_the_merged_model(tmp_path):
+  """load_workdir of a LoRA run keeps the adapters (the decode model has the same tree); its greedy tokens equal
+  those of a plain model given lora.merge's weights."""
+  from llm_jax import convert, decoding
+  from llm_jax import workdir as workdir_lib
+  from llm_jax.model import TransformerConfig
+  c = tiny_config(rank=4)
+  c.data.source = 'synthetic'
+  model = train.create_model(c)
+  params = _randomise_adapters(nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))['params']))
+  convert.write_workdir(c, jax.device_get(params), str(tmp_path / 'lora'), dict(model=c.model.to_dict()))
+  loaded = workdir_lib.load_workdir(str(tmp_path / 'lora'), devices=_one_device(), need_tokenizer=False)
+  assert lora.has_adapters(loaded.params) and loaded.model_config.lora_rank == 4
+  prompts = [[1, 2, 3], [5, 6, 7, 8, 9]]
+  got = decoding.generate(loaded.model_config, loaded.params, prompts, 6)
+  merged = lora.merge(params, c.lora.alpha, c.lora.rank)
+  expected = decoding.generate(TransformerConfig.from_config(tiny_config(rank=0)), merged, prompts, 6)
+  assert got == expected

@@ -1,4 +1,4 @@
-"""LoRA on parameter trees: which leaves train, adapters-only save/load, and merging adapters into the base.
+"""LoRA on parameter trees: which leaves train, splitting adapters from the base, merging them into it.
 
 `Projection` (layers.py) adds `lora_a` [in..., r] and `lora_b` [r, out...] next to its `kernel` [in..., out...]
 when config.lora.rank > 0, and computes y = x.W + (x.A).B * alpha/r with B initialised to zero, so a fresh
@@ -12,16 +12,13 @@ any number of such leading axes.
   combine(base, adapters)         the full tree again
   merge(params, alpha, rank)      base tree with W + A@B * alpha/rank: the same function as base + adapters,
                                   for export and generation by a model built with lora.rank = 0
-  save_adapters(adapters, dir)    adapters only (orbax), plus lora.json with rank/alpha/targets
-  load_adapters(dir, like)
 
-This module needs only jax, numpy and orbax (no data, no training code).
+Saving and loading adapters only (orbax I/O) lives job-side, in llm_jax/lora_io.py. Like all of model/, this
+module imports only jax and numpy.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
@@ -29,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 ADAPTER_NAMES = ('lora_a', 'lora_b')
-ADAPTER_META = 'lora.json'
 
 
 def _is_adapter_path(path) -> bool:
@@ -98,39 +94,3 @@ def merge(params: dict, alpha: float, rank: int) -> dict:
     else:
       out[key] = value
   return out
-
-
-def save_adapters(params_or_adapters: dict, directory: str, lora_config=None) -> str:
-  """Writes only the adapters of a parameter tree (or an adapters tree) to `directory` (orbax), with
-  lora.json recording rank/alpha/targets when `lora_config` (config.lora) is given. Returns the directory."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  _, adapters = split(params_or_adapters)
-  if not adapters:
-    raise ValueError('save_adapters: the parameters have no lora_a/lora_b leaves (is config.lora.rank 0?)')
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, 'adapters'), adapters, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  if lora_config is not None and jax.process_index() == 0:
-    meta = dict(rank=int(lora_config.rank), alpha=float(lora_config.alpha), targets=str(lora_config.targets))
-    with open(os.path.join(directory, ADAPTER_META), 'w') as f:
-      json.dump(meta, f, indent=2)
-  return directory
-
-
-def load_adapters(directory: str, like: dict) -> dict:
-  """The adapters saved by `save_adapters`, restored onto the shapes (and shardings) of `like`'s adapters."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.abspath(directory), 'adapters')
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path}: no saved adapters (written by llm_jax.model.lora.save_adapters)')
-  _, adapters_like = split(like)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-                          adapters_like)
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    return checkpointer.restore(path, abstract)
-  finally:
-    checkpointer.close()
