@@ -6,7 +6,8 @@ give its shardings, and `jax.ShapeDtypeStruct`s stand in for the state and the b
 so a 7B config can be checked on a laptop CPU with a fake mesh:
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-    python -m llm_jax.main --config=experiments/7b.py --config.mesh.fsdp=8 --config.mesh.data=1 --dry_run
+    python -m llm_jax.main --config=experiments/7b.py --config.mesh.fsdp=8 --config.mesh.data=1 \\
+        --config.data.global_batch_size=8 --dry_run
 
 Memory comes from XLA's buffer assignment of the compiled step (`compiled.memory_analysis()`), per device:
 arguments (state + batch), outputs, temporaries (activations, gradients, workspace), generated code; donated
