@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from llm_jax.errors import UserError
 
 ITEMS = ('params', 'opt_state', 'meta')
 
@@ -41,7 +42,7 @@ def latest_step(workdir: str) -> int | None:
     manager.close()
 
 
-class CheckpointError(OSError):
+class CheckpointError(UserError, OSError):
   """A save failed (unwritable directory, full disk, ...); the message names the last complete checkpoint."""
 
 

@@ -11,8 +11,10 @@ The inline comments are the configuration reference: docs/configuration.md is ge
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
+from llm_jax.errors import UserError
 
 # Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
 ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
@@ -23,6 +25,12 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 NONFINITE_POLICIES = ('stop', 'skip')
 DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'sft_jsonl')
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
+# those weights compute: a checkpoint is only loaded into a config that agrees on both.
+SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
+                'scan_layers')
+FUNCTION_FIELDS = ('rope_theta', 'norm_eps')
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
 # apart. Turning FSDP into tensor parallelism is an edit of this table (or of config.mesh sizes).
@@ -140,7 +148,7 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config field has a value that cannot work; the message names the field."""
 
 
@@ -172,6 +180,23 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     _fail('mesh', f'data*fsdp*tensor = {sizes["data"]}*{sizes["fsdp"]}*{sizes["tensor"]} = {fixed} '
           f'but {num_devices} devices are available')
   return sizes
+
+
+# Logical parameter axis -> the config.model field giving its size.
+_SHARDED_DIMS = {'vocab': 'vocab_size', 'embed': 'd_model', 'mlp': 'ffn_dim', 'heads': 'num_heads',
+                 'kv_heads': 'num_kv_heads'}
+
+
+def _check_sharded_dims(config, mesh: dict[str, int]) -> None:
+  """Each sharded model dimension must split evenly over the mesh axes its rule maps it to."""
+  rules = {rule[0]: rule[1] for rule in config.mesh.rules}
+  for axis, field in _SHARDED_DIMS.items():
+    targets = rules.get(axis)
+    targets = tuple(targets) if isinstance(targets, (tuple, list)) else (targets,)
+    shards = math.prod(mesh[t] for t in targets if t is not None)
+    if config.model[field] % shards:
+      _fail(f'model.{field}', f'{config.model[field]} does not split over mesh axes {"*".join(targets)} = '
+            f'{shards} devices (rule {axis!r} -> {targets}); change the mesh sizes or config.mesh.rules')
 
 
 def validate(config, num_devices: int) -> dict[str, int]:
@@ -226,6 +251,16 @@ def validate(config, num_devices: int) -> dict[str, int]:
   for needed in ('embed', 'vocab', 'act_batch'):
     if needed not in known_axes:
       _fail('mesh.rules', f'no rule for logical axis {needed!r}')
+  _check_sharded_dims(config, mesh)
+  if config.eval.every < 0 or config.checkpoint.every < 0:
+    _fail('eval.every' if config.eval.every < 0 else 'checkpoint.every', 'must be >= 0 (0 = only at the end)')
+  if config.eval.steps <= 0:
+    _fail('eval.steps', f'must be positive, got {config.eval.steps}')
+  if config.eval.task_file:
+    if m.objective != 'clm':
+      _fail('eval.task_file', 'generation tasks need a causal model (model.objective=clm)')
+    if not os.path.exists(config.eval.task_file):
+      _fail('eval.task_file', f'{config.eval.task_file}: no such file')
   if m.objective == 'mlm' and not 0 <= m.mask_token_id < m.vocab_size:
     _fail('model.mask_token_id', f'{m.mask_token_id} is not an id of the vocabulary [0, {m.vocab_size})')
   if not 0.0 < d.mask_prob < 1.0:

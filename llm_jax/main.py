@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax import config as config_lib
+from llm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
                                           lock_config=True)
@@ -46,7 +46,7 @@ def main(argv):
   from llm_jax import train  # after flag parsing: keeps --help fast
   try:
     result = train.train_and_evaluate(config, _WORKDIR.value)
-  except config_lib.ConfigError as e:
+  except (UserError, FileNotFoundError) as e:  # one clear line; real bugs keep their traceback
     sys.exit(f'error: {e}')
   if result.get('preempted'):
     print('preempted: checkpoint saved; restart with the same --workdir to resume')

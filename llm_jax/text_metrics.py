@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 from typing import Sequence
+from llm_jax.errors import UserError
 
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL')
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError, ValueError):
   """A task file is missing or has a bad record; the message names the file and line."""
 
 

@@ -54,6 +54,16 @@ BAD = [
     ('mesh.data', lambda c: c.mesh.update(data=-1, fsdp=3)),
     ('mesh.rules', lambda c: c.mesh.update(rules=(('embed', 'model'), ('vocab', None), ('act_batch', 'data')))),
     ('lora.targets', lambda c: c.lora.update(rank=4, targets='q,wq')),
+    ('model.num_kv_heads', lambda c: c.update_from_flattened_dict({'model.num_kv_heads': 2, 'mesh.data': 2,
+                                                                   'mesh.tensor': 4})),  # 2 kv heads over 4
+    ('model.vocab_size', lambda c: c.update_from_flattened_dict({'model.vocab_size': 32001, 'mesh.data': 4,
+                                                                 'mesh.tensor': 2})),
+    ('model.d_model', lambda c: c.update_from_flattened_dict({'model.d_model': 12, 'model.num_heads': 2,
+                                                              'model.num_kv_heads': 2, 'mesh.data': 1,
+                                                              'mesh.fsdp': 8})),  # 12 over 8 fsdp shards
+    ('eval.steps', lambda c: c.eval.update(steps=0)),
+    ('checkpoint.every', lambda c: c.checkpoint.update(every=-1)),
+    ('eval.task_file', lambda c: c.eval.update(task_file='/no/such/tasks.jsonl')),
 ]
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.errors import UserError
 
 FORMAT_VERSION = 1  # bump when the output layout or the cleaning changes: old outputs are then rebuilt
 INDEX_FILE = 'index.json'
@@ -52,7 +53,7 @@ TOKENIZER_SAMPLE_CHARS_PER_PIECE = 1_000  # and this many per piece of the vocab
 _ENCODE_BATCH_CHARS = 4_000_000  # characters handed to SentencePiece's threads at once
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
   """Preparation cannot produce a usable corpus; the message names the field, file or split."""
 
 

@@ -47,13 +47,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.errors import UserError
 
 ROLES = ('system', 'user', 'assistant')
 _SPLIT_IDS = {'train': 0, 'validation': 1}
 _BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
-class SFTDataError(ValueError):
+class SFTDataError(UserError, ValueError):
   """A record, file or field of the SFT source is unusable; the message names it (file:line: reason)."""
 
 

@@ -31,6 +31,7 @@ import re
 import sysconfig
 import unicodedata
 from typing import Iterator
+from llm_jax.errors import UserError
 
 ROLES = ('train', 'validation')
 _STDLIB_SKIPPED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'})
@@ -40,7 +41,7 @@ _CONTROL_CHARS = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
 _LEADING_BLANK_LINES = re.compile(r'\A(?:[ \t]*\n)+')
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
   """The configured source cannot be read; the message names the field or file."""
 
 

@@ -23,12 +23,13 @@ import os
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from llm_jax.errors import UserError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MODEL_TYPES = ('bpe', 'unigram')
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
   """A tokenizer file is missing, unreadable, or does not match the model or workdir it is used with."""
 
 
