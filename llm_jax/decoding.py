@@ -194,10 +194,3 @@ def complete(cfg: TransformerConfig, params, tokenizer: Any, texts: Sequence[str
                    tokenizer.eos_id, tokenizer.pad_id, tokenizer.vocab_size)
     completions += [tokenizer.decode([t for t in row if t != tokenizer.eos_id]) for row in new]
   return completions
-
-
-def generation_tasks(config, params, workdir: str, step: int, writer) -> dict[str, float]:
-  """Kept for train.py's `decoding.generation_tasks` until it calls llm_jax.tasks.generation_tasks (the hook
-  reads files and scores text, which is job-side work; decoding itself depends only on model/)."""
-  from llm_jax import tasks  # pylint: disable=g-import-not-at-top
-  return tasks.generation_tasks(config, params, workdir, step, writer)

@@ -23,15 +23,13 @@ from typing import Any
 from llm_jax import config as config_lib
 
 # config.model fields that fix parameter shapes or layout: a checkpoint cannot be evaluated with other values.
-SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
-                'scan_layers')
 
 
 def apply_overrides(config, overrides: dict[str, Any]):
   """Sets dotted `section.field` overrides on `config` (in place), refusing the fields that fix the shapes."""
   for key, value in overrides.items():
     section, _, field = key.partition('.')
-    if section == 'model' and field in SHAPE_FIELDS and value != config.model[field]:
+    if section == 'model' and field in config_lib.SHAPE_FIELDS and value != config.model[field]:
       raise config_lib.ConfigError(f'config.{key}: cannot change to {value!r}; the checkpoint was trained with '
                                    f'{config.model[field]!r}')
     node = config

@@ -1,8 +1,11 @@
 """The optimizer: learning-rate schedule, global-norm clipping, AdamW with a decay mask, moment dtype.
 
-Weight decay applies to matrices only (parameters with 2 or more dimensions), never to norm scales or biases.
-Moments can be stored in bfloat16 (config.train.moments_dtype) to halve optimizer memory; the update itself
-is computed in float32.
+`make_optimizer` gives the AdamW update *direction* (clipped gradient -> Adam -> + weight decay); the train step
+multiplies it by -schedule(step), with `step` the train step. The learning rate is therefore a function of the
+step and the data position alone: a skipped non-finite update cannot shift the schedule, and the learning rate
+logged is the one applied. Weight decay never applies to norm scales or biases (by name, so the stacked [L, D]
+norm scales of scanned layers are spared too). Moments can be stored in bfloat16 (config.train.moments_dtype)
+to halve optimizer memory; the update itself is computed in float32.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import optax
 
 
 def make_schedule(train_config) -> optax.Schedule:
-  """Linear warmup to the peak, then cosine / linear decay to min_lr_ratio * peak, or constant."""
+  """step (0-based) -> learning rate: linear warmup to the peak, then cosine / linear decay to
+  min_lr_ratio * peak, or constant. Step 0 already gets peak / warmup_steps (a first step at 0 would be wasted)."""
   peak = train_config.learning_rate
   warmup = train_config.warmup_steps
   decay_steps = max(1, train_config.steps - warmup)
@@ -26,14 +30,21 @@ def make_schedule(train_config) -> optax.Schedule:
     decay = optax.linear_schedule(peak, end, decay_steps)
   else:
     decay = optax.constant_schedule(peak)
-  if warmup == 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  schedule = decay if warmup == 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  return lambda step: schedule(step + 1) if warmup else schedule(step)
+
+
+NO_DECAY = ('scale', 'bias')  # leaf names of norm scales and biases
 
 
 def decay_mask(params):
-  """True for parameters that get weight decay: matrices, not 1-D norm scales or biases."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for parameters that get weight decay: every weight but norm scales and biases."""
+  def decays(path, leaf):
+    del leaf
+    names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]  # skips box attributes
+    return names[-1] not in NO_DECAY
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -66,7 +77,7 @@ def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.Grad
 
 
 def make_optimizer(train_config, trainable_mask=None) -> optax.GradientTransformation:
-  """clip -> Adam direction -> decoupled weight decay (masked) -> -learning_rate.
+  """clip -> Adam direction -> + decoupled weight decay (masked); the step scales it by -learning_rate.
 
   `trainable_mask` (a tree of bools like the parameters, or a function params -> such a tree; e.g.
   llm_jax.model.lora.trainable_mask) restricts all of it to the True leaves: the others get zero updates and no
@@ -83,6 +94,5 @@ def make_optimizer(train_config, trainable_mask=None) -> optax.GradientTransform
   parts += [
       scale_by_adam(train_config.beta1, train_config.beta2, train_config.eps, train_config.moments_dtype),
       optax.add_decayed_weights(train_config.weight_decay, mask=decay_mask),
-      optax.scale_by_learning_rate(make_schedule(train_config)),
-  ]
+  ]  # the learning rate is applied by the train step (module docstring)
   return optax.chain(*parts)

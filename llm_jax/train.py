@@ -29,14 +29,15 @@ import optax
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax import data
-from llm_jax import decoding
 from llm_jax import metrics as metrics_lib
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import sharding
+from llm_jax import tasks
 from llm_jax.model import Transformer, TransformerConfig
 from llm_jax.model import lora as lora_lib
 from llm_jax.model.partitioning import activation_sharding
+from llm_jax.errors import UserError
 
 
 @flax.struct.dataclass
@@ -46,8 +47,12 @@ class TrainState:
   opt_state: Any
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
   """Loss or gradients became NaN/Inf; the message names the step."""
+
+
+class IncompatibleCheckpointError(UserError, ValueError):
+  """A checkpoint does not fit the model config or tokenizer it is loaded into; the message names the field."""
 
 
 def create_model(config, decode: bool = False) -> Transformer:
@@ -131,7 +136,8 @@ def make_train_step(config, model, optimizer, mesh=None):
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
       grad_norm = optax.global_norm(grads)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      learning_rate = schedule(state.step)  # a function of the step alone (optim module docstring)
+      params = optax.apply_updates(state.params, jax.tree.map(lambda u: -learning_rate * u, updates))
       if config.lora.rank:
         params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -139,7 +145,7 @@ def make_train_step(config, model, optimizer, mesh=None):
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
       metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
-                     learning_rate=schedule(state.step), finite=finite, target_tokens=tokens,
+                     learning_rate=learning_rate, finite=finite, target_tokens=tokens,
                      # which gradients are NaN/Inf: read by the host only when `finite` is false
                      nonfinite_grads=jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads))
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -150,10 +156,13 @@ def make_train_step(config, model, optimizer, mesh=None):
 def make_eval_step(config, model, mesh=None):
   rules = sharding.rules_of(config)
 
-  def step(params, batch):
-    """(loss sum, target tokens, correctly predicted target tokens): mlm counts masked positions only."""
+  def step(params, batch, index=0):
+    """(loss sum, target tokens, correctly predicted target tokens): mlm counts masked positions only.
+
+    `index` is the eval batch's number: mlm masks each eval batch differently, but the same in every evaluation.
+    """
     with activation_sharding(mesh, rules) if mesh is not None else _null_context():
-      batch = objectives.prepare_batch(config, batch, objectives.EVAL_STEP)
+      batch = objectives.prepare_batch(config, batch, objectives.EVAL_STEP - index)
       logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
       mask = batch['loss_mask']
       correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch['targets']) * mask)
@@ -208,22 +217,29 @@ def _tokenizer_fingerprint(workdir: str) -> str | None:
   return None
 
 
-def _check_compatible(meta: dict, config, workdir: str, where: str) -> None:
-  """A checkpoint must match the model config and tokenizer it is loaded into; name what differs."""
+def _check_compatible(meta: dict, config, workdir: str, where: str, resume: bool = False) -> None:
+  """A checkpoint must match the model config and tokenizer it is loaded into; name what differs.
+
+  On resume the LoRA rank must match too (init_from loads a base model into a LoRA run on purpose).
+  """
   saved_model = meta.get('model') or {}
-  for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
-              'scan_layers'):
+  saved_rank = (meta.get('lora') or {}).get('rank', 0)
+  if resume and saved_rank != config.lora.rank:
+    raise IncompatibleCheckpointError(f'config.lora.rank={config.lora.rank} but the checkpoint in {where} was trained with '
+                     f'rank {saved_rank}')
+  for key in config_lib.SHAPE_FIELDS + config_lib.FUNCTION_FIELDS:
     if key in saved_model and saved_model[key] != config.model[key]:
-      raise ValueError(f'config.model.{key}={config.model[key]!r} but the checkpoint in {where} was trained with '
+      raise IncompatibleCheckpointError(f'config.model.{key}={config.model[key]!r} but the checkpoint in {where} was trained with '
                        f'{saved_model[key]!r}')
   saved_fp, current_fp = meta.get('tokenizer_fingerprint'), _tokenizer_fingerprint(workdir)
   if saved_fp and current_fp and saved_fp != current_fp:
-    raise ValueError(f'tokenizer mismatch: the checkpoint in {where} was trained with tokenizer {saved_fp[:16]}..., '
+    raise IncompatibleCheckpointError(f'tokenizer mismatch: the checkpoint in {where} was trained with tokenizer {saved_fp[:16]}..., '
                      f'but {os.path.join(workdir, "tokenizer.model")} is {current_fp[:16]}...')
 
 
 def _meta(config, workdir) -> dict:
-  return dict(model=config.model.to_dict(), tokenizer_fingerprint=_tokenizer_fingerprint(workdir),
+  return dict(model=config.model.to_dict(), lora=config.lora.to_dict(),
+              tokenizer_fingerprint=_tokenizer_fingerprint(workdir),
               data_source=config.data.source, data_seed=config.data.seed)
 
 
@@ -252,9 +268,16 @@ class Trainer:
                               in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                               donate_argnums=(0,))
-    self.eval_step = jax.jit(make_eval_step(self.config, self.model, self.mesh),
-                             in_shardings=(self.state_shardings.params, self.batch_sharding),
-                             out_shardings=sharding.replicated(self.mesh))
+    eval_step = jax.jit(make_eval_step(self.config, self.model, self.mesh),
+                        in_shardings=(self.state_shardings.params, self.batch_sharding, sharding.replicated(self.mesh)),
+                        out_shardings=sharding.replicated(self.mesh))
+    self.eval_step = lambda params, batch, index=0: eval_step(params, batch, jnp.int32(index))
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs of the state, with its shardings: a restore target that allocates nothing."""
+    shapes = nn.unbox(jax.eval_shape(self._init_fn, jax.random.key(0)))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        self.state_shardings)
 
   def fresh_state(self) -> TrainState:
     state, _ = sharding.sharded_init(self._init_fn, self.mesh, self.rules, jax.random.key(self.config.train.seed))
@@ -272,8 +295,8 @@ class Trainer:
     num_batches = num_batches or self.config.eval.steps
     iterator = self.iterator(self.config.data.eval_split, 0)
     total, count, correct = 0.0, 0.0, 0.0
-    for _, batch in zip(range(num_batches), iterator):
-      loss, tokens, hits = self.eval_step(params, self.put(batch))
+    for index, batch in zip(range(num_batches), iterator):
+      loss, tokens, hits = self.eval_step(params, self.put(batch), index)
       total, count, correct = total + float(loss), count + float(tokens), correct + float(hits)
     eval_loss = total / max(count, 1.0)
     # eval_accuracy: next-token accuracy (clm), masked-token accuracy (mlm).
@@ -281,36 +304,49 @@ class Trainer:
                 eval_accuracy=correct / max(count, 1.0))
 
 
-def _restore_or_init(trainer: Trainer, manager, writer) -> TrainState:
-  """Latest complete checkpoint in the workdir, else config.train.init_from, else fresh."""
+def _restore_or_init(trainer: Trainer, manager) -> TrainState:
+  """Latest complete checkpoint in the workdir, else config.train.init_from, else fresh.
+
+  A resume restores straight into the sharded shapes (nothing is initialised first), so it needs no more memory
+  than the run itself.
+  """
   config, workdir = trainer.config, trainer.workdir
   step = manager.latest_step()
-  state = trainer.fresh_state()
   if step is not None:
-    _check_compatible(checkpoint.read_meta(manager, step), config, workdir, workdir)
-    restored = checkpoint.restore(manager, step, state.params, state.opt_state)
+    _check_compatible(checkpoint.read_meta(manager, step), config, workdir, workdir, resume=True)
+    abstract = trainer.abstract_state()
+    restored = checkpoint.restore(manager, step, abstract.params, abstract.opt_state)
     print(f'resuming from {checkpoint.checkpoint_dir(workdir)}/{step}', flush=True)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=restored['params'],
                       opt_state=restored['opt_state'])
-  if config.train.init_from:
-    source = config.train.init_from
-    if checkpoint.latest_step(source) is None:
-      raise FileNotFoundError(f'config.train.init_from: {source} has no complete checkpoint')
-    if config.lora.rank:  # the source has no adapters: load its base weights, keep the fresh (zero-B) adapters
-      base, adapters = lora_lib.split(state.params)
-      params, meta = checkpoint.load_params(source, base)
-      params = lora_lib.combine(params, adapters)
-    else:
-      params, meta = checkpoint.load_params(
-        source, state.params, check_meta=lambda meta: _check_compatible(meta, config, workdir, source))
-    print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)
-    return TrainState(step=state.step, params=params, opt_state=trainer.optimizer.init(params))
-  return state
+  if not config.train.init_from:
+    return trainer.fresh_state()
+  source = config.train.init_from
+  if checkpoint.latest_step(source) is None:
+    raise IncompatibleCheckpointError(f'config.train.init_from: {source} has no complete checkpoint')
+  check = lambda meta: _check_compatible(meta, config, workdir, source)
+  if config.lora.rank:  # the source has no adapters: load its base weights, keep the fresh (zero-B) adapters
+    base, adapters = lora_lib.split(trainer.fresh_state().params)
+    params, meta = checkpoint.load_params(source, base, check_meta=check)
+    params = lora_lib.combine(params, adapters)
+  else:
+    params, meta = checkpoint.load_params(source, trainer.abstract_state().params, check_meta=check)
+  print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)
+  opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
+def _check_workdir_path(workdir: str) -> str:
+  if '://' in workdir:
+    raise config_lib.ConfigError(f'--workdir={workdir}: object-store URLs are not supported yet; use a local or shared '
+                     f'file-system path (e.g. an NFS or gcsfuse mount)')
+  return os.path.abspath(workdir)
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   """Trains config.train.steps steps in `workdir` (resuming if it has checkpoints). Returns the last metrics."""
-  workdir = os.path.abspath(workdir)
+  workdir = _check_workdir_path(workdir)
+  config_lib.validate(config, len(devices) if devices is not None else jax.device_count())  # before any work
   is_writer = jax.process_index() == 0
   if is_writer:
     checkpoint.check_writable(workdir)
@@ -318,19 +354,25 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
   _sync_processes('llm_jax_prepared')
   if not is_writer:
     data.prepare(config, workdir)
+  if config.eval.task_file and not (config.data.tokenizer_path or _tokenizer_fingerprint(workdir)):
+    raise config_lib.ConfigError('config.eval.task_file: generation tasks need a tokenizer, and neither '
+                                 'config.data.tokenizer_path nor the workdir has one')
   trainer = Trainer(config, workdir, devices)
-  if is_writer:
-    checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
   manager = checkpoint.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+  writer = None
   preemption = Preemption().install()
   try:
-    return _loop(trainer, manager, writer, preemption)
+    state = _restore_or_init(trainer, manager)
+    if is_writer:  # only now: a refused resume must leave the workdir's config.json as it was
+      checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+    return _loop(trainer, manager, writer, preemption, state)
   finally:
     preemption.uninstall()
     checkpoint.wait(manager)
     manager.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _sync_processes(name: str) -> None:
@@ -339,9 +381,8 @@ def _sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _loop(trainer: Trainer, manager, writer, preemption: Preemption) -> dict[str, Any]:
+def _loop(trainer: Trainer, manager, writer, preemption: Preemption, state: TrainState) -> dict[str, Any]:
   config, workdir = trainer.config, trainer.workdir
-  state = _restore_or_init(trainer, manager, writer)
   start = int(state.step)
   total_steps = config.train.steps
   meta = _meta(config, workdir)
@@ -379,27 +420,34 @@ def _loop(trainer: Trainer, manager, writer, preemption: Preemption) -> dict[str
         last['skipped_steps'] = monitor.skipped_total
       writer.write(last)
       interval_start, interval_steps = time.perf_counter(), 0
-    if config.eval.every and done % config.eval.every == 0 and done != total_steps:
+    saving = bool(config.checkpoint.every) and done % config.checkpoint.every == 0
+    evaluating = bool(config.eval.every) and done % config.eval.every == 0 and done != total_steps
+    preempted = preemption.reached(done)  # every process must call this at every step
+    if pending is not None and (saving or evaluating or preempted):
+      monitor.check(*pending)  # never save or evaluate a non-finite state
+      pending = None
+    if saving:  # before evaluating: an evaluation that fails must not cost the checkpoint
+      checkpoint.save(manager, done, state.params, state.opt_state, meta)
+    if evaluating:
       writer.write(dict(step=done, **trainer.evaluate(state.params)))
       if config.eval.task_file:  # generation tasks: BLEU/ROUGE rows and samples
-        decoding.generation_tasks(config, state.params, workdir, done, writer)
-    if config.checkpoint.every and done % config.checkpoint.every == 0:
-      checkpoint.save(manager, done, state.params, state.opt_state, meta)
-    if preemption.reached(done):
-      checkpoint.save(manager, done, state.params, state.opt_state, meta, force=True)
+        tasks.generation_tasks(config, state.params, workdir, done, writer)
+    if preempted:
+      if not saving:
+        checkpoint.save(manager, done, state.params, state.opt_state, meta, force=True)
       checkpoint.wait(manager)
       print(f'SIGTERM: saved step {done} to {checkpoint.checkpoint_dir(workdir)}; exiting', flush=True)
       return dict(last, preempted=True)
   if pending is not None:
     monitor.check(*pending)
   if start < total_steps or manager.latest_step() != total_steps:
+    if manager.latest_step() != total_steps:
+      checkpoint.save(manager, total_steps, state.params, state.opt_state, meta, force=True)
     eval_row = dict(step=total_steps, **trainer.evaluate(state.params))
     writer.write(eval_row)
     last.update(eval_row)
     if config.eval.task_file:
-      decoding.generation_tasks(config, state.params, workdir, total_steps, writer)
-    if manager.latest_step() != total_steps:
-      checkpoint.save(manager, total_steps, state.params, state.opt_state, meta, force=True)
+      tasks.generation_tasks(config, state.params, workdir, total_steps, writer)
   return last
 
 
