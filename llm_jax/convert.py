@@ -55,6 +55,7 @@ from safetensors import safe_open
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax.model import lora
+from llm_jax.errors import UserError
 
 HF_ARCHITECTURE = 'LlamaForCausalLM'
 SINGLE_FILE = 'model.safetensors'
@@ -70,7 +71,7 @@ DTYPE_CODES = {'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16'}
 IGNORED_SUFFIXES = ('.rotary_emb.inv_freq',)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """The checkpoint or workdir cannot be converted; the message names the file, field or tensor."""
 
 
@@ -551,7 +552,7 @@ def _main():
         files = to_hf(workdir.value, hf_dir.value, hf_dtype=hf_dtype.value,
                       max_shard_bytes=int(max_shard_gb.value * 1e9))
         print(f'exported {workdir.value} to {hf_dir.value}: {", ".join(files)}')
-    except (ConversionError, FileNotFoundError, config_lib.ConfigError) as e:
+    except (UserError, FileNotFoundError) as e:
       sys.exit(f'error: {e}')
 
   app.run(main)

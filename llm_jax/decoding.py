@@ -25,11 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.model import Transformer, TransformerConfig, init_cache
+from llm_jax.errors import UserError
 
 PROMPT_BUCKET = 16  # padded prompt lengths are rounded up to a multiple of this, so few shapes get compiled
 
 
-class PromptError(ValueError):
+class GenerationError(UserError, ValueError):
+  """A generation request that cannot work (sampling settings, model objective); the message names the setting."""
+
+
+class PromptError(GenerationError):
   """A prompt cannot be decoded (empty, or too long for the model); the message names the prompt."""
 
 
@@ -42,11 +47,11 @@ class Sampling:
 
   def __post_init__(self):
     if self.temperature < 0:
-      raise ValueError(f'temperature must be >= 0, got {self.temperature}')
+      raise GenerationError(f'temperature must be >= 0, got {self.temperature}')
     if self.top_k < 0:
-      raise ValueError(f'top_k must be >= 0 (0 = no limit), got {self.top_k}')
+      raise GenerationError(f'top_k must be >= 0 (0 = no limit), got {self.top_k}')
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
+      raise GenerationError(f'top_p must be in (0, 1], got {self.top_p}')
 
 
 def allowed_logits(logits: jax.Array, sampling: Sampling, vocab_limit: int | None = None) -> jax.Array:
@@ -164,9 +169,9 @@ def generate(cfg: TransformerConfig, params, prompts: Sequence[Sequence[int]], m
   (included), never past model.max_seq_len. `vocab_limit` (the tokenizer's size) keeps sampling away from the
   unused ids of a padded vocabulary. `params` may be sharded; the loop then runs sharded."""
   if cfg.objective != 'clm':
-    raise ValueError(f'config.model.objective={cfg.objective!r}: only a causal (clm) model can generate')
+    raise GenerationError(f'config.model.objective={cfg.objective!r}: only a causal (clm) model can generate')
   if max_new_tokens <= 0:
-    raise ValueError(f'max_new_tokens must be positive, got {max_new_tokens}')
+    raise GenerationError(f'max_new_tokens must be positive, got {max_new_tokens}')
   batch = left_pad(prompts, cfg.max_seq_len, pad_id)
   out, counts = _decode(params, batch['tokens'], batch['segment_ids'], batch['positions'], batch['lengths'],
                         jax.random.key(seed), cfg=decode_config(cfg), max_new_tokens=int(max_new_tokens),

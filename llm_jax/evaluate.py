@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from llm_jax import config as config_lib
+from llm_jax.errors import UserError
 
 # config.model fields that fix parameter shapes or layout: a checkpoint cannot be evaluated with other values.
 
@@ -84,7 +85,7 @@ def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
       total_bytes += int(np.sum(byte_lengths[targets] * (np.asarray(batch['loss_mask']) > 0)))
   total_bytes = global_sum(total_bytes)  # the loss is over the global batch; the bytes were this process's rows
   if not total_tokens:
-    raise ValueError(f'--split {split}: no target tokens in {num_batches} batches')
+    raise config_lib.ConfigError(f'--split {split}: no target tokens in {num_batches} batches')
   loss = total_loss / total_tokens
   return dict(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=int(total_tokens),
               bits_per_byte=total_loss / math.log(2) / total_bytes if total_bytes else None, bytes=total_bytes)
@@ -149,7 +150,7 @@ def _main():
     try:
       result = run(workdir.value, config_flags.get_override_values(flags.FLAGS[config.name]), split.value,
                    task_file.value, step.value)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, TokenizerError, TaskFileError are ValueErrors
+    except (UserError, FileNotFoundError) as e:  # one clear line; real bugs keep their traceback
       sys.exit(f'error: {e}')
     print(json.dumps(result, indent=2, sort_keys=True))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from typing import Sequence
+from llm_jax.errors import UserError
 
 
 def read_prompts(path: str) -> list[str]:
@@ -25,7 +26,8 @@ def read_prompts(path: str) -> list[str]:
     raise FileNotFoundError(f'--prompts_file {path}: cannot read it ({e.strerror})') from None
   prompts = [line.replace('\\n', '\n') for line in lines if line.strip()]
   if not prompts:
-    raise ValueError(f'--prompts_file {path}: no prompts (every line is blank)')
+    from llm_jax import decoding  # pylint: disable=g-import-not-at-top
+    raise decoding.PromptError(f'--prompts_file {path}: no prompts (every line is blank)')
   return prompts
 
 
@@ -73,7 +75,7 @@ def _main():
       prompts = list(prompt.value) + (read_prompts(prompts_file.value) if prompts_file.value else [])
       completions = run(workdir.value, prompts, max_new_tokens.value, temperature.value, top_k.value, top_p.value,
                         seed.value, step.value, tokenizer.value, chat=chat.value)
-    except (ValueError, FileNotFoundError) as e:  # PromptError, TokenizerError, ConfigError are ValueErrors
+    except (UserError, FileNotFoundError) as e:  # one clear line; real bugs keep their traceback
       sys.exit(f'error: {e}')
     for i, (text, completion) in enumerate(zip(prompts, completions)):
       print(f'=== prompt {i} ===\n{text}{completion}', flush=True)

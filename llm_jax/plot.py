@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from typing import Any, Sequence
+from llm_jax.errors import UserError
 
 PANELS = (  # (title, y label, [(metric key, line style suffix), ...])
     ('Loss', 'loss', (('loss', 'train'), ('eval_loss', 'eval'))),
@@ -26,7 +27,7 @@ PANELS = (  # (title, y label, [(metric key, line style suffix), ...])
 )
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
   """A workdir has no (readable) metrics.jsonl; the message names the file."""
 
 
@@ -124,7 +125,7 @@ def save_atomic(fig, out: str, dpi: int = 100) -> None:
 def plot_workdirs(workdirs: Sequence[str], labels: Sequence[str] = ()):
   """The Figure of the given workdirs; labels default to each workdir's basename."""
   if labels and len(labels) != len(workdirs):
-    raise ValueError(f'{len(labels)} --label values for {len(workdirs)} --workdir values; give one per workdir or none')
+    raise MetricsError(f'{len(labels)} --label values for {len(workdirs)} --workdir values; give one per workdir or none')
   labels = list(labels) or [os.path.basename(os.path.normpath(w)) or w for w in workdirs]
   return figure([(label, read_metrics(w)) for label, w in zip(labels, workdirs)])
 
@@ -144,7 +145,7 @@ def _main() -> None:
       raise app.UsageError('--workdir is required (repeat it to overlay several runs)')
     try:
       fig = plot_workdirs(workdirs.value, labels.value or ())
-    except (MetricsError, ValueError) as e:
+    except (UserError, FileNotFoundError) as e:
       raise SystemExit(f'error: {e}') from None
     save_atomic(fig, out.value, dpi.value)
     print(f'wrote {out.value}')

@@ -84,7 +84,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return
   if explicit:
     if not (coordinator_address and num_processes and process_id is not None):
-      raise ValueError('--coordinator_address, --num_processes and --process_id must be given together')
+      raise config_lib.ConfigError('--coordinator_address, --num_processes and --process_id must be given together')
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
   else:

@@ -13,6 +13,7 @@ import importlib
 from typing import Iterator
 
 import numpy as np
+from llm_jax.config import ConfigError
 
 # source name -> module implementing `make_iterator(config, split, start_step, process_index, process_count,
 # workdir)` and `prepare(config, workdir)`.
@@ -30,7 +31,7 @@ Batch = dict[str, np.ndarray]
 def _source_module(config):
   name = config.data.source
   if name not in _SOURCES:
-    raise ValueError(f'config.data.source: unknown source {name!r}; expected one of {", ".join(_SOURCES)}')
+    raise ConfigError(f'config.data.source: unknown source {name!r}; expected one of {", ".join(_SOURCES)}')
   return importlib.import_module(_SOURCES[name])
 
 
@@ -43,6 +44,6 @@ def make_iterator(config, split: str = 'train', start_step: int = 0, process_ind
                   process_count: int = 1, workdir: str | None = None) -> Iterator[Batch]:
   """Batches start_step, start_step+1, ... of `split`, this process's slice of each global batch."""
   if config.data.global_batch_size % process_count:
-    raise ValueError(f'config.data.global_batch_size: {config.data.global_batch_size} is not divisible by '
+    raise ConfigError(f'config.data.global_batch_size: {config.data.global_batch_size} is not divisible by '
                      f'the {process_count} processes')
   return _source_module(config).make_iterator(config, split, start_step, process_index, process_count, workdir)

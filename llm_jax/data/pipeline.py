@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llm_jax.config import ConfigError
 from llm_jax.data import preparation
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -145,13 +146,12 @@ def _role(config, split: str) -> str:
     return 'train'
   if split in ('validation', 'eval', config.data.eval_split):
     return 'validation'
-  raise ValueError(f'unknown split {split!r}; expected train or validation (config.data.train_split='
+  raise ConfigError(f'unknown split {split!r}; expected train or validation (config.data.train_split='
                    f'{config.data.train_split!r}, config.data.eval_split={config.data.eval_split!r})')
 
 
 def _check_seq_len(config) -> None:
   if config.data.seq_len > config.model.max_seq_len:
-    from llm_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f'config.data.seq_len: {config.data.seq_len} is longer than '
                       f'model.max_seq_len={config.model.max_seq_len}')
 
@@ -177,7 +177,7 @@ def make_iterator(config, split: str = 'train', start_step: int = 0, process_ind
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   if config.data.global_batch_size % process_count:
-    raise ValueError(f'config.data.global_batch_size: {config.data.global_batch_size} is not divisible by '
+    raise ConfigError(f'config.data.global_batch_size: {config.data.global_batch_size} is not divisible by '
                      f'the {process_count} processes')
   packed = open_split(config, split, workdir)
   rows, seq_len = config.data.global_batch_size // process_count, config.data.seq_len

@@ -46,6 +46,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llm_jax.config import ConfigError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 
@@ -268,7 +269,7 @@ def _split_files(config, split: str) -> tuple[list[str], int]:
     if config.data.sft_eval_paths:
       return _files(config.data.sft_eval_paths, 'data.sft_eval_paths'), _SPLIT_IDS['validation']
     return _files(config.data.paths, 'data.paths'), _SPLIT_IDS['validation']
-  raise ValueError(f'unknown split {split!r}; expected train or validation')
+  raise ConfigError(f'unknown split {split!r}; expected train or validation')
 
 
 def load_examples(config, split: str, tokenizer) -> tuple[list[Example], dict]:
