@@ -315,7 +315,12 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
   if step is not None:
     _check_compatible(checkpoint.read_meta(manager, step), config, workdir, workdir, resume=True)
     abstract = trainer.abstract_state()
-    restored = checkpoint.restore(manager, step, abstract.params, abstract.opt_state)
+    try:
+      restored = checkpoint.restore(manager, step, abstract.params, abstract.opt_state)
+    except ValueError as e:  # orbax: the stored tree or shapes differ from what this config builds
+      raise IncompatibleCheckpointError(
+          f'{checkpoint.checkpoint_dir(workdir)}/{step} does not fit the state this config builds (other '
+          f'optimizer or LoRA settings, or a checkpoint from an older llm_jax): {str(e).splitlines()[0]}') from e
     print(f'resuming from {checkpoint.checkpoint_dir(workdir)}/{step}', flush=True)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=restored['params'],
                       opt_state=restored['opt_state'])

@@ -233,3 +233,11 @@ print('no tensorflow')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0 and 'no tensorflow' in result.stdout, result.stderr[-3000:]
+
+
+def test_resume_into_a_different_optimizer_state_names_the_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(train=dict(steps=2)), workdir, jax.devices()[:1])
+  no_clipping = tiny_config(train=dict(steps=4, grad_clip=0.0))  # one optax stage fewer: another state tree
+  with pytest.raises(train.IncompatibleCheckpointError, match=r'checkpoints/2 does not fit the state'):
+    train.train_and_evaluate(no_clipping, workdir, jax.devices()[:1])

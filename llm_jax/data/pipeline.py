@@ -174,6 +174,8 @@ def open_split(config, split: str = 'train', workdir: str | None = None) -> Pack
 def make_iterator(config, split: str = 'train', start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, workdir: str | None = None) -> Iterator[Batch]:
   """Batches start_step, start_step+1, ... (this process's slice), endless, built by tf.data with prefetching."""
+  # The pipeline only gathers integers: TensorFlow's oneDNN kernels bring nothing but a start-up banner.
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   if config.data.global_batch_size % process_count:
