@@ -275,9 +275,17 @@ class Trainer:
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs of the state, with its shardings: a restore target that allocates nothing."""
-    shapes = nn.unbox(jax.eval_shape(self._init_fn, jax.random.key(0)))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        self.state_shardings)
+    # eval_shape of the sharded init itself: its outputs carry the shardings (also through optax's empty
+    # MaskedNode subtrees of LoRA runs, where a plain tree.map over two trees would not line up).
+    sharded_init = jax.jit(lambda rng: nn.unbox(self._init_fn(rng)), out_shardings=self.state_shardings)
+    return jax.eval_shape(sharded_init, jax.random.key(0))
+
+  def fresh_adapters(self):
+    """Newly initialised LoRA adapters alone (as in fresh_state): the base initialisation is dead code to XLA,
+    so no second copy of the base weights is ever made."""
+    _, shardings = lora_lib.split(self.state_shardings.params)
+    adapters_only = lambda rng: lora_lib.split(nn.unbox(self._init_fn(rng)).params)[1]
+    return jax.jit(adapters_only, out_shardings=shardings)(jax.random.key(self.config.train.seed))
 
   def fresh_state(self) -> TrainState:
     state, _ = sharding.sharded_init(self._init_fn, self.mesh, self.rules, jax.random.key(self.config.train.seed))
@@ -330,10 +338,10 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
   if checkpoint.latest_step(source) is None:
     raise IncompatibleCheckpointError(f'config.train.init_from: {source} has no complete checkpoint')
   check = lambda meta: _check_compatible(meta, config, workdir, source)
-  if config.lora.rank:  # the source has no adapters: load its base weights, keep the fresh (zero-B) adapters
-    base, adapters = lora_lib.split(trainer.fresh_state().params)
-    params, meta = checkpoint.load_params(source, base, check_meta=check)
-    params = lora_lib.combine(params, adapters)
+  if config.lora.rank:  # the source has no adapters: its base weights plus fresh (zero-B) adapters
+    base_like, _ = lora_lib.split(trainer.abstract_state().params)
+    params, meta = checkpoint.load_params(source, base_like, check_meta=check)
+    params = lora_lib.combine(params, trainer.fresh_adapters())
   else:
     params, meta = checkpoint.load_params(source, trainer.abstract_state().params, check_meta=check)
   print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)

@@ -171,3 +171,23 @@ def test_lora_workdir_generates_like_the_merged_model(tmp_path):
   merged = lora.merge(params, c.lora.alpha, c.lora.rank)
   expected = decoding.generate(TransformerConfig.from_config(tiny_config(rank=0)), merged, prompts, 6)
   assert got == expected
+
+
+def test_fresh_adapters_equal_those_of_a_fresh_state():
+  """LoRA init_from builds only the adapters; they must be the adapters a fresh run would start with."""
+  trainer = train.Trainer(tiny_config(), '/tmp/unused', _one_device())
+  adapters = trainer.fresh_adapters()
+  _, expected = lora.split(trainer.fresh_state().params)
+  assert jax.tree.structure(adapters) == jax.tree.structure(expected) and jax.tree.leaves(adapters)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(adapters), jax.device_get(expected))
+
+
+def test_lora_run_resumes_from_its_own_checkpoint(tmp_path):
+  c = tiny_config(rank=4)
+  c.data.source = 'synthetic'
+  c.train.steps = 2
+  workdir = str(tmp_path / 'lora')
+  train.train_and_evaluate(c, workdir, _one_device())
+  c.train.steps = 4
+  train.train_and_evaluate(c, workdir, _one_device())
+  assert checkpoint.latest_step(workdir) == 4
