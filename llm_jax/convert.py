@@ -55,7 +55,7 @@ from safetensors import safe_open
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax.model import lora
-from llm_jax.errors import UserError
+from llm_jax.errors import UserError, exit_on_user_error
 
 HF_ARCHITECTURE = 'LlamaForCausalLM'
 SINGLE_FILE = 'model.safetensors'
@@ -523,8 +523,7 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
 
 
 def _main():
-  import sys
-
+  
   from absl import app, flags
 
   hf_dir = flags.DEFINE_string('hf_dir', None, 'Hugging Face checkpoint directory (config.json + safetensors).')
@@ -543,7 +542,7 @@ def _main():
       raise app.UsageError('usage: python -m llm_jax.convert {from_hf|to_hf} --hf_dir D --workdir W')
     if not hf_dir.value or not workdir.value:
       raise app.UsageError('--hf_dir and --workdir are required')
-    try:
+    with exit_on_user_error():
       if argv[1] == 'from_hf':
         from_hf(hf_dir.value, workdir.value, scan_layers=scan_layers.value, dtype=dtype.value,
                 param_dtype=param_dtype.value)
@@ -552,8 +551,6 @@ def _main():
         files = to_hf(workdir.value, hf_dir.value, hf_dtype=hf_dtype.value,
                       max_shard_bytes=int(max_shard_gb.value * 1e9))
         print(f'exported {workdir.value} to {hf_dir.value}: {", ".join(files)}')
-    except (UserError, FileNotFoundError) as e:
-      sys.exit(f'error: {e}')
 
   app.run(main)
 

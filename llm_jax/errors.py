@@ -4,6 +4,18 @@ Each module keeps its own error class (ConfigError, SourceError, ...), which als
 command-line jobs print such an error as one line, `error: <message>`, and keep tracebacks for real bugs.
 """
 
+import contextlib
+
 
 class UserError(Exception):
   """An error the user can fix; its message names the field, file or line."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+  """For the command-line jobs: a UserError (or a missing file) ends the program with one line,
+  `error: <message>`, and exit status 1; any other exception keeps its traceback (it is a bug)."""
+  try:
+    yield
+  except (UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Any
 
 from llm_jax import config as config_lib
-from llm_jax.errors import UserError
+from llm_jax.errors import exit_on_user_error
 
 # config.model fields that fix parameter shapes or layout: a checkpoint cannot be evaluated with other values.
 
@@ -147,11 +146,9 @@ def _main():
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not workdir.value:
       raise app.UsageError('--workdir is required')
-    try:
+    with exit_on_user_error():
       result = run(workdir.value, config_flags.get_override_values(flags.FLAGS[config.name]), split.value,
                    task_file.value, step.value)
-    except (UserError, FileNotFoundError) as e:  # one clear line; real bugs keep their traceback
-      sys.exit(f'error: {e}')
     print(json.dumps(result, indent=2, sort_keys=True))
 
   app.run(main)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from typing import Sequence
-from llm_jax.errors import UserError
+from llm_jax.errors import exit_on_user_error
 
 
 def read_prompts(path: str) -> list[str]:
@@ -71,12 +71,10 @@ def _main():
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not workdir.value:
       raise app.UsageError('--workdir is required')
-    try:
+    with exit_on_user_error():
       prompts = list(prompt.value) + (read_prompts(prompts_file.value) if prompts_file.value else [])
       completions = run(workdir.value, prompts, max_new_tokens.value, temperature.value, top_k.value, top_p.value,
                         seed.value, step.value, tokenizer.value, chat=chat.value)
-    except (UserError, FileNotFoundError) as e:  # one clear line; real bugs keep their traceback
-      sys.exit(f'error: {e}')
     for i, (text, completion) in enumerate(zip(prompts, completions)):
       print(f'=== prompt {i} ===\n{text}{completion}', flush=True)
 

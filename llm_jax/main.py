@@ -5,12 +5,11 @@ Thin on purpose: flags -> config -> train.train_and_evaluate(config, workdir), w
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm_jax.errors import UserError
+from llm_jax.errors import exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
                                           lock_config=True)
@@ -44,10 +43,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   from llm_jax import train  # after flag parsing: keeps --help fast
-  try:
+  with exit_on_user_error():
     result = train.train_and_evaluate(config, _WORKDIR.value)
-  except (UserError, FileNotFoundError) as e:  # one clear line; real bugs keep their traceback
-    sys.exit(f'error: {e}')
   if result.get('preempted'):
     print('preempted: checkpoint saved; restart with the same --workdir to resume')
 

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from typing import Any, Sequence
-from llm_jax.errors import UserError
+from llm_jax.errors import UserError, exit_on_user_error
 
 PANELS = (  # (title, y label, [(metric key, line style suffix), ...])
     ('Loss', 'loss', (('loss', 'train'), ('eval_loss', 'eval'))),
@@ -143,10 +143,8 @@ def _main() -> None:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not workdirs.value:
       raise app.UsageError('--workdir is required (repeat it to overlay several runs)')
-    try:
+    with exit_on_user_error():
       fig = plot_workdirs(workdirs.value, labels.value or ())
-    except (UserError, FileNotFoundError) as e:
-      raise SystemExit(f'error: {e}') from None
     save_atomic(fig, out.value, dpi.value)
     print(f'wrote {out.value}')
 
