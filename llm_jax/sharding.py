@@ -1,14 +1,14 @@
-"""Device mesh, logical-axis rules and sharded initialisation.
+"""Device mesh, logical-axis rules, batch placement and the multi-process start.
 
 The mesh has axes ('data', 'fsdp', 'tensor') sized by config.mesh. Every parameter carries logical axis names
 (from nn.with_logical_partitioning); config.mesh.rules maps them to mesh axes. State is created shape-first:
-`jax.eval_shape` gives the boxed abstract tree, the rules give a NamedSharding per leaf, and the initialiser runs
-under jit with those out_shardings, so the full state never lands on one device.
+`jax.eval_shape` gives the boxed abstract tree, `logical_shardings` a NamedSharding per leaf, and the Trainer
+runs the initialiser under jit with those out_shardings, so the full state never lands on one device.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -52,18 +52,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
-
-
-def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args) -> tuple[Any, Any]:
-  """Runs `init_fn(*args)` (which returns a boxed tree) under jit with out_shardings from the logical rules.
-
-  Returns (unboxed tree placed on the mesh, its shardings).
-  """
-  abstract = jax.eval_shape(init_fn, *args)
-  shardings = logical_shardings(abstract, mesh, rules)
-  unboxed_init = lambda *a: nn.unbox(init_fn(*a))
-  tree = jax.jit(unboxed_init, out_shardings=shardings)(*args)
-  return tree, shardings
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, slice_count: int = 1) -> dict[str, jax.Array]:

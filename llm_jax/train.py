@@ -264,6 +264,8 @@ class Trainer:
     self._init_fn = state_init_fn(self.config, self.model, self.optimizer)
     abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
     self.state_shardings = sharding.logical_shardings(abstract_state, self.mesh, self.rules)
+    # The one sharded initialiser: run by fresh_state, shape-evaluated by abstract_state.
+    self._sharded_init = jax.jit(lambda rng: nn.unbox(self._init_fn(rng)), out_shardings=self.state_shardings)
     self.train_step = jax.jit(make_train_step(self.config, self.model, self.optimizer, self.mesh),
                               in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
@@ -277,8 +279,7 @@ class Trainer:
     """ShapeDtypeStructs of the state, with its shardings: a restore target that allocates nothing."""
     # eval_shape of the sharded init itself: its outputs carry the shardings (also through optax's empty
     # MaskedNode subtrees of LoRA runs, where a plain tree.map over two trees would not line up).
-    sharded_init = jax.jit(lambda rng: nn.unbox(self._init_fn(rng)), out_shardings=self.state_shardings)
-    return jax.eval_shape(sharded_init, jax.random.key(0))
+    return jax.eval_shape(self._sharded_init, jax.random.key(0))
 
   def fresh_adapters(self):
     """Newly initialised LoRA adapters alone (as in fresh_state): the base initialisation is dead code to XLA,
@@ -288,8 +289,7 @@ class Trainer:
     return jax.jit(adapters_only, out_shardings=shardings)(jax.random.key(self.config.train.seed))
 
   def fresh_state(self) -> TrainState:
-    state, _ = sharding.sharded_init(self._init_fn, self.mesh, self.rules, jax.random.key(self.config.train.seed))
-    return state
+    return self._sharded_init(jax.random.key(self.config.train.seed))
 
   def put(self, batch) -> dict[str, jax.Array]:
     return sharding.put_batch(batch, self.mesh, self.data_slice[1])
