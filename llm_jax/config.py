@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'  # Storage dtype of the parameters (master weights).
   c.model.logits_dtype = 'float32'  # Dtype of the output logits fed to the loss.
   c.model.attention = 'auto'  # Attention kernel: auto | xla | cudnn | splash. auto: cudnn on GPU, splash on TPU, else xla.
+  c.model.max_segments_per_row = 8  # cuDNN attention: runs of segment ids (documents, padding) per row the packed layout has room for; rows with more fall back to the dense mask at run time; 0 = always the dense mask.
   c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out.
   c.model.scan_layers = True  # Stack the blocks with nn.scan (faster compile) instead of unrolling them.
   c.model.objective = 'clm'  # Training objective: clm (causal LM) | mlm (masked LM, bidirectional attention).
@@ -215,6 +216,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
     _choice(config, 'model', name, DTYPES)
   _choice(config, 'model', 'attention', ATTENTION_KINDS)
   _choice(config, 'model', 'remat', REMAT_POLICIES)
+  if not 0 <= m.max_segments_per_row <= m.max_seq_len:
+    _fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
   _choice(config, 'model', 'objective', OBJECTIVES)
   _choice(config, 'data', 'source', DATA_SOURCES)
   _choice(config, 'train', 'schedule', SCHEDULES)

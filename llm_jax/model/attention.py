@@ -5,15 +5,31 @@ Kernels share one signature, `kernel(q, k, v, mask_info) -> out`, with q [B,T,N,
 own way, and none may ignore the segment ids (tokens never attend across packed documents).
 
   xla     einsum + softmax; runs everywhere and is the reference.
-  cudnn   jax.nn.dot_product_attention(implementation='cudnn') on NVIDIA GPUs (bf16/fp16, head_dim % 8 == 0);
-          the segment mask is passed explicitly.
+  cudnn   cuDNN flash attention on NVIDIA GPUs (bf16/fp16, head_dim % 8 == 0), without a dense mask where it can
+          (see "cuDNN and packed documents" below); the dense segment mask is the fallback.
   splash  the Pallas splash-attention kernel on TPU, with segment ids (not testable on CPU or GPU).
   auto    cudnn on GPU and splash on TPU where the shapes allow, xla otherwise.
+
+cuDNN and packed documents. A dense [B,1,T,S] mask turns into a bias: cuDNN then reads a bias tile for every
+score tile (and some jax releases materialise its gradient). Instead the row's segment ids become cuDNN's packed
+layout (`pack_segments`): per row, the runs of equal segment ids in order, as lengths [B,M] and start offsets
+[B,M+1] with -1 in unused slots, M = `MaskInfo.max_segments` (config.model.max_segments_per_row, a static cap:
+it fixes the shapes at trace time). Padding (segment 0) is a run like any other, so every token is covered and
+has a finite output. Which kernel runs is then chosen on the device, per batch (`segment_dispatch`):
+
+  every row one run      plain causal flash attention (is_causal=True, no mask, no lengths)
+  every row <= M runs    packed layout, mask type padding-causal (Hopper or newer, cuDNN >= 9.6)
+  some row > M runs      the dense segment mask (exact, slower): correctness never depends on the data
+
+max_segments_per_row=0 keeps only the dense path. `packed_reference_attention` is the same lengths/offsets
+semantics in plain jnp (CPU tests check it equals the dense mask for random packings).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -32,6 +48,7 @@ class MaskInfo:
   kv_segment_ids: jax.Array  # [B,S]
   causal: bool
   q_offset: jax.Array | int = 0  # absolute index of query 0 in the key sequence (decoding with a cache)
+  max_segments: int = 0  # static cap of segment runs per row for cuDNN's packed layout; 0 = dense mask only
 
   def dense(self) -> jax.Array:
     """[B,T,S] bool: same segment, and (if causal) key index <= query index."""
@@ -43,24 +60,124 @@ class MaskInfo:
     return mask
 
 
-def xla_attention(q, k, v, mask_info: MaskInfo):
-  """Reference kernel: softmax in float32, queries grouped over their shared kv head."""
+def _masked_attention(q, k, v, mask):
+  """softmax(q.k / sqrt(H), where mask [B,T,S]) . v in float32, queries grouped over their shared kv head."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-  mask = mask_info.dense()[:, None, None, :, :]
-  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
   return out.reshape(b, t, n, h)
 
 
+def xla_attention(q, k, v, mask_info: MaskInfo):
+  """Reference kernel: the dense mask of MaskInfo."""
+  return _masked_attention(q, k, v, mask_info.dense())
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSegments:
+  """cuDNN's packed layout of a [B,T] segment-id batch with room for M runs per row."""
+  seqlens: jax.Array  # [B,M] int32: tokens in run j of the row; -1 in slots past the row's last run
+  offsets: jax.Array  # [B,M+1] int32: index of run j's first token; -1 in unused slots (the last is always -1)
+  num_runs: jax.Array  # [B] int32: runs in the row (may exceed M: then the row does not fit)
+
+
+def pack_segments(segment_ids: jax.Array, max_segments: int) -> PackedSegments:
+  """Runs of equal ids, in order: [1,1,2,2,2,0,0] -> lengths [2,3,2], offsets [0,2,5]. A segment id must
+  label one contiguous run (as every data source writes them); padding runs (id 0) count as runs."""
+  b = segment_ids.shape[0]
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  run = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1  # [B,T] run index of each token
+  num_runs = run[:, -1] + 1
+  slots = jnp.arange(max_segments, dtype=jnp.int32)
+  seqlens = jnp.sum(run[:, :, None] == slots, axis=1, dtype=jnp.int32)  # [B,M]
+  offsets = jnp.cumsum(seqlens, axis=1, dtype=jnp.int32) - seqlens
+  used = slots[None, :] < num_runs[:, None]
+  seqlens = jnp.where(used, seqlens, -1)
+  offsets = jnp.concatenate([jnp.where(used, offsets, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
+  return PackedSegments(seqlens, offsets, num_runs)
+
+
+def packed_mask(packed: PackedSegments, length: int, causal: bool) -> jax.Array:
+  """[B,T,T] bool from lengths/offsets alone (no segment ids): same run, and key <= query if causal."""
+  index = jnp.arange(length)[None, :, None]
+  starts, seqlens = packed.offsets[:, None, :-1], packed.seqlens[:, None, :]
+  in_run = (seqlens >= 0) & (index >= starts) & (index < starts + seqlens)  # [B,T,M]
+  run = jnp.where(jnp.any(in_run, axis=-1), jnp.argmax(in_run, axis=-1), -1)  # [B,T], -1 = in no run
+  mask = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] >= 0)
+  if causal:
+    mask = mask & jnp.tril(jnp.ones((length, length), bool))[None]
+  return mask
+
+
+def packed_reference_attention(q, k, v, packed: PackedSegments, causal: bool):
+  """What the cuDNN packed kernel computes, in plain jnp: attention within each run; a query in no run gives 0."""
+  mask = packed_mask(packed, q.shape[1], causal)
+  out = _masked_attention(q, k, v, mask)
+  return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(out.dtype)
+
+
+def segment_dispatch(q, k, v, mask_info: MaskInfo, *, single, packed, dense):
+  """Picks, on the device and per batch, the cheapest exact kernel (module docstring):
+
+    single(q, k, v)          every row is one run
+    packed(q, k, v, layout)  every row has at most mask_info.max_segments runs (None: no packed kernel)
+    dense(q, k, v)           otherwise
+  """
+  cap = mask_info.max_segments
+  segments = mask_info.q_segment_ids
+  if cap <= 0 or segments.shape != mask_info.kv_segment_ids.shape or not isinstance(mask_info.q_offset, int) \
+      or mask_info.q_offset != 0:
+    return dense(q, k, v)
+  layout = pack_segments(segments, max(cap, 1))
+  most = jnp.max(layout.num_runs)
+  branches = [single, dense]
+  index = jnp.where(most == 1, 0, 1)
+  if packed is not None and cap > 1:
+    branches.insert(1, lambda q, k, v: packed(q, k, v, layout))
+    index = jnp.where(most == 1, 0, jnp.where(most <= cap, 1, 2))
+  return jax.lax.switch(index, branches, q, k, v)
+
+
+@functools.cache
+def _cudnn_packed_api():
+  """jax's cuDNN entry that takes packed lengths/offsets (jax._src, not public), or None where the installed
+  jax lacks it: then only the one-run and dense paths are used."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+    params = inspect.signature(fa.dot_product_attention).parameters
+    if {'q_seqlen', 'kv_seqlen', 'q_offsets', 'kv_offsets', 'mask_type'} <= set(params) and \
+        hasattr(fa.MaskType, 'PADDING_CAUSAL'):
+      return fa
+  except Exception:  # an import or signature change in a future jax: degrade, never fail
+    pass
+  return None
+
+
 def cudnn_attention(q, k, v, mask_info: MaskInfo):
-  """cuDNN flash attention; GQA is native, the causal part is fused, segments go in as a boolean mask."""
-  segment_mask = mask_info.q_segment_ids[:, :, None] == mask_info.kv_segment_ids[:, None, :]
-  return jax.nn.dot_product_attention(q, k, v, mask=segment_mask[:, None], is_causal=mask_info.causal,
-                                      implementation='cudnn')
+  """cuDNN flash attention; GQA is native. No dense mask where the packing allows (module docstring)."""
+  causal = mask_info.causal
+
+  def dense(q, k, v):
+    segment_mask = mask_info.q_segment_ids[:, :, None] == mask_info.kv_segment_ids[:, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask[:, None], is_causal=causal,
+                                        implementation='cudnn')
+
+  def single(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='cudnn')
+
+  fa = _cudnn_packed_api()
+  packed = None
+  if fa is not None:
+    def packed(q, k, v, layout: PackedSegments):
+      mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
+      return fa.dot_product_attention(q, k, v, None, None, layout.seqlens, layout.seqlens, layout.offsets,
+                                      layout.offsets, scale=q.shape[-1] ** -0.5, mask_type=mask_type,
+                                      qkv_layout='BTNH')
+  return segment_dispatch(q, k, v, mask_info, single=single, packed=packed, dense=dense)
 
 
 def splash_attention(q, k, v, mask_info: MaskInfo):
@@ -117,6 +234,7 @@ class SelfAttention(nn.Module):
   rope_theta: float
   kernel: str = 'auto'
   causal: bool = True
+  max_segments: int = 0  # MaskInfo.max_segments: static cap of runs per row for the packed cuDNN layout
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   init_std: float = 0.02
@@ -146,7 +264,7 @@ class SelfAttention(nn.Module):
       k, v, kv_segment_ids, q_offset = self._update_cache(k, v, segment_ids)
       mask_info = MaskInfo(segment_ids, kv_segment_ids, self.causal, q_offset)
     else:
-      mask_info = MaskInfo(segment_ids, segment_ids, self.causal)
+      mask_info = MaskInfo(segment_ids, segment_ids, self.causal, max_segments=self.max_segments)
     kernel = choose_kernel(self.kernel, head_dim, self.dtype, decoding=decode)
     out = KERNELS[kernel](q, k, v, mask_info)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')

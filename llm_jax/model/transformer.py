@@ -46,6 +46,7 @@ class TransformerConfig:
   param_dtype: str = 'float32'
   logits_dtype: str = 'float32'
   attention: str = 'auto'
+  max_segments_per_row: int = 8
   remat: str = 'none'
   scan_layers: bool = True
   objective: str = 'clm'
@@ -82,7 +83,8 @@ class Block(nn.Module):
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='attn_norm')(x)
     x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta, kernel=cfg.attention,
                           causal=cfg.objective == 'clm', dtype=dtype, param_dtype=param_dtype,
-                          init_std=cfg.init_std, name='attn', **lora)(h, segment_ids, positions, self.decode)
+                          init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, name='attn',
+                          **lora)(h, segment_ids, positions, self.decode)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
     x = x + SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, name='mlp', **lora)(h)
     return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
