@@ -43,6 +43,8 @@ _DONATE = flags.DEFINE_bool('donate', True, 'Donate the state to the step (as tr
                             '--nodonate measures what donation saves.')
 _XLA_FLAGS = flags.DEFINE_string('xla_flags', '', 'Extra XLA flags appended to $XLA_FLAGS before the backend '
                                  'starts, e.g. --xla_gpu_enable_latency_hiding_scheduler=true.')
+_ONE_DOCUMENT = flags.DEFINE_bool('one_document', False, 'Every row one document (segment 1, positions 0..T-1), as '
+                                   'the peer benchmark trains: attention takes the plain causal path.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'If set, the result is also appended to <workdir>/benchmark.jsonl.')
 
 
@@ -89,8 +91,17 @@ class _Prefetcher:
     self._thread.join(timeout=10)
 
 
+def _one_document(batch):
+  """The same tokens, as one document per row (no packing): what a benchmark without packing trains on."""
+  import numpy as np
+  rows, length = batch['inputs'].shape
+  return dict(batch, segment_ids=np.ones((rows, length), np.int32),
+              positions=np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+              loss_mask=np.ones((rows, length), np.float32))
+
+
 def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerated', num_batches: int = 4,
-        donate: bool = True, devices=None) -> dict[str, Any]:
+        donate: bool = True, devices=None, one_document: bool = False) -> dict[str, Any]:
   """Benchmarks the train step of `config` on the synthetic source; returns the result row."""
   import jax
 
@@ -112,6 +123,8 @@ def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerate
                       out_shardings=(trainer.state_shardings, sharding.replicated(trainer.mesh)))
 
   make = lambda k: synthetic.make_batch(config, 'train', k, jax.process_index(), jax.process_count())
+  if one_document:
+    make = lambda k, make=make: _one_document(make(k))
   prefetcher = None
   if input_mode == 'pregenerated':
     cached = [trainer.put(make(k)) for k in range(max(1, num_batches))]
@@ -167,6 +180,7 @@ def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerate
       final_loss=loss,
       input=input_mode,
       donate=donate,
+      one_document=one_document,
       xla_flags=os.environ.get('XLA_FLAGS', ''),
       jax_version=jax.__version__,
       config=dry_run.summary(config),
@@ -185,7 +199,8 @@ def main(argv):
     raise app.UsageError('--steps and --warmup must be >= 1 (the first warm-up step compiles)')
   from llm_jax import config as config_lib
   try:
-    result = run(config, _STEPS.value, _WARMUP.value, _INPUT.value, _NUM_BATCHES.value, _DONATE.value)
+    result = run(config, _STEPS.value, _WARMUP.value, _INPUT.value, _NUM_BATCHES.value, _DONATE.value,
+                 one_document=_ONE_DOCUMENT.value)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
   line = json.dumps(result)

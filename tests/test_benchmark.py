@@ -59,16 +59,17 @@ def test_cli_on_cpu_with_tiny_config(tmp_path):
   assert json.loads((tmp_path / 'benchmark.jsonl').read_text().splitlines()[-1]) == result
 
 
-@pytest.mark.parametrize('input_mode,donate', [('prefetch', True), ('inline', False)])
-def test_input_modes_and_donation(input_mode, donate):
+@pytest.mark.parametrize('input_mode,donate,one_document', [('prefetch', True, False), ('inline', False, True)])
+def test_input_modes_and_donation(input_mode, donate, one_document):
   config = _tiny()
   config.model.num_layers = 1
   config.data.seq_len = 32
   config.data.global_batch_size = 4
   result = benchmark.run(config, steps=2, warmup=1, input_mode=input_mode, donate=donate,
-                         devices=jax.devices()[:2])
+                         devices=jax.devices()[:2], one_document=one_document)
   _check(result, config, steps=2)
   assert result['num_devices'] == 2 and result['input'] == input_mode and result['donate'] == donate
+  assert result['one_document'] == one_document
 
 
 def test_cli_rejects_bad_steps():
