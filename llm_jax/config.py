@@ -29,8 +29,10 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
-                'scan_layers')
-FUNCTION_FIELDS = ('rope_theta', 'norm_eps')
+                'scan_layers', 'qkv_bias')
+FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
+                   'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')  # = llm_jax.model.layers.ROPE_SCALINGS (config imports no model)
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
 # apart. Turning FSDP into tensor parallelism is an edit of this table (or of config.mesh sizes).
@@ -69,6 +71,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ffn_dim = 1408  # Hidden width of the SwiGLU MLP.
   c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this.
   c.model.rope_theta = 10000.0  # RoPE base frequency (LLaMA-2: 10000, LLaMA-3: 500000).
+  c.model.rope_scaling = 'none'  # RoPE frequency scaling for longer contexts: none | linear | llama3 (Llama 3.1/3.2).
+  c.model.rope_scaling_factor = 1.0  # linear / llama3: factor the (low) frequencies are divided by (Llama 3.1: 8, 3.2: 32).
+  c.model.rope_low_freq_factor = 1.0  # llama3: wavelengths above rope_original_max_len / this are fully scaled.
+  c.model.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_max_len / this are not scaled.
+  c.model.rope_original_max_len = 8192  # llama3: context length of the model before scaling.
+  c.model.qkv_bias = False  # Biases on the q, k and v projections (Qwen2/2.5); changes the parameter tree.
+  c.model.sliding_window = 0  # Sliding-window attention: each token sees itself and the previous sliding_window-1 tokens (Mistral); 0 = the whole context.
   c.model.norm_eps = 1e-5  # Epsilon of RMSNorm.
   c.model.tie_embeddings = False  # Share the token embedding with the output projection.
   c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
@@ -215,6 +224,17 @@ def validate(config, num_devices: int) -> dict[str, int]:
   for name in ('dtype', 'param_dtype', 'logits_dtype'):
     _choice(config, 'model', name, DTYPES)
   _choice(config, 'model', 'attention', ATTENTION_KINDS)
+  _choice(config, 'model', 'rope_scaling', ROPE_SCALINGS)
+  if m.rope_scaling != 'none' and m.rope_scaling_factor <= 0:
+    _fail('model.rope_scaling_factor', f'must be positive, got {m.rope_scaling_factor}')
+  if m.rope_scaling == 'llama3':
+    if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+      _fail('model.rope_high_freq_factor', f'llama3 scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor, '
+            f'got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}')
+    if m.rope_original_max_len <= 0:
+      _fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
+  if m.sliding_window < 0:
+    _fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
   _choice(config, 'model', 'remat', REMAT_POLICIES)
   if not 0 <= m.max_segments_per_row <= m.max_seq_len:
     _fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')

@@ -1,5 +1,11 @@
 """Hugging Face interop for LLaMA-family checkpoints: import into a workdir, export from one.
 
+Architectures (`FAMILIES`): LlamaForCausalLM (LLaMA 2, 3, 3.1, 3.2: rope scaling `llama3` or `linear`, tied or
+untied embeddings), Qwen2ForCausalLM (Qwen2, Qwen2.5: q/k/v biases, sliding window when every layer has it) and
+MistralForCausalLM (sliding window). A config maps to config.model fields (`model_fields_from_hf`: rope_scaling
+and its factors, qkv_bias, sliding_window); export picks the architecture the workdir was imported from when it
+can express the model, else the first that can (`export_family`).
+
   python -m llm_jax.convert from_hf --hf_dir D --workdir W [--noscan_layers] [--dtype float32]
   python -m llm_jax.convert to_hf --workdir W --hf_dir D [--hf_dtype bfloat16]
 
@@ -10,7 +16,7 @@ the checkpoint of step 0, and the SentencePiece `tokenizer.model` beside the HF 
 The data source stays `synthetic` (a checkpoint carries no data: pick a source before training); when a tokenizer
 is imported, `data.tokenizer_path` points at the workdir's copy, so text sources tokenise with the model's own
 tokenizer instead of training a new one. Export writes `config.json` (LlamaConfig fields) and safetensors that
-`transformers.LlamaForCausalLM.from_pretrained` loads, plus `tokenizer.model` when the workdir has one. A LoRA
+`transformers.AutoModelForCausalLM.from_pretrained` loads, plus `tokenizer.model` when the workdir has one. A LoRA
 workdir (config.lora.rank > 0) exports its adapters merged into the base weights (`lora.merge`: W + A@B *
 alpha/rank), so the export is a plain LLaMA model computing the fine-tuned function.
 
@@ -32,8 +38,9 @@ The safetensors library reads every tensor whose dtype numpy has; numpy has no b
 LLaMA releases), so bfloat16 tensors are memory-mapped from the byte range the file header names, as
 `ml_dtypes.bfloat16`. torch is never imported.
 
-Options outside what llm_jax implements (another architecture, rope scaling, biases, another activation,
-a decoupled head_dim, quantised weights) are refused with a message naming the field.
+Options outside what llm_jax implements (another architecture, rope scaling yarn/dynamic/longrope, partial rotary
+dimensions, biases other than Qwen2's q/k/v, a window on some layers only, another activation, a decoupled
+head_dim, quantised weights) are refused with a message naming the field.
 """
 
 from __future__ import annotations
@@ -57,7 +64,6 @@ from llm_jax import config as config_lib
 from llm_jax.model import lora
 from llm_jax.errors import UserError, exit_on_user_error
 
-HF_ARCHITECTURE = 'LlamaForCausalLM'
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 TOKENIZER_FILE = 'tokenizer.model'
@@ -108,10 +114,24 @@ class Linear:
 
 
 @dataclasses.dataclass(frozen=True)
+class Flat:
+  """A bias [out] <-> ours [*out_shape] (q/k/v biases [N*H] <-> [N,H])."""
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (math.prod(shape),)
+
+  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return x.reshape(shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Tensor:
   hf: str  # HF name; per-layer names have '{i}' for the layer index
   ours: tuple[str, ...]  # path in our params tree (per-layer: below the layer's subtree)
-  transform: Same | Linear
+  transform: Same | Linear | Flat
 
 
 TENSORS = (
@@ -130,6 +150,11 @@ LAYER_TENSORS = (
     Tensor('model.layers.{i}.mlp.up_proj.weight', ('mlp', 'up', 'kernel'), Linear()),  # [F,D] -> [D,F]
     Tensor('model.layers.{i}.mlp.down_proj.weight', ('mlp', 'down', 'kernel'), Linear()),  # [D,F] -> [F,D]
 )
+BIAS_TENSORS = (  # config.model.qkv_bias (Qwen2)
+    Tensor('model.layers.{i}.self_attn.q_proj.bias', ('attn', 'q', 'bias'), Flat()),  # [N*H] -> [N,H]
+    Tensor('model.layers.{i}.self_attn.k_proj.bias', ('attn', 'k', 'bias'), Flat()),  # [K*H] -> [K,H]
+    Tensor('model.layers.{i}.self_attn.v_proj.bias', ('attn', 'v', 'bias'), Flat()),  # [K*H] -> [K,H]
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +163,7 @@ class Slot:
   hf: str
   path: tuple[str, ...]
   layer: int | None
-  transform: Same | Linear
+  transform: Same | Linear | Flat
 
   def view(self, params) -> Any:
     leaf = _get(params, self.path)
@@ -153,8 +178,9 @@ def plan(model_config) -> list[Slot]:
   """Every tensor of a model with this config.model, in HF checkpoint order."""
   slots = [Slot(t.hf, t.ours, None, t.transform) for t in TENSORS
            if not (model_config.tie_embeddings and t.ours[0] == 'lm_head')]
+  layer_tensors = LAYER_TENSORS + (BIAS_TENSORS if model_config.qkv_bias else ())
   for i in range(model_config.num_layers):
-    for t in LAYER_TENSORS:
+    for t in layer_tensors:
       if model_config.scan_layers:
         slots.append(Slot(t.hf.format(i=i), ('layers',) + t.ours, i, t.transform))
       else:
@@ -180,35 +206,86 @@ def _check_plan_covers(abstract, slots: list[Slot]) -> None:
 # ----------------------------------------------------------------------------------------------- HF configs
 
 
-def _rope(hf: dict) -> tuple[float, str | None]:
-  """(rope_theta, scaling type or None) from either config form: transformers>=5 `rope_parameters`, or the
-  older top-level `rope_theta` + `rope_scaling`."""
-  params = hf.get('rope_parameters') or {}
-  scaling = hf.get('rope_scaling') or {}
-  theta = params.get('rope_theta', hf.get('rope_theta', 10000.0))
-  scaling_kind = (scaling.get('rope_type') or scaling.get('type') or 'unnamed') if scaling else None
-  kind = next((k for k in (params.get('rope_type'), scaling_kind) if k not in (None, 'default')), None)
-  return float(theta), kind
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A Hugging Face architecture llm_jax computes exactly, and what it can express."""
+  model_type: str
+  architecture: str
+  qkv_bias: bool  # its q/k/v projections always have biases (and o, gate, up, down never)
+  has_window: bool  # it can state a sliding window
+
+
+FAMILIES = {
+    'llama': Family('llama', 'LlamaForCausalLM', qkv_bias=False, has_window=False),  # LLaMA 2, 3, 3.1, 3.2
+    'mistral': Family('mistral', 'MistralForCausalLM', qkv_bias=False, has_window=True),
+    'qwen2': Family('qwen2', 'Qwen2ForCausalLM', qkv_bias=True, has_window=True),  # Qwen2, Qwen2.5
+}
+ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3'}  # HF rope_type -> config.model.rope_scaling
+ROPE_FIELDS = {'factor': 'rope_scaling_factor', 'low_freq_factor': 'rope_low_freq_factor',  # HF key -> ours
+               'high_freq_factor': 'rope_high_freq_factor', 'original_max_position_embeddings': 'rope_original_max_len'}
+
+
+def _rope(hf: dict) -> tuple[dict, str]:
+  """(the RoPE parameters, the config field they came from) from either form: transformers>=5 `rope_parameters`,
+  or the older top-level `rope_theta` + `rope_scaling`. The dict has rope_type ('default' when unscaled),
+  rope_theta and the scaling's own keys."""
+  params = dict(hf.get('rope_scaling') or {})
+  field = 'rope_scaling' if params else 'rope_parameters'
+  if hf.get('rope_parameters'):
+    params.update(hf['rope_parameters'])
+    field = 'rope_parameters'
+  params['rope_type'] = params.get('rope_type') or params.get('type') or 'default'
+  params['rope_theta'] = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  return params, field
+
+
+def _sliding_window(hf: dict, refuse) -> int:
+  """The sliding window (0 = none) of a Mistral or Qwen2 config; a window on some layers only is refused."""
+  window = hf.get('sliding_window') or 0
+  if hf.get('model_type') == 'qwen2':
+    if not hf.get('use_sliding_window', False):
+      return 0
+    layers = hf['num_hidden_layers']
+    kinds = hf.get('layer_types') or ['sliding_attention' if i >= hf.get('max_window_layers', 28) else
+                                      'full_attention' for i in range(layers)]
+    if len(set(kinds)) > 1:
+      refuse('max_window_layers', 'a sliding window on some layers only is not supported (llm_jax uses one window '
+             'for every layer)')
+    return window if kinds and kinds[0] == 'sliding_attention' else 0
+  kinds = set(hf.get('layer_types') or ())
+  if len(kinds) > 1:
+    refuse('layer_types', f'{sorted(kinds)}: different attention per layer is not supported')
+  return int(window)
 
 
 def check_supported(hf: dict, source: str = 'config.json') -> None:
   """Raises ConversionError naming the first field of a HF config whose model llm_jax does not implement."""
   def refuse(field, message):
-    raise ConversionError(f'{source}: {field}: {message}; llm_jax implements the plain LLaMA architecture only, '
-                          'so this checkpoint is not converted')
+    raise ConversionError(f'{source}: {field}: {message}; llm_jax implements {", ".join(FAMILIES)} models '
+                          f'({", ".join(f.architecture for f in FAMILIES.values())}) without it, so this checkpoint '
+                          'is not converted')
 
-  if hf.get('model_type') != 'llama':
-    refuse('model_type', f'{hf.get("model_type")!r} is not supported (expected "llama")')
-  architectures = hf.get('architectures') or [HF_ARCHITECTURE]
-  if list(architectures) != [HF_ARCHITECTURE]:
-    refuse('architectures', f'{architectures} is not supported (expected ["{HF_ARCHITECTURE}"])')
+  family = FAMILIES.get(hf.get('model_type'))
+  if family is None:
+    refuse('model_type', f'{hf.get("model_type")!r} is not supported (expected one of {", ".join(FAMILIES)})')
+  architectures = hf.get('architectures') or [family.architecture]
+  if list(architectures) != [family.architecture]:
+    refuse('architectures', f'{architectures} is not supported (expected ["{family.architecture}"])')
   for field in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
     if field not in hf:
       raise ConversionError(f'{source}: {field}: missing')
-  _, scaling = _rope(hf)
-  if scaling:
-    refuse('rope_scaling', f'rope scaling of type {scaling!r} is not supported')
-  for field, implemented in (('attention_bias', False), ('mlp_bias', False), ('hidden_act', 'silu')):
+  rope, rope_field = _rope(hf)
+  if rope['rope_type'] not in ROPE_TYPES:
+    refuse(rope_field, f'rope scaling of type {rope["rope_type"]!r} is not supported (implemented: '
+           f'{", ".join(ROPE_TYPES)})')
+  if rope.get('partial_rotary_factor', 1.0) != 1.0:
+    refuse(f'{rope_field}.partial_rotary_factor', f'{rope["partial_rotary_factor"]} is not supported (expected 1.0)')
+  needed = {'linear': ('factor',), 'llama3': tuple(ROPE_FIELDS)}.get(rope['rope_type'], ())
+  for key in needed:
+    if key not in rope:
+      refuse(f'{rope_field}.{key}', f'missing for rope scaling {rope["rope_type"]!r}')
+  unbiased = ('attention_bias', 'mlp_bias') if family.model_type == 'llama' else ()
+  for field, implemented in [(f, False) for f in unbiased] + [('hidden_act', 'silu')]:
     if hf.get(field, implemented) != implemented:
       refuse(field, f'{hf[field]!r} is not supported (expected {implemented!r})')
   if hf.get('quantization_config'):
@@ -217,6 +294,7 @@ def check_supported(hf: dict, source: str = 'config.json') -> None:
   if head_dim is not None and head_dim * hf['num_attention_heads'] != hf['hidden_size']:
     refuse('head_dim', f'{head_dim} != hidden_size/num_attention_heads = '
            f'{hf["hidden_size"]}/{hf["num_attention_heads"]}')
+  _sliding_window(hf, refuse)
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -233,29 +311,71 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def model_fields_from_hf(hf: dict) -> dict[str, Any]:
-  """config.model fields of the model a HF LLaMA config describes."""
-  theta, _ = _rope(hf)
-  return dict(
+  """config.model fields of the model a (checked) HF config describes."""
+  rope, _ = _rope(hf)
+  fields = dict(
       vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
       num_heads=hf['num_attention_heads'],
       num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
       ffn_dim=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
-      rope_theta=theta, norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+      rope_theta=rope['rope_theta'], rope_scaling=ROPE_TYPES[rope['rope_type']],
+      norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       init_std=float(hf.get('initializer_range', 0.02)),
+      qkv_bias=FAMILIES[hf['model_type']].qkv_bias,
+      sliding_window=_sliding_window(hf, None),
   )
+  for key, ours in ROPE_FIELDS.items():
+    if key in rope and fields['rope_scaling'] != 'none':
+      fields[ours] = type(config_lib.get_config().model[ours])(rope[key])
+  return fields
 
 
-def hf_config_from_model(model, dtype: str, token_ids: dict[str, int | None]) -> dict:
-  """config.json of a LlamaForCausalLM equal to our model (both rope forms, for old and new transformers)."""
-  return dict(
-      architectures=[HF_ARCHITECTURE], model_type='llama', vocab_size=model.vocab_size, hidden_size=model.d_model,
-      intermediate_size=model.ffn_dim, num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
-      num_key_value_heads=model.num_kv_heads, head_dim=model.d_model // model.num_heads, hidden_act='silu',
-      max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
-      rope_scaling=None, rope_parameters=dict(rope_type='default', rope_theta=model.rope_theta),
-      attention_bias=False, attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=model.tie_embeddings,
+def export_family(model, preferred: str | None = None) -> Family:
+  """The HF architecture a model exports as: `preferred` (the one it was imported from) when it can express the
+  model, else the first of llama, mistral, qwen2 that can (bias -> qwen2, window -> mistral)."""
+  for name in ([preferred] if preferred in FAMILIES else []) + list(FAMILIES):
+    family = FAMILIES[name]
+    if family.qkv_bias == bool(model.qkv_bias) and (family.has_window or not model.sliding_window):
+      return family
+  raise ConversionError(f'config.model.sliding_window={model.sliding_window} with qkv_bias={model.qkv_bias}: no '
+                        'Hugging Face architecture among ' + ', '.join(FAMILIES) + ' expresses this model')
+
+
+def _hf_rope(model) -> dict:
+  params = dict(rope_type=next(k for k, v in ROPE_TYPES.items() if v == model.rope_scaling),
+                rope_theta=model.rope_theta)
+  if model.rope_scaling == 'linear':
+    params['factor'] = model.rope_scaling_factor
+  elif model.rope_scaling == 'llama3':
+    params.update({key: model[ours] for key, ours in ROPE_FIELDS.items()})
+  return params
+
+
+def hf_config_from_model(model, dtype: str, token_ids: dict[str, int | None], preferred: str | None = None) -> dict:
+  """config.json of a Llama/Mistral/Qwen2ForCausalLM equal to our model (both rope forms, for old and new
+  transformers)."""
+  family = export_family(model, preferred)
+  rope = _hf_rope(model)
+  hf = dict(
+      architectures=[family.architecture], model_type=family.model_type, vocab_size=model.vocab_size,
+      hidden_size=model.d_model, intermediate_size=model.ffn_dim, num_hidden_layers=model.num_layers,
+      num_attention_heads=model.num_heads, num_key_value_heads=model.num_kv_heads,
+      head_dim=model.d_model // model.num_heads, hidden_act='silu', max_position_embeddings=model.max_seq_len,
+      rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
+      rope_scaling=({k: v for k, v in rope.items() if k != 'rope_theta'} if model.rope_scaling != 'none' else None),
+      rope_parameters=rope, attention_dropout=0.0, tie_word_embeddings=model.tie_embeddings,
       initializer_range=model.init_std, use_cache=True, torch_dtype=dtype, dtype=dtype, **token_ids)
+  window = model.sliding_window or None
+  if family.model_type == 'llama':
+    hf.update(attention_bias=False, mlp_bias=False)
+  elif family.model_type == 'mistral':
+    hf.update(sliding_window=window)
+  else:
+    hf.update(use_sliding_window=bool(window), sliding_window=window,
+              max_window_layers=0 if window else model.num_layers,
+              layer_types=['sliding_attention' if window else 'full_attention'] * model.num_layers)
+  return hf
 
 
 # ------------------------------------------------------------------------------------------ safetensors I/O
@@ -409,7 +529,7 @@ def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str =
   slots = plan(config.model)
   _check_plan_covers(abstract, slots)
   with HFWeights(hf_dir) as weights:
-    _check_tensors(weights, slots, abstract, hf_dir)
+    _check_tensors(weights, slots, abstract, hf_dir, FAMILIES[hf['model_type']].architecture)
     params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)  # the only full copy
     for slot in slots:
       target = slot.view(params)
@@ -427,7 +547,7 @@ def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str =
   return config
 
 
-def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str) -> None:
+def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str, hf_architecture: str) -> None:
   """Before allocating anything: every tensor present with its shape, and nothing we would silently drop."""
   names = set(weights.names())
   missing = [s.hf for s in slots if s.hf not in names]
@@ -444,7 +564,8 @@ def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str)
     known.add('lm_head.weight')  # tied: HF ties lm_head to the embedding too, ignoring a saved copy
   unexpected = sorted(n for n in names - known if not n.endswith(IGNORED_SUFFIXES))
   if unexpected:
-    raise ConversionError(f'{hf_dir}: tensor {unexpected[0]} is not part of a LLaMA model with this config.json'
+    raise ConversionError(f'{hf_dir}: tensor {unexpected[0]} is not part of a {hf_architecture} model with this '
+                          'config.json'
                           + (f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else '')
                           + '; refusing to drop weights')
 
@@ -452,7 +573,8 @@ def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str)
 def _check_exportable(config) -> None:
   if config.model.objective != 'clm':
     raise ConversionError(f'config.model.objective={config.model.objective!r}: only causal LMs (clm) export '
-                          f'as {HF_ARCHITECTURE}')
+                          f'as {", ".join(f.architecture for f in FAMILIES.values())}')
+  export_family(config.model)
 
 
 def _token_ids(workdir: str, meta: dict) -> dict[str, int | None]:
@@ -510,7 +632,8 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
     checkpoint.write_json_atomic(os.path.join(hf_dir, INDEX_FILE),
                                  dict(metadata=dict(total_size=total), weight_map=weight_map))
     written.append(INDEX_FILE)
-  hf_config = hf_config_from_model(config.model, hf_dtype, _token_ids(workdir, meta))
+  hf_config = hf_config_from_model(config.model, hf_dtype, _token_ids(workdir, meta),
+                                   (meta.get('hf_config') or {}).get('model_type'))
   checkpoint.write_json_atomic(os.path.join(hf_dir, 'config.json'), hf_config)
   written.append('config.json')
   if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):

@@ -306,16 +306,17 @@ def test_unexpected_tensor(untied, tmp_path):
   def edit(tensors):
     tensors['model.layers.0.self_attn.q_proj.bias'] = np.zeros((64,), np.float32)
   hf_dir = _edited_checkpoint(untied[0], tmp_path / 'hf', edit)
-  with pytest.raises(convert.ConversionError, match='q_proj.bias is not part of a LLaMA model'):
+  with pytest.raises(convert.ConversionError, match='q_proj.bias is not part of a LlamaForCausalLM model'):
     convert.from_hf(hf_dir, str(tmp_path / 'work'))
 
 
 @pytest.mark.parametrize('edit, field', [
-    ({'model_type': 'mistral'}, 'model_type'),
+    ({'model_type': 'gemma'}, 'model_type'),
     ({'architectures': ['LlamaForSequenceClassification']}, 'architectures'),
-    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0}}, "rope_scaling: rope scaling "
-     "of type 'llama3'"),
-    ({'rope_scaling': {'type': 'linear', 'factor': 2.0}}, "rope_scaling: rope scaling of type 'linear'"),
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 5e5, 'factor': 8.0}}, "rope_parameters: rope scaling "
+     "of type 'yarn'"),
+    ({'rope_scaling': {'type': 'dynamic', 'factor': 2.0}, 'rope_parameters': None},
+     "rope_scaling: rope scaling of type 'dynamic'"),
     ({'attention_bias': True}, 'attention_bias'),
     ({'mlp_bias': True}, 'mlp_bias'),
     ({'hidden_act': 'gelu'}, 'hidden_act'),

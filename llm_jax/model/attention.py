@@ -1,8 +1,10 @@
 """Grouped-query self-attention and the one place that picks the attention kernel.
 
 Kernels share one signature, `kernel(q, k, v, mask_info) -> out`, with q [B,T,N,H], k/v [B,S,K,H] and out
-[B,T,N,H]. `mask_info` carries segment ids and whether attention is causal; each kernel builds the mask its
-own way, and none may ignore the segment ids (tokens never attend across packed documents).
+[B,T,N,H]. `mask_info` carries segment ids, whether attention is causal and the sliding window; each kernel builds
+the mask its own way, and none may ignore the segment ids (tokens never attend across packed documents) or the
+window (a query sees itself and the window-1 keys before it: Mistral's `sliding_window`, as transformers masks it).
+Packed documents are contiguous, so a window over key indices is the same window over positions in a document.
 
   xla     einsum + softmax; runs everywhere and is the reference.
   cudnn   cuDNN flash attention on NVIDIA GPUs (bf16/fp16, head_dim % 8 == 0), without a dense mask where it can
@@ -21,7 +23,8 @@ has a finite output. Which kernel runs is then chosen on the device, per batch (
   every row <= M runs    packed layout, mask type padding-causal (Hopper or newer, cuDNN >= 9.6)
   some row > M runs      the dense segment mask (exact, slower): correctness never depends on the data
 
-max_segments_per_row=0 keeps only the dense path. `packed_reference_attention` is the same lengths/offsets
+max_segments_per_row=0 keeps only the dense path. With a sliding window the one-run and dense paths pass it as
+cuDNN's local_window_size and the packed path is not used (its entry takes no window). `packed_reference_attention` is the same lengths/offsets
 semantics in plain jnp (CPU tests check it equals the dense mask for random packings).
 """
 
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.model.layers import Projection, apply_rope
+from llm_jax.model.layers import Projection, Rope, apply_rope
 from llm_jax.model.partitioning import constrain
 
 
@@ -49,15 +52,28 @@ class MaskInfo:
   causal: bool
   q_offset: jax.Array | int = 0  # absolute index of query 0 in the key sequence (decoding with a cache)
   max_segments: int = 0  # static cap of segment runs per row for cuDNN's packed layout; 0 = dense mask only
+  window: int = 0  # >0: a query sees only keys with query index - key index < window (sliding window); 0 = all
 
   def dense(self) -> jax.Array:
-    """[B,T,S] bool: same segment, and (if causal) key index <= query index."""
+    """[B,T,S] bool: same segment, (if causal) key index <= query index, (if window) within the window."""
     mask = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
-    if self.causal:
+    if self.causal or self.window:
       t, s = self.q_segment_ids.shape[1], self.kv_segment_ids.shape[1]
       q_index = jnp.arange(t)[:, None] + jnp.asarray(self.q_offset).reshape(-1, 1, 1)
-      mask = mask & (jnp.arange(s)[None, :] <= q_index)
+      k_index = jnp.arange(s)[None, :]
+      if self.causal:
+        mask = mask & (k_index <= q_index)
+      if self.window:  # causal: the window reaches back only; bidirectional (mlm): both ways
+        mask = mask & (q_index - k_index < self.window)
+        if not self.causal:
+          mask = mask & (k_index - q_index < self.window)
     return mask
+
+  def window_sides(self) -> tuple[int, int] | None:
+    """(left, right) keys a query sees around itself, the form of cuDNN's and splash's local masks; None = all."""
+    if not self.window:
+      return None
+    return (self.window - 1, 0 if self.causal else self.window - 1)
 
 
 def _masked_attention(q, k, v, mask):
@@ -157,19 +173,22 @@ def _cudnn_packed_api():
   return None
 
 
-def cudnn_attention(q, k, v, mask_info: MaskInfo):
-  """cuDNN flash attention; GQA is native. No dense mask where the packing allows (module docstring)."""
-  causal = mask_info.causal
+def cudnn_attention(q, k, v, mask_info: MaskInfo, implementation: str = 'cudnn'):
+  """cuDNN flash attention; GQA is native. No dense mask where the packing allows (module docstring); the
+  sliding window goes in as local_window_size. (`implementation='xla'` runs the same calls on any backend: how
+  tests check the arguments on CPU.)"""
+  causal, window = mask_info.causal, mask_info.window_sides()
 
   def dense(q, k, v):
     segment_mask = mask_info.q_segment_ids[:, :, None] == mask_info.kv_segment_ids[:, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask[:, None], is_causal=causal,
-                                        implementation='cudnn')
+                                        local_window_size=window, implementation=implementation)
 
   def single(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='cudnn')
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=window,
+                                        implementation=implementation)
 
-  fa = _cudnn_packed_api()
+  fa = _cudnn_packed_api() if implementation == 'cudnn' and window is None else None
   packed = None
   if fa is not None:
     def packed(q, k, v, layout: PackedSegments):
@@ -186,8 +205,11 @@ def splash_attention(q, k, v, mask_info: MaskInfo):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
-  mask_cls = sm.CausalMask if mask_info.causal else sm.FullMask
-  mask = sm.MultiHeadMask([mask_cls((t, t)) for _ in range(n)])
+  if mask_info.window:  # the window's left side (and, when causal, no right side) in one local mask
+    head_mask = sm.LocalMask((t, t), window_size=mask_info.window_sides(), offset=0)
+  else:
+    head_mask = sm.CausalMask((t, t)) if mask_info.causal else sm.FullMask((t, t))
+  mask = sm.MultiHeadMask([head_mask for _ in range(n)])
   kernel = sk.make_splash_mqa_single_device(mask) if kv_heads == 1 else sk.make_splash_mha_single_device(mask)
   segments = sk.SegmentIds(q=mask_info.q_segment_ids, kv=mask_info.kv_segment_ids)
   # splash works per example on [heads, seq, head_dim] with pre-scaled queries.
@@ -231,7 +253,7 @@ class SelfAttention(nn.Module):
   """Grouped-query attention with RoPE: q/k/v projections, kernel dispatch, output projection."""
   num_heads: int
   num_kv_heads: int
-  rope_theta: float
+  rope_theta: float | Rope  # base frequency, or a Rope with frequency scaling
   kernel: str = 'auto'
   causal: bool = True
   max_segments: int = 0  # MaskInfo.max_segments: static cap of runs per row for the packed cuDNN layout
@@ -241,11 +263,14 @@ class SelfAttention(nn.Module):
   lora_targets: Sequence[str] = ()
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+  window: int = 0  # sliding window in tokens (0 = attend to the whole causal context)
 
   def _proj(self, name, features, axes, in_dims=1):
     rank = self.lora_rank if name in self.lora_targets else 0
     return Projection(features, axes, in_dims=in_dims, dtype=self.dtype, param_dtype=self.param_dtype,
-                      init_std=self.init_std, lora_rank=rank, lora_alpha=self.lora_alpha, name=name)
+                      init_std=self.init_std, lora_rank=rank, lora_alpha=self.lora_alpha,
+                      use_bias=self.qkv_bias and name in ('q', 'k', 'v'), name=name)
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, decode: bool = False):
@@ -262,9 +287,10 @@ class SelfAttention(nn.Module):
 
     if decode:
       k, v, kv_segment_ids, q_offset = self._update_cache(k, v, segment_ids)
-      mask_info = MaskInfo(segment_ids, kv_segment_ids, self.causal, q_offset)
+      mask_info = MaskInfo(segment_ids, kv_segment_ids, self.causal, q_offset, window=self.window)
     else:
-      mask_info = MaskInfo(segment_ids, segment_ids, self.causal, max_segments=self.max_segments)
+      mask_info = MaskInfo(segment_ids, segment_ids, self.causal, max_segments=self.max_segments,
+                           window=self.window)
     kernel = choose_kernel(self.kernel, head_dim, self.dtype, decoding=decode)
     out = KERNELS[kernel](q, k, v, mask_info)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')

@@ -6,6 +6,8 @@ H head_dim, F ffn_dim, V vocab. Parameters are stored in `param_dtype` and cast 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -31,6 +33,7 @@ class Projection(nn.Module):
   init_std: float = 0.02
   lora_rank: int = 0  # >0 adds a low-rank adapter (see llm_jax.model.lora), trained while W stays frozen
   lora_alpha: float = 16.0
+  use_bias: bool = False  # + b, b of shape `features` (Qwen2's q/k/v), zero-initialised
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -40,6 +43,9 @@ class Projection(nn.Module):
     x = x.astype(self.dtype)
     contract = tuple(range(x.ndim - self.in_dims, x.ndim))
     y = jax.lax.dot_general(x, kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ())))
+    if self.use_bias:
+      bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims:])
+      y = y + self.param('bias', bias_init, tuple(self.features), self.param_dtype).astype(self.dtype)
     if self.lora_rank:
       y = y + self._lora(x, in_shape, contract)
     return y
@@ -74,14 +80,56 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+ROPE_SCALINGS = ('none', 'linear', 'llama3')  # implemented RoPE frequency scalings (Hugging Face rope_type names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """RoPE frequencies: base `theta` and an optional scaling of the frequencies for longer contexts.
+
+    none    inv_freq_i = theta^(-2i/H)
+    linear  inv_freq / factor (position interpolation)
+    llama3  Llama 3.1's: wavelengths above original_max_len/low_freq_factor are divided by `factor`, those
+            below original_max_len/high_freq_factor kept, and the band between interpolated smoothly.
+
+  Same formulas as transformers' modeling_rope_utils, so imported checkpoints compute the same function.
+  """
+  theta: float = 10000.0
+  scaling: str = 'none'
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+  def inv_freq(self, head_dim: int) -> np.ndarray:
+    """[H/2] float32 inverse frequencies (static: computed when tracing)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (self.theta ** (np.arange(0, half, dtype=np.float32) * 2.0 / head_dim))
+    if self.scaling == 'linear':
+      inv_freq = inv_freq / np.float32(self.factor)
+    elif self.scaling == 'llama3':
+      low_wavelen = self.original_max_len / self.low_freq_factor
+      high_wavelen = self.original_max_len / self.high_freq_factor
+      wavelen = 2 * math.pi / inv_freq
+      scaled = np.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+      smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (self.high_freq_factor -
+                                                                           self.low_freq_factor)
+      smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+      medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+      inv_freq = np.where(medium, smoothed, scaled)
+    elif self.scaling != 'none':
+      raise ValueError(f'unknown rope scaling {self.scaling!r}; expected one of {ROPE_SCALINGS}')
+    return np.asarray(inv_freq, np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.Array:
   """Rotary embedding in the rotate-half layout (as Hugging Face LLaMA): x [B,T,N,H], positions [B,T].
 
-  Pairs are (i, i + H/2), so Hugging Face q/k weights load without permutation.
+  Pairs are (i, i + H/2), so Hugging Face q/k weights load without permutation. `theta` is the base frequency,
+  or a `Rope` with a frequency scaling.
   """
-  head_dim = x.shape[-1]
-  half = head_dim // 2
-  inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2.0 / head_dim))
+  rope = theta if isinstance(theta, Rope) else Rope(theta=theta)
+  inv_freq = rope.inv_freq(x.shape[-1])
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.model.attention import SelfAttention
-from llm_jax.model.layers import RMSNorm, SwiGLU
+from llm_jax.model.layers import RMSNorm, Rope, SwiGLU
 from llm_jax.model.partitioning import constrain
 
 # Names tagged with checkpoint_name in the blocks.
@@ -39,6 +39,13 @@ class TransformerConfig:
   ffn_dim: int
   max_seq_len: int
   rope_theta: float = 10000.0
+  rope_scaling: str = 'none'
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  qkv_bias: bool = False
+  sliding_window: int = 0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.02
@@ -69,6 +76,12 @@ class TransformerConfig:
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
 
+  @property
+  def rope(self) -> Rope:
+    return Rope(theta=self.rope_theta, scaling=self.rope_scaling, factor=self.rope_scaling_factor,
+                low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                original_max_len=self.rope_original_max_len)
+
 
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
@@ -81,9 +94,10 @@ class Block(nn.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     lora = dict(lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='attn_norm')(x)
-    x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta, kernel=cfg.attention,
+    x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope, kernel=cfg.attention,
                           causal=cfg.objective == 'clm', dtype=dtype, param_dtype=param_dtype,
-                          init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, name='attn',
+                          init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
+                          window=cfg.sliding_window, name='attn',
                           **lora)(h, segment_ids, positions, self.decode)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
     x = x + SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, name='mlp', **lora)(h)

@@ -1,0 +1,215 @@
+"""Llama 3.x, Qwen2/2.5 and Mistral against transformers: tiny random models with the features that set them apart.
+
+Each case is built with transformers (torch, CPU, float32) with odd shapes: GQA, tied embeddings, RoPE scaling with
+a short original context (16) so that scaling changes the function at the tested lengths, q/k/v biases drawn at
+random (transformers initialises them to zero, which would test nothing), and a sliding window (8) shorter than
+the sequences. Logits are compared at 40 tokens (past the window and the original context) within 1e-4; a
+negative control checks that each feature matters at that length. Round trips compare tensors exactly, and
+greedy KV-cache generation is compared with transformers' `generate` from a prompt longer than the window.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+from safetensors.numpy import load_file  # noqa: E402
+
+from llm_jax import checkpoint, config as config_lib, convert, decoding, train  # noqa: E402
+
+torch.set_num_threads(1)
+TOL = 1e-4
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=50000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+# name -> (config class, model class, overrides, the config.model fields the import must set, a field edit that
+# must change the logits: the negative control showing the feature is exercised at the tested length)
+CASES = {
+    'llama3.2': ('LlamaConfig', 'LlamaForCausalLM', dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+                 dict(rope_scaling='llama3', rope_scaling_factor=4.0, rope_original_max_len=16, tie_embeddings=True),
+                 dict(rope_scaling='none')),
+    'llama_linear': ('LlamaConfig', 'LlamaForCausalLM',
+                     dict(rope_parameters=dict(rope_type='linear', rope_theta=10000.0, factor=2.0)),
+                     dict(rope_scaling='linear', rope_scaling_factor=2.0), dict(rope_scaling='none')),
+    'qwen2.5': ('Qwen2Config', 'Qwen2ForCausalLM', dict(tie_word_embeddings=True),
+                dict(qkv_bias=True, sliding_window=0, tie_embeddings=True), None),
+    'qwen2_window': ('Qwen2Config', 'Qwen2ForCausalLM',
+                     dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+                     dict(qkv_bias=True, sliding_window=8), dict(sliding_window=0)),
+    'mistral': ('MistralConfig', 'MistralForCausalLM', dict(sliding_window=8),
+                dict(sliding_window=8, qkv_bias=False), dict(sliding_window=0)),
+}
+
+
+def build(name, directory):
+  config_cls, model_cls, overrides, _, _ = CASES[name]
+  torch.manual_seed(0)
+  model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**BASE, **overrides})).eval()
+  with torch.no_grad():
+    for param_name, param in model.named_parameters():
+      if param_name.endswith('.bias'):
+        param.normal_(0.0, 0.5)
+  model.save_pretrained(directory)
+  return model
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  """name -> (HF dir, transformers model, workdir, config, params), built once per case on first use."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      root = tmp_path_factory.mktemp(name.replace('.', '_'))
+      hf_dir, workdir = str(root / 'hf'), str(root / 'work')
+      model = build(name, hf_dir)
+      config = convert.from_hf(hf_dir, workdir, dtype='float32')
+      params, _ = checkpoint.load_params(workdir, train.abstract_params(config))
+      cache[name] = (hf_dir, model, workdir, config, params)
+    return cache[name]
+  return get
+
+
+def tokens(seed=0, shape=(2, 40)):
+  return np.random.default_rng(seed).integers(0, BASE['vocab_size'], shape)
+
+
+def hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def our_logits(config, params, ids):
+  return np.asarray(train.create_model(config).apply({'params': params}, jnp.asarray(ids)))
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_logits_match_transformers(imported, name):
+  _, model, _, config, params = imported(name)
+  for field, value in CASES[name][3].items():
+    assert config.model[field] == value, field
+  ids = tokens()
+  expected = hf_logits(model, ids)
+  diff = np.max(np.abs(our_logits(config, params, ids) - expected))
+  print(f'{name}: max abs logits difference {diff:.2e}')
+  assert diff <= TOL
+  control = CASES[name][4]
+  if control:
+    other = config_lib.load_workdir_config(imported(name)[2])
+    other.model.update(control)
+    assert np.max(np.abs(our_logits(other, params, ids) - expected)) > 1e-2, f'{control} does not matter here'
+
+
+@pytest.mark.parametrize('name', ['llama3.2', 'qwen2.5', 'mistral'])
+def test_round_trip_gives_identical_tensors(imported, tmp_path, name):
+  hf_dir, model, workdir, config, _ = imported(name)
+  out = str(tmp_path / 'out')
+  convert.to_hf(workdir, out)
+  source, exported = load_file(os.path.join(hf_dir, 'model.safetensors')), load_file(os.path.join(out, 'model.safetensors'))
+  if config.model.tie_embeddings:
+    source.pop('lm_head.weight', None)  # some transformers versions save the shared copy
+  assert sorted(source) == sorted(exported)
+  for key, value in source.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  with open(os.path.join(out, 'config.json')) as f:
+    hf = json.load(f)
+  assert hf['architectures'] == [model.__class__.__name__]
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = tokens(1)
+  assert np.max(np.abs(hf_logits(reloaded, ids) - hf_logits(model, ids))) <= TOL
+
+
+@pytest.mark.parametrize('name', ['mistral', 'llama3.2', 'qwen2_window'])
+def test_greedy_generation_matches_transformers(imported, name):
+  """KV-cache decoding from a 13-token prompt (longer than the window of 8) for 24 tokens (past the original
+  context of 16)."""
+  _, model, _, config, params = imported(name)
+  prompts = [tokens(5, (13,)).tolist(), tokens(6, (9,)).tolist()]
+  cfg = train.create_model(config).cfg
+  ours = decoding.generate(cfg, params, prompts, 24)  # both rows at once: left padding must not shift the window
+  for prompt, row in zip(prompts, ours):
+    with torch.no_grad():
+      out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    assert row == out[0, len(prompt):].tolist()
+
+
+def test_packed_documents_keep_their_own_window(imported):
+  """Two documents packed in one row give each the logits it has alone (window counted within the document)."""
+  _, _, _, config, params = imported('mistral')
+  first, second = tokens(7, (1, 20)), tokens(8, (1, 20))
+  packed = np.concatenate([first, second], axis=1)
+  segments = np.concatenate([np.ones((1, 20)), 2 * np.ones((1, 20))], axis=1).astype(np.int32)
+  positions = np.concatenate([np.arange(20), np.arange(20)])[None]
+  model = train.create_model(config)
+  out = np.asarray(model.apply({'params': params}, packed, segments, positions))
+  np.testing.assert_allclose(out[:, 20:], our_logits(config, params, second), atol=1e-5)
+  np.testing.assert_allclose(out[:, :20], our_logits(config, params, first), atol=1e-5)
+
+
+@pytest.mark.parametrize('edit, field', [
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}, "rope_parameters: rope scaling of "
+     "type 'yarn'"),
+    ({'rope_scaling': {'type': 'dynamic', 'factor': 2.0}, 'rope_parameters': None}, "rope_scaling: rope scaling of "
+     "type 'dynamic'"),
+    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}},
+     'rope_parameters.low_freq_factor: missing'),
+    ({'use_sliding_window': True, 'sliding_window': 8, 'max_window_layers': 1, 'layer_types': None},
+     'max_window_layers'),
+    ({'model_type': 'gemma'}, 'model_type'),
+    ({'architectures': ['MistralForCausalLM']}, 'architectures'),
+])
+def test_unsupported_fields_are_refused_by_name(imported, tmp_path, edit, field):
+  with open(os.path.join(imported('qwen2.5')[0], 'config.json')) as f:
+    hf = json.load(f)
+  hf.update(edit)
+  (tmp_path / 'config.json').write_text(json.dumps(hf))
+  with pytest.raises(convert.ConversionError, match=f'config.json: {field}'):
+    convert.from_hf(str(tmp_path), str(tmp_path / 'work'))
+
+
+def test_config_refuses_bad_values():
+  config = config_lib.get_config()
+  config.model.rope_scaling = 'yarn'
+  with pytest.raises(config_lib.ConfigError, match='model.rope_scaling'):
+    config_lib.validate(config, 1)
+  config = config_lib.get_config()
+  config.model.sliding_window = -1
+  with pytest.raises(config_lib.ConfigError, match='model.sliding_window'):
+    config_lib.validate(config, 1)
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_window_in_every_kernel_matches_the_dense_mask(causal):
+  """cuDNN's arguments (local_window_size) run through jax's own implementation on CPU, and splash's LocalMask
+  evaluated as an array, against MaskInfo.dense with packed segments (the xla kernel's mask)."""
+  from llm_jax.model import attention
+  t, window = 24, 5
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, t, 4, 8)), jnp.float32) for _ in range(3))
+  k, v = k[:, :, :2], v[:, :, :2]  # GQA
+  segments = jnp.asarray(np.repeat([[1] * 10 + [2] * 14], 2, axis=0), jnp.int32)
+  info = attention.MaskInfo(segments, segments, causal, window=window)
+  expected = attention.xla_attention(q, k, v, info)
+  for max_segments in (0, 8):  # the dense path, and segment_dispatch (which must not take a windowless path)
+    got = attention.cudnn_attention(q, k, v, dataclasses.replace(info, max_segments=max_segments),
+                                    implementation='xla')
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+  one = jnp.ones_like(segments)  # one document per row: the plain causal call with the window
+  one_info = attention.MaskInfo(one, one, causal, max_segments=8, window=window)
+  np.testing.assert_allclose(np.asarray(attention.cudnn_attention(q, k, v, one_info, implementation='xla')),
+                             np.asarray(attention.xla_attention(q, k, v, one_info)), atol=1e-5)
+  full = attention.xla_attention(q, k, v, attention.MaskInfo(segments, segments, causal))
+  assert np.max(np.abs(np.asarray(full) - np.asarray(expected))) > 1e-2  # the window matters here
+  sm = pytest.importorskip('jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask')
+  local = sm.LocalMask((t, t), window_size=info.window_sides(), offset=0)[:, :]
+  same_segment = np.asarray(segments[0, :, None] == segments[0, None, :])
+  np.testing.assert_array_equal(local & same_segment, np.asarray(info.dense()[0]))
