@@ -96,14 +96,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
-  c.data.paths = ''  # text_files / sft_jsonl: comma-separated globs of .txt, .md or .jsonl files.
+  c.data.paths = ''  # text_files / sft_jsonl: comma-separated globs, files or folders of .txt, .md or .jsonl files.
   c.data.text_field = 'text'  # text_files: the field holding the text in .jsonl records.
+  c.data.document_separator = ''  # text_files: regular expression (multiline) between documents inside a .txt/.md file, e.g. '\n\s*\n' or '<\|endoftext\|>'; '' = one file is one document.
+  c.data.filters = 'auto'  # Quality filters (datatrove), comma-separated: gopher_quality, gopher_repetition, c4_quality, fineweb_quality; '' = none; 'auto' = none for code (stdlib), whole-file documents and tfds, 'gopher_repetition' for parts of files.
+  c.data.near_dedup = False  # Drop near-duplicate documents (MinHash, across splits: train keeps the first, validation loses its twins).
+  c.data.near_dedup_threshold = 0.8  # Estimated Jaccard similarity of word 5-grams at or above which two documents are near-duplicates.
+  c.data.prepare_workers = 0  # Processes that prepare the data in parallel (datatrove LocalPipelineExecutor); 0 = the machine's cores. The output does not depend on it.
   c.data.tfds_name = ''  # tfds: dataset name, e.g. 'lm1b' or 'wikitext/wikitext-103-raw-v1'.
   c.data.tfds_data_dir = ''  # tfds: data_dir of the prepared dataset ('' = the TFDS default).
   c.data.tfds_text_key = 'text'  # tfds: feature holding the text.
   c.data.train_split = 'train'  # Split used for training.
   c.data.eval_split = 'validation'  # Split used for evaluation.
-  c.data.validation_fraction = 0.02  # stdlib / text_files: share of documents held out as the validation split, by a stable hash of their path.
+  c.data.validation_fraction = 0.02  # stdlib / text_files: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
   c.data.tokenizer_path = ''  # SentencePiece model to use; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Model type of a trained tokenizer: bpe | unigram.
   c.data.prepared_dir = ''  # Where prepared token shards go; '' = <workdir>/data.
@@ -209,6 +214,26 @@ def _check_sharded_dims(config, mesh: dict[str, int]) -> None:
             f'{shards} devices (rule {axis!r} -> {targets}); change the mesh sizes or config.mesh.rules')
 
 
+def _check_data_preparation(d) -> None:
+  import re
+  from llm_jax.data.cleaning import FILTER_NAMES  # pylint: disable=g-import-not-at-top
+  try:
+    re.compile(d.document_separator, re.MULTILINE)
+  except re.error as e:
+    _fail('data.document_separator', f'{d.document_separator!r} is not a regular expression ({e})')
+  if d.filters != 'auto':
+    for name in filter(None, (n.strip() for n in d.filters.split(','))):
+      if name not in FILTER_NAMES:
+        _fail('data.filters', f'unknown filter {name!r}; expected some of {", ".join(FILTER_NAMES)} (or auto, '
+              f'or \'\')')
+  if not 0.0 < d.near_dedup_threshold <= 1.0:
+    _fail('data.near_dedup_threshold', f'must be in (0, 1], got {d.near_dedup_threshold}')
+  if d.prepare_workers < 0:
+    _fail('data.prepare_workers', f'must be >= 0 (0 = the machine\'s cores), got {d.prepare_workers}')
+  if not 0.0 < d.validation_fraction < 1.0:
+    _fail('data.validation_fraction', f'must be between 0 and 1, got {d.validation_fraction}')
+
+
 def validate(config, num_devices: int) -> dict[str, int]:
   """Raises ConfigError naming the first inconsistent field; returns the resolved mesh shape."""
   m, d, t = config.model, config.data, config.train
@@ -288,6 +313,7 @@ def validate(config, num_devices: int) -> dict[str, int]:
     _fail('model.mask_token_id', f'{m.mask_token_id} is not an id of the vocabulary [0, {m.vocab_size})')
   if not 0.0 < d.mask_prob < 1.0:
     _fail('data.mask_prob', f'must be in (0, 1), got {d.mask_prob}')
+  _check_data_preparation(d)
   if d.sft_truncation not in ('truncate', 'drop', 'error'):
     _fail('data.sft_truncation', f'unknown value {d.sft_truncation!r}; expected one of truncate, drop, error')
   if config.lora.rank < 0:

@@ -164,13 +164,10 @@ def test_changed_input_rebuilds_and_a_new_tokenizer_is_refused_by_the_workdir(tm
 def test_interrupted_preparation_leaves_nothing(tmp_path, monkeypatch):
   write_corpus(str(tmp_path / 'text'), num_files=60, num_records=0)
   config = make_config(str(tmp_path / 'text' / '*.txt'), validation_fraction=0.1)
-  real = preparation._tokenize_split
 
-  def interrupted(config, role, *args):
-    if role == 'validation':
-      raise KeyboardInterrupt
-    return real(config, role, *args)
-  monkeypatch.setattr(preparation, '_tokenize_split', interrupted)
+  def interrupted(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(preparation, '_write_splits', interrupted)
   with pytest.raises(KeyboardInterrupt):
     preparation.prepare(config, str(tmp_path / 'work'), progress=False)
   assert os.listdir(tmp_path / 'work') == []

@@ -29,8 +29,8 @@ with another tokenizer is an error, checked before the new output replaces the o
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -40,17 +40,18 @@ from typing import Iterator
 
 import numpy as np
 
+from llm_jax.data import cleaning
+from llm_jax.data import preparation_tasks
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 
-FORMAT_VERSION = 1  # bump when the output layout or the cleaning changes: old outputs are then rebuilt
+FORMAT_VERSION = 2  # bump when the output layout or the cleaning changes: old outputs are then rebuilt
 INDEX_FILE = 'index.json'
 TOKENIZER_FILE = 'tokenizer.model'
 SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MiB of uint16)
 TOKENIZER_SAMPLE_CHARS_MIN = 8_000_000  # characters of cleaned train text the tokenizer is trained on, at least,
 TOKENIZER_SAMPLE_CHARS_PER_PIECE = 1_000  # and this many per piece of the vocabulary (32M for a 32k vocabulary)
-_ENCODE_BATCH_CHARS = 4_000_000  # characters handed to SentencePiece's threads at once
 
 
 class PrepareError(UserError, ValueError):
@@ -80,6 +81,8 @@ def fingerprint(config) -> str:
       'format_version': FORMAT_VERSION, 'source': d.source, 'inputs': sources.input_fingerprint(config),
       'min_doc_chars': d.min_doc_chars, 'max_docs': d.max_docs,
       'validation_fraction': d.validation_fraction, 'tokenizer': tokenizer,
+      'filters': list(cleaning.filter_names(config)),
+      'near_dedup': d.near_dedup and d.near_dedup_threshold,
   }
   return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
@@ -161,42 +164,29 @@ def _replace_directory(staging: str, directory: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _clean_documents(config, role: str, seen: set, stats: dict) -> Iterator[str]:
-  """Cleaned, long-enough, not-yet-seen documents of `role`; counts what was dropped in `stats`."""
-  for doc in sources.read_documents(config, role):
-    stats['documents_read'] += 1
-    stats['input_chars'] += len(doc.text)
-    stats['replaced_bytes'] += doc.replaced
-    text = sources.clean(doc.text)
-    if len(text) < config.data.min_doc_chars:
-      stats['dropped_short'] += 1
-      continue
-    digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-    if digest in seen:
-      stats['dropped_duplicate'] += 1
-      continue
-    seen.add(digest)
-    yield text
-
-
 def tokenizer_sample_chars(vocab_size: int) -> int:
   """Characters of text a tokenizer of `vocab_size` pieces is trained on: enough to see each piece often."""
   return max(TOKENIZER_SAMPLE_CHARS_MIN, TOKENIZER_SAMPLE_CHARS_PER_PIECE * vocab_size)
 
 
-def _tokenizer_sample(config) -> Iterator[str]:
-  """Non-empty lines of the first `tokenizer_sample_chars` characters of cleaned train documents."""
-  total, wanted = 0, tokenizer_sample_chars(config.model.vocab_size)
-  for doc in sources.read_documents(config, 'train'):
-    text = sources.clean(doc.text)
-    if len(text) < config.data.min_doc_chars:
+def _tokenizer_sample(config) -> list[str]:
+  """Non-empty lines of the first `tokenizer_sample_chars` characters of cleaned, kept train documents (of any
+  role when no train document exists: a single file whose key hashes into validation is held out by tokens)."""
+  wanted = tokenizer_sample_chars(config.model.vocab_size)
+  filters = cleaning.Filters(cleaning.filter_names(config))
+  lines = {role: [] for role in sources.ROLES}
+  total = dict.fromkeys(sources.ROLES, 0)
+  for doc in sources.read_documents(config):
+    if total[doc.role] >= wanted:
       continue
-    for line in text.split('\n'):
-      if line.strip():
-        yield line
-    total += len(text)
-    if total >= wanted:
-      return
+    text = sources.clean(doc.text)
+    if len(text) < config.data.min_doc_chars or filters.rejection(text):
+      continue
+    lines[doc.role].extend(line for line in text.split('\n') if line.strip())
+    total[doc.role] += len(text)
+    if total['train'] >= wanted:
+      break
+  return lines['train'] or lines['validation']
 
 
 def _obtain_tokenizer(config, staging: str) -> tokenizer_lib.Tokenizer:
@@ -205,7 +195,7 @@ def _obtain_tokenizer(config, staging: str) -> tokenizer_lib.Tokenizer:
     shutil.copyfile(config.data.tokenizer_path, path)
   else:
     # A list, not a generator: errors of the source then surface as themselves, not from inside SentencePiece.
-    sample = list(_tokenizer_sample(config))
+    sample = _tokenizer_sample(config)
     if not sample:
       raise PrepareError(f'{_source_description(config)}: the train split is empty after cleaning (no document '
                          f'of at least config.data.min_doc_chars={config.data.min_doc_chars} characters)')
@@ -249,58 +239,43 @@ class _ShardWriter:
       self._file = None
 
 
-def _tokenize_split(config, role, tokenizer, staging, dtype, seen, progress) -> dict:
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-  stats = dict(documents_read=0, input_chars=0, replaced_bytes=0, dropped_short=0, dropped_duplicate=0,
-               num_documents=0, num_tokens=0)
-  writer = _ShardWriter(staging, role, dtype)
-  bar = tqdm(desc=f'prepare {role}', unit=' docs', disable=not progress, dynamic_ncols=True)
-  threads = os.cpu_count() or 1
-
-  def flush(batch):
-    ids = tokenizer.encode_batch(batch, num_threads=threads)
-    stream = np.fromiter(itertools.chain.from_iterable(x + [tokenizer.eos_id] for x in ids), dtype)
-    writer.write(stream)
-    stats['num_documents'] += len(batch)
-    stats['num_tokens'] += int(stream.size)
-    bar.update(len(batch))
-    bar.set_postfix(tokens=f'{stats["num_tokens"]:,}', MB=f'{stats["input_chars"] / 1e6:.1f}')
-
-  try:
-    batch, chars = [], 0
-    for text in _clean_documents(config, role, seen, stats):
-      batch.append(text)
-      chars += len(text)
-      if chars >= _ENCODE_BATCH_CHARS:
-        flush(batch)
-        batch, chars = [], 0
-    if batch:
-      flush(batch)
-  finally:
-    writer.close()
-    bar.close()
-  if not stats['num_documents']:
-    raise PrepareError(f'{_source_description(config)}: the {role} split is empty after cleaning ({stats["documents_read"]} documents '
-                       f'read, {stats["dropped_short"]} shorter than config.data.min_doc_chars='
-                       f'{config.data.min_doc_chars}, {stats["dropped_duplicate"]} duplicates)')
-  if stats['replaced_bytes']:
-    print(f'prepare {role}: {stats["replaced_bytes"]} bytes were not UTF-8 and were replaced by U+FFFD')
-  return {'shards': writer.shards, **stats}
-
-
 def _source_description(config) -> str:
-  return {'stdlib': 'the stdlib', 'text_files': f'config.data.paths={config.data.paths!r}',
-          'tfds': f'config.data.tfds_name={config.data.tfds_name!r}'}.get(config.data.source, config.data.source)
+  d = config.data
+  if d.source == 'stdlib':
+    return 'the stdlib'
+  field = {'text_files': 'paths', 'tfds': 'tfds_name', 'hf_datasets': 'hf_path'}.get(d.source)
+  return f'config.data.{field}={d[field]!r}' if field else d.source
+
+
+def _workers(config) -> int:
+  return config.data.prepare_workers or os.cpu_count() or 1
 
 
 def _write_prepared(config, staging: str, expected_fingerprint: str, progress: bool) -> dict:
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
   start = time.time()
+  skipped = collections.Counter()
+  tasks = sources.document_tasks(config, skipped)
   tokenizer = _obtain_tokenizer(config, staging)
   dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
-  seen: set[bytes] = set()
-  splits = {role: _tokenize_split(config, role, tokenizer, staging, dtype, seen, progress)
-            for role in sources.ROLES}
+  work = os.path.join(staging, '.tasks')
+  os.makedirs(work)
+  bar = tqdm(desc='prepare', unit=' docs', disable=not progress, dynamic_ncols=True)
+  try:
+    preparation_tasks.run_all(config, tasks, os.path.join(staging, TOKENIZER_FILE), work, _workers(config), bar)
+  finally:
+    bar.close()
+  results = [preparation_tasks.TaskResult(work, i) for i in range(len(tasks))]
+  for result in results:
+    skipped.update(result.skipped)
+  keep, splits = _deduplicate(config, results)
+  holdout = _write_splits(config, results, keep, splits, staging, dtype, tokenizer.eos_id)
+  shutil.rmtree(work)
+  for role in sources.ROLES:
+    if not splits[role]['num_documents']:
+      raise PrepareError(f'{_source_description(config)}: the {role} split is empty after cleaning '
+                         f'({_drops(splits[role])})')
   index = {
       'format_version': FORMAT_VERSION,
       'fingerprint': expected_fingerprint,
@@ -309,6 +284,10 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
       'tokenizer': {'file': TOKENIZER_FILE, 'fingerprint': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
                     'pad_id': tokenizer.pad_id, 'eos_id': tokenizer.eos_id, 'bos_id': tokenizer.bos_id,
                     'unk_id': tokenizer.unk_id},
+      'filters': list(cleaning.filter_names(config)),
+      'near_dedup': bool(config.data.near_dedup),
+      'validation_holdout': holdout,
+      'skipped_files': {k: v for k, v in sorted(skipped.items()) if v},
       'splits': splits,
   }
   index['unigram_entropy'] = unigram_entropy(read_split_tokens(staging, index, 'train'),
@@ -317,10 +296,153 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
   index['seconds'] = time.time() - start
   input_chars = sum(split['input_chars'] for split in splits.values())
   index['input_mb_per_s'] = input_chars / 1e6 / max(index['seconds'], 1e-9)
+  index['workers'] = min(_workers(config), len(tasks))
+  print(report(index))
   # index.json last: its presence marks the directory complete.
   with open(os.path.join(staging, INDEX_FILE), 'w') as f:
     json.dump(index, f, indent=1)
   return index
+
+
+def _drops(split: dict) -> str:
+  drops = ', '.join(f'{key[len("dropped_"):]} {value}' for key, value in split.items()
+                    if key.startswith('dropped_') and value)
+  return f'{split["documents_read"]} documents read, dropped: {drops or "none"}'
+
+
+def report(index: dict) -> str:
+  """What preparation did to each split, in lines: documents read, kept, dropped per rule; skipped files."""
+  lines = []
+  for role, split in index['splits'].items():
+    lines.append(f'prepare {role}: {_drops(split)}; kept {split["num_documents"]:,} documents, '
+                 f'{split["num_tokens"]:,} tokens')
+    if split['replaced_bytes']:
+      lines.append(f'prepare {role}: {split["replaced_bytes"]} bytes were not UTF-8 and were replaced by U+FFFD')
+  lines.append(f'prepare: validation held out {index["validation_holdout"]["description"]}')
+  if index['skipped_files']:
+    lines.append('prepare: skipped files: ' + ', '.join(f'{k} {v}' for k, v in index['skipped_files'].items()))
+  return '\n'.join(lines)
+
+
+def _deduplicate(config, results) -> tuple[list[np.ndarray], dict]:
+  """Which surviving documents of each task to keep, and the per-split counts so far. Priority order: train
+  documents first, then validation (a validation document with a twin in train is dropped), each in stream
+  order; exact duplicates by digest, then near-duplicates by MinHash among the rest."""
+  filter_names = cleaning.filter_names(config)
+  splits = preparation_tasks.empty_stats(filter_names)
+  for result in results:
+    for role in sources.ROLES:
+      for key, value in result.stats[role].items():
+        splits[role][key] += value
+  for role in sources.ROLES:
+    splits[role].update(dropped_duplicate=0, dropped_near_duplicate=0)
+  keep = [np.ones(r.lengths.size, bool) for r in results]
+  order = [(role, t, i) for role in (0, 1) for t, r in enumerate(results) for i in np.flatnonzero(r.roles == role)]
+  seen = set()
+  for role, t, i in order:
+    digest = results[t].digests[i].tobytes()
+    if digest in seen:
+      keep[t][i] = False
+      splits[sources.ROLES[role]]['dropped_duplicate'] += 1
+    seen.add(digest)
+  if config.data.near_dedup:
+    survivors = [(role, t, i) for role, t, i in order if keep[t][i]]
+    signatures = []
+    for _, t, i in survivors:
+      signature = results[t].signatures[i]
+      signatures.append(signature if signature.any() else None)
+    bands = cleaning.MinHasher().bands
+    for (role, t, i), dropped in zip(survivors, cleaning.near_duplicates(signatures, bands,
+                                                                         config.data.near_dedup_threshold)):
+      if dropped:
+        keep[t][i] = False
+        splits[sources.ROLES[role]]['dropped_near_duplicate'] += 1
+  return keep, splits
+
+
+def _with_eos(result, selected: np.ndarray, eos_id: int) -> np.ndarray:
+  """The selected documents of a task as one stream, each followed by EOS."""
+  if not selected.any():
+    return np.zeros(0, np.uint32)
+  lengths, starts = result.lengths[selected], result.starts[selected]
+  out_starts = np.cumsum(lengths + 1) - (lengths + 1)  # where each document begins in the output
+  within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # index in its doc
+  out = np.full(int((lengths + 1).sum()), eos_id, np.uint32)
+  out[np.repeat(out_starts, lengths) + within] = result.tokens()[np.repeat(starts, lengths) + within]
+  return out
+
+
+def _write_splits(config, results, keep, splits, staging, dtype, eos_id) -> dict:
+  """Writes the shards of both splits; returns how validation was held out."""
+  writers = {role: _ShardWriter(staging, role, dtype) for role in sources.ROLES}
+  fraction = config.data.validation_fraction
+  given = sources.has_given_splits(config)
+  try:
+    by_role = {role: sum(int((r.lengths[k & (r.roles == rid)] + 1).sum()) for r, k in zip(results, keep))
+               for rid, role in enumerate(sources.ROLES)}
+    documents = {role: sum(int((k & (r.roles == rid)).sum()) for r, k in zip(results, keep))
+                 for rid, role in enumerate(sources.ROLES)}
+    total = sum(by_role.values())
+    share = by_role['validation'] / max(total, 1)
+    # By documents when that gives a share near the wanted one; a few files (or one) give none, or far too
+    # much: then by tokens.
+    if given or (documents['train'] and documents['validation'] and fraction / 4 <= share <= 3 * fraction):
+      for rid, role in enumerate(sources.ROLES):
+        for result, kept in zip(results, keep):
+          writers[role].write(_with_eos(result, kept & (result.roles == rid), eos_id))
+        splits[role].update(num_documents=documents[role], num_tokens=by_role[role])
+      description = ('by the source\'s own splits' if given else
+                     f'by documents: {documents["validation"]:,} documents, {100 * share:.2f}% of the tokens')
+      holdout = {'by': 'documents', 'description': description}
+    else:
+      holdout = _hold_out_tail(config, results, keep, writers, splits, total, eos_id)
+      holdout['description'] += (f' (by documents it would have been {documents["validation"]} documents, '
+                                 f'{100 * share:.2f}% of the tokens)')
+  finally:
+    for writer in writers.values():
+      writer.close()
+  for role in sources.ROLES:
+    splits[role]['shards'] = writers[role].shards
+  return holdout
+
+
+def _hold_out_tail(config, results, keep, writers, splits, total, eos_id) -> dict:
+  """Validation = the last validation_fraction of the stream of all kept documents, cut at the nearest document
+  boundary when that leaves between half and twice the wanted share, else inside a document (whose head then
+  ends the train split with an EOS of its own)."""
+  if total < 2:
+    raise PrepareError(f'{_source_description(config)}: {total} tokens after cleaning; too few to hold out a '
+                       f'validation split')
+  wanted = max(1, round(config.data.validation_fraction * total))
+  ends = np.cumsum(np.concatenate([r.lengths[k] + 1 for r, k in zip(results, keep)]))
+  cut = total - wanted
+  boundaries = ends[ends < total]
+  at_boundary = False
+  if boundaries.size:
+    nearest = int(boundaries[np.argmin(np.abs(boundaries - cut))])
+    if wanted / 2 <= total - nearest <= 2 * wanted:
+      cut, at_boundary = nearest, True
+  first_validation_doc = int(np.searchsorted(ends, cut, side='right'))
+  splits['train'].update(num_documents=first_validation_doc + (0 if at_boundary else 1),
+                         num_tokens=cut + (0 if at_boundary else 1))
+  splits['validation'].update(num_documents=ends.size - first_validation_doc, num_tokens=total - cut)
+  for key in list(splits['validation']):  # the hash roles mean nothing here: all counts belong to the pool
+    if key not in ('num_documents', 'num_tokens'):
+      splits['train'][key] += splits['validation'][key]
+      splits['validation'][key] = 0
+  position = 0
+  for result, kept in zip(results, keep):
+    stream = _with_eos(result, kept, eos_id)
+    head = stream[:max(0, cut - position)]
+    writers['train'].write(head)
+    writers['validation'].write(stream[head.size:])
+    position += stream.size
+  if not at_boundary:
+    writers['train'].write(np.array([eos_id], np.uint32))
+  where = 'at a document boundary' if at_boundary else 'inside a document'
+  return {'by': 'tokens', 'cut_at_document_boundary': at_boundary,
+          'description': f'by tokens: the last {total - cut:,} of {total:,} tokens '
+                         f'({100 * (total - cut) / total:.2f}%), cut {where}'}
 
 
 def summary(index: dict) -> str:

@@ -22,6 +22,7 @@ Bytes that are not UTF-8 are decoded with errors='replace' (each bad byte become
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import hashlib
@@ -50,6 +51,7 @@ class Document:
   key: str  # where it comes from: a relative path, 'path:line', or 'split:index'
   text: str  # decoded, not yet cleaned
   replaced: int = 0  # bytes that were not UTF-8 and became U+FFFD
+  role: str = ''  # 'train' or 'validation' once the source has assigned it
 
 
 def clean(text: str) -> str:
@@ -78,14 +80,6 @@ def _decode(data: bytes) -> tuple[str, int]:
     return text, text.count('\ufffd') - data.count('\ufffd'.encode())
 
 
-def _read_file(path: str) -> tuple[str, int]:
-  try:
-    with open(path, 'rb') as f:
-      return _decode(f.read())
-  except OSError as e:
-    raise SourceError(f'{path}: cannot read it ({e.strerror})') from None
-
-
 # --- file listings: (key, path) pairs in hash order ------------------------------------------------------------
 
 
@@ -102,63 +96,124 @@ def stdlib_files() -> list[tuple[str, str]]:
   return sorted(found, key=lambda item: (_unit_hash(item[0]), item[0]))
 
 
-def text_files(paths: str) -> list[tuple[str, str]]:
-  """(path, path) of every file matched by the comma-separated globs, in hash order; each glob must match."""
+def _supported(path: str) -> bool:
+  return path.endswith(_TEXT_SUFFIXES + ('.jsonl',))
+
+
+def text_files(paths: str, skipped: collections.Counter | None = None) -> list[tuple[str, str]]:
+  """(path, path) of every file matched by the comma-separated globs, files or folders, in hash order.
+
+  Each entry must match something. A file named explicitly must have a supported type; files of other types
+  found by a glob or inside a folder are skipped and counted in `skipped['unsupported_type']`.
+  """
   patterns = [p.strip() for p in paths.split(',') if p.strip()]
   if not patterns:
-    raise SourceError("config.data.paths: empty; give comma-separated globs of .txt, .md or .jsonl files")
+    raise SourceError("config.data.paths: empty; give comma-separated globs, files or folders of .txt, .md or "
+                      ".jsonl files")
   found = set()
   for pattern in patterns:
-    matches = [m for m in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(m)]
+    expanded = os.path.expanduser(pattern)
+    if os.path.isdir(expanded):
+      matches = [os.path.join(d, n) for d, _, names in os.walk(expanded) for n in names]
+      explicit = False
+    else:
+      matches = [m for m in glob.glob(expanded, recursive=True) if os.path.isfile(m)]
+      explicit = not glob.has_magic(pattern)
     if not matches:
-      what = 'file does not exist' if not glob.has_magic(pattern) else 'glob matches no file'
+      what = 'file does not exist' if explicit else 'glob matches no file'
       raise SourceError(f'config.data.paths: {pattern}: {what}')
-    for match in matches:
-      if not match.endswith(_TEXT_SUFFIXES + ('.jsonl',)):
-        raise SourceError(f'config.data.paths: {match}: unsupported file type; expected .txt, .md or .jsonl')
-      found.add(match)
+    supported = [m for m in matches if _supported(m)]
+    if explicit and not supported:
+      raise SourceError(f'config.data.paths: {matches[0]}: unsupported file type; expected .txt, .md or .jsonl')
+    if not supported:
+      raise SourceError(f'config.data.paths: {pattern}: no .txt, .md or .jsonl file among its '
+                        f'{len(matches)} files')
+    if skipped is not None:
+      skipped['unsupported_type'] += len(matches) - len(supported)
+    found.update(supported)
   return sorted(((p, p) for p in found), key=lambda item: (_unit_hash(item[0]), item[0]))
 
 
-def _listing(config) -> list[tuple[str, str]]:
-  return stdlib_files() if config.data.source == 'stdlib' else text_files(config.data.paths)
+def file_listing(config, skipped: collections.Counter | None = None) -> list[tuple[str, str]]:
+  return stdlib_files() if config.data.source == 'stdlib' else text_files(config.data.paths, skipped)
 
 
 # --- readers -----------------------------------------------------------------------------------------------------
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[Document]:
+def read_bytes(path: str) -> bytes | None:
+  """The file's bytes; None when it vanished or cannot be read (the caller counts it as skipped).
+
+  The one place file sources read input files (an object-store layer can take over here)."""
   try:
-    f = open(path, 'rb')
-  except OSError as e:
-    raise SourceError(f'{path}: cannot read it ({e.strerror})') from None
-  with f:
-    for line_number, raw in enumerate(f, start=1):
-      line, replaced = _decode(raw)
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SourceError(f'{path}:{line_number}: not valid JSON ({e.msg})') from None
-      if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise SourceError(f'{path}:{line_number}: no string field {text_field!r} '
-                          f'(config.data.text_field)')
-      yield Document(f'{path}:{line_number}', record[text_field], replaced)
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError:
+    return None
 
 
-def _file_documents(config, role: str) -> Iterator[Document]:
-  fraction = config.data.validation_fraction
-  if not 0 < fraction < 1:
-    raise SourceError(f'config.data.validation_fraction: must be between 0 and 1, got {fraction}')
-  for key, path in _listing(config):
+def _looks_binary(data: bytes, replaced: int) -> bool:
+  """NUL bytes, or more than 30% of the bytes not UTF-8: an image, archive or other non-text file (text in a
+  legacy encoding such as Latin-1 has far fewer)."""
+  return b"\x00" in data[:8192] or replaced > 0.3 * len(data)
+
+
+def _jsonl_documents(path: str, data: bytes, text_field: str) -> Iterator[Document]:
+  for line_number, raw in enumerate(data.splitlines(), start=1):
+    line, replaced = _decode(raw)
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise SourceError(f'{path}:{line_number}: not valid JSON ({e.msg})') from None
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+      raise SourceError(f'{path}:{line_number}: no string field {text_field!r} '
+                        f'(config.data.text_field)')
+    yield Document(f'{path}:{line_number}', record[text_field], replaced)
+
+
+def separator_pattern(config) -> re.Pattern | None:
+  """config.data.document_separator compiled (multiline: '^%$' is a line holding only '%'); None when ''."""
+  if not config.data.document_separator:
+    return None
+  try:
+    return re.compile(config.data.document_separator, re.MULTILINE)
+  except re.error as e:
+    raise SourceError(f'config.data.document_separator: {config.data.document_separator!r} is not a regular '
+                      f'expression ({e})') from None
+
+
+def _text_documents(key: str, text: str, replaced: int, separator: re.Pattern | None) -> Iterator[Document]:
+  """The documents of a .txt/.md file: the whole file, or its parts between separators ('key#n', blank parts
+  skipped). Replaced bytes are counted on the first document."""
+  if separator is None:
+    yield Document(key, text, replaced)
+    return
+  for number, part in enumerate(separator.split(text)):
+    if part.strip():
+      yield Document(f'{key}#{number}', part, replaced)
+      replaced = 0
+
+
+def file_documents(config, files: list[tuple[str, str]], skipped: collections.Counter) -> Iterator[Document]:
+  """The documents of `files` in order; unreadable (vanished) and binary files are skipped and counted."""
+  separator = separator_pattern(config)
+  for key, path in files:
+    data = read_bytes(path)
+    if data is None:
+      skipped['unreadable'] += 1
+      print(f'prepare: skipped {path}: it cannot be read (vanished or no permission)')
+      continue
     if path.endswith('.jsonl'):
-      for doc in _jsonl_documents(path, config.data.text_field):
-        if role_of(doc.key, fraction) == role:
-          yield doc
-    elif role_of(key, fraction) == role:
-      text, replaced = _read_file(path)
-      yield Document(key, text, replaced)
+      yield from _jsonl_documents(path, data, config.data.text_field)
+      continue
+    text, replaced = _decode(data)
+    if _looks_binary(data, replaced):
+      skipped['binary'] += 1
+      print(f'prepare: skipped {path}: binary, not text')
+      continue
+    yield from _text_documents(key, text, replaced, separator)
 
 
 def tfds_split_name(config, role: str) -> str:
@@ -201,32 +256,111 @@ def _tfds_documents(config, role: str) -> Iterator[Document]:
     yield Document(f'{split}:{index}', text, replaced)
 
 
-def read_documents(config, role: str) -> Iterator[Document]:
-  """The raw documents of `role` ('train' or 'validation'), at most config.data.max_docs of them (0 = all)."""
-  if role not in ROLES:
-    raise ValueError(f'unknown role {role!r}; expected one of {ROLES}')
-  if config.data.source in ('stdlib', 'text_files'):
-    documents = _file_documents(config, role)
-  elif config.data.source == 'tfds':
-    documents = _tfds_documents(config, role)
+TASK_BYTES = 1 << 20  # input bytes per preparation task of a file source (tasks are the unit of parallelism)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A piece of the source that one preparation task reads; the list of tasks does not depend on the number of
+  workers, so neither does the output."""
+  kind: str  # 'files' | 'tfds' | 'hf'
+  files: tuple = ()  # files: (key, path) pairs, in listing order
+  role: str = ''  # tfds / hf: the role of a given split; '' = each document's role by the hash of its key
+  split: str = ''  # hf: the split's name
+  shard: int = 0  # hf: rows [shard, shard+1) * len / num_shards of the split
+  num_shards: int = 1
+
+
+def has_given_splits(config) -> bool:
+  """Whether the source defines its validation split itself (TFDS, a dataset with both splits)."""
+  if config.data.source == 'tfds':
+    return True
+  if config.data.source == 'hf_datasets':
+    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
+    return hf_source.has_given_splits(config)
+  return False
+
+
+def document_tasks(config, skipped: collections.Counter | None = None) -> list[Task]:
+  """The source cut into tasks, in stream order: files grouped to about TASK_BYTES each (a single task when
+  config.data.max_docs is set), one task for TFDS, row ranges of a Hugging Face dataset's splits."""
+  source = config.data.source
+  if source == 'tfds':
+    return [Task('tfds')]  # one task reads both splits: TFDS reads in parallel itself
+  if source == 'hf_datasets':
+    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
+    return hf_source.tasks(config)
+  if source not in ('stdlib', 'text_files'):
+    raise SourceError(f'config.data.source: {source!r} has no document reader in sources.py')
+  files = file_listing(config, skipped)
+  if config.data.max_docs:
+    return [Task('files', files=tuple(files))]
+  tasks, group, size = [], [], 0
+  for key, path in files:
+    group.append((key, path))
+    try:
+      size += os.path.getsize(path)
+    except OSError:
+      pass  # vanished: the task reading it counts it
+    if size >= TASK_BYTES:
+      tasks.append(Task('files', files=tuple(group)))
+      group, size = [], 0
+  if group:
+    tasks.append(Task('files', files=tuple(group)))
+  return tasks
+
+
+def task_documents(config, task: Task, skipped: collections.Counter) -> Iterator[Document]:
+  """The raw documents of one task, each with its role ('train' or 'validation')."""
+  if task.kind == 'tfds':
+    for role in ROLES:
+      for doc in _tfds_documents(config, role):
+        yield dataclasses.replace(doc, role=role)
+    return
+  if task.kind == 'hf':
+    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
+    documents = hf_source.documents(config, task)
   else:
-    raise SourceError(f'config.data.source: {config.data.source!r} has no document reader in sources.py')
-  for count, doc in enumerate(documents):
-    if config.data.max_docs and count >= config.data.max_docs:
-      return
-    yield doc
+    documents = file_documents(config, list(task.files), skipped)
+  fraction = config.data.validation_fraction
+  for doc in documents:
+    yield dataclasses.replace(doc, role=task.role or role_of(doc.key, fraction))
+
+
+def read_documents(config, role: str | None = None) -> Iterator[Document]:
+  """The raw documents of the source in stream order (of `role` only, when given), at most config.data.max_docs
+  of each role (0 = all)."""
+  if role is not None and role not in ROLES:
+    raise ValueError(f'unknown role {role!r}; expected one of {ROLES}')
+  counts = collections.Counter()
+  skipped = collections.Counter()
+  for task in document_tasks(config):
+    for doc in task_documents(config, task, skipped):
+      if role is not None and doc.role != role:
+        continue
+      if config.data.max_docs and counts[doc.role] >= config.data.max_docs:
+        continue
+      counts[doc.role] += 1
+      yield doc
 
 
 def input_fingerprint(config) -> dict:
-  """What identifies the source's inputs without reading them: file names, sizes and mtimes, or the TFDS
-  dataset's name, version and location."""
+  """What identifies the source's inputs without reading them: file names, sizes and mtimes, the TFDS
+  dataset's name, version and location, or the Hugging Face dataset's fingerprints."""
   if config.data.source == 'tfds':
     builder = _tfds_builder(config)
     return {'tfds_name': config.data.tfds_name, 'version': str(builder.info.version),
             'data_dir': builder.data_dir, 'splits': [tfds_split_name(config, r) for r in ROLES],
             'text_key': config.data.tfds_text_key}
+  if config.data.source == 'hf_datasets':
+    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
+    return hf_source.input_fingerprint(config)
   files = []
-  for key, path in _listing(config):
-    stat = os.stat(path)
+  for key, path in file_listing(config):
+    try:
+      stat = os.stat(path)
+    except OSError:
+      continue  # vanished since the listing: preparation skips it too
     files.append([key, stat.st_size, stat.st_mtime_ns])
-  return {'files': files, 'text_field': config.data.text_field}
+  return {'files': files, 'text_field': config.data.text_field,
+          'document_separator': config.data.document_separator}
