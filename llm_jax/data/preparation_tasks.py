@@ -167,6 +167,9 @@ def run_all(config, tasks: list[sources.Task], tokenizer_path: str, work: str, w
   executor with `workers` processes. Raises the first task's user error (in task order)."""
   cores = os.cpu_count() or 1
   workers = max(1, min(workers, len(tasks)))
+  if workers > 1 and not config.data.prepare_workers and not _has_datatrove():
+    print('prepare: one worker (datatrove is not installed; pip install "llm_jax[data]" for parallel preparation)')
+    workers = 1
   if workers == 1:
     for index, task in enumerate(tasks):
       run_task(config, index, task, tokenizer_path, work, cores, bar.update if bar is not None else None)
@@ -189,6 +192,14 @@ def prepare_step(config, tasks: list[sources.Task], tokenizer_path: str, work: s
   return _make_step_class()(config.to_dict(), list(tasks), tokenizer_path, work, threads)
 
 
+def _has_datatrove() -> bool:
+  try:
+    import datatrove.executor  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
 def _run_on_datatrove(config, tasks, tokenizer_path, work, workers, threads) -> None:
   try:
     from datatrove.executor import LocalPipelineExecutor  # pylint: disable=g-import-not-at-top
@@ -200,7 +211,15 @@ def _run_on_datatrove(config, tasks, tokenizer_path, work, workers, threads) -> 
   try:
     executor = LocalPipelineExecutor(pipeline=[step], tasks=len(tasks), workers=workers, logging_dir=logs,
                                      skip_completed=False)
-    executor.run()
+    import multiprocess  # pylint: disable=g-import-not-at-top
+    # The executor's Manager uses the default start method, fork; forking a process that runs JAX threads can
+    # deadlock, so the Manager starts from the fork server too (as the pool does), and the default is restored.
+    previous = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method('forkserver', force=True)
+    try:
+      executor.run()
+    finally:
+      multiprocess.set_start_method(previous, force=True)
   finally:
     shutil.rmtree(logs, ignore_errors=True)
 
