@@ -2,6 +2,15 @@
 
   train_step(state, batch) -> (state, metrics)   jitted once, with shardings and the state donated
   eval_step(params, batch) -> (loss_sum, tokens)
+  Loop(trainer, manager, writer, state, hooks).run()   step, then the hooks that are due, in list order
+
+Hooks are the loop's periodic actions (default_hooks: LogMetrics, SaveCheckpoint, Evaluate, GenerationTasks,
+SaveOnPreemption). A hook is a `Hook` with a cadence `every` (or its own `due(loop, step)`), an action
+`__call__(loop, step)` run after step `step` (steps done, 1-based) and `end(loop)` run once after the last step;
+`every(n, fn)` makes one from a function. Adding one is one line in default_hooks, or
+`train_and_evaluate(..., hooks=[every(10, fn)])`. Non-finite values are checked one step late (so checking never
+stalls the device queue); a hook that reads or saves the state calls `loop.require_finite()` first. A hook ends
+the run with `loop.stop(**result)` (preemption does).
 
 The loop resumes from the latest complete checkpoint in the workdir, else initialises from
 config.train.init_from, else from scratch; the data iterator starts at the restored step, so a resumed run
@@ -17,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -356,8 +365,11 @@ def _check_workdir_path(workdir: str) -> str:
   return os.path.abspath(workdir)
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
-  """Trains config.train.steps steps in `workdir` (resuming if it has checkpoints). Returns the last metrics."""
+def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+  """Trains config.train.steps steps in `workdir` (resuming if it has checkpoints). Returns the last metrics.
+
+  `hooks` run after the built-in ones (default_hooks) at every step where they are due.
+  """
   workdir = _check_workdir_path(workdir)
   config_lib.validate(config, len(devices) if devices is not None else jax.device_count())  # before any work
   is_writer = jax.process_index() == 0
@@ -379,7 +391,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict[str, Any]:
     if is_writer:  # only now: a refused resume must leave the workdir's config.json as it was
       checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
-    return _loop(trainer, manager, writer, preemption, state)
+    return Loop(trainer, manager, writer, state, default_hooks(config, preemption) + list(hooks)).run()
   finally:
     preemption.uninstall()
     checkpoint.wait(manager)
@@ -394,74 +406,222 @@ def _sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _loop(trainer: Trainer, manager, writer, preemption: Preemption, state: TrainState) -> dict[str, Any]:
-  config, workdir = trainer.config, trainer.workdir
-  start = int(state.step)
-  total_steps = config.train.steps
-  meta = _meta(config, workdir)
-  num_devices = trainer.mesh.size
-  tokens_per_step = config.data.global_batch_size * config.data.seq_len
-  flops_per_token = metrics_lib.flops_per_token(config.model, config.data.seq_len)
-  iterator = trainer.iterator(config.data.train_split, start)
-  last = dict(step=start)
-  monitor = NonFiniteMonitor(config.train)
-  pending = None  # (step, metrics) of the previous step, checked while the current one runs
-  interval_start, interval_steps = None, 0
-  for step in range(start, total_steps):
-    batch = trainer.put(next(iterator))
-    state, step_metrics = trainer.train_step(state, batch)
-    if pending is not None:
-      monitor.check(*pending)
-    pending = (step, step_metrics)
-    done = step + 1
-    if interval_start is None:  # the first step includes compilation: time from its end
-      jax.block_until_ready(step_metrics)
-      interval_start, interval_steps = time.perf_counter(), 0
-    else:
-      interval_steps += 1
-    if done % config.train.log_every == 0 or done == total_steps:
-      values = jax.device_get(step_metrics)
-      monitor.check(step, values)
-      pending = None
-      elapsed = time.perf_counter() - interval_start
-      tokens_per_s = interval_steps * tokens_per_step / elapsed if interval_steps else None
-      last = dict(step=done, loss=float(values['loss']), learning_rate=float(values['learning_rate']),
-                  grad_norm=float(values['grad_norm']), param_norm=float(values['param_norm']),
-                  tokens_per_s=tokens_per_s,
-                  mfu=metrics_lib.mfu(tokens_per_s, flops_per_token, num_devices) if tokens_per_s else None)
-      if config.train.nonfinite == 'skip':
-        last['skipped_steps'] = monitor.skipped_total
-      writer.write(last)
-      interval_start, interval_steps = time.perf_counter(), 0
-    saving = bool(config.checkpoint.every) and done % config.checkpoint.every == 0
-    evaluating = bool(config.eval.every) and done % config.eval.every == 0 and done != total_steps
-    preempted = preemption.reached(done)  # every process must call this at every step
-    if pending is not None and (saving or evaluating or preempted):
-      monitor.check(*pending)  # never save or evaluate a non-finite state
-      pending = None
-    if saving:  # before evaluating: an evaluation that fails must not cost the checkpoint
-      checkpoint.save(manager, done, state.params, state.opt_state, meta)
-    if evaluating:
-      writer.write(dict(step=done, **trainer.evaluate(state.params)))
-      if config.eval.task_file:  # generation tasks: BLEU/ROUGE rows and samples
-        tasks.generation_tasks(config, state.params, workdir, done, writer)
-    if preempted:
-      if not saving:
-        checkpoint.save(manager, done, state.params, state.opt_state, meta, force=True)
-      checkpoint.wait(manager)
-      print(f'SIGTERM: saved step {done} to {checkpoint.checkpoint_dir(workdir)}; exiting', flush=True)
-      return dict(last, preempted=True)
-  if pending is not None:
-    monitor.check(*pending)
-  if start < total_steps or manager.latest_step() != total_steps:
-    if manager.latest_step() != total_steps:
-      checkpoint.save(manager, total_steps, state.params, state.opt_state, meta, force=True)
-    eval_row = dict(step=total_steps, **trainer.evaluate(state.params))
-    writer.write(eval_row)
-    last.update(eval_row)
-    if config.eval.task_file:
-      tasks.generation_tasks(config, state.params, workdir, total_steps, writer)
-  return last
+class Hook:
+  """A periodic action of the training loop (the interface every hook implements; see the module docstring).
+
+  `every`: run after each step whose number (steps done, 1-based) is a multiple of it; 0 = never periodically.
+  Override `due` for another cadence, `__call__` for the action, `end` for what runs once after the last step.
+  A hook that reads or saves the state calls `loop.require_finite()` first.
+  """
+  every: int = 0
+
+  def due(self, loop: 'Loop', step: int) -> bool:
+    return bool(self.every) and step % self.every == 0
+
+  def __call__(self, loop: 'Loop', step: int) -> None:
+    pass
+
+  def end(self, loop: 'Loop') -> None:
+    pass
+
+
+class _FunctionHook(Hook):
+
+  def __init__(self, n, fn, at_end):
+    self.every, self._fn, self._at_end = n, fn, at_end
+
+  def __call__(self, loop, step):
+    self._fn(loop, step)
+
+  def end(self, loop):
+    if self._at_end is not None:
+      self._at_end(loop)
+
+
+def every(n: int, fn: Callable[['Loop', int], None], at_end: Callable[['Loop'], None] | None = None) -> Hook:
+  """A hook from a function: fn(loop, step) after every n-th step, at_end(loop) once after the last step
+  (Levanter's add_hook(fn, every=n))."""
+  return _FunctionHook(n, fn, at_end)
+
+
+class LogMetrics(Hook):
+  """Every train.log_every steps and at the last step: a train row to metrics.jsonl (the row `loop.last`)."""
+
+  def __init__(self, config):
+    self.every = config.train.log_every
+    self._nonfinite_skip = config.train.nonfinite == 'skip'
+
+  def due(self, loop, step):
+    return step % self.every == 0 or step == loop.total_steps
+
+  def __call__(self, loop, step):
+    values = loop.step_metrics()
+    tokens_per_s = loop.take_tokens_per_s()
+    loop.last = dict(step=step, loss=float(values['loss']), learning_rate=float(values['learning_rate']),
+                     grad_norm=float(values['grad_norm']), param_norm=float(values['param_norm']),
+                     tokens_per_s=tokens_per_s, mfu=loop.mfu(tokens_per_s) if tokens_per_s else None)
+    if self._nonfinite_skip:
+      loop.last['skipped_steps'] = loop.monitor.skipped_total
+    loop.writer.write(loop.last)
+
+
+class SaveCheckpoint(Hook):
+  """Every checkpoint.every steps an (async) orbax checkpoint; at the end one of the last step if missing."""
+
+  def __init__(self, config):
+    self.every = config.checkpoint.every
+    self.saved_step = None  # the step saved last by this run (so preemption does not save it twice)
+
+  def __call__(self, loop, step):
+    self.save(loop, step)
+
+  def save(self, loop, step: int, force: bool = False) -> None:
+    loop.require_finite()  # never save a non-finite state
+    checkpoint.save(loop.manager, step, loop.state.params, loop.state.opt_state, loop.meta, force=force)
+    self.saved_step = step
+
+  def end(self, loop):
+    if loop.manager.latest_step() != loop.total_steps:
+      self.save(loop, loop.total_steps, force=True)
+
+
+class Evaluate(Hook):
+  """Every eval.every steps (not at the last: `end` does that) and at the end: an eval row (eval_loss, ...)."""
+
+  def __init__(self, config):
+    self.every = config.eval.every
+
+  def due(self, loop, step):
+    return super().due(loop, step) and step != loop.total_steps
+
+  def __call__(self, loop, step):
+    loop.require_finite()
+    loop.writer.write(dict(step=step, **loop.trainer.evaluate(loop.state.params)))
+
+  def end(self, loop):
+    row = dict(step=loop.total_steps, **loop.trainer.evaluate(loop.state.params))
+    loop.writer.write(row)
+    loop.last.update(row)
+
+
+class GenerationTasks(Evaluate):
+  """At each evaluation: greedy completions of eval.task_file scored by BLEU/ROUGE (tasks.generation_tasks)."""
+
+  def __call__(self, loop, step):
+    loop.require_finite()
+    tasks.generation_tasks(loop.config, loop.state.params, loop.workdir, step, loop.writer)
+
+  def end(self, loop):
+    self(loop, loop.total_steps)
+
+
+class SaveOnPreemption(Hook):
+  """After SIGTERM: save at the step all processes agree on (unless that step was just saved) and stop."""
+
+  def __init__(self, preemption: 'Preemption', saver: SaveCheckpoint):
+    self.preemption, self.saver = preemption, saver
+
+  def due(self, loop, step):
+    return True  # Preemption.reached must be called at every step by every process
+
+  def __call__(self, loop, step):
+    if not self.preemption.reached(step):
+      return
+    if self.saver.saved_step != step:
+      self.saver.save(loop, step, force=True)
+    checkpoint.wait(loop.manager)
+    print(f'SIGTERM: saved step {step} to {checkpoint.checkpoint_dir(loop.workdir)}; exiting', flush=True)
+    loop.stop(preempted=True)
+
+
+def default_hooks(config, preemption: 'Preemption') -> list[Hook]:
+  """The loop's periodic actions, in the order they run after a step: save before evaluating, so an
+  evaluation that fails cannot cost the checkpoint; preemption last (it stops the run)."""
+  saver = SaveCheckpoint(config)
+  hooks = [LogMetrics(config), saver, Evaluate(config)]
+  if config.eval.task_file:
+    hooks.append(GenerationTasks(config))
+  hooks.append(SaveOnPreemption(preemption, saver))
+  return hooks
+
+
+class Loop:
+  """The training loop: run the step, then the hooks that are due. What hooks may read and call:
+
+    config, workdir, trainer, manager, writer, meta, total_steps   the run
+    state                  the TrainState after the step (its params may be donated by the next step: use now)
+    last                   the last train row written (returned by train_and_evaluate, with the final eval row)
+    monitor                the NonFiniteMonitor
+    require_finite()       checks the step's non-finite flag now (normally checked one step late)
+    step_metrics()         the step's metrics on the host (checked for non-finite values)
+    take_tokens_per_s()    tokens/s since the last call (the first step, with compilation, is excluded)
+    stop(**result)         end the run after this step's hooks; `result` is merged into the returned dict
+  """
+
+  def __init__(self, trainer: Trainer, manager, writer, state: TrainState, hooks: list[Hook]):
+    self.trainer, self.manager, self.writer, self.state = trainer, manager, writer, state
+    self.config, self.workdir = trainer.config, trainer.workdir
+    self.hooks = list(hooks)
+    self.total_steps = self.config.train.steps
+    self.meta = _meta(self.config, self.workdir)
+    self.monitor = NonFiniteMonitor(self.config.train)
+    self.last = dict(step=int(state.step))
+    self._tokens_per_step = self.config.data.global_batch_size * self.config.data.seq_len
+    self._flops_per_token = metrics_lib.flops_per_token(self.config.model, self.config.data.seq_len)
+    self._pending = None  # (step index, metrics) of a step whose non-finite flag is not checked yet
+    self._index, self._metrics = None, None  # the last step's index (0-based batch number) and metrics
+    self._interval_start, self._interval_steps = None, 0
+    self._stopped = None
+
+  def add_hook(self, hook: Hook) -> None:
+    self.hooks.append(hook)
+
+  def require_finite(self) -> None:
+    if self._pending is not None:
+      self.monitor.check(*self._pending)
+      self._pending = None
+
+  def step_metrics(self) -> dict[str, Any]:
+    values = jax.device_get(self._metrics)
+    self.monitor.check(self._index, values)
+    self._pending = None
+    return values
+
+  def take_tokens_per_s(self) -> float | None:
+    elapsed = time.perf_counter() - self._interval_start
+    steps = self._interval_steps
+    self._interval_start, self._interval_steps = time.perf_counter(), 0
+    return steps * self._tokens_per_step / elapsed if steps else None
+
+  def mfu(self, tokens_per_s: float) -> float | None:
+    return metrics_lib.mfu(tokens_per_s, self._flops_per_token, self.trainer.mesh.size)
+
+  def stop(self, **result) -> None:
+    self._stopped = result
+
+  def run(self) -> dict[str, Any]:
+    start = int(self.state.step)
+    iterator = self.trainer.iterator(self.config.data.train_split, start)
+    for index in range(start, self.total_steps):
+      batch = self.trainer.put(next(iterator))
+      self.state, self._metrics = self.trainer.train_step(self.state, batch)
+      self.require_finite()  # the previous step's flag, read while this step runs
+      self._index, self._pending = index, (index, self._metrics)
+      if self._interval_start is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(self._metrics)
+        self._interval_start = time.perf_counter()
+      else:
+        self._interval_steps += 1
+      for hook in self.hooks:
+        if hook.due(self, index + 1):
+          hook(self, index + 1)
+      if self._stopped is not None:
+        return dict(self.last, **self._stopped)
+    self.require_finite()
+    if start < self.total_steps or self.manager.latest_step() != self.total_steps:
+      for hook in self.hooks:
+        hook.end(self)
+    return self.last
 
 
 class NonFiniteMonitor:

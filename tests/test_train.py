@@ -241,3 +241,20 @@ def test_resume_into_a_different_optimizer_state_names_the_checkpoint(tmp_path):
   no_clipping = tiny_config(train=dict(steps=4, grad_clip=0.0))  # one optax stage fewer: another state tree
   with pytest.raises(train.IncompatibleCheckpointError, match=r'checkpoints/2 does not fit the state'):
     train.train_and_evaluate(no_clipping, workdir, jax.devices()[:1])
+
+
+def test_a_custom_hook_runs_at_its_cadence_after_the_built_in_ones(tmp_path):
+  """A hook added in one line sees the state after each due step, after the checkpoint of that step was saved."""
+  seen, ended = [], []
+
+  def record(loop, step):
+    assert int(loop.state.step) == step
+    seen.append((step, loop.manager.latest_step(), loop.last['step']))
+
+  config = tiny_config(train=dict(steps=7), checkpoint=dict(every=3))
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'), jax.devices()[:1],
+                                    hooks=[train.every(3, record, at_end=lambda loop: ended.append(loop.last))])
+  # steps 3 and 6; the checkpoint of the step is already saved, the metrics row of the step already written
+  assert seen == [(3, 3, 3), (6, 6, 6)]
+  assert len(ended) == 1 and ended[0] is result and result['step'] == 7 and 'eval_loss' in result
+  assert checkpoint.latest_step(str(tmp_path / 'run')) == 7
