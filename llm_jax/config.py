@@ -23,7 +23,7 @@ SCHEDULES = ('cosine', 'linear', 'constant')
 OBJECTIVES = ('clm', 'mlm')
 DTYPES = ('float32', 'bfloat16', 'float16')
 NONFINITE_POLICIES = ('stop', 'skip')
-DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'sft_jsonl')
+DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'hf_datasets', 'mixture', 'sft_jsonl')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
@@ -92,14 +92,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | sft_jsonl.
+  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl.
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
   c.data.paths = ''  # text_files / sft_jsonl: comma-separated globs, files or folders of .txt, .md or .jsonl files.
-  c.data.text_field = 'text'  # text_files: the field holding the text in .jsonl records.
+  c.data.text_field = 'text'  # text_files / hf_datasets: the field holding the text in .jsonl records or dataset rows.
   c.data.document_separator = ''  # text_files: regular expression (multiline) between documents inside a .txt/.md file, e.g. '\n\s*\n' or '<\|endoftext\|>'; '' = one file is one document.
-  c.data.filters = 'auto'  # Quality filters (datatrove), comma-separated: gopher_quality, gopher_repetition, c4_quality, fineweb_quality; '' = none; 'auto' = none for code (stdlib), whole-file documents and tfds, 'gopher_repetition' for parts of files.
+  c.data.hf_path = ''  # hf_datasets: first argument of datasets.load_dataset (hub name, local folder, or json/parquet/text), or a save_to_disk folder.
+  c.data.hf_data_files = ''  # hf_datasets: comma-separated files or globs for the json/parquet/text loaders ('' = none).
+  c.data.hf_name = ''  # hf_datasets: the dataset configuration name ('' = the default).
+  c.data.hf_streaming = False  # hf_datasets: stream instead of downloading and caching (then prepared in one task).
+  c.data.mixture = ''  # mixture: comma-separated PREPARED_DIR:WEIGHT, all prepared with the same tokenizer, e.g. '/d/web:0.7,/d/code:0.3'.
+  c.data.filters = 'auto'  # Quality filters (datatrove), comma-separated: gopher_quality, gopher_repetition, c4_quality, fineweb_quality; '' = none; 'auto' = none for code (stdlib), whole-file documents and tfds, 'gopher_repetition' for parts of files and hf_datasets rows.
   c.data.near_dedup = False  # Drop near-duplicate documents (MinHash, across splits: train keeps the first, validation loses its twins).
   c.data.near_dedup_threshold = 0.8  # Estimated Jaccard similarity of word 5-grams at or above which two documents are near-duplicates.
   c.data.prepare_workers = 0  # Processes that prepare the data in parallel (datatrove LocalPipelineExecutor); 0 = the machine's cores. The output does not depend on it.
@@ -108,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_text_key = 'text'  # tfds: feature holding the text.
   c.data.train_split = 'train'  # Split used for training.
   c.data.eval_split = 'validation'  # Split used for evaluation.
-  c.data.validation_fraction = 0.02  # stdlib / text_files: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
+  c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
   c.data.tokenizer_path = ''  # SentencePiece model to use; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Model type of a trained tokenizer: bpe | unigram.
   c.data.prepared_dir = ''  # Where prepared token shards go; '' = <workdir>/data.
@@ -232,6 +237,12 @@ def _check_data_preparation(d) -> None:
     _fail('data.prepare_workers', f'must be >= 0 (0 = the machine\'s cores), got {d.prepare_workers}')
   if not 0.0 < d.validation_fraction < 1.0:
     _fail('data.validation_fraction', f'must be between 0 and 1, got {d.validation_fraction}')
+  if d.source == 'hf_datasets' and not d.hf_path:
+    _fail('data.hf_path', 'empty; name a dataset (hub name, local folder, json/parquet/text loader or a '
+          'save_to_disk folder)')
+  if d.source == 'mixture':
+    from llm_jax.data import mixture  # pylint: disable=g-import-not-at-top
+    mixture.parse(d.mixture)
 
 
 def validate(config, num_devices: int) -> dict[str, int]:

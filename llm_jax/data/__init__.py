@@ -22,6 +22,8 @@ _SOURCES = {
     'stdlib': 'llm_jax.data.pipeline',
     'text_files': 'llm_jax.data.pipeline',
     'tfds': 'llm_jax.data.pipeline',
+    'hf_datasets': 'llm_jax.data.pipeline',
+    'mixture': 'llm_jax.data.mixture',
     'sft_jsonl': 'llm_jax.data.sft',
 }
 

@@ -1,4 +1,5 @@
-"""tf.data iterators of packed sequences over prepared token shards (stdlib, text_files, tfds sources).
+"""tf.data iterators of packed sequences over prepared token shards (stdlib, text_files, tfds, hf_datasets sources;
+mixture.py mixes several prepared directories with the same machinery).
 
 A split is one token stream `doc EOS doc EOS ...` (see prepare.py). It is cut into windows of seq_len+1 tokens
 with stride seq_len: window w is stream[w*L : w*L + L + 1], so consecutive windows share one token and every
@@ -123,20 +124,27 @@ class PackedSplit:
     """The windows of this process's rows of global batch `step`."""
     per_process = self.global_batch_size // process_count
     first = step * self.global_batch_size + process_index * per_process
-    positions = np.arange(first, first + per_process, dtype=np.int64)
+    return self.windows_at(np.arange(first, first + per_process, dtype=np.int64))
+
+  def windows_at(self, positions: np.ndarray) -> np.ndarray:
+    """The windows at `positions` of the concatenated epoch orders (position p = epoch p // W, entry p % W)."""
     epochs, offsets = np.divmod(positions, self.num_windows)
-    windows = np.empty(per_process, np.int64)
+    windows = np.empty(positions.size, np.int64)
     for epoch in np.unique(epochs):
       where = epochs == epoch
       windows[where] = self.epoch_order(int(epoch))[offsets[where]]
     return windows
 
+  def read_windows(self, windows: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = the seq_len+1 tokens of window windows[i]."""
+    for row, window in enumerate(windows):
+      self.stream.read_into(out[row], int(window) * self.seq_len)
+
   def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
     """This process's slice of global batch `step`."""
     windows = self.window_indices(step, process_index, process_count)
     tokens = np.empty((windows.size, self.seq_len + 1), np.int32)
-    for row, window in enumerate(windows):
-      self.stream.read_into(tokens[row], int(window) * self.seq_len)
+    self.read_windows(windows, tokens)
     return pack_windows(tokens, self.eos_id)
 
 
@@ -174,18 +182,23 @@ def open_split(config, split: str = 'train', workdir: str | None = None) -> Pack
 def make_iterator(config, split: str = 'train', start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, workdir: str | None = None) -> Iterator[Batch]:
   """Batches start_step, start_step+1, ... (this process's slice), endless, built by tf.data with prefetching."""
+  if config.data.global_batch_size % process_count:
+    raise ConfigError(f'config.data.global_batch_size: {config.data.global_batch_size} is not divisible by '
+                     f'the {process_count} processes')
+  return batch_iterator(open_split(config, split, workdir), config, start_step, process_index, process_count)
+
+
+def batch_iterator(batches, config, start_step: int, process_index: int, process_count: int) -> Iterator[Batch]:
+  """`batches.batch(step, process_index, process_count)` for step = start_step, start_step+1, ..., endless, made
+  by tf.data with prefetching (any object with that method: a PackedSplit, a mixture)."""
   # The pipeline only gathers integers: TensorFlow's oneDNN kernels bring nothing but a start-up banner.
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  if config.data.global_batch_size % process_count:
-    raise ConfigError(f'config.data.global_batch_size: {config.data.global_batch_size} is not divisible by '
-                     f'the {process_count} processes')
-  packed = open_split(config, split, workdir)
   rows, seq_len = config.data.global_batch_size // process_count, config.data.seq_len
 
   def make_batch(step):
-    batch = packed.batch(int(step), process_index, process_count)
+    batch = batches.batch(int(step), process_index, process_count)
     return tuple(batch[key] for key in _BATCH_KEYS)
 
   def to_dict(*arrays):

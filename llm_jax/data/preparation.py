@@ -1,4 +1,5 @@
-"""Preparation of a text source: read -> clean -> deduplicate -> tokenizer -> tokenize -> token shards + index.
+"""Preparation of a text source: tokenizer -> tasks (read, clean, filter, tokenize) -> deduplicate -> validation
+hold-out -> token shards + index.
 
 Command line: `python -m llm_jax.data.prepare --config=experiments/tiny.py [--workdir=/tmp/tiny]`; from code:
 `llm_jax.data.prepare(config, workdir)` (which dispatches here for the text sources).
@@ -11,13 +12,20 @@ Output, in config.data.prepared_dir ('' = <workdir>/data):
   train-00000.bin ...     token ids, uint16 (uint32 when the vocabulary needs it), little-endian; the documents
   validation-00000.bin    of a split are one stream `doc EOS doc EOS ...`, cut into shards of SHARD_TOKENS
 
-Documents are cleaned (`sources.clean`), dropped when shorter than config.data.min_doc_chars, and exact
-duplicates are dropped (train is read first, so validation documents that also occur in train are dropped too:
-no contamination). Without config.data.tokenizer_path a tokenizer is trained on the lines of the first
-`tokenizer_sample_chars(vocab_size)` characters of cleaned train documents (files are read in hash order, so
-that is a sample).
+Steps. (1) Without config.data.tokenizer_path a tokenizer is trained on the lines of the first
+`tokenizer_sample_chars(vocab_size)` characters of cleaned, kept train documents (files are read in hash order,
+so that is a sample). (2) The source is cut into tasks (`sources.document_tasks`, independent of the number of
+workers) that run in parallel (`preparation_tasks`, config.data.prepare_workers): each reads its documents,
+cleans them (`sources.clean`), drops those shorter than config.data.min_doc_chars or rejected by a quality filter
+(`cleaning`, config.data.filters), and tokenizes the rest. (3) Over all tasks, in a fixed order (train documents
+first, then validation), exact duplicates and, with config.data.near_dedup, MinHash near-duplicates are dropped:
+a validation document with a twin in train is dropped, so there is no contamination. (4) The validation split is
+the documents whose key hashes into validation, or, when that gives none or a share far from
+config.data.validation_fraction, the tail share of the token stream (`_hold_out_tail`). (5) The shards are
+written. The output is the same byte for byte whatever the number of workers.
 
-Reuse: the fingerprint covers the source's inputs (file names, sizes, mtimes / TFDS name and version), the data
+Reuse: the fingerprint covers the source's inputs (file names, sizes, mtimes / TFDS name and version / Hugging Face
+fingerprints), the data
 options that change the tokens, and the tokenizer (its file hash, or its training options). When index.json in
 the output has the same fingerprint, nothing is re-read. Atomicity: everything is written to a temporary sibling
 directory that is renamed into place only once index.json is in it, so an interrupted run is never taken for a
@@ -36,7 +44,6 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Iterator
 
 import numpy as np
 

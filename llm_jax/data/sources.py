@@ -9,11 +9,16 @@ A source yields `Document`s for one of two roles, 'train' and 'validation':
               `.jsonl` file is a record whose config.data.text_field is one document.
   tfds        config.data.tfds_name from config.data.tfds_data_dir (as the user prepared it); the roles read
               config.data.train_split and config.data.eval_split, the text in config.data.tfds_text_key.
+  hf_datasets a Hugging Face dataset (hf_source.py).
 
-stdlib and text_files have no given split: a document is held out for validation when a stable hash of its key
-(relative path, or 'path:line' for JSONL records) falls in the first config.data.validation_fraction of the hash
-range, so the
-split is the same on every machine and does not move when files are added. Files are read in the order of that
+A `.txt`/`.md` file holds many documents when config.data.document_separator (a regular expression) is set
+(keys 'path#n'). config.data.paths entries may be files, globs or folders; files of other types found by a glob
+or in a folder, binary files and files that vanish before they are read are skipped and counted.
+
+stdlib and text_files have no given split: a document's role is 'validation' when a stable hash of its key
+(relative path, 'path#n', or 'path:line' for JSONL records) falls in the first config.data.validation_fraction
+of the hash range, so the split is the same on every machine and does not move when files are added
+(preparation.py falls back to the tail of the tokens when that gives too little or too much). Files are read in the order of that
 hash too, so the first megabytes read are a fair sample of the corpus (the tokenizer trains on them).
 
 Bytes that are not UTF-8 are decoded with errors='replace' (each bad byte becomes U+FFFD) and counted in
