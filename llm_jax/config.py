@@ -107,7 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.filters = 'auto'  # Quality filters (datatrove), comma-separated: gopher_quality, gopher_repetition, c4_quality, fineweb_quality; '' = none; 'auto' = none for code (stdlib), whole-file documents and tfds, 'gopher_repetition' for parts of files and hf_datasets rows.
   c.data.near_dedup = False  # Drop near-duplicate documents (MinHash, across splits: train keeps the first, validation loses its twins).
   c.data.near_dedup_threshold = 0.8  # Estimated Jaccard similarity of word 5-grams at or above which two documents are near-duplicates.
-  c.data.prepare_workers = 0  # Processes that prepare the data in parallel (datatrove LocalPipelineExecutor); 0 = the machine's cores. The output does not depend on it.
+  c.data.prepare_workers = 0  # Processes that prepare the data in parallel (datatrove LocalPipelineExecutor); 0 = the machine's cores for inputs over 64 MB, one below. The output does not depend on it.
   c.data.tfds_name = ''  # tfds: dataset name, e.g. 'lm1b' or 'wikitext/wikitext-103-raw-v1'.
   c.data.tfds_data_dir = ''  # tfds: data_dir of the prepared dataset ('' = the TFDS default).
   c.data.tfds_text_key = 'text'  # tfds: feature holding the text.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from llm_jax import config as config_lib
 from llm_jax.data import pipeline
 from llm_jax.data import preparation
+from llm_jax.data import preparation_tasks
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -215,3 +217,40 @@ def test_worker_count_does_not_change_the_output(tmp_path, monkeypatch):
     assert outputs[1][name] == outputs[2][name], name
   splits = outputs[1]['index.json']['splits']
   assert splits['train']['dropped_near_duplicate'] + splits['validation']['dropped_near_duplicate'] >= 1
+
+
+_real_wait = preparation_tasks._wait_for_tasks
+
+
+def _real_wait_fast(work, count, poll_seconds):
+  del poll_seconds
+  return _real_wait(work, count, 0.05)
+
+
+def test_tasks_on_a_cluster_style_executor_give_the_same_output(tmp_path, monkeypatch):
+  """A cluster executor (Slurm's) returns from run() once the jobs are submitted: preparation waits for the task
+  files, then assembles. Here a thread plays the cluster, running the very step datatrove would run."""
+  monkeypatch.setattr(sources, 'TASK_BYTES', 3_000)
+  rng = np.random.default_rng(6)
+  for i in range(12):
+    (tmp_path / f'doc{i:02d}.txt').write_text(prose(rng, (20, 40)))
+  given = trained_tokenizer(tmp_path)
+
+  class SubmitsAndReturns:
+    def __init__(self, step, num_tasks):
+      self.step, self.num_tasks = step, num_tasks
+
+    def run(self):
+      threading.Thread(target=lambda: [self.step.run(None, rank, self.num_tasks)
+                                       for rank in reversed(range(self.num_tasks))]).start()
+
+  outputs = []
+  for name, executor in (('local', None), ('cluster', lambda step, n: SubmitsAndReturns(step, n)),
+                         ('datatrove', preparation_tasks.datatrove_executor('local', {'workers': 2},
+                                                                            str(tmp_path / 'logs')))):
+    config = make_config(str(tmp_path / '*.txt'), tokenizer_path=given, prepared_dir=str(tmp_path / name))
+    monkeypatch.setattr(preparation_tasks, '_wait_for_tasks', _real_wait_fast)
+    preparation.prepare(config, None, progress=False, executor=executor)
+    outputs.append({f: (tmp_path / name / f).read_bytes() for f in sorted(os.listdir(tmp_path / name))
+                    if f.endswith('.bin')})
+  assert len(outputs[0]) == 2 and outputs[0] == outputs[1] == outputs[2]

@@ -101,8 +101,8 @@ def tasks(config) -> list[sources.Task]:
       result.append(sources.Task('hf', role=role, split=split))
       continue
     num_shards = max(1, min(len(dataset), math.ceil(dataset.data.nbytes / TASK_BYTES)))
-    result += [sources.Task('hf', role=role, split=split, shard=i, num_shards=num_shards)
-               for i in range(num_shards)]
+    result += [sources.Task('hf', role=role, split=split, shard=i, num_shards=num_shards,
+                            size=dataset.data.nbytes // num_shards) for i in range(num_shards)]
   return result
 
 

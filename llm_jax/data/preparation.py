@@ -125,14 +125,15 @@ def unigram_entropy(train_shards: list[np.ndarray], validation_shards: list[np.n
   return float(-(validation_counts * log_probs).sum() / validation_counts.sum())
 
 
-def prepare(config, workdir: str | None = None, progress: bool = True) -> dict:
+def prepare(config, workdir: str | None = None, progress: bool = True, executor=None) -> dict:
   """Makes sure the prepared output of `config` exists (building it when its fingerprint differs) and binds its
-  tokenizer to `workdir`. Returns the index."""
+  tokenizer to `workdir`. Returns the index. `executor`: run the tasks on it instead of locally (see
+  `preparation_tasks.run_all`; e.g. `preparation_tasks.datatrove_executor('slurm', {...}, logs)`)."""
   directory = output_dir(config, workdir)
   expected = fingerprint(config)
   index = _existing_index(directory)
   if index is None or index.get('fingerprint') != expected:
-    index = _build(config, directory, expected, workdir, progress)
+    index = _build(config, directory, expected, workdir, progress, executor)
   if workdir:
     tokenizer_lib.bind_to_workdir(os.path.join(directory, TOKENIZER_FILE), workdir)
   return index
@@ -145,13 +146,14 @@ def _existing_index(directory: str) -> dict | None:
     return None
 
 
-def _build(config, directory: str, expected_fingerprint: str, workdir: str | None, progress: bool) -> dict:
+def _build(config, directory: str, expected_fingerprint: str, workdir: str | None, progress: bool,
+           executor=None) -> dict:
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.tmp-', dir=parent)
   os.chmod(staging, 0o755)  # mkdtemp makes it private; the output is as readable as any other directory
   try:
-    index = _write_prepared(config, staging, expected_fingerprint, progress)
+    index = _write_prepared(config, staging, expected_fingerprint, progress, executor)
     if workdir:  # fail before replacing anything when the workdir belongs to another tokenizer
       tokenizer_lib.check_workdir(workdir, tokenizer_lib.load(os.path.join(staging, TOKENIZER_FILE)))
     _replace_directory(staging, directory)
@@ -254,11 +256,21 @@ def _source_description(config) -> str:
   return f'config.data.{field}={d[field]!r}' if field else d.source
 
 
-def _workers(config) -> int:
-  return config.data.prepare_workers or os.cpu_count() or 1
+AUTO_PARALLEL_BYTES = 64 << 20  # prepare_workers=0 runs tasks in one process below this much input
 
 
-def _write_prepared(config, staging: str, expected_fingerprint: str, progress: bool) -> dict:
+def _workers(config, tasks: list[sources.Task]) -> int:
+  """config.data.prepare_workers, or for 0 the machine's cores, except for small inputs (under
+  AUTO_PARALLEL_BYTES): starting a process pool then costs more than it saves (SentencePiece encodes on all cores
+  in one process anyway)."""
+  if config.data.prepare_workers:
+    return config.data.prepare_workers
+  if sum(task.size for task in tasks) < AUTO_PARALLEL_BYTES:
+    return 1
+  return os.cpu_count() or 1
+
+
+def _write_prepared(config, staging: str, expected_fingerprint: str, progress: bool, executor=None) -> dict:
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   start = time.time()
@@ -270,7 +282,8 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
   os.makedirs(work)
   bar = tqdm(desc='prepare', unit=' docs', disable=not progress, dynamic_ncols=True)
   try:
-    preparation_tasks.run_all(config, tasks, os.path.join(staging, TOKENIZER_FILE), work, _workers(config), bar)
+    preparation_tasks.run_all(config, tasks, os.path.join(staging, TOKENIZER_FILE), work, _workers(config, tasks), bar,
+                              executor)
   finally:
     bar.close()
   results = [preparation_tasks.TaskResult(work, i) for i in range(len(tasks))]
@@ -303,7 +316,7 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
   index['seconds'] = time.time() - start
   input_chars = sum(split['input_chars'] for split in splits.values())
   index['input_mb_per_s'] = input_chars / 1e6 / max(index['seconds'], 1e-9)
-  index['workers'] = min(_workers(config), len(tasks))
+  index['workers'] = min(_workers(config, tasks), len(tasks)) if executor is None else None
   print(report(index))
   # index.json last: its presence marks the directory complete.
   with open(os.path.join(staging, INDEX_FILE), 'w') as f:

@@ -162,15 +162,22 @@ def _make_step_class():
   return PrepareTaskStep
 
 
-def run_all(config, tasks: list[sources.Task], tokenizer_path: str, work: str, workers: int, bar=None) -> None:
-  """Runs every task, in this process when `workers` is 1 (or there is one task), else on datatrove's local
-  executor with `workers` processes. Raises the first task's user error (in task order)."""
+def run_all(config, tasks: list[sources.Task], tokenizer_path: str, work: str, workers: int, bar=None,
+            executor=None, poll_seconds: float = 10.0) -> None:
+  """Runs every task: with `executor` (a function (step, num_tasks) -> datatrove executor, e.g. Slurm's) on it,
+  waiting until every task has written its files; else in this process when `workers` is 1 (or there is one
+  task), else on datatrove's local executor with `workers` processes. Raises the first task's user error (in
+  task order)."""
   cores = os.cpu_count() or 1
   workers = max(1, min(workers, len(tasks)))
-  if workers > 1 and not config.data.prepare_workers and not _has_datatrove():
+  if executor is None and workers > 1 and not config.data.prepare_workers and not _has_datatrove():
     print('prepare: one worker (datatrove is not installed; pip install "llm_jax[data]" for parallel preparation)')
     workers = 1
-  if workers == 1:
+  if executor is not None:
+    # threads=0: each task encodes on all the cores of the node it runs on.
+    executor(prepare_step(config, tasks, tokenizer_path, work, 0), len(tasks)).run()
+    _wait_for_tasks(work, len(tasks), poll_seconds)
+  elif workers == 1:
     for index, task in enumerate(tasks):
       run_task(config, index, task, tokenizer_path, work, cores, bar.update if bar is not None else None)
   else:
@@ -181,7 +188,7 @@ def run_all(config, tasks: list[sources.Task], tokenizer_path: str, work: str, w
         raise sources.SourceError(f.read())
     if not os.path.exists(_path(work, index, 'json')):
       raise RuntimeError(f'preparation task {index} of {len(tasks)} did not finish (see its log above)')
-  if bar is not None and workers > 1:
+  if bar is not None and (workers > 1 or executor is not None):
     bar.update(sum(v['documents_read'] for i in range(len(tasks))
                    for v in TaskResult(work, i).stats.values()))
 
@@ -190,6 +197,42 @@ def prepare_step(config, tasks: list[sources.Task], tokenizer_path: str, work: s
   """The datatrove pipeline step that runs task `rank` of `tasks`: give it to any datatrove executor with
   tasks=len(tasks) (LocalPipelineExecutor here; SlurmPipelineExecutor or RayPipelineExecutor on a cluster)."""
   return _make_step_class()(config.to_dict(), list(tasks), tokenizer_path, work, threads)
+
+
+def _wait_for_tasks(work: str, count: int, poll_seconds: float) -> None:
+  """Returns once every task wrote its .json or .error (a cluster executor's run() may return on submission)."""
+  import time  # pylint: disable=g-import-not-at-top
+  last_report = 0.0
+  while True:
+    done = sum(os.path.exists(_path(work, i, 'json')) or os.path.exists(_path(work, i, 'error'))
+               for i in range(count))
+    if done == count:
+      return
+    if time.time() - last_report > 60:
+      print(f'prepare: {done} of {count} tasks done; waiting for the others (their logs are in the executor\'s '
+            f'logging_dir)')
+      last_report = time.time()
+    time.sleep(poll_seconds)
+
+
+def datatrove_executor(kind: str, options: dict, logging_dir: str):
+  """A function (step, num_tasks) -> datatrove executor of `kind` ('local', 'slurm' or 'ray'), built with
+  `options` (keyword arguments of that executor, e.g. partition, time, cpus_per_task for Slurm)."""
+  try:
+    from datatrove import executor as executors  # pylint: disable=g-import-not-at-top
+    cls = {'local': executors.LocalPipelineExecutor, 'slurm': executors.SlurmPipelineExecutor,
+           'ray': executors.RayPipelineExecutor}[kind]
+  except ImportError as e:
+    raise cleaning.CleaningError(f'--executor={kind} needs datatrove (and ray for ray): {e}') from None
+  except KeyError:
+    raise cleaning.CleaningError(f'--executor: unknown executor {kind!r}; expected local, slurm or ray') from None
+
+  def make(step, num_tasks):
+    try:
+      return cls(pipeline=[step], tasks=num_tasks, logging_dir=logging_dir, skip_completed=False, **options)
+    except TypeError as e:
+      raise cleaning.CleaningError(f'--executor_option: {e}') from None
+  return make
 
 
 def _has_datatrove() -> bool:

@@ -274,6 +274,7 @@ class Task:
   split: str = ''  # hf: the split's name
   shard: int = 0  # hf: rows [shard, shard+1) * len / num_shards of the split
   num_shards: int = 1
+  size: int = 0  # input bytes, as far as known before reading (0 = unknown)
 
 
 def has_given_splits(config) -> bool:
@@ -299,7 +300,7 @@ def document_tasks(config, skipped: collections.Counter | None = None) -> list[T
     raise SourceError(f'config.data.source: {source!r} has no document reader in sources.py')
   files = file_listing(config, skipped)
   if config.data.max_docs:
-    return [Task('files', files=tuple(files))]
+    return [Task('files', files=tuple(files))]  # stops once max_docs of each role are read
   tasks, group, size = [], [], 0
   for key, path in files:
     group.append((key, path))
@@ -308,10 +309,10 @@ def document_tasks(config, skipped: collections.Counter | None = None) -> list[T
     except OSError:
       pass  # vanished: the task reading it counts it
     if size >= TASK_BYTES:
-      tasks.append(Task('files', files=tuple(group)))
+      tasks.append(Task('files', files=tuple(group), size=size))
       group, size = [], 0
   if group:
-    tasks.append(Task('files', files=tuple(group)))
+    tasks.append(Task('files', files=tuple(group), size=size))
   return tasks
 
 
