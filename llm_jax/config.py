@@ -114,8 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'  # Split used for training.
   c.data.eval_split = 'validation'  # Split used for evaluation.
   c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
-  c.data.tokenizer_path = ''  # SentencePiece model to use; '' = train one on the corpus during preparation.
-  c.data.tokenizer_type = 'bpe'  # Model type of a trained tokenizer: bpe | unigram.
+  c.data.tokenizer_path = ''  # Tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory with one; '' = train one on the corpus during preparation.
+  c.data.tokenizer_type = 'bpe'  # Kind of a trained tokenizer: bpe | unigram (SentencePiece, tokenizer.model) | byte_bpe (byte-level BPE with Hugging Face tokenizers, tokenizer.json).
   c.data.prepared_dir = ''  # Where prepared token shards go; '' = <workdir>/data.
   c.data.min_doc_chars = 16  # Documents shorter than this (after cleaning) are dropped.
   c.data.max_docs = 0  # Read at most this many documents per split (0 = all); for quick experiments.

@@ -12,11 +12,15 @@ can express the model, else the first that can (`export_family`).
 Import reads `config.json` and the safetensors weights (one `model.safetensors`, or shards listed in
 `model.safetensors.index.json`) and writes a workdir that training (`config.train.init_from=W`), generation and
 evaluation use: `config.json` (the base config with the model fields taken from the HF config), the parameters as
-the checkpoint of step 0, and the SentencePiece `tokenizer.model` beside the HF files with its fingerprint.
+the checkpoint of step 0, and the tokenizer beside the HF files with its fingerprint: `tokenizer.json` (with
+`tokenizer_config.json` and `chat_template.jinja` when present: special tokens and chat template) when there is
+one, as transformers' AutoTokenizer prefers it, else the SentencePiece `tokenizer.model`.
 The data source stays `synthetic` (a checkpoint carries no data: pick a source before training); when a tokenizer
 is imported, `data.tokenizer_path` points at the workdir's copy, so text sources tokenise with the model's own
-tokenizer instead of training a new one. Export writes `config.json` (LlamaConfig fields) and safetensors that
-`transformers.AutoModelForCausalLM.from_pretrained` loads, plus `tokenizer.model` when the workdir has one. A LoRA
+tokenizer instead of training a new one. Export writes `config.json` and safetensors that
+`transformers.AutoModelForCausalLM.from_pretrained` loads, plus the workdir's tokenizer files; a tokenizer.json
+without a tokenizer_config.json (one preparation trained) gets one (PreTrainedTokenizerFast, its special tokens),
+so `AutoTokenizer.from_pretrained` loads the export too. A LoRA
 workdir (config.lora.rank > 0) exports its adapters merged into the base weights (`lora.merge`: W + A@B *
 alpha/rank), so the export is a plain LLaMA model computing the fine-tuned function.
 
@@ -51,7 +55,6 @@ import glob
 import json
 import math
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -492,10 +495,19 @@ def _abstract_params(config):
   return train.abstract_params(config)
 
 
-def _install_tokenizer(source: str, workdir: str) -> str:
-  """Copies a SentencePiece model into the workdir with its fingerprint; returns the fingerprint."""
+def _install_tokenizer(source: str, workdir: str):
+  """Copies a tokenizer (all its files) into the workdir with its fingerprint; returns it."""
   from llm_jax.data import tokenizer as tokenizer_lib
-  return tokenizer_lib.bind_to_workdir(source, workdir).fingerprint
+  return tokenizer_lib.bind_to_workdir(source, workdir)
+
+
+def _hf_tokenizer_file(hf_dir: str) -> str | None:
+  """The tokenizer of a HF checkpoint directory: tokenizer.json first (what AutoTokenizer uses), else
+  tokenizer.model."""
+  for name in ('tokenizer.json', TOKENIZER_FILE):
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      return os.path.join(hf_dir, name)
+  return None
 
 
 def write_workdir(config, params, workdir: str, meta: dict) -> None:
@@ -537,10 +549,11 @@ def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str =
 
   os.makedirs(workdir, exist_ok=True)
   fingerprint = None
-  tokenizer_path = os.path.join(hf_dir, TOKENIZER_FILE)
-  if os.path.isfile(tokenizer_path):
-    fingerprint = _install_tokenizer(tokenizer_path, workdir)
-    config.data.tokenizer_path = os.path.join(os.path.abspath(workdir), TOKENIZER_FILE)
+  tokenizer_path = _hf_tokenizer_file(hf_dir)
+  if tokenizer_path:
+    tokenizer = _install_tokenizer(tokenizer_path, workdir)
+    fingerprint = tokenizer.fingerprint
+    config.data.tokenizer_path = os.path.join(os.path.abspath(workdir), tokenizer.file_name)
   meta = dict(model=config.model.to_dict(), tokenizer_fingerprint=fingerprint,
               converted_from=os.path.abspath(hf_dir), hf_config=hf)
   write_workdir(config, params, workdir, meta)
@@ -570,6 +583,11 @@ def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str,
                           + '; refusing to drop weights')
 
 
+def _workdir_tokenizer(workdir: str):
+  from llm_jax.data import tokenizer as tokenizer_lib
+  return tokenizer_lib.load_from_workdir(workdir) if tokenizer_lib.workdir_tokenizer(workdir) else None
+
+
 def _check_exportable(config) -> None:
   if config.model.objective != 'clm':
     raise ConversionError(f'config.model.objective={config.model.objective!r}: only causal LMs (clm) export '
@@ -577,16 +595,32 @@ def _check_exportable(config) -> None:
   export_family(config.model)
 
 
-def _token_ids(workdir: str, meta: dict) -> dict[str, int | None]:
-  """bos/eos/pad ids: from the workdir's SentencePiece model, else from the imported HF config, else none."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.isfile(path):
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=path)
-    ids = dict(bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id(), pad_token_id=sp.pad_id())
-    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+def _token_ids(tokenizer, meta: dict) -> dict[str, Any]:
+  """bos/eos/pad ids: those of the imported HF config where it has them (Llama 3.1 lists several EOS ids), else
+  the workdir's tokenizer's, else none."""
+  ids = dict.fromkeys(('bos_token_id', 'eos_token_id', 'pad_token_id'))
+  if tokenizer is not None:
+    ids.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    ids = {k: (v if v is not None and v >= 0 else None) for k, v in ids.items()}
   hf = meta.get('hf_config') or {}
-  return {k: hf.get(k) for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')}
+  ids.update({k: hf[k] for k in ids if hf.get(k) is not None})
+  return ids
+
+
+def _export_tokenizer(tokenizer, hf_dir: str, max_len: int) -> list[str]:
+  """The tokenizer's files in the export, and a tokenizer_config.json for a tokenizer.json that has none."""
+  from llm_jax.data import tokenizer as tokenizer_lib
+  written = tokenizer_lib.copy_files(tokenizer, hf_dir)
+  if tokenizer.kind == 'hf' and tokenizer_lib.HF_CONFIG_FILE not in written:
+    names = dict(bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                 pad_token=tokenizer.decode_token(tokenizer.pad_id), unk_token=tokenizer.decode_token(tokenizer.unk_id))
+    hf_config = dict(tokenizer_class='PreTrainedTokenizerFast', model_max_length=max_len,
+                     clean_up_tokenization_spaces=False, **{k: v for k, v in names.items() if v is not None})
+    if tokenizer.chat_template:
+      hf_config['chat_template'] = tokenizer.chat_template
+    checkpoint.write_json_atomic(os.path.join(hf_dir, tokenizer_lib.HF_CONFIG_FILE), hf_config)
+    written.append(tokenizer_lib.HF_CONFIG_FILE)
+  return written
 
 
 def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
@@ -632,13 +666,13 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
     checkpoint.write_json_atomic(os.path.join(hf_dir, INDEX_FILE),
                                  dict(metadata=dict(total_size=total), weight_map=weight_map))
     written.append(INDEX_FILE)
-  hf_config = hf_config_from_model(config.model, hf_dtype, _token_ids(workdir, meta),
+  tokenizer = _workdir_tokenizer(workdir)
+  hf_config = hf_config_from_model(config.model, hf_dtype, _token_ids(tokenizer, meta),
                                    (meta.get('hf_config') or {}).get('model_type'))
   checkpoint.write_json_atomic(os.path.join(hf_dir, 'config.json'), hf_config)
   written.append('config.json')
-  if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
-    shutil.copyfile(os.path.join(workdir, TOKENIZER_FILE), os.path.join(hf_dir, TOKENIZER_FILE))
-    written.append(TOKENIZER_FILE)
+  if tokenizer is not None:
+    written += _export_tokenizer(tokenizer, hf_dir, config.model.max_seq_len)
   return written
 
 

@@ -61,8 +61,9 @@ def _main():
                              'total probability; 1 = no limit.')
   seed = flags.DEFINE_integer('seed', 0, 'Random seed of sampling; the same seed gives the same text.')
   step = flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
-  tokenizer = flags.DEFINE_string('tokenizer', '', 'SentencePiece model to use instead of <workdir>/tokenizer.model '
-                                  '(it must be the one the checkpoint was trained with).')
+  tokenizer = flags.DEFINE_string('tokenizer', '', 'Tokenizer (SentencePiece .model, tokenizer.json, or a directory '
+                                  'with one) to use instead of the workdir\'s (it must be the one the checkpoint was '
+                                  'trained with).')
   chat = flags.DEFINE_bool('chat', None, 'Wrap prompts in the SFT chat template (default: only for a workdir '
                            'fine-tuned on data.source=sft_jsonl).')
 

@@ -92,7 +92,8 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
     raise FileNotFoundError(f'--workdir {workdir}: no complete checkpoint under {checkpoint.checkpoint_dir(workdir)} '
                             f'(train first, or wait for the first checkpoint)')
   tokenizer = None
-  path = tokenizer_path or os.path.join(workdir, tokenizer_lib.WORKDIR_MODEL)
+  path = tokenizer_path or tokenizer_lib.workdir_tokenizer(workdir) or os.path.join(workdir,
+                                                                                     tokenizer_lib.WORKDIR_MODEL)
   if os.path.exists(path):
     tokenizer = tokenizer_lib.load_from_workdir(workdir) if not tokenizer_path else tokenizer_lib.load(path)
     tokenizer_lib.check_vocab(config, tokenizer)

@@ -8,7 +8,8 @@ Output, in config.data.prepared_dir ('' = <workdir>/data):
 
   index.json              what was prepared: fingerprint, tokenizer ids, shards per split, statistics, and the
                           unigram baseline (entropy of the validation split under train-split unigram frequencies)
-  tokenizer.model         the SentencePiece model the shards are written with
+  tokenizer.model         the tokenizer the shards are written with (SentencePiece; or tokenizer.json with its
+                          tokenizer_config.json: see llm_jax.data.tokenizer)
   train-00000.bin ...     token ids, uint16 (uint32 when the vocabulary needs it), little-endian; the documents
   validation-00000.bin    of a split are one stream `doc EOS doc EOS ...`, cut into shards of SHARD_TOKENS
 
@@ -55,7 +56,7 @@ from llm_jax.errors import UserError
 
 FORMAT_VERSION = 2  # bump when the output layout or the cleaning changes: old outputs are then rebuilt
 INDEX_FILE = 'index.json'
-TOKENIZER_FILE = 'tokenizer.model'
+TOKENIZER_FILE = 'tokenizer.model'  # the SentencePiece name; index.json's tokenizer.file names the one written
 SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MiB of uint16)
 TOKENIZER_SAMPLE_CHARS_MIN = 8_000_000  # characters of cleaned train text the tokenizer is trained on, at least,
 TOKENIZER_SAMPLE_CHARS_PER_PIECE = 1_000  # and this many per piece of the vocabulary (32M for a 32k vocabulary)
@@ -78,9 +79,9 @@ def fingerprint(config) -> str:
   """sha256 of everything the prepared tokens depend on (not seq_len, batch size or seed: those act later)."""
   d = config.data
   if d.tokenizer_path:
-    if not os.path.isfile(d.tokenizer_path):
-      raise PrepareError(f'config.data.tokenizer_path: {d.tokenizer_path}: file does not exist')
-    tokenizer = {'sha256': tokenizer_lib.file_fingerprint(d.tokenizer_path)}
+    if not tokenizer_lib.tokenizer_file(d.tokenizer_path):
+      raise PrepareError(f'config.data.tokenizer_path: {d.tokenizer_path}: no such tokenizer file')
+    tokenizer = {'sha256': tokenizer_lib.load(d.tokenizer_path).fingerprint}
   else:
     tokenizer = {'train_vocab_size': config.model.vocab_size, 'type': d.tokenizer_type,
                  'sample_chars': tokenizer_sample_chars(config.model.vocab_size)}
@@ -135,7 +136,7 @@ def prepare(config, workdir: str | None = None, progress: bool = True, executor=
   if index is None or index.get('fingerprint') != expected:
     index = _build(config, directory, expected, workdir, progress, executor)
   if workdir:
-    tokenizer_lib.bind_to_workdir(os.path.join(directory, TOKENIZER_FILE), workdir)
+    tokenizer_lib.bind_to_workdir(tokenizer_lib.tokenizer_file(directory), workdir)
   return index
 
 
@@ -155,7 +156,7 @@ def _build(config, directory: str, expected_fingerprint: str, workdir: str | Non
   try:
     index = _write_prepared(config, staging, expected_fingerprint, progress, executor)
     if workdir:  # fail before replacing anything when the workdir belongs to another tokenizer
-      tokenizer_lib.check_workdir(workdir, tokenizer_lib.load(os.path.join(staging, TOKENIZER_FILE)))
+      tokenizer_lib.check_workdir(workdir, tokenizer_lib.load(staging))
     _replace_directory(staging, directory)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -199,9 +200,10 @@ def _tokenizer_sample(config) -> list[str]:
 
 
 def _obtain_tokenizer(config, staging: str) -> tokenizer_lib.Tokenizer:
-  path = os.path.join(staging, TOKENIZER_FILE)
+  """The given tokenizer (its files copied into `staging`), or one trained there (tokenizer.model or
+  tokenizer.json, by config.data.tokenizer_type)."""
   if config.data.tokenizer_path:
-    shutil.copyfile(config.data.tokenizer_path, path)
+    tokenizer_lib.copy_files(tokenizer_lib.load(config.data.tokenizer_path), staging)
   else:
     # A list, not a generator: errors of the source then surface as themselves, not from inside SentencePiece.
     sample = _tokenizer_sample(config)
@@ -210,9 +212,9 @@ def _obtain_tokenizer(config, staging: str) -> tokenizer_lib.Tokenizer:
                          f'of at least config.data.min_doc_chars={config.data.min_doc_chars} characters)')
     model = tokenizer_lib.train(sample, config.model.vocab_size, config.data.tokenizer_type,
                                 num_threads=os.cpu_count() or 1)
-    with open(path, 'wb') as f:
+    with open(os.path.join(staging, tokenizer_lib.trained_file_name(config.data.tokenizer_type)), 'wb') as f:
       f.write(model)
-  tokenizer = tokenizer_lib.load(path)
+  tokenizer = tokenizer_lib.load(staging)
   if tokenizer.eos_id < 0:
     raise tokenizer_lib.TokenizerError(f'config.data.tokenizer_path: {config.data.tokenizer_path} has no EOS '
                                        f'piece; the token stream needs one to separate documents')
@@ -282,8 +284,8 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
   os.makedirs(work)
   bar = tqdm(desc='prepare', unit=' docs', disable=not progress, dynamic_ncols=True)
   try:
-    preparation_tasks.run_all(config, tasks, os.path.join(staging, TOKENIZER_FILE), work, _workers(config, tasks), bar,
-                              executor)
+    preparation_tasks.run_all(config, tasks, os.path.join(staging, tokenizer.file_name), work,
+                              _workers(config, tasks), bar, executor)
   finally:
     bar.close()
   results = [preparation_tasks.TaskResult(work, i) for i in range(len(tasks))]
@@ -301,7 +303,7 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
       'fingerprint': expected_fingerprint,
       'source': config.data.source,
       'token_dtype': dtype.newbyteorder('<').str,
-      'tokenizer': {'file': TOKENIZER_FILE, 'fingerprint': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
+      'tokenizer': {'file': tokenizer.file_name, 'fingerprint': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
                     'pad_id': tokenizer.pad_id, 'eos_id': tokenizer.eos_id, 'bos_id': tokenizer.bos_id,
                     'unk_id': tokenizer.unk_id},
       'filters': list(cleaning.filter_names(config)),

@@ -5,7 +5,10 @@ Records (one JSON object per line of the files matched by config.data.paths; bla
   {"prompt": "...", "response": "..."}                        one user turn and its answer
   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   a chat; >= 1 assistant turn
 
-Template ('simple'). A prompt/response record is the chat [user: prompt, assistant: response]. A chat is the
+Template. When the tokenizer ships a chat template (Jinja, in its tokenizer_config.json or chat_template.jinja:
+Llama 3, Qwen2, Mistral instruct releases), records are rendered with it and the loss covers exactly the
+assistant turns as it renders them, end-of-turn tokens included (llm_jax.data.chat_template). Otherwise the
+built-in template ('simple') is used. A prompt/response record is the chat [user: prompt, assistant: response]. A chat is the
 concatenation, for each message, of
 
   encode("<|{role}|>\\n")  encode(content)  END
@@ -30,8 +33,8 @@ a row is padding (pad id, segment 0, loss 0). Segment ids number the examples of
 masking in attention) and positions restart at 0 for each. Rows of all epochs form one sequence, and global
 batch k is rows [k*B, (k+1)*B) of it (process p of P takes its B/P), so batch k is a pure function of (seed, k).
 
-Tokenizer: config.data.tokenizer_path, else <workdir>/tokenizer.model (e.g. from convert or an earlier run),
-else <config.train.init_from>/tokenizer.model (the pre-training run being fine-tuned). `prepare` binds it to
+Tokenizer: config.data.tokenizer_path, else <workdir>/tokenizer.model or tokenizer.json (e.g. from convert or an
+earlier run), else the same in <config.train.init_from> (the pre-training run being fine-tuned). `prepare` binds it to
 the workdir. Errors a user can cause are `SFTDataError`s naming the field, or file:line and the reason.
 """
 
@@ -106,7 +109,11 @@ def parse_record(line: str, where: str) -> list[dict]:
 
 
 def render(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
-  """Tokens of a chat under the template above, and which of them count in the loss."""
+  """Tokens of a chat under the tokenizer's own chat template when it has one (llm_jax.data.chat_template: loss
+  on the assistant spans as rendered), else the built-in template above; and which of them count in the loss."""
+  if getattr(tokenizer, 'chat_template', None):
+    from llm_jax.data import chat_template
+    return chat_template.tokens_and_loss(tokenizer, messages)
   tokens, loss = [], []
 
   def add(ids, counts):
@@ -122,7 +129,11 @@ def render(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-  """Tokens a generation starts from for a single-turn prompt: user turn + assistant header."""
+  """Tokens a generation starts from for a single-turn prompt: user turn + assistant header (the tokenizer's chat
+  template when it has one)."""
+  if getattr(tokenizer, 'chat_template', None):
+    from llm_jax.data import chat_template
+    return chat_template.prompt_tokens(tokenizer, [dict(role='user', content=prompt)])
   tokens, _ = render(tokenizer, [dict(role='user', content=prompt)])
   return tokens + tokenizer.encode('<|assistant|>\n')
 
@@ -166,7 +177,10 @@ def read_examples(files: Sequence[str], tokenizer, seq_len: int, policy: str) ->
         if not line.strip():
           continue
         where = f'{path}:{number}'
-        tokens, loss = render(tokenizer, parse_record(line, where))
+        try:
+          tokens, loss = render(tokenizer, parse_record(line, where))
+        except UserError as e:  # a chat template that cannot render this record
+          raise SFTDataError(f'{where}: {e}') from None
         tokens, loss = np.asarray(tokens, np.int32), np.asarray(loss, bool)
         stats['records'] += 1
         fitted = fit(tokens, loss, seq_len + 1, policy, where)
@@ -189,10 +203,11 @@ def tokenizer_path(config, workdir: str | None) -> str:
       raise SFTDataError(f'config.data.tokenizer_path: {config.data.tokenizer_path} does not exist')
     return config.data.tokenizer_path
   for directory in (workdir, config.train.init_from):
-    if directory and os.path.exists(os.path.join(directory, tokenizer_lib.WORKDIR_MODEL)):
-      return os.path.join(directory, tokenizer_lib.WORKDIR_MODEL)
+    found = tokenizer_lib.workdir_tokenizer(directory)
+    if found:
+      return found
   raise SFTDataError('config.data.tokenizer_path: sft_jsonl needs a tokenizer: set it, or fine-tune in a workdir '
-                     'that has tokenizer.model, or set config.train.init_from to one')
+                     'that has tokenizer.model or tokenizer.json, or set config.train.init_from to one')
 
 
 # --- packing -------------------------------------------------------------------------------------------------------

@@ -1,4 +1,15 @@
-"""SentencePiece tokenizer: training on a text sample, loading, and the binding to a model.
+"""Tokenizers: two backends behind one interface, training on a text sample, loading, and the binding to a model.
+
+  SentencePiece   a `.model` file (`Tokenizer`): what preparation trains by default (tokenizer_type bpe|unigram)
+  Hugging Face    a `tokenizer.json` of the `tokenizers` library (`HFTokenizer`), with the `tokenizer_config.json`
+                  (special tokens, chat template) and `chat_template.jinja` beside it when present: Llama 3,
+                  Qwen2, Mistral releases; preparation trains a byte-level BPE one with tokenizer_type=byte_bpe
+
+`load(path)` takes either file, or a directory holding one (tokenizer.model first, then tokenizer.json). Both
+give `encode` (no BOS/EOS added, special tokens written in the text are recognised by the HF backend, as
+transformers' fast tokenizers do with add_special_tokens=False), `encode_batch`, `decode` (special tokens
+dropped), `vocab_size`, pad/eos/bos/unk ids (-1 when the tokenizer has none), `fingerprint`, `files` and
+`chat_template` (the Jinja template, or None: SentencePiece never has one).
 
 Reserved ids, the same for every tokenizer this module trains:
 
@@ -11,8 +22,11 @@ followed by the 256 byte pieces '<0x00>'..'<0xFF>' and then the learned pieces. 
 on cleaned text: no normalisation, no dummy prefix, whitespace kept (runs of spaces become pieces, so Python
 indentation is cheap), so `decode(encode(s)) == s`.
 
-A tokenizer loaded from a file carries its `fingerprint`, the sha256 of the model file; checkpoints and workdirs
-record it so that a model is never used with a tokenizer it was not trained with. This module needs no TensorFlow.
+A tokenizer loaded from a file carries its `fingerprint`: the sha256 of the model file (SentencePiece, or a
+tokenizer.json alone), or of all its files (tokenizer.json + tokenizer_config.json + chat_template.jinja: the
+special tokens and the template change what the model sees). Checkpoints and workdirs record it so that a model is
+never used with a tokenizer it was not trained with. This module needs no TensorFlow; `tokenizers` is imported
+only when an HF tokenizer is used or trained.
 """
 
 from __future__ import annotations
@@ -26,7 +40,14 @@ import sentencepiece as spm
 from llm_jax.errors import UserError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
-MODEL_TYPES = ('bpe', 'unigram')
+SENTENCEPIECE_TYPES = ('bpe', 'unigram')  # trained with SentencePiece
+HF_TYPES = ('byte_bpe',)  # trained with Hugging Face tokenizers: byte-level BPE (GPT-2 / Llama 3 style)
+MODEL_TYPES = SENTENCEPIECE_TYPES + HF_TYPES
+SENTENCEPIECE_FILE = 'tokenizer.model'
+HF_FILE = 'tokenizer.json'
+HF_CONFIG_FILE = 'tokenizer_config.json'  # special tokens and the chat template, beside tokenizer.json
+HF_TEMPLATE_FILE = 'chat_template.jinja'  # the chat template in its own file (newer transformers)
+SPECIAL_TOKENS = ('<pad>', '</s>', '<s>', '<unk>')  # ids 0-3 of every trained tokenizer, both backends
 
 
 class TokenizerError(UserError, ValueError):
@@ -44,14 +65,20 @@ def file_fingerprint(path: str) -> str:
 
 class Tokenizer:
   """A loaded SentencePiece model. Use `load(path)` to make one."""
+  kind = 'sentencepiece'
+  file_name = SENTENCEPIECE_FILE  # its name in a workdir or prepared directory
+  chat_template = None
 
   def __init__(self, model_proto: bytes, path: str = ''):
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.path = path
+    self.files = {SENTENCEPIECE_FILE: path} if path else {}  # name in a workdir -> source file
     self.fingerprint = hashlib.sha256(model_proto).hexdigest()
     self.vocab_size = self._sp.vocab_size()
     self.pad_id, self.eos_id, self.bos_id, self.unk_id = (
         self._sp.pad_id(), self._sp.eos_id(), self._sp.bos_id(), self._sp.unk_id())
+    self.eos_token = self._sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
+    self.bos_token = self._sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS or EOS."""
@@ -69,8 +96,137 @@ class Tokenizer:
     return f'Tokenizer({self.path or "<in memory>"}, vocab_size={self.vocab_size}, sha256={self.fingerprint[:12]})'
 
 
-def load(path: str) -> Tokenizer:
-  """Loads a SentencePiece model file; the error names the file when it is missing or not a model."""
+def _read_json(path: str) -> dict:
+  import json
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise TokenizerError(f'tokenizer {path}: cannot read it as JSON ({e})') from None
+  if not isinstance(value, dict):
+    raise TokenizerError(f'tokenizer {path}: expected a JSON object')
+  return value
+
+
+def _token_text(value) -> str | None:
+  """A special token of tokenizer_config.json: a string, or an AddedToken dict {"content": ...}."""
+  if isinstance(value, dict):
+    return value.get('content')
+  return value if isinstance(value, str) else None
+
+
+def _template_text(value) -> str | None:
+  """tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the 'default' one)."""
+  if isinstance(value, list):
+    named = {t.get('name'): t.get('template') for t in value if isinstance(t, dict)}
+    return named.get('default')
+  return value if isinstance(value, str) else None
+
+
+# Special tokens looked up by name when tokenizer_config.json does not say (trained ones, bare tokenizer.json).
+_EOS_NAMES = ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>')
+_BOS_NAMES = ('<s>', '<|begin_of_text|>', '<bos>')
+_PAD_NAMES = ('<pad>', '<|pad|>', '<|finetune_right_pad_id|>')
+_UNK_NAMES = ('<unk>',)
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer (tokenizer.json), with tokenizer_config.json / chat_template.jinja
+  beside it when present. Use `load(path)` to make one."""
+  kind = 'hf'
+  file_name = HF_FILE
+
+  def __init__(self, path: str):
+    import tokenizers  # lazily: only HF tokenizers need the library
+    directory = os.path.dirname(os.path.abspath(path))
+    self.path = path
+    self.files = {HF_FILE: path}
+    for name in (HF_CONFIG_FILE, HF_TEMPLATE_FILE):
+      if os.path.isfile(os.path.join(directory, name)):
+        self.files[name] = os.path.join(directory, name)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the library raises a bare Exception on a malformed file
+      raise TokenizerError(f'tokenizer {path}: not a Hugging Face tokenizer.json ({e})') from None
+    self.config = _read_json(self.files[HF_CONFIG_FILE]) if HF_CONFIG_FILE in self.files else {}
+    digest = hashlib.sha256()
+    for name in sorted(self.files):  # tokenizer.json alone: the sha256 of that file, like a SentencePiece model
+      with open(self.files[name], 'rb') as f:
+        data = f.read()
+      if len(self.files) > 1:
+        digest.update(f'{name}\0{len(data)}\0'.encode())
+      digest.update(data)
+    self.fingerprint = digest.hexdigest()
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.eos_token = self._special('eos_token', _EOS_NAMES)
+    self.bos_token = self._special('bos_token', _BOS_NAMES)
+    pad_token = self._special('pad_token', _PAD_NAMES)
+    unk_token = self._special('unk_token', _UNK_NAMES)
+    self.eos_id, self.bos_id, self.pad_id, self.unk_id = (
+        self._id(t) for t in (self.eos_token, self.bos_token, pad_token, unk_token))
+    self.chat_template = _template_text(self.config.get('chat_template'))
+    if HF_TEMPLATE_FILE in self.files:
+      with open(self.files[HF_TEMPLATE_FILE], encoding='utf-8') as f:
+        self.chat_template = f.read()
+
+  def _special(self, key: str, names: Sequence[str]) -> str | None:
+    if key in self.config:
+      return _token_text(self.config[key])
+    return next((name for name in names if self._tok.token_to_id(name) is not None), None)
+
+  def _id(self, token: str | None) -> int:
+    token_id = self._tok.token_to_id(token) if token is not None else None
+    return -1 if token_id is None else token_id
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without added BOS/EOS (special tokens written in the text are recognised)."""
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """`encode` and each token's (start, end) character span in `text`."""
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return encoding.ids, encoding.offsets
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+    """`encode` of each text (the library parallelises over its own thread pool; num_threads is unused)."""
+    del num_threads
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode_token(self, token_id: int) -> str | None:
+    """The token string of one id (None for -1)."""
+    return self._tok.id_to_token(token_id) if token_id >= 0 else None
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`; special tokens (pad, eos, bos, chat markers) are dropped."""
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def __repr__(self):
+    return (f'HFTokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.fingerprint[:12]}, '
+            f'chat_template={"yes" if self.chat_template else "no"})')
+
+
+def tokenizer_file(path: str) -> str | None:
+  """The tokenizer file `path` names: itself when a file, else the directory's tokenizer.model or tokenizer.json
+  (in that order); None when there is none."""
+  if os.path.isdir(path):
+    for name in (SENTENCEPIECE_FILE, HF_FILE):
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    return None
+  return path if os.path.isfile(path) else None
+
+
+def load(path: str) -> Tokenizer | HFTokenizer:
+  """Loads a tokenizer: a SentencePiece model file, a tokenizer.json, or a directory holding one. The error
+  names the file when it is missing or not a tokenizer."""
+  found = tokenizer_file(path)
+  if os.path.isdir(path) and found is None:
+    raise TokenizerError(f'tokenizer {path}: the directory has neither {SENTENCEPIECE_FILE} nor {HF_FILE}')
+  path = found or path
+  if path.endswith('.json'):
+    if not os.path.isfile(path):
+      raise TokenizerError(f'tokenizer {path}: cannot read it (No such file or directory)')
+    return HFTokenizer(path)
   try:
     with open(path, 'rb') as f:
       proto = f.read()
@@ -82,16 +238,24 @@ def load(path: str) -> Tokenizer:
     raise TokenizerError(f'tokenizer {path}: not a SentencePiece model ({e})') from None
 
 
+def trained_file_name(model_type: str) -> str:
+  """The file name of a tokenizer `train` makes with this model type."""
+  return HF_FILE if model_type in HF_TYPES else SENTENCEPIECE_FILE
+
+
 def train(sentences: Iterable[str], vocab_size: int, model_type: str = 'bpe', num_threads: int = 1,
           max_sentences: int = 2_000_000) -> bytes:
   """Trains a tokenizer with the reserved ids above on `sentences` (e.g. the lines of a sample of the corpus).
 
-  Returns the serialized model. `vocab_size` is an upper bound: when the sample has fewer distinct pieces, the
-  model is smaller (hard_vocab_limit=False), which `check_vocab` accepts.
+  Returns the serialized model: a SentencePiece model (bpe, unigram) or a tokenizer.json (byte_bpe; see
+  `trained_file_name`). `vocab_size` is an upper bound: when the sample has fewer distinct pieces, the model is
+  smaller (hard_vocab_limit=False), which `check_vocab` accepts.
   """
   if model_type not in MODEL_TYPES:
     raise TokenizerError(f'config.data.tokenizer_type: unknown value {model_type!r}; expected one of '
                          f'{", ".join(MODEL_TYPES)}')
+  if model_type == 'byte_bpe':
+    return train_byte_bpe(sentences, vocab_size, max_sentences)
   model = io.BytesIO()
   spm.set_random_generator_seed(0)  # sentence sampling and unigram EM are then reproducible
   try:
@@ -112,6 +276,28 @@ def train(sentences: Iterable[str], vocab_size: int, model_type: str = 'bpe', nu
   return model.getvalue()
 
 
+def train_byte_bpe(sentences: Iterable[str], vocab_size: int, max_sentences: int = 2_000_000) -> bytes:
+  """A byte-level BPE tokenizer.json (the Llama 3 / GPT-2 kind) trained with Hugging Face `tokenizers`.
+
+  Ids 0-3 are <pad>, </s>, <s>, <unk> (as SentencePiece's), then the 256 byte symbols, then the merges. Lossless
+  (every string is bytes; no prefix space, no normalisation), so `decode(encode(s)) == s`.
+  """
+  import itertools
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  minimum = len(SPECIAL_TOKENS) + 256
+  if vocab_size < minimum:
+    raise TokenizerError(f'config.model.vocab_size: {vocab_size} is too small for a byte-level BPE tokenizer: its '
+                         f'{len(SPECIAL_TOKENS)} reserved and 256 byte pieces need at least {minimum}')
+  tokenizer = tokenizers.Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+  tokenizer.train_from_iterator(itertools.islice(iter(sentences), max_sentences), trainer=trainer)
+  return tokenizer.to_str().encode('utf-8')
+
+
 def check_vocab(config, tokenizer: Tokenizer) -> None:
   """config.model.vocab_size must be at least the tokenizer's size.
 
@@ -126,7 +312,7 @@ def check_vocab(config, tokenizer: Tokenizer) -> None:
 
 # --- the tokenizer of a workdir ------------------------------------------------------------------------------------
 
-WORKDIR_MODEL = 'tokenizer.model'  # <workdir>/tokenizer.model: the tokenizer the workdir's model is trained with
+WORKDIR_MODEL = SENTENCEPIECE_FILE  # <workdir>/tokenizer.model or tokenizer.json (+ its config): the workdir's tokenizer
 WORKDIR_FINGERPRINT = 'tokenizer.fingerprint'  # <workdir>/tokenizer.fingerprint: its sha256, one line
 
 
@@ -139,39 +325,56 @@ def check_fingerprint(tokenizer: Tokenizer, expected: str, expected_from: str) -
                          f'used with the tokenizer it was trained with (use a new workdir for a new tokenizer)')
 
 
-def check_workdir(workdir: str, tokenizer: Tokenizer) -> None:
+def workdir_tokenizer(workdir: str) -> str | None:
+  """<workdir>/tokenizer.model or <workdir>/tokenizer.json, whichever it has; None when neither."""
+  return tokenizer_file(workdir) if workdir and os.path.isdir(workdir) else None
+
+
+def check_workdir(workdir: str, tokenizer: Tokenizer | HFTokenizer) -> None:
   """Raises TokenizerError naming both files when `workdir` already holds a different tokenizer."""
   fingerprint_path = os.path.join(workdir, WORKDIR_FINGERPRINT)
-  model_path = os.path.join(workdir, WORKDIR_MODEL)
+  model_path = workdir_tokenizer(workdir)
   if os.path.exists(fingerprint_path):
     with open(fingerprint_path) as f:
       check_fingerprint(tokenizer, f.read().strip(), fingerprint_path)
-  elif os.path.exists(model_path):
-    check_fingerprint(tokenizer, file_fingerprint(model_path), model_path)
+  elif model_path:
+    check_fingerprint(tokenizer, load(model_path).fingerprint, model_path)
 
 
-def bind_to_workdir(tokenizer_path: str, workdir: str) -> Tokenizer:
-  """Copies the tokenizer into `workdir` with its fingerprint, or checks that the one already there is the same.
+def bind_to_workdir(tokenizer_path: str, workdir: str) -> Tokenizer | HFTokenizer:
+  """Copies the tokenizer (every file of it, under its workdir name) into `workdir` with its fingerprint, or
+  checks that the one already there is the same.
 
   A workdir holds one model, so a different tokenizer there is an error naming both files and fingerprints.
-  Both files are written atomically (temp file + rename).
+  Every file is written atomically (temp file + rename).
   """
   tokenizer = load(tokenizer_path)
   check_workdir(workdir, tokenizer)
-  model_path = os.path.join(workdir, WORKDIR_MODEL)
-  fingerprint_path = os.path.join(workdir, WORKDIR_FINGERPRINT)
   os.makedirs(workdir, exist_ok=True)
-  if not os.path.exists(model_path):
-    with open(tokenizer_path, 'rb') as f:
-      _write_atomically(model_path, f.read())
+  for name, source in tokenizer.files.items():
+    target = os.path.join(workdir, name)
+    if not os.path.exists(target):
+      with open(source, 'rb') as f:
+        _write_atomically(target, f.read())
+  fingerprint_path = os.path.join(workdir, WORKDIR_FINGERPRINT)
   if not os.path.exists(fingerprint_path):
     _write_atomically(fingerprint_path, (tokenizer.fingerprint + '\n').encode())
   return tokenizer
 
 
-def load_from_workdir(workdir: str) -> Tokenizer:
+def copy_files(tokenizer: Tokenizer | HFTokenizer, directory: str) -> list[str]:
+  """Copies the tokenizer's files into `directory` under their canonical names; returns the names."""
+  os.makedirs(directory, exist_ok=True)
+  for name, source in tokenizer.files.items():
+    if os.path.abspath(source) != os.path.abspath(os.path.join(directory, name)):
+      with open(source, 'rb') as f:
+        _write_atomically(os.path.join(directory, name), f.read())
+  return list(tokenizer.files)
+
+
+def load_from_workdir(workdir: str) -> Tokenizer | HFTokenizer:
   """The workdir's tokenizer, checked against its recorded fingerprint."""
-  tokenizer = load(os.path.join(workdir, WORKDIR_MODEL))
+  tokenizer = load(workdir_tokenizer(workdir) or os.path.join(workdir, WORKDIR_MODEL))
   fingerprint_path = os.path.join(workdir, WORKDIR_FINGERPRINT)
   if os.path.exists(fingerprint_path):
     with open(fingerprint_path) as f:
