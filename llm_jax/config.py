@@ -343,14 +343,14 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   Used by generate, evaluate, convert and resume; raises FileNotFoundError naming the file when it is missing.
   """
   import json
-  import os
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isdir(workdir):
+  from llm_jax import storage
+  path = storage.join(workdir, 'config.json')
+  storage.check_readable(workdir)
+  if not storage.isdir(workdir):
     raise FileNotFoundError(f'{workdir}: no such workdir')
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'{path}: missing; is {workdir} a llm_jax workdir (made by training or convert)?')
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(storage.read_text(path))
   config = get_config()
   for section, values in saved.items():
     if section not in config or not isinstance(values, dict):

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
+from llm_jax import storage
 
 # Peak dense bf16 FLOP/s per device, from the vendors' data sheets. Unknown kinds (CPUs) have no peak, and
 # their MFU is reported as null rather than a made-up number.
@@ -82,26 +85,67 @@ def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, device_kind
   return tokens_per_s * flops_per_tok / (peak * num_devices)
 
 
+class _ObjectJsonl:
+  """metrics.jsonl on an object store, which cannot append: the rows (after the existing object's) are kept in
+  memory, and `flush` re-uploads the whole object in one atomic PUT."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._text = storage.read_text(path) if storage.exists(path) else ''
+    self._dirty = False
+
+  def write(self, line: str) -> None:
+    self._text += line
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty:
+      storage.write_text(self.path, self._text)
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
 class MetricsWriter:
   """Appends rows to <workdir>/metrics.jsonl, mirrors scalars to TensorBoard and prints a readable line.
 
-  Only process 0 writes; other processes get a writer that does nothing.
+  Only process 0 writes; other processes get a writer that does nothing. On a gs:// / s3:// workdir,
+  metrics.jsonl is re-uploaded whole (at most every `flush_every_s` s, and on close), and the TensorBoard events
+  are written to a local temporary directory and uploaded to <workdir>/tensorboard/ at the same times:
+  tensorboardX's own gs:// support needs TensorFlow, which the GPU image lacks.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout):
+  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout, flush_every_s: float = 30.0):
     self.enabled = enabled
     self.stream = stream
     self._tb = None
     self._jsonl = None
+    self._tb_local = self._tb_remote = None
+    self._flush_every_s, self._last_upload = flush_every_s, time.monotonic()
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+    path = storage.join(workdir, 'metrics.jsonl')
+    if storage.is_url(workdir):
+      self._jsonl = _ObjectJsonl(path)
+      self._tb_remote = storage.join(workdir, 'tensorboard')
+      self._tb_local = tempfile.mkdtemp(prefix='llm_jax-tensorboard-')
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(path, 'a', buffering=1)
     try:  # TensorBoard is optional: tensorboardX is pure Python, but an image may lack it
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(self._tb_local or os.path.join(workdir, 'tensorboard'))
     except ImportError:
       print('tensorboardX is not installed: no TensorBoard events (metrics.jsonl is still written)', file=stream)
+
+  def _upload(self) -> None:
+    """Object-store workdir: re-uploads metrics.jsonl and the TensorBoard event files."""
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+      storage.upload_dir(self._tb_local, self._tb_remote)
+    self._last_upload = time.monotonic()
 
   def write(self, row: dict[str, Any], echo: bool = True) -> None:
     if not self.enabled:
@@ -113,6 +157,8 @@ class MetricsWriter:
       for key, value in row.items():
         if key != 'step' and isinstance(value, (int, float)) and value is not None:
           self._tb.add_scalar(key, value, step)
+    if self._tb_local is not None and time.monotonic() - self._last_upload >= self._flush_every_s:
+      self._upload()
     if echo:
       print(format_row(row), file=self.stream, flush=True)
 
@@ -121,6 +167,10 @@ class MetricsWriter:
       self._tb.add_text(tag, text, step)
 
   def close(self) -> None:
+    if self._tb_local is not None:
+      self._upload()
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb_local = None
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
@@ -42,6 +41,7 @@ from llm_jax import metrics as metrics_lib
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import sharding
+from llm_jax import storage
 from llm_jax import tasks
 from llm_jax.model import Transformer, TransformerConfig
 from llm_jax.model import lora as lora_lib
@@ -219,10 +219,9 @@ class Preemption:
 
 
 def _tokenizer_fingerprint(workdir: str) -> str | None:
-  path = os.path.join(workdir, 'tokenizer.fingerprint')
-  if os.path.exists(path):
-    with open(path) as f:
-      return f.read().strip()
+  path = storage.join(workdir, 'tokenizer.fingerprint')
+  if storage.exists(path):
+    return storage.read_text(path).strip()
   return None
 
 
@@ -243,7 +242,7 @@ def _check_compatible(meta: dict, config, workdir: str, where: str, resume: bool
   saved_fp, current_fp = meta.get('tokenizer_fingerprint'), _tokenizer_fingerprint(workdir)
   if saved_fp and current_fp and saved_fp != current_fp:
     raise IncompatibleCheckpointError(f'tokenizer mismatch: the checkpoint in {where} was trained with tokenizer {saved_fp[:16]}..., '
-                     f'but {os.path.join(workdir, "tokenizer.model")} is {current_fp[:16]}...')
+                     f'but {storage.join(workdir, "tokenizer.model")} is {current_fp[:16]}...')
 
 
 def _meta(config, workdir) -> dict:
@@ -359,10 +358,11 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
 
 
 def _check_workdir_path(workdir: str) -> str:
-  if '://' in workdir:
-    raise config_lib.ConfigError(f'--workdir={workdir}: object-store URLs are not supported yet; use a local or shared '
-                     f'file-system path (e.g. an NFS or gcsfuse mount)')
-  return os.path.abspath(workdir)
+  """A local path (made absolute) or a gs:// / s3:// URL (docs/storage.md); other schemes are refused."""
+  if '://' in workdir and not storage.is_url(workdir):
+    raise config_lib.ConfigError(f'--workdir={workdir}: unknown URL scheme; use a local path, gs://bucket/... or '
+                                 f's3://bucket/...')
+  return storage.absolute(workdir)
 
 
 def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
@@ -389,7 +389,7 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
   try:
     state = _restore_or_init(trainer, manager)
     if is_writer:  # only now: a refused resume must leave the workdir's config.json as it was
-      checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+      checkpoint.write_json_atomic(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
     return Loop(trainer, manager, writer, state, default_hooks(config, preemption) + list(hooks)).run()
   finally:

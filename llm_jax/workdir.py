@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
 
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
+from llm_jax import storage
 from llm_jax import tasks
 from llm_jax import train
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -84,7 +84,8 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
   here. Errors, each one message naming the path: unknown workdir, no config.json, no checkpoint, no tokenizer
   (when `need_tokenizer`), a tokenizer other than the checkpoint's.
   """
-  if not os.path.isdir(workdir):
+  storage.check_readable(workdir)
+  if not storage.isdir(workdir):
     raise FileNotFoundError(f'--workdir {workdir}: no such directory')
   config = config if config is not None else config_lib.load_workdir_config(workdir)
   step = checkpoint.latest_step(workdir) if step is None else step
@@ -92,9 +93,9 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
     raise FileNotFoundError(f'--workdir {workdir}: no complete checkpoint under {checkpoint.checkpoint_dir(workdir)} '
                             f'(train first, or wait for the first checkpoint)')
   tokenizer = None
-  path = tokenizer_path or tokenizer_lib.workdir_tokenizer(workdir) or os.path.join(workdir,
+  path = tokenizer_path or tokenizer_lib.workdir_tokenizer(workdir) or storage.join(workdir,
                                                                                      tokenizer_lib.WORKDIR_MODEL)
-  if os.path.exists(path):
+  if storage.exists(path):
     tokenizer = tokenizer_lib.load_from_workdir(workdir) if not tokenizer_path else tokenizer_lib.load(path)
     tokenizer_lib.check_vocab(config, tokenizer)
   elif need_tokenizer or tokenizer_path:
