@@ -164,6 +164,14 @@ def read_range(path: str, start: int, length: int) -> bytes:
     return f.read(length)
 
 
+def read_ranges(paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+  """Byte ranges [start, end) of files (all local, or all in buckets), in order. On an object store they are
+  one batch of concurrent ranged requests (fsspec's cat_ranges), not one request after another."""
+  if paths and is_url(paths[0]):
+    return _fs(paths[0]).cat_ranges(list(paths), list(starts), list(ends))
+  return [read_range(p, s, e - s) for p, s, e in zip(paths, starts, ends)]
+
+
 def write_bytes(path: str, data: bytes) -> None:
   """Replaces `path` atomically (see the module doc: temporary name + rename locally, one PUT on a bucket)."""
   if is_url(path):
@@ -239,6 +247,22 @@ def local_file(path: str) -> Iterator[str]:
     local = os.path.join(tmp, basename(path))
     _fs(path).get_file(path, local)
     yield local
+
+
+@contextlib.contextmanager
+def local_dir(path: str) -> Iterator[str]:
+  """A local directory with the files under `path`, for readers that need a local file system (safetensors'
+  memory maps): `path` itself when local, else a temporary download removed on exit."""
+  if not is_url(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix='llm_jax-') as tmp:
+    for remote in _fs(path).find(path):
+      rel = posixpath.relpath(remote, _strip_scheme(path).rstrip('/'))
+      local = os.path.join(tmp, *rel.split('/'))
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      _fs(path).get_file(remote, local)
+    yield tmp
 
 
 @contextlib.contextmanager
