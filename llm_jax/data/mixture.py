@@ -23,7 +23,7 @@ from llm_jax.data import preparation
 from llm_jax.data import tokenizer as tokenizer_lib
 
 BLOCK_ROWS = 4096
-_SPLIT_IDS = {'train': 0, 'validation': 1}
+_SPLIT_IDS = pipeline._SPLIT_IDS  # pylint: disable=protected-access  # the ids of single splits
 
 
 class MixtureError(ConfigError):
