@@ -106,7 +106,8 @@ class PackedSplit:
     if self.num_windows < 1:
       raise preparation.PrepareError(
           f'config.data.seq_len: the {name or "data"} split has {stream.num_tokens} tokens, fewer than one '
-          f'window of seq_len+1 = {seq_len + 1}; use a shorter seq_len or more data')
+          f'window of seq_len+1 = {seq_len + 1}; use a shorter seq_len or more data'
+          + (', or a larger config.data.validation_fraction' if split_id % 2 else ''))
     self._orders: dict[int, np.ndarray] = {}
     self._orders_lock = threading.Lock()  # tf.data calls `batch` from several threads
 
