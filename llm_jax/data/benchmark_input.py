@@ -73,10 +73,11 @@ def time_workers(config, workers: list[int]) -> dict:
     first.data.prepared_dir = os.path.join(scratch, 'first')
     index = preparation.prepare(first, None, progress=False)
     result['input_mb'] = round(sum(s['input_chars'] for s in index['splits'].values()) / 1e6, 2)
+    tokenizer_file = index['tokenizer']['file']
     for count in workers:
       fresh = config.copy_and_resolve_references()
       fresh.data.prepare_workers = count
-      fresh.data.tokenizer_path = os.path.join(scratch, 'first', preparation.TOKENIZER_FILE)
+      fresh.data.tokenizer_path = os.path.join(scratch, 'first', tokenizer_file)
       index = time_fresh_preparation(fresh)
       result[f'prepare_mb_per_s_workers_{count}'] = round(index['input_mb_per_s'], 3)
       result[f'prepare_seconds_workers_{count}'] = round(index['seconds'], 2)
