@@ -19,7 +19,8 @@ from llm_jax.errors import UserError
 # Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
 ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
 REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out')
-SCHEDULES = ('cosine', 'linear', 'constant')
+SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
+WSD_SHAPES = ('linear', 'cosine', 'sqrt')
 OBJECTIVES = ('clm', 'mlm')
 DTYPES = ('float32', 'bfloat16', 'float16')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -127,12 +128,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.steps = 1000  # Optimizer steps to train for.
   c.train.learning_rate = 3e-4  # Peak learning rate.
   c.train.warmup_steps = 100  # Linear warmup steps from 0 to the peak learning rate.
-  c.train.schedule = 'cosine'  # Decay after warmup: cosine | linear | constant.
-  c.train.min_lr_ratio = 0.1  # Final learning rate as a fraction of the peak (cosine, linear).
+  c.train.schedule = 'cosine'  # Decay after warmup: cosine | linear | constant | wsd (warmup-stable-decay).
+  c.train.wsd_decay_fraction = 0.1  # schedule=wsd: fraction of train.steps (the last ones) spent decaying.
+  c.train.wsd_decay_shape = 'linear'  # schedule=wsd: decay curve from the peak to min_lr_ratio * peak: linear | cosine | sqrt (1 - sqrt).
+  c.train.min_lr_ratio = 0.1  # Final learning rate as a fraction of the peak (cosine, linear, wsd).
   c.train.weight_decay = 0.1  # AdamW decoupled weight decay; never applied to norms and biases (1-D parameters).
   c.train.beta1 = 0.9  # AdamW beta1.
   c.train.beta2 = 0.95  # AdamW beta2.
   c.train.eps = 1e-8  # AdamW epsilon.
+  c.train.z_loss = 0.0  # Coefficient of the z-loss, the mean of log(Z)^2 over target tokens added to the loss (PaLM: 1e-4); 0 = off.
   c.train.grad_clip = 1.0  # Clip gradients to this global norm (0 = no clipping).
   c.train.grad_accum_steps = 1  # Microbatches per step, accumulated inside the jitted step with lax.scan.
   c.train.moments_dtype = 'float32'  # Dtype of both AdamW moments: float32 | bfloat16 (halves optimizer memory).
@@ -288,6 +292,16 @@ def validate(config, num_devices: int) -> dict[str, int]:
     _fail('train.steps', f'must be positive, got {t.steps}')
   if t.warmup_steps < 0:
     _fail('train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
+  if t.schedule == 'wsd':
+    _choice(config, 'train', 'wsd_decay_shape', WSD_SHAPES)
+    if not 0.0 <= t.wsd_decay_fraction <= 1.0:
+      _fail('train.wsd_decay_fraction', f'must be in [0, 1], got {t.wsd_decay_fraction}')
+    decay_steps = int(round(t.wsd_decay_fraction * t.steps))
+    if t.warmup_steps + decay_steps > t.steps:
+      _fail('train.wsd_decay_fraction', f'warmup_steps={t.warmup_steps} plus the decay phase '
+            f'({t.wsd_decay_fraction} * {t.steps} = {decay_steps} steps) exceed train.steps={t.steps}')
+  if t.z_loss < 0:
+    _fail('train.z_loss', f'must be >= 0, got {t.z_loss}')
   if t.learning_rate <= 0:
     _fail('train.learning_rate', f'must be positive, got {t.learning_rate}')
   if t.grad_accum_steps <= 0:

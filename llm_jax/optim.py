@@ -17,11 +17,47 @@ import jax.numpy as jnp
 import optax
 
 
+WSD_SHAPES = {  # progress p in [0, 1] of the decay phase -> fraction of (peak - end) still left
+    'linear': lambda p: 1.0 - p,
+    'cosine': lambda p: 0.5 * (1.0 + jnp.cos(jnp.pi * p)),
+    'sqrt': lambda p: 1.0 - jnp.sqrt(p),  # '1 - sqrt': MiniCPM, Hägele et al. 2024
+}
+
+
+def wsd_decay_steps(train_config) -> int:
+  """Steps of the decay phase of schedule='wsd': the last wsd_decay_fraction of train.steps (rounded)."""
+  return int(round(train_config.wsd_decay_fraction * train_config.steps))
+
+
+def _wsd(train_config) -> optax.Schedule:
+  """Warmup-stable-decay as a function of the (shifted) step t: linear warmup to the peak over warmup_steps,
+  the peak until the last wsd_decay_steps steps, then down to min_lr_ratio * peak along wsd_decay_shape."""
+  peak, warmup, steps = train_config.learning_rate, train_config.warmup_steps, train_config.steps
+  end = peak * train_config.min_lr_ratio
+  decay_steps = wsd_decay_steps(train_config)
+  decay_start = steps - decay_steps
+  shape = WSD_SHAPES[train_config.wsd_decay_shape]
+
+  def schedule(t):
+    t = jnp.asarray(t, jnp.float32)
+    warm = peak * t / warmup if warmup else jnp.float32(peak)
+    progress = jnp.clip((t - decay_start) / max(decay_steps, 1), 0.0, 1.0)
+    decayed = end + (peak - end) * shape(progress)
+    return jnp.where(t < warmup, warm, jnp.where(t <= decay_start, peak, decayed))
+
+  return schedule
+
+
 def make_schedule(train_config) -> optax.Schedule:
   """step (0-based) -> learning rate: linear warmup to the peak, then cosine / linear decay to
-  min_lr_ratio * peak, or constant. Step 0 already gets peak / warmup_steps (a first step at 0 would be wasted)."""
+  min_lr_ratio * peak, constant, or warmup-stable-decay ('wsd': the peak until the last wsd_decay_fraction of the
+  steps, then a linear / cosine / 1-sqrt decay to min_lr_ratio * peak). Step 0 already gets peak / warmup_steps
+  (a first step at 0 would be wasted)."""
   peak = train_config.learning_rate
   warmup = train_config.warmup_steps
+  if train_config.schedule == 'wsd':
+    wsd = _wsd(train_config)
+    return lambda step: wsd(step + 1) if warmup else wsd(step)
   decay_steps = max(1, train_config.steps - warmup)
   end = peak * train_config.min_lr_ratio
   if train_config.schedule == 'cosine':

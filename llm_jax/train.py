@@ -110,6 +110,20 @@ def loss_sum(params, batch, model) -> jax.Array:
   return jnp.sum(token_losses(logits, batch['targets']) * batch['loss_mask'])
 
 
+def loss_sums_with_z(params, batch, model) -> tuple[jax.Array, jax.Array]:
+  """(sum of masked token losses, sum of masked log(Z)^2), Z the softmax normaliser of each position's logits.
+
+  The z-loss (PaLM, config.train.z_loss) pulls log Z towards 0, which keeps the logits from drifting in long
+  bfloat16 runs; the cross-entropy is log Z - logit[target], from the same log Z.
+  """
+  logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+  mask = batch['loss_mask']
+  return jnp.sum((log_z - target_logits) * mask), jnp.sum(jnp.square(log_z) * mask)
+
+
 def _microbatches(batch, accum: int):
   """[B, T] -> [accum, B/accum, T], taking rows i::accum so each device keeps its own rows (no resharding)."""
   def split(x):
@@ -120,8 +134,10 @@ def _microbatches(batch, accum: int):
 
 def make_train_step(config, model, optimizer, mesh=None):
   """The pure step. The loss is the mean over all target tokens of the step, so accumulating k microbatches
-  gives exactly the gradient of one step on the whole batch."""
+  gives exactly the gradient of one step on the whole batch. With config.train.z_loss > 0 the gradient is that of
+  cross-entropy + z_loss * mean log(Z)^2; the metric `loss` stays the cross-entropy, `z_loss` is the added term."""
   accum = config.train.grad_accum_steps
+  z_coef = config.train.z_loss
   skip_nonfinite = config.train.nonfinite == 'skip'
   schedule = optim.make_schedule(config.train)
   rules = sharding.rules_of(config)
@@ -130,16 +146,25 @@ def make_train_step(config, model, optimizer, mesh=None):
     with activation_sharding(mesh, rules) if mesh is not None else _null_context():
       batch = objectives.prepare_batch(config, batch, state.step)  # clm: as is; mlm: masking of (seed, step)
       tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
-      grad_fn = jax.value_and_grad(lambda p, mb: loss_sum(p, mb, model) / tokens)
+      if z_coef:
+        def objective(p, mb):  # (what is differentiated, its parts (cross-entropy, z-loss term))
+          ce, z = loss_sums_with_z(p, mb, model)
+          return (ce + z_coef * z) / tokens, (ce / tokens, z_coef * z / tokens)
+      else:  # the plain cross-entropy, exactly as before z-loss existed (same numbers, same resumes)
+        def objective(p, mb):
+          ce = loss_sum(p, mb, model) / tokens
+          return ce, (ce, jnp.zeros((), jnp.float32))
+      grad_fn = jax.value_and_grad(objective, has_aux=True)
       if accum == 1:
-        loss, grads = grad_fn(state.params, batch)
+        (_, (loss, z_term)), grads = grad_fn(state.params, batch)
       else:
         def body(carry, microbatch):
-          loss_acc, grads_acc = carry
-          loss_mb, grads_mb = grad_fn(state.params, microbatch)
-          return (loss_acc + loss_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), None
+          loss_acc, z_acc, grads_acc = carry
+          (_, (loss_mb, z_mb)), grads_mb = grad_fn(state.params, microbatch)
+          return (loss_acc + loss_mb, z_acc + z_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), None
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), _microbatches(batch, accum))
+        scalar = jnp.zeros((), jnp.float32)
+        (loss, z_term, grads), _ = jax.lax.scan(body, (scalar, scalar, zeros), _microbatches(batch, accum))
       if config.lora.rank:  # frozen base: no gradient (XLA drops its computation), parameters kept bit-identical
         trainable = lora_lib.trainable_mask(grads)
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
@@ -149,12 +174,12 @@ def make_train_step(config, model, optimizer, mesh=None):
       params = optax.apply_updates(state.params, jax.tree.map(lambda u: -learning_rate * u, updates))
       if config.lora.rank:
         params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      finite = jnp.isfinite(loss) & jnp.isfinite(z_term) & jnp.isfinite(grad_norm)
       if skip_nonfinite:  # keep the old state: the step counter still advances, so the data moves on
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
       metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
-                     learning_rate=learning_rate, finite=finite, target_tokens=tokens,
+                     learning_rate=learning_rate, finite=finite, target_tokens=tokens, z_loss=z_term,
                      # which gradients are NaN/Inf: read by the host only when `finite` is false
                      nonfinite_grads=jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads))
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
@@ -450,6 +475,7 @@ class LogMetrics(Hook):
   def __init__(self, config):
     self.every = config.train.log_every
     self._nonfinite_skip = config.train.nonfinite == 'skip'
+    self._z_loss = bool(config.train.z_loss)
 
   def due(self, loop, step):
     return step % self.every == 0 or step == loop.total_steps
@@ -460,6 +486,8 @@ class LogMetrics(Hook):
     loop.last = dict(step=step, loss=float(values['loss']), learning_rate=float(values['learning_rate']),
                      grad_norm=float(values['grad_norm']), param_norm=float(values['param_norm']),
                      tokens_per_s=tokens_per_s, mfu=loop.mfu(tokens_per_s) if tokens_per_s else None)
+    if self._z_loss:
+      loop.last['z_loss'] = float(values['z_loss'])
     if self._nonfinite_skip:
       loop.last['skipped_steps'] = loop.monitor.skipped_total
     loop.writer.write(loop.last)

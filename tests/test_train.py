@@ -258,3 +258,32 @@ def test_a_custom_hook_runs_at_its_cadence_after_the_built_in_ones(tmp_path):
   assert seen == [(3, 3, 3), (6, 6, 6)]
   assert len(ended) == 1 and ended[0] is result and result['step'] == 7 and 'eval_loss' in result
   assert checkpoint.latest_step(str(tmp_path / 'run')) == 7
+
+
+def test_z_loss_is_the_mean_squared_log_normaliser_and_enters_the_gradient(tmp_path):
+  import optax
+  config = tiny_config(train=dict(z_loss=0.1))
+  trainer = train.Trainer(config, str(tmp_path), jax.devices()[:1])
+  state = trainer.fresh_state()
+  params = jax.device_get(state.params)
+  batch = synthetic.make_batch(config, 'train', 0)
+  logits = np.asarray(trainer.model.apply({'params': params}, batch['inputs'], batch['segment_ids'],
+                                          batch['positions']), np.float64)
+  # float64 by hand: log Z, cross-entropy and log(Z)^2 averaged over the target tokens
+  top = logits.max(-1, keepdims=True)
+  log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+  ce = log_z - np.take_along_axis(logits, batch['targets'][..., None], -1)[..., 0]
+  mask = np.asarray(batch['loss_mask'], np.float64)
+  _, m = trainer.train_step(state, trainer.put(batch))
+  np.testing.assert_allclose(float(m['loss']), (ce * mask).sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(m['z_loss']), 0.1 * (log_z ** 2 * mask).sum() / mask.sum(), rtol=1e-5)
+
+  def reference(p):  # written independently: optax's cross-entropy plus 0.1 * logsumexp^2
+    out = trainer.model.apply({'params': p}, batch['inputs'], batch['segment_ids'], batch['positions'])
+    per_token = (optax.softmax_cross_entropy_with_integer_labels(out, batch['targets'])
+                 + 0.1 * jax.nn.logsumexp(out, -1) ** 2)
+    return (per_token * batch['loss_mask']).sum() / batch['loss_mask'].sum()
+
+  np.testing.assert_allclose(float(m['grad_norm']), float(optax.global_norm(jax.grad(reference)(params))), rtol=1e-4)
+  without, _, _ = run_steps(tiny_config(), jax.devices()[:1], steps=1)
+  np.testing.assert_allclose(float(m['loss']), without[0], rtol=1e-6)  # the logged loss stays the cross-entropy
