@@ -10,6 +10,7 @@ to halve optimizer memory; the update itself is computed in float32.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import jax
@@ -83,6 +84,31 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def squared_norms(tree) -> list[jax.Array]:
+  """Per-leaf sums of squares, in leaf order: the terms of optax.tree.norm, computed the same way."""
+  return [jnp.sum(jnp.square(x.real) + jnp.square(x.imag)) for x in jax.tree.leaves(tree)]
+
+
+def norm_of(squared: list[jax.Array]) -> jax.Array:
+  """The global norm from `squared_norms`: bit for bit optax.tree.norm of the same tree."""
+  return jnp.sqrt(jax.tree.reduce(operator.add, squared, initializer=0))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm (same arithmetic, same empty state), except that it uses the norm the caller
+  passes as `update(..., global_norm=g)`: the train step computes the gradient norm once, for its metrics and for
+  the clip. Without the argument it computes the norm itself, as optax does."""
+
+  def update(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    g_norm = optax.tree.norm(updates) if global_norm is None else global_norm
+    trigger = jnp.squeeze(g_norm < max_norm)
+    clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 class ScaleByAdamState(NamedTuple):
   count: jax.Array
   mu: optax.Updates
@@ -115,6 +141,8 @@ def scale_by_adam(b1: float, b2: float, eps: float, moments_dtype) -> optax.Grad
 def make_optimizer(train_config, trainable_mask=None) -> optax.GradientTransformation:
   """clip -> Adam direction -> + decoupled weight decay (masked); the step scales it by -learning_rate.
 
+  `update(grads, state, params, global_norm=g)` reuses the gradient norm g the caller already has for the clip.
+
   `trainable_mask` (a tree of bools like the parameters, or a function params -> such a tree; e.g.
   llm_jax.model.lora.trainable_mask) restricts all of it to the True leaves: the others get zero updates and no
   optimizer state at all (LoRA: frozen base weights cost no moments).
@@ -126,7 +154,7 @@ def make_optimizer(train_config, trainable_mask=None) -> optax.GradientTransform
     return optax.multi_transform({'train': make_optimizer(train_config), 'freeze': optax.set_to_zero()}, labels)
   parts = []
   if train_config.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+    parts.append(clip_by_global_norm(train_config.grad_clip))
   parts += [
       scale_by_adam(train_config.beta1, train_config.beta2, train_config.eps, train_config.moments_dtype),
       optax.add_decayed_weights(train_config.weight_decay, mask=decay_mask),

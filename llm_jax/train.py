@@ -168,8 +168,11 @@ def make_train_step(config, model, optimizer, mesh=None):
       if config.lora.rank:  # frozen base: no gradient (XLA drops its computation), parameters kept bit-identical
         trainable = lora_lib.trainable_mask(grads)
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
-      grad_norm = optax.global_norm(grads)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      # One pass over the gradients: per-leaf sums of squares give the global norm (logged, and reused by the
+      # clip) and, only read by the host after a failure, which gradients are non-finite.
+      squared = optim.squared_norms(grads)
+      grad_norm = optim.norm_of(squared)
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params, global_norm=grad_norm)
       learning_rate = schedule(state.step)  # a function of the step alone (optim module docstring)
       params = optax.apply_updates(state.params, jax.tree.map(lambda u: -learning_rate * u, updates))
       if config.lora.rank:
@@ -178,10 +181,10 @@ def make_train_step(config, model, optimizer, mesh=None):
       if skip_nonfinite:  # keep the old state: the step counter still advances, so the data moves on
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
-      metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
-                     learning_rate=learning_rate, finite=finite, target_tokens=tokens, z_loss=z_term,
-                     # which gradients are NaN/Inf: read by the host only when `finite` is false
-                     nonfinite_grads=jax.tree.map(lambda g: ~jnp.all(jnp.isfinite(g)), grads))
+      # param_norm is not here: the loop computes it at log steps only (Trainer.param_norm).
+      metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, finite=finite,
+                     target_tokens=tokens, z_loss=z_term,
+                     grad_squared_norms=jnp.stack(squared))  # [leaves], in leaf order
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
@@ -307,6 +310,11 @@ class Trainer:
                         in_shardings=(self.state_shardings.params, self.batch_sharding, sharding.replicated(self.mesh)),
                         out_shardings=sharding.replicated(self.mesh))
     self.eval_step = lambda params, batch, index=0: eval_step(params, batch, jnp.int32(index))
+    # Global norm of the parameters, for log steps only (the step itself does not spend a pass on it).
+    self.param_norm = jax.jit(optax.tree.norm, out_shardings=sharding.replicated(self.mesh))
+    # '/'-joined names of the parameter leaves, in the order of the step's grad_squared_norms.
+    self.param_names = [jax.tree_util.keystr(path, simple=True, separator='/')
+                        for path, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_state.params))]
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs of the state, with its shardings: a restore target that allocates nothing."""
@@ -484,7 +492,8 @@ class LogMetrics(Hook):
     values = loop.step_metrics()
     tokens_per_s = loop.take_tokens_per_s()
     loop.last = dict(step=step, loss=float(values['loss']), learning_rate=float(values['learning_rate']),
-                     grad_norm=float(values['grad_norm']), param_norm=float(values['param_norm']),
+                     grad_norm=float(values['grad_norm']),
+                     param_norm=float(loop.trainer.param_norm(loop.state.params)),  # not in the step: log steps only
                      tokens_per_s=tokens_per_s, mfu=loop.mfu(tokens_per_s) if tokens_per_s else None)
     if self._z_loss:
       loop.last['z_loss'] = float(values['z_loss'])
@@ -592,7 +601,7 @@ class Loop:
     self.hooks = list(hooks)
     self.total_steps = self.config.train.steps
     self.meta = _meta(self.config, self.workdir)
-    self.monitor = NonFiniteMonitor(self.config.train)
+    self.monitor = NonFiniteMonitor(self.config.train, trainer.param_names)
     self.last = dict(step=int(state.step))
     self._tokens_per_step = self.config.data.global_batch_size * self.config.data.seq_len
     self._flops_per_token = metrics_lib.flops_per_token(self.config.model, self.config.data.seq_len)
@@ -659,7 +668,8 @@ class NonFiniteMonitor:
   one step late so that checking never stalls the device queue.
   """
 
-  def __init__(self, train_config):
+  def __init__(self, train_config, param_names=None):
+    self.param_names = param_names  # names of the leaves of grad_squared_norms
     self.policy = train_config.nonfinite
     self.max_skips = train_config.max_nonfinite_skips
     self.skips_in_a_row = 0
@@ -671,8 +681,10 @@ class NonFiniteMonitor:
       return
     loss, grad_norm = (float(jax.device_get(step_metrics[k])) for k in ('loss', 'grad_norm'))
     if self.policy == 'stop':
-      bad = [jax.tree_util.keystr(path, simple=True, separator='/') for path, flag in
-             jax.tree_util.tree_leaves_with_path(jax.device_get(step_metrics['nonfinite_grads'])) if flag]
+      squared = np.asarray(jax.device_get(step_metrics['grad_squared_norms']))
+      names = self.param_names or [f'leaf {i}' for i in range(len(squared))]
+      # a leaf's sum of squares is non-finite iff one of its gradients is (or its norm overflows float32)
+      bad = [name for name, value in zip(names, squared) if not np.isfinite(value)]
       listed = ', '.join(bad[:8]) + (f' and {len(bad) - 8} more' if len(bad) > 8 else '')
       raise NonFiniteError(f'non-finite values at step {step + 1} (train batch {step}): loss={loss}, '
                            f'grad_norm={grad_norm}; non-finite gradients: {listed or "none"} '
