@@ -13,7 +13,9 @@ def get_config():
   c.model.vocab_size = 32000
   c.model.max_seq_len = 4096
   c.model.norm_eps = 1e-5
-  c.model.remat = 'save_matmuls'  # activations of 32 layers at seq 4096 do not fit otherwise
+  # activations of 32 layers at seq 4096 do not fit without remat; keeps the attention output and its softmax
+  # statistics (no second cuDNN forward in the backward pass), drops mlp_out (docs/performance.md)
+  c.model.remat = 'minimal_with_context'
   c.data.seq_len = 4096
   c.data.global_batch_size = 2
   c.train.steps = 100000

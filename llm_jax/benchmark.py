@@ -45,7 +45,8 @@ _XLA_FLAGS = flags.DEFINE_string('xla_flags', '', 'Extra XLA flags appended to $
                                  'starts, e.g. --xla_gpu_enable_latency_hiding_scheduler=true.')
 _ONE_DOCUMENT = flags.DEFINE_bool('one_document', False, 'Every row one document (segment 1, positions 0..T-1), as '
                                    'the peer benchmark trains: attention takes the plain causal path.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'If set, the result is also appended to <workdir>/benchmark.jsonl.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'If set, the result is also appended to <workdir>/benchmark.jsonl '
+                               '(and --config.train.profile_steps traces go to <workdir>/profile/).')
 
 
 def _peak_memory_gb(devices) -> float | None:
@@ -101,12 +102,18 @@ def _one_document(batch):
 
 
 def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerated', num_batches: int = 4,
-        donate: bool = True, devices=None, one_document: bool = False) -> dict[str, Any]:
-  """Benchmarks the train step of `config` on the synthetic source; returns the result row."""
+        donate: bool = True, devices=None, one_document: bool = False, profile_dir: str | None = None
+        ) -> dict[str, Any]:
+  """Benchmarks the train step of `config` on the synthetic source; returns the result row.
+
+  config.train.profile_steps (1-based over warm-up and timed steps together) writes a profiler trace to
+  `profile_dir`; the traced steps run slower, so profile in a run whose figure you do not report.
+  """
   import jax
 
   from llm_jax import dry_run
   from llm_jax import metrics as metrics_lib
+  from llm_jax import profiling
   from llm_jax import sharding
   from llm_jax import train
   from llm_jax.data import synthetic
@@ -115,12 +122,17 @@ def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerate
     raise ValueError(f'need steps >= 1 and warmup >= 1 (the first step compiles), got {steps=}, {warmup=}')
   config = config.copy_and_resolve_references()
   config.data.source = 'synthetic'  # the benchmark measures the step, not a data pipeline
+  window = profiling.ProfileWindow.from_config(config, profile_dir) if profile_dir else None
+  if window is None and profiling.parse_steps(config.train.profile_steps):
+    from llm_jax.config import ConfigError
+    raise ConfigError('config.train.profile_steps: the benchmark writes the trace to <workdir>/profile: pass --workdir')
   trainer = train.Trainer(config, workdir='', devices=devices)
   step_fn = trainer.train_step
   if not donate:
     step_fn = jax.jit(train.make_train_step(config, trainer.model, trainer.optimizer, trainer.mesh),
                       in_shardings=(trainer.state_shardings, trainer.batch_sharding),
-                      out_shardings=(trainer.state_shardings, sharding.replicated(trainer.mesh)))
+                      out_shardings=(trainer.state_shardings, sharding.replicated(trainer.mesh)),
+                      compiler_options=trainer.compiler_options)
 
   make = lambda k: synthetic.make_batch(config, 'train', k, jax.process_index(), jax.process_count())
   if one_document:
@@ -140,21 +152,23 @@ def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerate
   try:
     state = trainer.fresh_state()
     compile_start = time.perf_counter()
-    for k in range(warmup):
+    times = []
+    for k in range(warmup + steps):
+      start = time.perf_counter()
       state, step_metrics = step_fn(state, next_batch(k))
       jax.block_until_ready((state, step_metrics))
       if k == 0:
         first_step_s = time.perf_counter() - compile_start
-    times = []
-    for k in range(warmup, warmup + steps):
-      start = time.perf_counter()
-      state, step_metrics = step_fn(state, next_batch(k))
-      jax.block_until_ready((state, step_metrics))
-      times.append(time.perf_counter() - start)
+      elif k >= warmup:
+        times.append(time.perf_counter() - start)
+      if window is not None:
+        window.after_step(k + 1, (state, step_metrics))
     loss = float(jax.device_get(step_metrics['loss']))
   finally:
     if prefetcher is not None:
       prefetcher.close()
+    if window is not None:
+      window.close()
 
   num_devices = trainer.mesh.size
   device_kind = trainer.mesh.devices.flat[0].device_kind
@@ -182,6 +196,8 @@ def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerate
       donate=donate,
       one_document=one_document,
       xla_flags=os.environ.get('XLA_FLAGS', ''),
+      xla_options=config.xla.options,
+      gpu_memory_fraction=os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'),
       jax_version=jax.__version__,
       config=dry_run.summary(config),
   )
@@ -193,6 +209,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=experiments/1b.py')
+  from llm_jax import xla_options
+  xla_options.apply_memory_fraction(config)  # as training does, before the first jax call starts the backend
   if _XLA_FLAGS.value:  # before the first jax call starts the backend
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _XLA_FLAGS.value).strip()
   if _STEPS.value < 1 or _WARMUP.value < 1:
@@ -200,7 +218,8 @@ def main(argv):
   from llm_jax import config as config_lib
   try:
     result = run(config, _STEPS.value, _WARMUP.value, _INPUT.value, _NUM_BATCHES.value, _DONATE.value,
-                 one_document=_ONE_DOCUMENT.value)
+                 one_document=_ONE_DOCUMENT.value,
+                 profile_dir=os.path.join(_WORKDIR.value, 'profile') if _WORKDIR.value else None)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
   line = json.dumps(result)

@@ -18,7 +18,7 @@ from llm_jax.errors import UserError
 
 # Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
 ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
-REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out')
+REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out', 'minimal_with_context')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 WSD_SHAPES = ('linear', 'cosine', 'sqrt')
 OBJECTIVES = ('clm', 'mlm')
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.logits_dtype = 'float32'  # Dtype of the output logits fed to the loss.
   c.model.attention = 'auto'  # Attention kernel: auto | xla | cudnn | splash. auto: cudnn on GPU, splash on TPU, else xla.
   c.model.max_segments_per_row = 8  # cuDNN attention: runs of segment ids (documents, padding) per row the packed layout has room for; rows with more fall back to the dense mask at run time; 0 = always the dense mask.
-  c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out.
+  c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out | minimal_with_context (projections, attention output and its softmax statistics kept; not mlp_out).
   c.model.scan_layers = True  # Stack the blocks with nn.scan (faster compile) instead of unrolling them.
   c.model.objective = 'clm'  # Training objective: clm (causal LM) | mlm (masked LM, bidirectional attention).
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
@@ -145,6 +145,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.init_from = ''  # Workdir whose latest checkpoint initialises the parameters of a fresh run.
   c.train.nonfinite = 'stop'  # On NaN/Inf loss or gradients: stop (raise, naming the step) | skip (drop the update).
   c.train.max_nonfinite_skips = 5  # nonfinite=skip: stop after this many skipped steps in a row.
+  c.train.profile_steps = ''  # 'FIRST,LAST' (1-based step numbers, FIRST >= 2, e.g. '5,8'): write a jax.profiler trace of those steps to <workdir>/profile/ (TensorBoard, Perfetto); '' = none.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 500  # Evaluate every this many steps (0 = only at the end).
@@ -164,6 +165,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size: parameters and optimizer state sharded over it.
   c.mesh.tensor = 1  # Tensor-parallel axis size: heads, MLP and vocabulary sharded over it.
   c.mesh.rules = DEFAULT_RULES  # Logical-axis rules: (logical name, mesh axis or tuple of axes or None).
+
+  c.xla = ml_collections.ConfigDict()
+  c.xla.options = ''  # XLA compiler options of the train and eval steps, XLA_FLAGS syntax: e.g. '--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false'.
+  c.xla.gpu_memory_fraction = 0.0  # Share of GPU memory JAX reserves (XLA_PYTHON_CLIENT_MEM_FRACTION, set by main and the benchmark before the backend starts); 0 = JAX's default 0.75.
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA rank (0 = no adapters, train all parameters).
@@ -341,6 +346,11 @@ def validate(config, num_devices: int) -> dict[str, int]:
   _check_data_preparation(d)
   if d.sft_truncation not in ('truncate', 'drop', 'error'):
     _fail('data.sft_truncation', f'unknown value {d.sft_truncation!r}; expected one of truncate, drop, error')
+  if not 0.0 <= config.xla.gpu_memory_fraction <= 1.0:
+    _fail('xla.gpu_memory_fraction', f'must be in [0, 1] (0 = JAX default), got {config.xla.gpu_memory_fraction}')
+  from llm_jax import profiling, xla_options  # both raise ConfigError naming their field
+  xla_options.parse_options(config.xla.options)
+  profiling.parse_steps(t.profile_steps)
   if config.lora.rank < 0:
     _fail('lora.rank', f'must be >= 0, got {config.lora.rank}')
   if config.lora.rank:

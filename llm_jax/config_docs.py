@@ -33,6 +33,7 @@ SECTION_INTROS = {  # one line under each section heading; a section not listed 
     'checkpoint': 'Orbax checkpoints under `<workdir>/checkpoints/` (`llm_jax/checkpoint.py`).',
     'mesh': 'Device mesh `(data, fsdp, tensor)` and the logical-axis rules (see [architecture](architecture.md#logical-axis-rules)).',
     'lora': 'Low-rank adapters for fine-tuning (see [fine-tuning](finetune.md)).',
+    'xla': 'XLA compiler options and GPU memory share, applied alike by training and the benchmark (`llm_jax/xla_options.py`, [performance](performance.md)).',
 }
 
 

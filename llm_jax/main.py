@@ -33,7 +33,8 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=experiments/tiny.py')
-  from llm_jax import sharding
+  from llm_jax import sharding, xla_options
+  xla_options.apply_memory_fraction(config)  # before the first jax call starts the backend
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)
   if _DRY_RUN.value:

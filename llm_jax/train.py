@@ -43,6 +43,7 @@ from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import storage
 from llm_jax import tasks
+from llm_jax import xla_options
 from llm_jax.model import Transformer, TransformerConfig
 from llm_jax.model import lora as lora_lib
 from llm_jax.model.partitioning import activation_sharding
@@ -302,13 +303,14 @@ class Trainer:
     self.state_shardings = sharding.logical_shardings(abstract_state, self.mesh, self.rules)
     # The one sharded initialiser: run by fresh_state, shape-evaluated by abstract_state.
     self._sharded_init = jax.jit(lambda rng: nn.unbox(self._init_fn(rng)), out_shardings=self.state_shardings)
+    self.compiler_options = xla_options.compiler_options(self.config)  # config.xla.options, per jit
     self.train_step = jax.jit(make_train_step(self.config, self.model, self.optimizer, self.mesh),
                               in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                              donate_argnums=(0,))
+                              donate_argnums=(0,), compiler_options=self.compiler_options)
     eval_step = jax.jit(make_eval_step(self.config, self.model, self.mesh),
                         in_shardings=(self.state_shardings.params, self.batch_sharding, sharding.replicated(self.mesh)),
-                        out_shardings=sharding.replicated(self.mesh))
+                        out_shardings=sharding.replicated(self.mesh), compiler_options=self.compiler_options)
     self.eval_step = lambda params, batch, index=0: eval_step(params, batch, jnp.int32(index))
     # Global norm of the parameters, for log steps only (the step itself does not spend a pass on it).
     self.param_norm = jax.jit(optax.tree.norm, out_shardings=sharding.replicated(self.mesh))

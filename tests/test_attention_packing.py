@@ -175,3 +175,20 @@ def test_cudnn_with_no_cap_uses_the_dense_mask_only(traceable_cudnn):
   jaxpr = jax.make_jaxpr(functools.partial(attn.cudnn_attention, mask_info=info))(q, q, q).jaxpr
   shapes = [[tuple(v.aval.shape) for v in eqn.invars] for eqn in _fwd_calls(jaxpr)]
   assert len(shapes) == 1 and (2, 1, 16, 16) in shapes[0]
+
+
+@pytest.mark.parametrize('remat,forward_calls', [('save_attention_out', 6), ('minimal_with_context', 3)])
+def test_minimal_with_context_keeps_the_cudnn_forward_outputs(traceable_cudnn, remat, forward_calls):
+  """The gradient of a scanned, rematerialised model on the cuDNN path: 3 forward kernels (one-run, packed,
+  dense branch) when the policy saves the kernel's outputs and softmax statistics, 6 when the backward pass has
+  to rerun them (a name on the attention output alone does not keep the statistics)."""
+  from llm_jax.model import Transformer, TransformerConfig
+  cfg = TransformerConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+                          max_seq_len=16, dtype='bfloat16', attention='cudnn', max_segments_per_row=4, remat=remat)
+  tokens = jnp.zeros((2, 16), jnp.int32)
+  segments = jnp.array([[1] * 5 + [2] * 11, [1] * 16], jnp.int32)
+  model = Transformer(cfg)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, segments))['params']
+  loss = lambda p: jnp.sum(model.apply({'params': p}, tokens, segments))
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  assert len(list(_fwd_calls(jaxpr))) == forward_calls

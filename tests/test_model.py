@@ -125,7 +125,7 @@ def _scan_params(unscanned, num_layers):
   return scanned
 
 
-@pytest.mark.parametrize('remat', ['none', 'full', 'save_matmuls', 'save_attention_out'])
+@pytest.mark.parametrize('remat', ['none', 'full', 'save_matmuls', 'save_attention_out', 'minimal_with_context'])
 def test_scan_and_remat_give_same_loss_and_grads(remat):
   tokens, segment_ids, positions = _packed_inputs()
   base_cfg = TransformerConfig(**SMALL, scan_layers=False, remat='none')

@@ -20,12 +20,32 @@ from llm_jax.model.partitioning import constrain
 # Names tagged with checkpoint_name in the blocks.
 MATMUL_OUTPUTS = ('query_proj', 'key_proj', 'value_proj', 'out_proj', 'mlp_gate', 'mlp_up', 'mlp_out')
 
+# Primitives of jax's cuDNN flash-attention forward. Saving their outputs keeps the attention output *and* its
+# softmax statistics, so the backward pass does not rerun the forward kernel: a checkpoint_name on the output
+# alone cannot do that, the statistics being residuals inside jax's custom_vjp, which names do not reach.
+CUDNN_ATTENTION_FORWARD = ('dot_product_attention_fwd_wrapper', 'dot_product_attention_fwd')
+
+
+def save_names_and_attention_kernel(*names: str) -> Callable:
+  """A jax.checkpoint policy: the values tagged with `names`, plus the cuDNN attention forward's outputs."""
+  by_name = jax.checkpoint_policies.save_only_these_names(*names)
+
+  def policy(prim, *args, **params):
+    return prim.name in CUDNN_ATTENTION_FORWARD or by_name(prim, *args, **params)
+
+  return policy
+
+
 # Remat policy name -> jax.checkpoint policy (None = no remat: keep every activation).
 REMAT_POLICIES: dict[str, Callable | None] = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'save_matmuls': jax.checkpoint_policies.save_only_these_names(*MATMUL_OUTPUTS),
     'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out', 'out_proj'),
+    # As MaxText's minimal_with_context: the projections and the attention output with its softmax statistics;
+    # not mlp_out, which no backward op reads (the down projection's input is recomputed from gate and up).
+    'minimal_with_context': save_names_and_attention_kernel(
+        'query_proj', 'key_proj', 'value_proj', 'attention_out', 'out_proj', 'mlp_gate', 'mlp_up'),
 }
 
 
