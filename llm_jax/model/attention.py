@@ -193,9 +193,9 @@ def cudnn_attention(q, k, v, mask_info: MaskInfo, implementation: str = 'cudnn')
   if fa is not None:
     def packed(q, k, v, layout: PackedSegments):
       mask_type = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
-      return fa.dot_product_attention(q, k, v, None, None, layout.seqlens, layout.seqlens, layout.offsets,
-                                      layout.offsets, scale=q.shape[-1] ** -0.5, mask_type=mask_type,
-                                      qkv_layout='BTNH')
+      return fa.dot_product_attention(q, k, v, q_seqlen=layout.seqlens, kv_seqlen=layout.seqlens,
+                                      q_offsets=layout.offsets, kv_offsets=layout.offsets,
+                                      scale=q.shape[-1] ** -0.5, mask_type=mask_type, qkv_layout='BTNH')
   return segment_dispatch(q, k, v, mask_info, single=single, packed=packed, dense=dense)
 
 
