@@ -40,6 +40,7 @@ from llm_jax import data
 from llm_jax import metrics as metrics_lib
 from llm_jax import objectives
 from llm_jax import optim
+from llm_jax import profiling
 from llm_jax import sharding
 from llm_jax import storage
 from llm_jax import tasks
@@ -573,13 +574,37 @@ class SaveOnPreemption(Hook):
     loop.stop(preempted=True)
 
 
+class Profile(Hook):
+  """config.train.profile_steps 'FIRST,LAST': a jax.profiler trace of those steps in <workdir>/profile/
+  (llm_jax.profiling.ProfileWindow: started after step FIRST-1, stopped after step LAST)."""
+
+  def __init__(self, config):
+    self._steps = profiling.parse_steps(config.train.profile_steps)
+    self._window = None
+
+  def due(self, loop, step):
+    if self._window is None:
+      self._window = profiling.ProfileWindow(*self._steps, os.path.join(loop.workdir, 'profile'))
+    return self._window.due(step)
+
+  def __call__(self, loop, step):
+    self._window.after_step(step, loop.state)
+
+  def end(self, loop):
+    if self._window is not None:
+      self._window.close()
+
+
 def default_hooks(config, preemption: 'Preemption') -> list[Hook]:
   """The loop's periodic actions, in the order they run after a step: save before evaluating, so an
-  evaluation that fails cannot cost the checkpoint; preemption last (it stops the run)."""
+  evaluation that fails cannot cost the checkpoint; the profiler window after those (its trace holds the steps,
+  not the other hooks' work of the step before); preemption last (it stops the run)."""
   saver = SaveCheckpoint(config)
   hooks = [LogMetrics(config), saver, Evaluate(config)]
   if config.eval.task_file:
     hooks.append(GenerationTasks(config))
+  if config.train.profile_steps:
+    hooks.append(Profile(config))
   hooks.append(SaveOnPreemption(preemption, saver))
   return hooks
 
