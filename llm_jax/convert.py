@@ -63,6 +63,7 @@ import numpy as np
 from safetensors import safe_open
 
 from llm_jax import checkpoint
+from llm_jax import storage
 from llm_jax import config as config_lib
 from llm_jax.model import lora
 from llm_jax.errors import UserError, exit_on_user_error
@@ -512,8 +513,8 @@ def _hf_tokenizer_file(hf_dir: str) -> str | None:
 
 def write_workdir(config, params, workdir: str, meta: dict) -> None:
   """config.json and `params` as the checkpoint of step 0: a workdir like one training makes."""
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.write_json_atomic(os.path.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+  storage.makedirs(workdir)
+  checkpoint.write_json_atomic(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
   manager = checkpoint.make_manager(workdir, keep=1, async_save=False)
   try:
     checkpoint.save(manager, 0, params, meta=meta, force=True)
@@ -525,6 +526,9 @@ def write_workdir(config, params, workdir: str, meta: dict) -> None:
 def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str = 'bfloat16',
             param_dtype: str = 'float32') -> Any:
   """Imports a HF LLaMA checkpoint into a new workdir; returns the workdir's config."""
+  if storage.is_url(hf_dir):  # safetensors memory-maps local files: a bucket folder is read through a download
+    with storage.local_dir(hf_dir) as local:
+      return from_hf(local, workdir, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype)
   hf = read_hf_config(hf_dir)
   if checkpoint.latest_step(workdir) is not None:
     raise ConversionError(f'{workdir}: already has checkpoints; import into a new workdir')
@@ -547,13 +551,13 @@ def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str =
       target = slot.view(params)
       target[...] = slot.transform.to_ours(weights.read(slot.hf), target.shape)
 
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   fingerprint = None
   tokenizer_path = _hf_tokenizer_file(hf_dir)
   if tokenizer_path:
     tokenizer = _install_tokenizer(tokenizer_path, workdir)
     fingerprint = tokenizer.fingerprint
-    config.data.tokenizer_path = os.path.join(os.path.abspath(workdir), tokenizer.file_name)
+    config.data.tokenizer_path = storage.join(storage.absolute(workdir), tokenizer.file_name)
   meta = dict(model=config.model.to_dict(), tokenizer_fingerprint=fingerprint,
               converted_from=os.path.abspath(hf_dir), hf_config=hf)
   write_workdir(config, params, workdir, meta)
@@ -631,8 +635,11 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
   hf_dtype = hf_dtype or config.model.param_dtype
   if hf_dtype not in DTYPE_CODES:
     raise ConversionError(f'hf_dtype: {hf_dtype!r} is not one of {", ".join(DTYPE_CODES)}')
-  if os.path.exists(os.path.join(hf_dir, 'config.json')) or glob.glob(os.path.join(hf_dir, '*.safetensors')):
+  if storage.exists(storage.join(hf_dir, 'config.json')) or storage.glob(storage.join(hf_dir, '*.safetensors')):
     raise ConversionError(f'{hf_dir}: already holds a checkpoint; export into a new directory')
+  if storage.is_url(hf_dir):  # safetensors are written to local files: export there, then upload the folder
+    with storage.staged_dir(hf_dir) as local:
+      return to_hf(workdir, local, hf_dtype=hf_dtype, max_shard_bytes=max_shard_bytes)
   abstract = _abstract_params(config)  # with lora_a/lora_b leaves when config.lora.rank > 0
   base_abstract = lora.split(abstract)[0] if config.lora.rank else abstract
   slots = plan(config.model)

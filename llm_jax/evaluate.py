@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from llm_jax import config as config_lib
+from llm_jax import storage
 from llm_jax.errors import exit_on_user_error
 
 # config.model fields that fix parameter shapes or layout: a checkpoint cannot be evaluated with other values.
@@ -47,7 +48,7 @@ def token_byte_lengths(tokenizer):
   """
   import numpy as np
   import sentencepiece as spm
-  sp = spm.SentencePieceProcessor(model_file=tokenizer.path)
+  sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(tokenizer.path))
   lengths = np.zeros(sp.vocab_size(), np.int64)
   for i in range(sp.vocab_size()):
     if sp.is_byte(i):
@@ -107,7 +108,7 @@ def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None
         task_file: str | None = None, step: int | None = None, devices=None) -> dict[str, Any]:
   """Evaluates the workdir's checkpoint; returns the result and writes it to <workdir>/eval/."""
   from llm_jax import checkpoint, workdir as workdir_lib  # after flag parsing: keeps --help fast
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     raise FileNotFoundError(f'--workdir {workdir}: no such directory')
   config = apply_overrides(config_lib.load_workdir_config(workdir), overrides or {})
   split = split or config.data.eval_split
@@ -115,12 +116,12 @@ def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None
   if task_file and not os.path.exists(task_file):
     raise FileNotFoundError(f'--task_file {task_file}: no such file')
   loaded = workdir_lib.load_workdir(workdir, config, step, devices=devices, need_tokenizer=bool(task_file))
-  result = dict(workdir=os.path.abspath(workdir), step=loaded.step, split=split,
+  result = dict(workdir=storage.absolute(workdir), step=loaded.step, split=split,
                 perplexity=perplexity(loaded, split, config.eval.steps))
   if task_file:
     result['tasks'] = tasks(loaded, task_file)
-  path = os.path.join(workdir, 'eval', f'step_{loaded.step}_{split}.json')
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  path = storage.join(workdir, 'eval', f'step_{loaded.step}_{split}.json')
+  storage.makedirs(storage.dirname(path))
   checkpoint.write_json_atomic(path, result)
   result['output'] = path
   return result

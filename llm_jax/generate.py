@@ -20,10 +20,10 @@ from llm_jax.errors import exit_on_user_error
 def read_prompts(path: str) -> list[str]:
   """One prompt per non-blank line; a literal backslash-n in a line becomes a newline."""
   try:
-    with open(path, encoding='utf-8') as f:
-      lines = f.read().splitlines()
+    from llm_jax import storage  # pylint: disable=g-import-not-at-top
+    lines = storage.read_text(path).splitlines()
   except OSError as e:
-    raise FileNotFoundError(f'--prompts_file {path}: cannot read it ({e.strerror})') from None
+    raise FileNotFoundError(f'--prompts_file {path}: cannot read it ({e.strerror or e})') from None
   prompts = [line.replace('\\n', '\n') for line in lines if line.strip()]
   if not prompts:
     from llm_jax import decoding  # pylint: disable=g-import-not-at-top

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from llm_jax import storage
 from llm_jax.model import lora
 
 ADAPTER_META = 'lora.json'
@@ -24,23 +24,22 @@ def save_adapters(params_or_adapters: dict, directory: str, lora_config=None) ->
   _, adapters = lora.split(params_or_adapters)
   if not adapters:
     raise ValueError('save_adapters: the parameters have no lora_a/lora_b leaves (is config.lora.rank 0?)')
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  directory = storage.absolute(directory)
+  storage.makedirs(directory)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(directory, 'adapters'), adapters, force=True)
+  checkpointer.save(storage.join(directory, 'adapters'), adapters, force=True)
   checkpointer.wait_until_finished()
   checkpointer.close()
   if lora_config is not None and jax.process_index() == 0:
     meta = dict(rank=int(lora_config.rank), alpha=float(lora_config.alpha), targets=str(lora_config.targets))
-    with open(os.path.join(directory, ADAPTER_META), 'w') as f:
-      json.dump(meta, f, indent=2)
+    storage.write_text(storage.join(directory, ADAPTER_META), json.dumps(meta, indent=2))
   return directory
 
 
 def load_adapters(directory: str, like: dict) -> dict:
   """The adapters saved by `save_adapters`, restored onto the shapes (and shardings) of `like`'s adapters."""
-  path = os.path.join(os.path.abspath(directory), 'adapters')
-  if not os.path.isdir(path):
+  path = storage.join(storage.absolute(directory), 'adapters')
+  if not storage.isdir(path):
     raise FileNotFoundError(f'{path}: no saved adapters (written by llm_jax.lora_io.save_adapters)')
   _, adapters_like = lora.split(like)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),

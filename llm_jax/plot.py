@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 from typing import Any, Sequence
+from llm_jax import storage
 from llm_jax.errors import UserError, exit_on_user_error
 
 PANELS = (  # (title, y label, [(metric key, line style suffix), ...])
@@ -33,15 +34,14 @@ class MetricsError(UserError, ValueError):
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The rows of <workdir>/metrics.jsonl; a truncated last line (a run still writing) is skipped."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isdir(workdir):
+  path = storage.join(workdir, 'metrics.jsonl')
+  if not storage.isdir(workdir):
     raise MetricsError(f'{workdir}: no such workdir')
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise MetricsError(f'{path}: missing; has a run written to {workdir}? '
                        '(python -m llm_jax.main --config=... --workdir=DIR writes it; see docs/pretrain.md)')
   rows = []
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = storage.read_text(path).splitlines()
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -104,6 +104,13 @@ def figure(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]]):
 def save_atomic(fig, out: str, dpi: int = 100) -> None:
   """Writes the figure to `out` via a temp file in the same directory and a rename (readers never see half)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
+  if storage.is_url(out):  # one PUT of the whole image: atomic on a bucket (storage.py)
+    import io
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buffer, format=out.rsplit('.', 1)[-1] if '.' in storage.basename(out) else 'png', dpi=dpi)
+    storage.write_bytes(out, buffer.getvalue())
+    return
   directory = os.path.dirname(os.path.abspath(out))
   os.makedirs(directory, exist_ok=True)
   fmt = os.path.splitext(out)[1].lstrip('.') or 'png'
@@ -126,7 +133,7 @@ def plot_workdirs(workdirs: Sequence[str], labels: Sequence[str] = ()):
   """The Figure of the given workdirs; labels default to each workdir's basename."""
   if labels and len(labels) != len(workdirs):
     raise MetricsError(f'{len(labels)} --label values for {len(workdirs)} --workdir values; give one per workdir or none')
-  labels = list(labels) or [os.path.basename(os.path.normpath(w)) or w for w in workdirs]
+  labels = list(labels) or [storage.basename(storage.absolute(w)) or w for w in workdirs]
   return figure([(label, read_metrics(w)) for label, w in zip(labels, workdirs)])
 
 

@@ -59,10 +59,10 @@ def read_tasks(path: str, max_records: int = 0) -> list[dict[str, str]]:
   Raises TaskFileError naming the file, and the line of the first bad record.
   """
   try:
-    with open(path, encoding='utf-8') as f:
-      lines = f.readlines()
+    from llm_jax import storage  # pylint: disable=g-import-not-at-top
+    lines = storage.read_text(path).replace('\r\n', '\n').split('\n')  # as readlines: only newlines split
   except OSError as e:
-    raise TaskFileError(f'task file {path}: cannot read it ({e.strerror})') from None
+    raise TaskFileError(f'task file {path}: cannot read it ({e.strerror or e})') from None
   records = []
   for number, line in enumerate(lines, start=1):
     if not line.strip():

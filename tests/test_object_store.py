@@ -19,8 +19,15 @@ import numpy as np
 import pytest
 
 from llm_jax import checkpoint
+from llm_jax import config as config_lib
+from llm_jax import convert
+from llm_jax import evaluate
+from llm_jax import generate
 from llm_jax import storage
 from llm_jax import train
+from llm_jax.data import pipeline
+from llm_jax.data import preparation
+from llm_jax.data import tokenizer as tokenizer_lib
 from test_train import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -187,3 +194,81 @@ def test_an_interrupted_save_leaves_the_last_good_checkpoint_usable(bucket_run, 
   assert checkpoint.latest_step(bucket_run) == 4
   restored, reference = _params(bucket_run), _params(local_run, 4)
   jax.tree.map(np.testing.assert_array_equal, restored, reference)
+
+
+# ---------------------------------------------------------------- a text job: prepared data, generate, evaluate, convert
+
+def _text_config(corpus: str, tokenizer_path: str = ''):
+  c = tiny_config(train=dict(steps=4), checkpoint=dict(every=0, keep=1, async_save=False), eval=dict(every=0))
+  c.model.update(vocab_size=320, max_seq_len=64)
+  c.data.update(source='text_files', paths=os.path.join(corpus, '*.txt'), seq_len=32, global_batch_size=4,
+                min_doc_chars=1, tokenizer_path=tokenizer_path)
+  return c
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp('corpus')
+  rng = np.random.default_rng(0)
+  words = ('alpha', 'beta', 'gamma', 'delta', 'model', 'token', 'river', 'stone', 'light', 'sound', 'def', 'return')
+  for i in range(40):
+    (root / f'doc{i:02d}.txt').write_text('\n'.join(' '.join(rng.choice(words, size=8)) for _ in range(6)))
+  tokenizer = root / 'tok.model'
+  tokenizer.write_bytes(tokenizer_lib.train([(root / f'doc{i:02d}.txt').read_text() for i in range(40)], 320))
+  return str(root)
+
+
+@pytest.mark.parametrize('scheme', SCHEMES)
+def test_prepared_data_in_a_bucket_gives_the_same_batches_by_ranged_reads(emulators, scheme, corpus, tmp_path,
+                                                                          monkeypatch):
+  config = _text_config(corpus, os.path.join(corpus, 'tok.model'))
+  local = _text_config(corpus, os.path.join(corpus, 'tok.model'))  # the same preparation on a local disk
+  local.data.prepared_dir = str(tmp_path / 'data')
+  config.data.prepared_dir = storage.join(emulators[scheme], 'prepared')
+  for c in (local, config):
+    preparation.prepare(c, progress=False)
+  assert storage.exists(storage.join(config.data.prepared_dir, 'index.json'))
+  reads = []
+  original = storage.read_ranges
+  monkeypatch.setattr(storage, 'read_ranges', lambda *a: reads.append(len(a[0])) or original(*a))
+  remote, reference = pipeline.open_split(config, 'train'), pipeline.open_split(local, 'train')
+  for step in (0, 1, 7, 50):
+    a, b = remote.batch(step, 1, 2), reference.batch(step, 1, 2)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=f'{scheme} batch {step} {key}')
+  # each batch: one concurrent set of ranged reads for its own windows (2 rows here, 3 if one crosses a shard)
+  assert len(reads) == 4 and all(n <= 3 for n in reads), reads
+
+
+@pytest.fixture(scope='module')
+def text_run(emulators, corpus):
+  """The text job end to end on gs://: preparation (tokenizer trained) into <workdir>/data, training, checkpoint."""
+  workdir = storage.join(emulators['gs'], 'text')
+  train.train_and_evaluate(_text_config(corpus), workdir, jax.devices()[:1])
+  return workdir
+
+
+@pytest.mark.slow
+def test_text_job_on_a_bucket_and_generate_and_evaluate_read_it(text_run):
+  for name in ('config.json', 'metrics.jsonl', 'tokenizer.model', 'tokenizer.fingerprint', 'data/index.json'):
+    assert storage.exists(storage.join(text_run, name)), name
+  assert checkpoint.latest_step(text_run) == 4
+  completions = generate.run(text_run, ['alpha beta'], max_new_tokens=4, temperature=0.0, devices=jax.devices()[:1])
+  assert len(completions) == 1 and isinstance(completions[0], str)
+  result = evaluate.run(text_run, devices=jax.devices()[:1])
+  assert result['output'] == storage.join(text_run, 'eval', 'step_4_validation.json')
+  saved = json.loads(storage.read_text(result['output']))
+  assert saved['step'] == 4 and np.isfinite(saved['perplexity']['loss'])
+
+
+@pytest.mark.slow
+def test_convert_to_hf_and_back_with_bucket_folders(emulators, text_run):
+  hf_dir, imported = storage.join(emulators['s3'], 'hf'), storage.join(emulators['gs'], 'imported')
+  written = convert.to_hf(text_run, hf_dir)
+  assert sorted(storage.listdir(hf_dir)) == sorted(written)
+  convert.from_hf(hf_dir, imported, dtype='float32')
+  config = config_lib.load_workdir_config(text_run)
+  like = train.abstract_params(config)
+  original = checkpoint.load_params(text_run, like)[0]
+  back = checkpoint.load_params(imported, like)[0]
+  jax.tree.map(np.testing.assert_array_equal, back, original)

@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 
+from llm_jax import storage
 from llm_jax.config import ConfigError
 from llm_jax.data import pipeline
 from llm_jax.data import preparation
@@ -85,7 +86,7 @@ def prepare(config, workdir: str | None = None) -> None:
   sources = _load(config)
   if workdir:
     directory, _, index = sources[0]
-    tokenizer_lib.bind_to_workdir(os.path.join(directory, index['tokenizer']['file']), workdir)
+    tokenizer_lib.bind_to_workdir(storage.join(directory, index['tokenizer']['file']), workdir)
 
 
 class Mixture:
@@ -149,7 +150,7 @@ def open_mixture(config, split: str = 'train', workdir: str | None = None) -> Mi
                       f'model.max_seq_len={config.model.max_seq_len}')
   sources = _load(config)
   directory, _, index = sources[0]
-  tokenizer = tokenizer_lib.load(os.path.join(directory, index['tokenizer']['file']))
+  tokenizer = tokenizer_lib.load(storage.join(directory, index['tokenizer']['file']))
   tokenizer_lib.check_vocab(config, tokenizer)
   if workdir:
     tokenizer_lib.check_workdir(workdir, tokenizer)

@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llm_jax import storage
 from llm_jax.config import ConfigError
 from llm_jax.data import preparation
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -77,12 +78,39 @@ def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, eos_id: int
 
 
 class TokenStream:
-  """A split's token shards, memory-mapped and addressed as one array."""
+  """A split's token shards (memory-mapped, or `preparation.RangedShard`s in a bucket) addressed as one array."""
 
-  def __init__(self, shards: list[np.ndarray]):
+  def __init__(self, shards: list):
     self._shards = [s for s in shards if s.size]
     self._starts = np.cumsum([0] + [s.size for s in self._shards])
     self.num_tokens = int(self._starts[-1])
+    self._ranged = any(isinstance(s, preparation.RangedShard) for s in self._shards)
+
+  def _pieces(self, start: int, count: int):
+    """(tokens before the piece, shard, offset in it, tokens) of stream[start : start + count], in order."""
+    shard = int(np.searchsorted(self._starts, start, side='right')) - 1
+    offset, filled = start - int(self._starts[shard]), 0
+    while filled < count:
+      take = min(count - filled, self._shards[shard].size - offset)
+      yield filled, shard, offset, take
+      filled += take
+      shard, offset = shard + 1, 0
+
+  def read_rows(self, starts: np.ndarray, length: int) -> np.ndarray:
+    """rows[i] = stream[starts[i] : starts[i] + length], int32. In a bucket: one concurrent batch of ranged
+    requests for exactly these tokens (storage.read_ranges); memory holds the batch, never a shard."""
+    rows = np.empty((len(starts), length), np.int32)
+    if not self._ranged:
+      for row, start in enumerate(starts):
+        self.read_into(rows[row], int(start))
+      return rows
+    pieces = [(row, *piece) for row, start in enumerate(starts) for piece in self._pieces(int(start), length)]
+    ranges = [(self._shards[shard].path, *self._shards[shard].byte_range(offset, offset + take))
+              for _, _, shard, offset, take in pieces]
+    data = storage.read_ranges(*map(list, zip(*ranges)))
+    for (row, filled, shard, _, take), chunk in zip(pieces, data):
+      rows[row, filled:filled + take] = np.frombuffer(chunk, self._shards[shard].dtype)
+    return rows
 
   def read_into(self, out: np.ndarray, start: int) -> None:
     """out[:] = stream[start : start + len(out)]."""
@@ -138,8 +166,7 @@ class PackedSplit:
 
   def read_windows(self, windows: np.ndarray, out: np.ndarray) -> None:
     """out[i] = the seq_len+1 tokens of window windows[i]."""
-    for row, window in enumerate(windows):
-      self.stream.read_into(out[row], int(window) * self.seq_len)
+    out[...] = self.stream.read_rows(np.asarray(windows, np.int64) * self.seq_len, self.seq_len + 1)
 
   def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
     """This process's slice of global batch `step`."""
@@ -171,7 +198,7 @@ def open_split(config, split: str = 'train', workdir: str | None = None) -> Pack
   role = _role(config, split)
   directory = preparation.output_dir(config, workdir)
   index = preparation.load_index(directory)
-  tokenizer = tokenizer_lib.load(os.path.join(directory, index['tokenizer']['file']))
+  tokenizer = tokenizer_lib.load(storage.join(directory, index['tokenizer']['file']))
   tokenizer_lib.check_vocab(config, tokenizer)
   if workdir:
     tokenizer_lib.check_workdir(workdir, tokenizer)

@@ -48,6 +48,7 @@ import time
 
 import numpy as np
 
+from llm_jax import storage
 from llm_jax.data import cleaning
 from llm_jax.data import preparation_tasks
 from llm_jax.data import sources
@@ -67,12 +68,12 @@ class PrepareError(UserError, ValueError):
 
 
 def output_dir(config, workdir: str | None) -> str:
-  """config.data.prepared_dir, or <workdir>/data when that is ''."""
+  """config.data.prepared_dir, or <workdir>/data when that is ''; either may be a gs:// or s3:// URL."""
   if config.data.prepared_dir:
-    return os.path.abspath(os.path.expanduser(config.data.prepared_dir))
+    return storage.absolute(config.data.prepared_dir)
   if not workdir:
     raise PrepareError('config.data.prepared_dir: empty and no --workdir given; set one of them')
-  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'data')
+  return storage.join(storage.absolute(workdir), 'data')
 
 
 def fingerprint(config) -> str:
@@ -97,20 +98,39 @@ def fingerprint(config) -> str:
 
 def load_index(directory: str) -> dict:
   """The index of a complete preparation; the error says how to make one."""
-  path = os.path.join(directory, INDEX_FILE)
+  path = storage.join(directory, INDEX_FILE)
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except FileNotFoundError:
     raise PrepareError(f'{path}: not found; run `python -m llm_jax.data.prepare --config=...` '
                        f'(or llm_jax.data.prepare(config, workdir)) first') from None
 
 
-def read_split_tokens(directory: str, index: dict, role: str) -> list[np.ndarray]:
-  """The shards of a split, memory-mapped, in stream order."""
+def read_split_tokens(directory: str, index: dict, role: str) -> list:
+  """The shards of a split, in stream order: memory-mapped arrays locally, `RangedShard`s in a bucket."""
   dtype = np.dtype(index['token_dtype'])
+  if storage.is_url(directory):
+    return [RangedShard(storage.join(directory, shard['file']), dtype, shard['num_tokens'])
+            for shard in index['splits'][role]['shards']]
   return [np.memmap(os.path.join(directory, shard['file']), dtype=dtype, mode='r', shape=(shard['num_tokens'],))
           for shard in index['splits'][role]['shards']]
+
+
+class RangedShard:
+  """A token shard in a bucket, never downloaded whole: `shard[a:b]` is one ranged request for those tokens, and
+  `pipeline.TokenStream.read_rows` fetches a batch's windows with concurrent ranged requests
+  (storage.read_ranges), so memory holds one batch, not a shard."""
+
+  def __init__(self, path: str, dtype: np.dtype, num_tokens: int):
+    self.path, self.dtype, self.size = path, np.dtype(dtype), int(num_tokens)
+
+  def byte_range(self, start: int, stop: int) -> tuple[int, int]:
+    return start * self.dtype.itemsize, stop * self.dtype.itemsize
+
+  def __getitem__(self, index: slice) -> np.ndarray:
+    start, stop, _ = index.indices(self.size)
+    first, end = self.byte_range(start, max(start, stop))
+    return np.frombuffer(storage.read_range(self.path, first, end - first), self.dtype)
 
 
 def unigram_entropy(train_shards: list[np.ndarray], validation_shards: list[np.ndarray], vocab_size: int) -> float:
@@ -149,6 +169,8 @@ def _existing_index(directory: str) -> dict | None:
 
 def _build(config, directory: str, expected_fingerprint: str, workdir: str | None, progress: bool,
            executor=None) -> dict:
+  if storage.is_url(directory):
+    return _build_in_bucket(config, directory, expected_fingerprint, workdir, progress, executor)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(directory)}.tmp-', dir=parent)
@@ -158,6 +180,34 @@ def _build(config, directory: str, expected_fingerprint: str, workdir: str | Non
     if workdir:  # fail before replacing anything when the workdir belongs to another tokenizer
       tokenizer_lib.check_workdir(workdir, tokenizer_lib.load(staging))
     _replace_directory(staging, directory)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return index
+
+
+def _build_in_bucket(config, directory: str, expected_fingerprint: str, workdir: str | None, progress: bool,
+                     executor=None) -> dict:
+  """Prepares into a local temporary directory, then uploads it to `directory` (a URL) with index.json last.
+
+  A bucket has no rename: the old index.json is deleted first (the output is then incomplete to every reader),
+  the old objects are removed, the new shards and tokenizer are uploaded, and index.json, whose presence marks
+  the output complete, is uploaded last. A cluster executor's workers cannot see a local staging directory.
+  """
+  if executor is not None:
+    raise PrepareError(f'{directory}: a cluster executor needs its output on a shared file system; prepare there '
+                       f'and copy the directory to the bucket, or prepare in the bucket without --executor')
+  staging = tempfile.mkdtemp(prefix='llm_jax-prepare-')
+  try:
+    index = _write_prepared(config, staging, expected_fingerprint, progress, None)
+    if workdir:  # fail before replacing anything when the workdir belongs to another tokenizer
+      tokenizer_lib.check_workdir(workdir, tokenizer_lib.load(staging))
+    if storage.exists(storage.join(directory, INDEX_FILE)):
+      storage.remove(storage.join(directory, INDEX_FILE))
+    storage.rmtree(directory)
+    for name in sorted(os.listdir(staging)):
+      if name != INDEX_FILE and os.path.isfile(os.path.join(staging, name)):
+        storage.copy(os.path.join(staging, name), storage.join(directory, name))
+    storage.copy(os.path.join(staging, INDEX_FILE), storage.join(directory, INDEX_FILE))
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return index

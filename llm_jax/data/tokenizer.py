@@ -31,12 +31,16 @@ only when an HF tokenizer is used or trained.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
+import shutil
+import tempfile
 import os
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from llm_jax import storage
 from llm_jax.errors import UserError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
@@ -57,7 +61,7 @@ class TokenizerError(UserError, ValueError):
 def file_fingerprint(path: str) -> str:
   """sha256 of a file's bytes, as hex."""
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with storage.open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
@@ -208,21 +212,37 @@ class HFTokenizer:
 def tokenizer_file(path: str) -> str | None:
   """The tokenizer file `path` names: itself when a file, else the directory's tokenizer.model or tokenizer.json
   (in that order); None when there is none."""
-  if os.path.isdir(path):
+  if storage.isdir(path):
     for name in (SENTENCEPIECE_FILE, HF_FILE):
-      if os.path.isfile(os.path.join(path, name)):
-        return os.path.join(path, name)
+      if storage.isfile(storage.join(path, name)):
+        return storage.join(path, name)
     return None
-  return path if os.path.isfile(path) else None
+  return path if storage.isfile(path) else None
+
+
+def _local_copy(path: str) -> str:
+  """A tokenizer file in a bucket, downloaded with its Hugging Face companions into a temporary directory kept
+  for the process (SentencePiece and tokenizers read local files; the loaded tokenizer's `files` point there)."""
+  directory = tempfile.mkdtemp(prefix='llm_jax-tokenizer-')
+  atexit.register(shutil.rmtree, directory, True)
+  for name in (storage.basename(path), HF_CONFIG_FILE, HF_TEMPLATE_FILE):
+    source = storage.join(storage.dirname(path), name)
+    if name == storage.basename(path) or (path.endswith('.json') and storage.isfile(source)):
+      storage.copy(source, os.path.join(directory, name))
+  return os.path.join(directory, storage.basename(path))
 
 
 def load(path: str) -> Tokenizer | HFTokenizer:
   """Loads a tokenizer: a SentencePiece model file, a tokenizer.json, or a directory holding one. The error
   names the file when it is missing or not a tokenizer."""
   found = tokenizer_file(path)
-  if os.path.isdir(path) and found is None:
+  if storage.isdir(path) and found is None:
     raise TokenizerError(f'tokenizer {path}: the directory has neither {SENTENCEPIECE_FILE} nor {HF_FILE}')
   path = found or path
+  if storage.is_url(path):
+    if not found:
+      raise TokenizerError(f'tokenizer {path}: cannot read it (No such file or directory)')
+    path = _local_copy(path)
   if path.endswith('.json'):
     if not os.path.isfile(path):
       raise TokenizerError(f'tokenizer {path}: cannot read it (No such file or directory)')
@@ -327,16 +347,15 @@ def check_fingerprint(tokenizer: Tokenizer, expected: str, expected_from: str) -
 
 def workdir_tokenizer(workdir: str) -> str | None:
   """<workdir>/tokenizer.model or <workdir>/tokenizer.json, whichever it has; None when neither."""
-  return tokenizer_file(workdir) if workdir and os.path.isdir(workdir) else None
+  return tokenizer_file(workdir) if workdir and storage.isdir(workdir) else None
 
 
 def check_workdir(workdir: str, tokenizer: Tokenizer | HFTokenizer) -> None:
   """Raises TokenizerError naming both files when `workdir` already holds a different tokenizer."""
-  fingerprint_path = os.path.join(workdir, WORKDIR_FINGERPRINT)
+  fingerprint_path = storage.join(workdir, WORKDIR_FINGERPRINT)
   model_path = workdir_tokenizer(workdir)
-  if os.path.exists(fingerprint_path):
-    with open(fingerprint_path) as f:
-      check_fingerprint(tokenizer, f.read().strip(), fingerprint_path)
+  if storage.exists(fingerprint_path):
+    check_fingerprint(tokenizer, storage.read_text(fingerprint_path).strip(), fingerprint_path)
   elif model_path:
     check_fingerprint(tokenizer, load(model_path).fingerprint, model_path)
 
@@ -350,44 +369,35 @@ def bind_to_workdir(tokenizer_path: str, workdir: str) -> Tokenizer | HFTokenize
   """
   tokenizer = load(tokenizer_path)
   check_workdir(workdir, tokenizer)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   for name, source in tokenizer.files.items():
-    target = os.path.join(workdir, name)
-    if not os.path.exists(target):
-      with open(source, 'rb') as f:
-        _write_atomically(target, f.read())
-  fingerprint_path = os.path.join(workdir, WORKDIR_FINGERPRINT)
-  if not os.path.exists(fingerprint_path):
+    target = storage.join(workdir, name)
+    if not storage.exists(target):
+      _write_atomically(target, storage.read_bytes(source))
+  fingerprint_path = storage.join(workdir, WORKDIR_FINGERPRINT)
+  if not storage.exists(fingerprint_path):
     _write_atomically(fingerprint_path, (tokenizer.fingerprint + '\n').encode())
   return tokenizer
 
 
 def copy_files(tokenizer: Tokenizer | HFTokenizer, directory: str) -> list[str]:
   """Copies the tokenizer's files into `directory` under their canonical names; returns the names."""
-  os.makedirs(directory, exist_ok=True)
+  storage.makedirs(directory)
   for name, source in tokenizer.files.items():
-    if os.path.abspath(source) != os.path.abspath(os.path.join(directory, name)):
-      with open(source, 'rb') as f:
-        _write_atomically(os.path.join(directory, name), f.read())
+    if storage.absolute(source) != storage.absolute(storage.join(directory, name)):
+      _write_atomically(storage.join(directory, name), storage.read_bytes(source))
   return list(tokenizer.files)
 
 
 def load_from_workdir(workdir: str) -> Tokenizer | HFTokenizer:
   """The workdir's tokenizer, checked against its recorded fingerprint."""
-  tokenizer = load(workdir_tokenizer(workdir) or os.path.join(workdir, WORKDIR_MODEL))
-  fingerprint_path = os.path.join(workdir, WORKDIR_FINGERPRINT)
-  if os.path.exists(fingerprint_path):
-    with open(fingerprint_path) as f:
-      check_fingerprint(tokenizer, f.read().strip(), fingerprint_path)
+  tokenizer = load(workdir_tokenizer(workdir) or storage.join(workdir, WORKDIR_MODEL))
+  fingerprint_path = storage.join(workdir, WORKDIR_FINGERPRINT)
+  if storage.exists(fingerprint_path):
+    check_fingerprint(tokenizer, storage.read_text(fingerprint_path).strip(), fingerprint_path)
   return tokenizer
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-  temporary = f'{path}.tmp-{os.getpid()}'
-  try:
-    with open(temporary, 'wb') as f:
-      f.write(data)
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
+  """Temporary file + rename locally, one PUT in a bucket (storage.write_bytes)."""
+  storage.write_bytes(path, data)
