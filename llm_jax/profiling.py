@@ -14,9 +14,12 @@ stopping: the trace then holds the device work of exactly steps FIRST..LAST. Ste
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 
+from llm_jax import storage
 from llm_jax.config import ConfigError
 
 
@@ -54,8 +57,10 @@ class ProfileWindow:
   def after_step(self, step: int, outputs=None) -> None:
     if step == self.first - 1 and not self.active:
       jax.block_until_ready(outputs)  # earlier steps stay out of the trace
-      os.makedirs(self.logdir, exist_ok=True)
-      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)  # also a .trace.json.gz for Perfetto
+      # a bucket logdir: trace into a local directory, uploaded by close() (the profiler writes local files)
+      self._local = tempfile.mkdtemp(prefix='llm_jax-profile-') if storage.is_url(self.logdir) else self.logdir
+      os.makedirs(self._local, exist_ok=True)
+      jax.profiler.start_trace(self._local, create_perfetto_trace=True)  # also a .trace.json.gz for Perfetto
       self.active = True
     elif self.active and step >= self.last:
       jax.block_until_ready(outputs)
@@ -65,4 +70,7 @@ class ProfileWindow:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
+      if self._local != self.logdir:
+        storage.upload_dir(self._local, self.logdir)
+        shutil.rmtree(self._local, ignore_errors=True)
       print(f'profile of steps {self.first}-{self.last} written to {self.logdir}', flush=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
@@ -585,7 +584,7 @@ class Profile(Hook):
 
   def due(self, loop, step):
     if self._window is None:
-      self._window = profiling.ProfileWindow(*self._steps, os.path.join(loop.workdir, 'profile'))
+      self._window = profiling.ProfileWindow(*self._steps, storage.join(loop.workdir, 'profile'))
     return self._window.due(step)
 
   def __call__(self, loop, step):
