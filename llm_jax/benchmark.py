@@ -24,13 +24,14 @@ import json
 import os
 import queue
 import statistics
-import sys
 import threading
 import time
 from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from llm_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
                                           lock_config=True)
@@ -215,13 +216,9 @@ def main(argv):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _XLA_FLAGS.value).strip()
   if _STEPS.value < 1 or _WARMUP.value < 1:
     raise app.UsageError('--steps and --warmup must be >= 1 (the first warm-up step compiles)')
-  from llm_jax import config as config_lib
-  try:
-    result = run(config, _STEPS.value, _WARMUP.value, _INPUT.value, _NUM_BATCHES.value, _DONATE.value,
-                 one_document=_ONE_DOCUMENT.value,
-                 profile_dir=os.path.join(_WORKDIR.value, 'profile') if _WORKDIR.value else None)
-  except config_lib.ConfigError as e:
-    sys.exit(f'error: {e}')
+  result = run(config, _STEPS.value, _WARMUP.value, _INPUT.value, _NUM_BATCHES.value, _DONATE.value,
+               one_document=_ONE_DOCUMENT.value,
+               profile_dir=os.path.join(_WORKDIR.value, 'profile') if _WORKDIR.value else None)
   line = json.dumps(result)
   if _WORKDIR.value:
     os.makedirs(_WORKDIR.value, exist_ok=True)
@@ -232,4 +229,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run(main)

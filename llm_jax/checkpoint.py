@@ -9,13 +9,25 @@ put every array straight onto its target sharding (the abstract tree carries the
 Object stores: the workdir may be gs://bucket/run or s3://bucket/run; orbax writes the arrays through tensorstore
 straight to the bucket, with no local copy (docs/storage.md). orbax 0.12.8 maps gs:// to tensorstore's gcs
 driver itself; s3:// it does not know, so `_orbax_s3` teaches it (see there).
+
+A listed step can still be damaged: an array file truncated or overwritten after the save, a missing or invalid
+`meta`, a step directory without orbax's commit marker `commit_success.txt` (orbax 0.12 writes it last in both
+protocols; a directory without it was copied or synced half-way). Loaders go through `load_newest_intact`: it
+tries the newest step, and on damage warns in one line naming the step and why, then tries the next older one.
+Each array is read once (the restore itself is the check); only `meta` and the commit marker are checked before
+it. Nothing is deleted; a training run moves a damaged step it skipped to <workdir>/checkpoints.damaged/
+(`set_aside`), since orbax would never save a step at or below a listed one.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from typing import Any
+import re
+import sys
+import warnings
+from typing import Any, Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +35,10 @@ from llm_jax import storage
 from llm_jax.errors import UserError
 
 ITEMS = ('params', 'opt_state', 'meta')
+COMMIT_MARKER = 'commit_success.txt'  # orbax writes it into a step directory last, when the step is complete
+DAMAGED_DIR = 'checkpoints.damaged'  # where a training run moves the damaged steps it skipped
+
+T = TypeVar('T')
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -82,16 +98,11 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
   return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
 
-def _reader(workdir: str) -> ocp.CheckpointManager:
-  directory = checkpoint_dir(workdir)
-  return ocp.CheckpointManager(directory, item_names=ITEMS, options=_options(directory, read_only=True))
-
-
 def latest_step(workdir: str) -> int | None:
   """The step of the newest complete checkpoint, or None."""
   if not storage.isdir(checkpoint_dir(workdir)):
     return None
-  manager = _reader(workdir)
+  manager = read_only_manager(workdir)
   try:
     return manager.latest_step()
   finally:
@@ -119,7 +130,7 @@ def _failed(manager, what: str, error: Exception) -> CheckpointError:
   except Exception:  # the manager itself may be what failed
     last = None
   last_good = f'{manager.directory}/{last}' if last is not None else 'none'
-  return CheckpointError(f'{what} failed: {error}; the last complete checkpoint is {last_good}')
+  return CheckpointError(f'{what} failed: {_one_line(error)}; the last complete checkpoint is {last_good}')
 
 
 def save(manager: ocp.CheckpointManager, step: int, params, opt_state=None, meta: dict | None = None,
@@ -163,22 +174,202 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   return dict(manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
 
 
+class DamagedCheckpointError(CheckpointError):
+  """One step is damaged (unreadable arrays, missing or invalid meta, no commit marker); names the step and why."""
+
+
+class NoIntactCheckpointError(CheckpointError):
+  """Every step of a workdir is damaged; the message names the workdir and each step tried."""
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith('Given directory is read only')
+
+
+def read_only_manager(workdir: str) -> ocp.CheckpointManager:
+  """A manager that lists and restores only. The options orbax would otherwise 'correct' with a warning are set
+  as read-only wants them, and its notice that the directory is read only (expected here) is dropped."""
+  directory = checkpoint_dir(workdir)
+  options = _options(directory, read_only=True, save_interval_steps=0, max_to_keep=None, create=False)
+  notice = _DropReadOnlyNotice()
+  logging.getLogger('absl').addFilter(notice)
+  try:
+    return ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+  finally:
+    logging.getLogger('absl').removeFilter(notice)
+
+
+def _one_line(error: BaseException) -> str:
+  """The first line of an error, without tensorstore's multi-line spec dump (from which the array is named)."""
+  text = str(error).strip()
+  arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)  # relative kvstore path: the array's name
+  items = re.findall(r"'path': '(/[^']*?)/?'", text)  # absolute path: the item's directory
+  if 'Encountered error while reading array' in text and arrays:
+    item = f' of {os.path.basename(items[-1])}' if items else ''
+    return f'unreadable array {arrays[-1]}{item}'
+  text = text.split('\n')[0].split(' See full TensorStore details')[0]
+  text = text if len(text) <= 200 else text[:200] + '...'
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def is_damage(error: BaseException) -> bool:
+  """Whether a failed restore points at the files of that step, not at the config (a UserError) or the machine
+  (out of memory), so that the next older step is worth trying."""
+  if isinstance(error, (UserError, MemoryError)) or not isinstance(error, Exception):
+    return False
+  return 'RESOURCE_EXHAUSTED' not in str(error)
+
+
+def is_structure_mismatch(error: BaseException) -> bool:
+  """orbax's refusal to restore into a tree of another structure: the config, not the files, differs."""
+  return isinstance(error, ValueError) and 'tree structures do not match' in str(error)
+
+
+def check_step(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The meta of one step after the cheap checks (commit marker, meta readable and naming this step); raises
+  DamagedCheckpointError otherwise. Arrays are not read here: the restore that follows is their check."""
+  where = f'{manager.directory}/{step}'
+  if not storage.exists(storage.join(where, COMMIT_MARKER)):
+    raise DamagedCheckpointError(f'{where}: incomplete commit (no {COMMIT_MARKER})')
+  try:
+    meta = read_meta(manager, step)
+  except Exception as e:  # pylint: disable=broad-except  (missing item, truncated JSON, unreadable file)
+    raise DamagedCheckpointError(f'{where}: unreadable meta ({_one_line(e)})') from e
+  if meta.get('step') != step:
+    raise DamagedCheckpointError(f'{where}: invalid meta (its step is {meta.get("step")!r})')
+  return meta
+
+
+_ABANDONED_READ = '_read_array_index_and_device_put'  # orbax's per-array read coroutine
+
+
+def _is_abandoned_read_noise(exc, obj) -> bool:
+  return (_ABANDONED_READ in repr(obj) or
+          (isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)) or
+          'Encountered error while reading array' in str(exc))
+
+
+class _DropAbandonedReadTask(logging.Filter):
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and _is_abandoned_read_noise(exc, None))
+
+
+def _silence_abandoned_reads() -> None:
+  """After a failed restore, orbax's other array reads of that step still finish in tensorstore threads, after
+  its event loop has closed; Python then prints each as an ignored exception (dozens of tracebacks for one
+  truncated file). Drop exactly those reports, from now on; everything else still reaches the original hooks."""
+  if getattr(sys.unraisablehook, 'llm_jax_filter', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read_noise(unraisable.exc_value, unraisable.object):
+      previous(unraisable)
+
+  hook.llm_jax_filter = True
+  sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_DropAbandonedReadTask())
+  warnings.filterwarnings('ignore', message=f"coroutine '{_ABANDONED_READ}' was never awaited")
+
+
+def _agreed(ok: bool) -> bool:
+  """True on every process when `ok` is true on every process (a step damaged for one is skipped by all)."""
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def warn(message: str) -> None:
+  """One warning line on stderr (process 0 only), above the job's own output."""
+  if jax.process_index() == 0:
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def load_newest_intact(manager: ocp.CheckpointManager, load: Callable[[int, dict], T], workdir: str,
+                       step: int | None = None) -> tuple[int, T, list[int]]:
+  """`load(step, meta)` of the newest intact step: (step, its result, the newer damaged steps skipped).
+
+  A damaged step gets one warning line naming it and why, then the next older step is tried; errors that are
+  not damage (a UserError such as an incompatible config, out of memory) propagate at once. With `step` given
+  only that step is tried. Raises NoIntactCheckpointError naming the workdir and every step tried when none
+  loads, FileNotFoundError when there is no step at all.
+  """
+  steps = sorted(manager.all_steps(), reverse=True) if step is None else [int(step)]
+  if not steps:
+    raise FileNotFoundError(f'{workdir}: no complete checkpoint under {checkpoint_dir(workdir)}')
+  if step is not None and step not in manager.all_steps():
+    available = ', '.join(map(str, sorted(manager.all_steps(), reverse=True))) or 'none'
+    raise FileNotFoundError(f'{checkpoint_dir(workdir)}/{step}: no such checkpoint (steps: {available})')
+  tried, skipped = [], []
+  for i, candidate in enumerate(steps):
+    try:
+      result, reason = load(candidate, check_step(manager, candidate)), None
+    except DamagedCheckpointError as e:
+      reason = str(e).split(': ', 1)[-1]
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
+      reason = _one_line(e)
+      _silence_abandoned_reads()
+    if not _agreed(reason is None):
+      reason = reason or 'damaged on another process'
+    if reason is None:
+      return candidate, result, skipped
+    tried.append(f'{candidate} ({reason})')
+    skipped.append(candidate)
+    if step is not None:
+      raise DamagedCheckpointError(f'{checkpoint_dir(workdir)}/{candidate} is damaged ({reason}); pick another '
+                                   f'--step (steps: {", ".join(map(str, sorted(manager.all_steps(), reverse=True)))})')
+    after = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'no older step'
+    warn(f'checkpoint {checkpoint_dir(workdir)}/{candidate} is damaged ({reason}); {after}')
+  raise NoIntactCheckpointError(f'no intact checkpoint in {workdir}: tried steps ' + '; '.join(tried))
+
+
+def set_aside(manager: ocp.CheckpointManager, workdir: str, steps: list[int]) -> None:
+  """Moves damaged steps out of checkpoints/ (never deletes them): orbax saves no step at or below a listed one,
+  so a run that fell back past them could not save again. Process 0 moves; all processes then reload."""
+  if not steps:
+    return
+  if jax.process_index() == 0:
+    target_root = storage.join(storage.absolute(workdir), DAMAGED_DIR)
+    storage.makedirs(target_root)
+    for step in steps:
+      target, n = storage.join(target_root, str(step)), 1
+      while storage.exists(target):
+        target, n = storage.join(target_root, f'{step}.{n}'), n + 1
+      storage.move(storage.join(checkpoint_dir(workdir), str(step)), target)
+      warn(f'moved the damaged checkpoint step {step} to {target}')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('llm_jax_set_aside')
+  manager.reload()
+
+
 def load_params(workdir: str, params_like, step: int | None = None, check_meta=None) -> tuple[Any, dict]:
-  """Parameters and meta of a workdir's checkpoint (latest by default), for init_from, generate, convert.
+  """Parameters and meta of a workdir's checkpoint, for init_from, generate, evaluate, convert: the newest intact
+  step by default (damaged ones are skipped with a warning, see `load_newest_intact`), else `step`.
 
   `check_meta(meta)`, if given, runs before any array is read (to raise a clear error on a mismatch).
+  meta['step'] is the step loaded.
   """
-  step = latest_step(workdir) if step is None else step
-  if step is None:
+  if not storage.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f'{workdir}: no complete checkpoint under {checkpoint_dir(workdir)}')
-  manager = _reader(workdir)
-  try:
+  manager = read_only_manager(workdir)
+
+  def load(candidate, meta):
     if check_meta is not None:
-      check_meta(read_meta(manager, step))
-    restored = restore(manager, step, params_like)
+      check_meta(meta)
+    return restore(manager, candidate, params_like)['params'], meta
+
+  try:
+    _, (params, meta), _ = load_newest_intact(manager, load, workdir, step)
   finally:
     manager.close()
-  return restored['params'], dict(restored['meta'])
+  return params, dict(meta)
 
 
 def write_json_atomic(path: str, value) -> None:

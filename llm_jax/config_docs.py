@@ -213,7 +213,8 @@ def _main() -> None:
     except ConfigDocsError as e:
       sys.exit(f'error: {e}')
 
-  app.run(main)
+  from llm_jax import cli
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -66,7 +66,7 @@ from llm_jax import checkpoint
 from llm_jax import storage
 from llm_jax import config as config_lib
 from llm_jax.model import lora
-from llm_jax.errors import UserError, exit_on_user_error
+from llm_jax.errors import UserError
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -629,7 +629,7 @@ def _export_tokenizer(tokenizer, hf_dir: str, max_len: int) -> list[str]:
 
 def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-  """Exports the workdir's latest checkpoint as a HF LLaMA checkpoint; returns the files written."""
+  """Exports the workdir's newest intact checkpoint as a HF LLaMA checkpoint; returns the files written."""
   config = config_lib.load_workdir_config(workdir)
   _check_exportable(config)
   hf_dtype = hf_dtype or config.model.param_dtype
@@ -687,8 +687,10 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
 
 
 def _main():
-  
+  """The command line. Flags are defined here, not at import, so that tests can import every job together."""
   from absl import app, flags
+
+  from llm_jax import cli
 
   hf_dir = flags.DEFINE_string('hf_dir', None, 'Hugging Face checkpoint directory (config.json + safetensors).')
   workdir = flags.DEFINE_string('workdir', None, 'llm_jax workdir (from_hf: created; to_hf: read).')
@@ -706,17 +708,16 @@ def _main():
       raise app.UsageError('usage: python -m llm_jax.convert {from_hf|to_hf} --hf_dir D --workdir W')
     if not hf_dir.value or not workdir.value:
       raise app.UsageError('--hf_dir and --workdir are required')
-    with exit_on_user_error():
-      if argv[1] == 'from_hf':
-        from_hf(hf_dir.value, workdir.value, scan_layers=scan_layers.value, dtype=dtype.value,
-                param_dtype=param_dtype.value)
-        print(f'imported {hf_dir.value} into {workdir.value} (checkpoint step 0)')
-      else:
-        files = to_hf(workdir.value, hf_dir.value, hf_dtype=hf_dtype.value,
-                      max_shard_bytes=int(max_shard_gb.value * 1e9))
-        print(f'exported {workdir.value} to {hf_dir.value}: {", ".join(files)}')
+    if argv[1] == 'from_hf':
+      from_hf(hf_dir.value, workdir.value, scan_layers=scan_layers.value, dtype=dtype.value,
+              param_dtype=param_dtype.value)
+      print(f'imported {hf_dir.value} into {workdir.value} (checkpoint step 0)')
+    else:
+      files = to_hf(workdir.value, hf_dir.value, hf_dtype=hf_dtype.value,
+                    max_shard_bytes=int(max_shard_gb.value * 1e9))
+      print(f'exported {workdir.value} to {hf_dir.value}: {", ".join(files)}')
 
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

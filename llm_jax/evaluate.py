@@ -9,8 +9,11 @@
                scored with sacrebleu BLEU and rouge-score ROUGE-1/2/L F1 (llm_jax.text_metrics; all 0..100)
 
 The config is the workdir's config.json with the --config.x=y overrides laid over it (fields that fix the
-checkpoint's shapes cannot change). The result is printed as JSON and written atomically to
-<workdir>/eval/step_<step>_<split>.json. `run()` does the work and is what tests call.
+checkpoint's shapes cannot change). The newest intact checkpoint is evaluated (a damaged newer one is skipped
+with a one-line warning), or --step's. The result is printed as JSON and written atomically to
+<workdir>/eval/step_<step>_<split>.json, or to --output. When the workdir cannot be written (a read-only mount,
+a full disk) the result is still printed, after one warning line; `output` is then null. `run()` does the work
+and is what tests call.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from typing import Any
 
 from llm_jax import config as config_lib
 from llm_jax import storage
-from llm_jax.errors import exit_on_user_error
+from llm_jax.errors import UserError
+
+
+class OutputError(UserError, OSError):
+  """--output cannot be written; the message names the file."""
+
 
 # config.model fields that fix parameter shapes or layout: a checkpoint cannot be evaluated with other values.
 
@@ -105,8 +113,10 @@ def tasks(loaded, task_file: str) -> dict[str, Any]:
 
 
 def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None = None,
-        task_file: str | None = None, step: int | None = None, devices=None) -> dict[str, Any]:
-  """Evaluates the workdir's checkpoint; returns the result and writes it to <workdir>/eval/."""
+        task_file: str | None = None, step: int | None = None, devices=None,
+        output: str | None = None) -> dict[str, Any]:
+  """Evaluates the workdir's checkpoint; returns the result and writes it to `output` (default
+  <workdir>/eval/step_<step>_<split>.json; an unwritable workdir only warns, an unwritable `output` is an error)."""
   from llm_jax import checkpoint, workdir as workdir_lib  # after flag parsing: keeps --help fast
   if not storage.isdir(workdir):
     raise FileNotFoundError(f'--workdir {workdir}: no such directory')
@@ -120,9 +130,16 @@ def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None
                 perplexity=perplexity(loaded, split, config.eval.steps))
   if task_file:
     result['tasks'] = tasks(loaded, task_file)
-  path = storage.join(workdir, 'eval', f'step_{loaded.step}_{split}.json')
-  storage.makedirs(storage.dirname(path))
-  checkpoint.write_json_atomic(path, result)
+  path = output or storage.join(workdir, 'eval', f'step_{loaded.step}_{split}.json')
+  try:
+    storage.makedirs(storage.dirname(storage.absolute(path)))
+    checkpoint.write_json_atomic(path, result)
+  except OSError as e:
+    if output:  # asked for by name: not writing it is the job failing
+      raise OutputError(f'--output {output}: cannot write it ({e.strerror or e})') from e
+    checkpoint.warn(f'cannot write {path} ({e.strerror or e}); the result is printed only (--output=FILE '
+                    f'writes it elsewhere)')
+    path = None
   result['output'] = path
   return result
 
@@ -134,25 +151,28 @@ def _main():
   from absl import app, flags
   from ml_collections import config_flags
 
+  from llm_jax import cli
+
   workdir = flags.DEFINE_string('workdir', None, 'Training workdir whose checkpoint is evaluated.')
-  config = config_flags.DEFINE_config_dict('config', config_lib.get_config(), 'Overrides of the workdir\'s config, '
-                                           'e.g. --config.eval.steps=50 (only the fields given change).')
+  config = cli.define_config_dict('config', config_lib.get_config(), 'Overrides of the workdir\'s config, '
+                                   'e.g. --config.eval.steps=50 (only the fields given change).')
   split = flags.DEFINE_string('split', None, 'Split to measure perplexity on (default: config.data.eval_split).')
   task_file = flags.DEFINE_string('task_file', None, 'JSONL of {"prompt", "reference"} records to complete and '
                                   'score (default: config.eval.task_file; "" = none).')
-  step = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the newest intact one).')
+  output = flags.DEFINE_string('output', None, 'JSON file for the result (default: '
+                               '<workdir>/eval/step_<step>_<split>.json; printed only if that cannot be written).')
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not workdir.value:
       raise app.UsageError('--workdir is required')
-    with exit_on_user_error():
-      result = run(workdir.value, config_flags.get_override_values(flags.FLAGS[config.name]), split.value,
-                   task_file.value, step.value)
+    result = run(workdir.value, config_flags.get_override_values(flags.FLAGS[config.name]), split.value,
+                 task_file.value, step.value, output=output.value)
     print(json.dumps(result, indent=2, sort_keys=True))
 
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

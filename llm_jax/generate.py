@@ -3,8 +3,9 @@
   python -m llm_jax.generate --workdir=DIR --prompt="def main(" [--prompt=... | --prompts_file=F]
       [--max_new_tokens=64 --temperature=0.8 --top_k=0 --top_p=0.95 --seed=0] [--chat | --nochat]
 
-Loads the latest checkpoint and the tokenizer of the workdir (checked against the checkpoint's fingerprint),
-decodes all prompts as one batch with the KV cache (llm_jax.decoding), and prints each completion after a
+Loads the newest intact checkpoint (a damaged newer one is skipped with a one-line warning) and the tokenizer of
+the workdir (checked against the checkpoint's fingerprint), writes nothing to the workdir, decodes all prompts
+as one batch with the KV cache (llm_jax.decoding), and prints each completion after a
 `=== prompt i ===` header. A workdir fine-tuned on data.source=sft_jsonl is prompted through its chat template
 (`<|user|>` turn + `<|assistant|>` header, llm_jax.data.sft.encode_prompt), other workdirs with the raw text;
 --chat / --nochat override that. `run()` does the work and is what tests call.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import sys
 from typing import Sequence
-from llm_jax.errors import exit_on_user_error
 
 
 def read_prompts(path: str) -> list[str]:
@@ -50,7 +50,10 @@ def _main():
   """The command line. Flags are defined here, not at import, so that tests can import every job together."""
   from absl import app, flags
 
-  workdir = flags.DEFINE_string('workdir', None, 'Training workdir: its latest checkpoint and tokenizer are used.')
+  from llm_jax import cli
+
+  workdir = flags.DEFINE_string('workdir', None, 'Training workdir: its newest intact checkpoint and tokenizer are used; '
+                                'nothing is written to it (a read-only workdir works).')
   prompt = flags.DEFINE_multi_string('prompt', [], 'A prompt to complete; repeat the flag for several.')
   prompts_file = flags.DEFINE_string('prompts_file', None, 'Text file with one prompt per line (blank lines '
                                      'skipped; "\\n" in a line stands for a newline).')
@@ -60,7 +63,7 @@ def _main():
   top_p = flags.DEFINE_float('top_p', 0.95, 'Nucleus sampling: the smallest set of most likely tokens with this '
                              'total probability; 1 = no limit.')
   seed = flags.DEFINE_integer('seed', 0, 'Random seed of sampling; the same seed gives the same text.')
-  step = flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
+  step = flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the newest intact one).')
   tokenizer = flags.DEFINE_string('tokenizer', '', 'Tokenizer (SentencePiece .model, tokenizer.json, or a directory '
                                   'with one) to use instead of the workdir\'s (it must be the one the checkpoint was '
                                   'trained with).')
@@ -72,14 +75,13 @@ def _main():
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not workdir.value:
       raise app.UsageError('--workdir is required')
-    with exit_on_user_error():
-      prompts = list(prompt.value) + (read_prompts(prompts_file.value) if prompts_file.value else [])
-      completions = run(workdir.value, prompts, max_new_tokens.value, temperature.value, top_k.value, top_p.value,
-                        seed.value, step.value, tokenizer.value, chat=chat.value)
+    prompts = list(prompt.value) + (read_prompts(prompts_file.value) if prompts_file.value else [])
+    completions = run(workdir.value, prompts, max_new_tokens.value, temperature.value, top_k.value, top_p.value,
+                      seed.value, step.value, tokenizer.value, chat=chat.value)
     for i, (text, completion) in enumerate(zip(prompts, completions)):
       print(f'=== prompt {i} ===\n{text}{completion}', flush=True)
 
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -6,10 +6,10 @@ Thin on purpose: flags -> config -> train.train_and_evaluate(config, workdir), w
 from __future__ import annotations
 
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from llm_jax.errors import exit_on_user_error
+from llm_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (experiments/*.py).',
                                           lock_config=True)
@@ -28,8 +28,6 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step for the c
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:  # orbax and jax log every save at INFO: keep stdout readable
-    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=experiments/tiny.py')
@@ -44,12 +42,11 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   from llm_jax import train  # after flag parsing: keeps --help fast
-  with exit_on_user_error():
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+  result = train.train_and_evaluate(config, _WORKDIR.value)  # cli.run prints a UserError as one line
   if result.get('preempted'):
     print('preempted: checkpoint saved; restart with the same --workdir to resume')
 
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run(main)

@@ -107,6 +107,32 @@ class _ObjectJsonl:
     self.flush()
 
 
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites a metrics.jsonl without its rows beyond `step` (atomically); returns how many were dropped.
+
+  A run restarted from step k (its checkpoint) repeats steps k+1, ...: the interrupted run's rows for them would
+  otherwise stand twice, or alone where the resumed run logs at other steps. A partial last line (a crash while
+  writing it) goes too; any other line that is not JSON is kept as it is, for plot to name.
+  """
+  if not storage.exists(path):
+    return 0
+  lines = storage.read_text(path).splitlines()
+  kept = []
+  for i, line in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      if i < len(lines) - 1:
+        kept.append(line)
+      continue
+    if not (isinstance(row, dict) and isinstance(row.get('step'), (int, float)) and row['step'] > step):
+      kept.append(line)
+  dropped = len(lines) - len(kept)
+  if dropped:
+    storage.write_text(path, ''.join(line + '\n' for line in kept))  # atomic: rename locally, one PUT on a bucket
+  return dropped
+
+
 class MetricsWriter:
   """Appends rows to <workdir>/metrics.jsonl, mirrors scalars to TensorBoard and prints a readable line.
 
@@ -114,9 +140,14 @@ class MetricsWriter:
   metrics.jsonl is re-uploaded whole (at most every `flush_every_s` s, and on close), and the TensorBoard events
   are written to a local temporary directory and uploaded to <workdir>/tensorboard/ at the same times:
   tensorboardX's own gs:// support needs TensorFlow, which the GPU image lacks.
+
+  `start_step`: the step the run starts from (its restored checkpoint, 0 when fresh). Rows of an earlier run
+  beyond it are dropped from metrics.jsonl (`drop_rows_after`) and TensorBoard events beyond it are purged
+  (tensorboardX's purge_step), so readers see the rows of an uninterrupted run.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout, flush_every_s: float = 30.0):
+  def __init__(self, workdir: str, enabled: bool = True, stream=sys.stdout, flush_every_s: float = 30.0,
+               start_step: int | None = None):
     self.enabled = enabled
     self.stream = stream
     self._tb = None
@@ -126,6 +157,8 @@ class MetricsWriter:
     if not enabled:
       return
     path = storage.join(workdir, 'metrics.jsonl')
+    if start_step is not None:
+      drop_rows_after(path, start_step)
     if storage.is_url(workdir):
       self._jsonl = _ObjectJsonl(path)
       self._tb_remote = storage.join(workdir, 'tensorboard')
@@ -135,7 +168,11 @@ class MetricsWriter:
       self._jsonl = open(path, 'a', buffering=1)
     try:  # TensorBoard is optional: tensorboardX is pure Python, but an image may lack it
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(self._tb_local or os.path.join(workdir, 'tensorboard'))
+      # purge_step: TensorBoard hides the events at or beyond it that earlier event files hold (written by a run
+      # that went further before it was interrupted).
+      tb_dir = storage.join(workdir, 'tensorboard')
+      earlier = start_step is not None and storage.isdir(tb_dir) and storage.listdir(tb_dir)
+      self._tb = SummaryWriter(self._tb_local or tb_dir, purge_step=start_step + 1 if earlier else None)
     except ImportError:
       print('tensorboardX is not installed: no TensorBoard events (metrics.jsonl is still written)', file=stream)
 

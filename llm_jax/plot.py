@@ -18,7 +18,7 @@ import os
 import tempfile
 from typing import Any, Sequence
 from llm_jax import storage
-from llm_jax.errors import UserError, exit_on_user_error
+from llm_jax.errors import UserError
 
 PANELS = (  # (title, y label, [(metric key, line style suffix), ...])
     ('Loss', 'loss', (('loss', 'train'), ('eval_loss', 'eval'))),
@@ -140,6 +140,8 @@ def plot_workdirs(workdirs: Sequence[str], labels: Sequence[str] = ()):
 def _main() -> None:
   """Flags are defined only when run as a program, so importing this module (the notebook, tests) defines none."""
   from absl import app, flags
+
+  from llm_jax import cli
   workdirs = flags.DEFINE_multi_string('workdir', None, 'Run directory holding metrics.jsonl; repeat to overlay runs.')
   labels = flags.DEFINE_multi_string('label', None, 'Legend label per --workdir, in order (default: its basename).')
   out = flags.DEFINE_string('out', 'metrics.png', 'Output image (.png, .svg or .pdf), written atomically.')
@@ -150,12 +152,11 @@ def _main() -> None:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     if not workdirs.value:
       raise app.UsageError('--workdir is required (repeat it to overlay several runs)')
-    with exit_on_user_error():
-      fig = plot_workdirs(workdirs.value, labels.value or ())
+    fig = plot_workdirs(workdirs.value, labels.value or ())
     save_atomic(fig, out.value, dpi.value)
     print(f'wrote {out.value}')
 
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

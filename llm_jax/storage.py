@@ -214,6 +214,15 @@ def rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def move(src: str, dst: str) -> None:
+  """Moves a file or directory (a URL prefix) within one file system or bucket: a rename locally, a copy of each
+  object then a delete on an object store."""
+  if is_url(src):
+    _fs(src).mv(src, dst, recursive=True)
+  else:
+    os.rename(src, dst)
+
+
 def copy(src: str, dst: str) -> None:
   """Copies one file between any two of: local path, gs://, s3:// (the destination is replaced whole)."""
   if not is_url(src) and not is_url(dst):

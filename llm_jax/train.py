@@ -357,22 +357,29 @@ class Trainer:
 
 
 def _restore_or_init(trainer: Trainer, manager) -> TrainState:
-  """Latest complete checkpoint in the workdir, else config.train.init_from, else fresh.
+  """Newest intact checkpoint in the workdir, else config.train.init_from, else fresh.
 
   A resume restores straight into the sharded shapes (nothing is initialised first), so it needs no more memory
-  than the run itself.
+  than the run itself. A damaged newest step is skipped with a warning (checkpoint.load_newest_intact) and moved
+  to checkpoints.damaged/, so that this run can save that step again.
   """
   config, workdir = trainer.config, trainer.workdir
-  step = manager.latest_step()
-  if step is not None:
-    _check_compatible(checkpoint.read_meta(manager, step), config, workdir, workdir, resume=True)
+  if manager.all_steps():
     abstract = trainer.abstract_state()
-    try:
-      restored = checkpoint.restore(manager, step, abstract.params, abstract.opt_state)
-    except ValueError as e:  # orbax: the stored tree or shapes differ from what this config builds
-      raise IncompatibleCheckpointError(
-          f'{checkpoint.checkpoint_dir(workdir)}/{step} does not fit the state this config builds (other '
-          f'optimizer or LoRA settings, or a checkpoint from an older llm_jax): {str(e).splitlines()[0]}') from e
+
+    def load(step, meta):
+      _check_compatible(meta, config, workdir, workdir, resume=True)
+      try:
+        return checkpoint.restore(manager, step, abstract.params, abstract.opt_state)
+      except ValueError as e:
+        if not checkpoint.is_structure_mismatch(e):
+          raise  # a damaged file: the next older step is tried
+        raise IncompatibleCheckpointError(
+            f'{checkpoint.checkpoint_dir(workdir)}/{step} does not fit the state this config builds (other '
+            f'optimizer or LoRA settings, or a checkpoint from an older llm_jax): {str(e).splitlines()[0]}') from e
+
+    step, restored, damaged = checkpoint.load_newest_intact(manager, load, workdir)
+    checkpoint.set_aside(manager, workdir, damaged)
     print(f'resuming from {checkpoint.checkpoint_dir(workdir)}/{step}', flush=True)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=restored['params'],
                       opt_state=restored['opt_state'])
@@ -381,6 +388,7 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
   source = config.train.init_from
   if checkpoint.latest_step(source) is None:
     raise IncompatibleCheckpointError(f'config.train.init_from: {source} has no complete checkpoint')
+  # load_params skips a damaged newest step of the source with a warning, as a resume does
   check = lambda meta: _check_compatible(meta, config, workdir, source)
   if config.lora.rank:  # the source has no adapters: its base weights plus fresh (zero-B) adapters
     base_like, _ = lora_lib.split(trainer.abstract_state().params)
@@ -424,9 +432,12 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
   preemption = Preemption().install()
   try:
     state = _restore_or_init(trainer, manager)
-    if is_writer:  # only now: a refused resume must leave the workdir's config.json as it was
+    # Only now, and only when this run trains: a refused resume, or a run with nothing left to do, leaves the
+    # workdir's config.json describing the run that made its checkpoints.
+    if is_writer and int(state.step) < config.train.steps:
       checkpoint.write_json_atomic(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+    # rows of an earlier attempt beyond the restored step go: metrics.jsonl reads as one uninterrupted run
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer, start_step=int(state.step))
     return Loop(trainer, manager, writer, state, default_hooks(config, preemption) + list(hooks)).run()
   finally:
     preemption.uninstall()

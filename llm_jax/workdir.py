@@ -78,7 +78,7 @@ def inference_config(config, num_devices: int):
 
 def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_path: str = '', devices=None,
                  need_tokenizer: bool = True) -> LoadedModel:
-  """The latest (or `step`'s) parameters of a workdir, sharded as its config says, and its tokenizer.
+  """The newest intact (or `step`'s) parameters of a workdir, sharded as its config says, and its tokenizer.
 
   `config` defaults to the workdir's config.json; it is passed through `inference_config` for the devices
   here. Errors, each one message naming the path: unknown workdir, no config.json, no checkpoint, no tokenizer
@@ -88,8 +88,7 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
   if not storage.isdir(workdir):
     raise FileNotFoundError(f'--workdir {workdir}: no such directory')
   config = config if config is not None else config_lib.load_workdir_config(workdir)
-  step = checkpoint.latest_step(workdir) if step is None else step
-  if step is None:
+  if checkpoint.latest_step(workdir) is None:
     raise FileNotFoundError(f'--workdir {workdir}: no complete checkpoint under {checkpoint.checkpoint_dir(workdir)} '
                             f'(train first, or wait for the first checkpoint)')
   tokenizer = None
@@ -104,7 +103,9 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
   devices = list(devices if devices is not None else jax.devices())
   config = inference_config(config, len(devices))
   trainer = train.Trainer(config, workdir, devices)
+  # step None: the newest intact step (a damaged newer one is skipped with a one-line warning)
   params, meta = checkpoint.load_params(workdir, train.abstract_params(config, mesh=trainer.mesh), step)
+  step = meta['step']
   recorded = meta.get('tokenizer_fingerprint')
   if tokenizer is not None and recorded:
     tokenizer_lib.check_fingerprint(tokenizer, recorded, f'the checkpoint {checkpoint.checkpoint_dir(workdir)}/{step}')

@@ -110,4 +110,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from llm_jax import cli
+  cli.run(main)

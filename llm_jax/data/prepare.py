@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from llm_jax import cli
 from llm_jax.data import preparation
 from llm_jax.data import preparation_tasks
 from llm_jax.errors import exit_on_user_error
@@ -73,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
