@@ -23,7 +23,6 @@ from ml_collections import config_flags
 from llm_jax import cli
 from llm_jax.data import preparation
 from llm_jax.data import preparation_tasks
-from llm_jax.errors import exit_on_user_error
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. experiments/tiny.py.',
                                 lock_config=True)
@@ -65,9 +64,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   started = time.time()
-  with exit_on_user_error():
-    directory = preparation.output_dir(config, workdir)
-    index = preparation.prepare(config, workdir, executor=_executor(directory))
+  directory = preparation.output_dir(config, workdir)  # a UserError here is one line (cli.run)
+  index = preparation.prepare(config, workdir, executor=_executor(directory))
   elapsed = time.time() - started
   print(f'{preparation.summary(index)}\n{"reused" if elapsed < index["seconds"] / 2 else "prepared"} '
         f'{directory} in {elapsed:.1f}s')
