@@ -63,11 +63,13 @@ def matmul_params(model_config) -> int:
 
 
 def total_params(model_config) -> int:
-  """All parameters: matmul weights, the input embedding (unless tied) and the norm scales."""
+  """All parameters: matmul weights, the input embedding (unless tied), the norm scales and q/k/v biases."""
   m = model_config
   embedding = 0 if m.tie_embeddings else m.vocab_size * m.d_model
   norms = (2 * m.num_layers + 1) * m.d_model
-  return matmul_params(m) + embedding + norms
+  head_dim = m.d_model // m.num_heads
+  biases = m.num_layers * (m.num_heads + 2 * m.num_kv_heads) * head_dim if m.qkv_bias else 0
+  return matmul_params(m) + embedding + norms + biases
 
 
 def flops_per_token(model_config, seq_len: int) -> float:

@@ -213,3 +213,35 @@ def test_window_in_every_kernel_matches_the_dense_mask(causal):
   local = sm.LocalMask((t, t), window_size=info.window_sides(), offset=0)[:, :]
   same_segment = np.asarray(segments[0, :, None] == segments[0, None, :])
   np.testing.assert_array_equal(local & same_segment, np.asarray(info.dense()[0]))
+
+
+@pytest.mark.parametrize('preset, hf_count', [('llama3_8b', 8_030_261_248), ('llama3_2_1b', 1_235_814_400)])
+def test_llama3_presets_have_the_released_shapes(preset, hf_count):
+  """Parameter counts without allocating: ours (eval_shape), the FLOPs formula's, and transformers' model built
+  from the exported config.json on the meta device (nothing allocated either)."""
+  import flax.linen as nn
+  from llm_jax import metrics
+  config = config_lib.load_experiment(preset)
+  config_lib.validate(config, 8)
+  shapes = jax.eval_shape(lambda r: nn.unbox(train.create_model(config).init(r, jnp.zeros((1, 8), jnp.int32))),
+                          jax.random.key(0))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert count == metrics.total_params(config.model) == hf_count
+  hf = convert.hf_config_from_model(config.model, 'bfloat16', {})
+  with torch.device('meta'):
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
+  assert model.num_parameters() == hf_count
+  assert model.config.rope_parameters['rope_type'] == 'llama3'
+
+
+def test_imported_preset_is_the_workdir_config(imported):
+  """experiments/imported.py:W (what docs/finetune.md runs from) gives the imported model's fields."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'imported.py')
+  spec = importlib.util.spec_from_file_location('imported_preset', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  workdir = imported('mistral')[2]
+  config = module.get_config(workdir)
+  assert (config.model.sliding_window, config.model.qkv_bias, config.model.vocab_size) == (8, False, 128)
+  assert module.get_config().model.sliding_window == 0
