@@ -7,8 +7,9 @@ Loads the newest intact checkpoint (a damaged newer one is skipped with a one-li
 the workdir (checked against the checkpoint's fingerprint), writes nothing to the workdir, decodes all prompts
 as one batch with the KV cache (llm_jax.decoding), and prints each completion after a
 `=== prompt i ===` header. A workdir fine-tuned on data.source=sft_jsonl is prompted through its chat template
-(`<|user|>` turn + `<|assistant|>` header, llm_jax.data.sft.encode_prompt), other workdirs with the raw text;
---chat / --nochat override that. `run()` does the work and is what tests call.
+(the tokenizer's own Jinja template when it has one, e.g. an imported Llama 3 / Qwen2.5 / Mistral Instruct, with
+its generation prompt; else the built-in `<|user|>` turn + `<|assistant|>` header: llm_jax.data.sft.encode_prompt),
+other workdirs with the raw text; --chat / --nochat override that (--chat on an imported Instruct model). `run()` does the work and is what tests call.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
   generation_tasks(config, params, workdir, step, writer)   the training loop's hook (eval.task_file)
 
 A model fine-tuned on sft_jsonl learnt to answer after `<|user|>\\n{prompt}\\n<|assistant|>\\n`
-(llm_jax.data.sft.encode_prompt); prompted with the raw text it would continue the user's turn instead.
+(llm_jax.data.sft.encode_prompt), or after its tokenizer's own chat template's user turn and generation prompt
+when the tokenizer has one; prompted with the raw text it would continue the user's turn instead.
 """
 
 from __future__ import annotations
