@@ -216,14 +216,13 @@ def main(argv):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _XLA_FLAGS.value).strip()
   if _STEPS.value < 1 or _WARMUP.value < 1:
     raise app.UsageError('--steps and --warmup must be >= 1 (the first warm-up step compiles)')
+  from llm_jax import storage
   result = run(config, _STEPS.value, _WARMUP.value, _INPUT.value, _NUM_BATCHES.value, _DONATE.value,
                one_document=_ONE_DOCUMENT.value,
-               profile_dir=os.path.join(_WORKDIR.value, 'profile') if _WORKDIR.value else None)
+               profile_dir=storage.join(_WORKDIR.value, 'profile') if _WORKDIR.value else None)
   line = json.dumps(result)
   if _WORKDIR.value:
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    with open(os.path.join(_WORKDIR.value, 'benchmark.jsonl'), 'a') as f:
-      f.write(line + '\n')
+    storage.append_text(storage.join(_WORKDIR.value, 'benchmark.jsonl'), line + '\n')
   print(line, flush=True)
 
 

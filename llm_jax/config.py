@@ -337,7 +337,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.eval.task_file:
     if m.objective != 'clm':
       _fail('eval.task_file', 'generation tasks need a causal model (model.objective=clm)')
-    if not os.path.exists(config.eval.task_file):
+    from llm_jax import storage  # pylint: disable=g-import-not-at-top
+    if not storage.exists(config.eval.task_file):
       _fail('eval.task_file', f'{config.eval.task_file}: no such file')
   if m.objective == 'mlm' and not 0 <= m.mask_token_id < m.vocab_size:
     _fail('model.mask_token_id', f'{m.mask_token_id} is not an id of the vocabulary [0, {m.vocab_size})')

@@ -109,7 +109,7 @@ def tasks(loaded, task_file: str) -> dict[str, Any]:
                                   [r['prompt'] for r in records], e.max_new_tokens,
                                   encode=loaded.prompt_encoder())
   result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
-  return dict(result, file=os.path.abspath(task_file), samples=samples)
+  return dict(result, file=storage.absolute(task_file), samples=samples)
 
 
 def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None = None,
@@ -123,7 +123,7 @@ def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None
   config = apply_overrides(config_lib.load_workdir_config(workdir), overrides or {})
   split = split or config.data.eval_split
   task_file = config.eval.task_file if task_file is None else task_file
-  if task_file and not os.path.exists(task_file):
+  if task_file and not storage.exists(task_file):
     raise FileNotFoundError(f'--task_file {task_file}: no such file')
   loaded = workdir_lib.load_workdir(workdir, config, step, devices=devices, need_tokenizer=bool(task_file))
   result = dict(workdir=storage.absolute(workdir), step=loaded.step, split=split,

@@ -164,6 +164,17 @@ def read_range(path: str, start: int, length: int) -> bytes:
     return f.read(length)
 
 
+def append_text(path: str, text: str) -> None:
+  """Appends to a text file; on an object store (which cannot append) the object is rewritten whole, one PUT:
+  for small, rarely written files (benchmark.jsonl), not for a stream of rows (see metrics.MetricsWriter)."""
+  if not is_url(path):
+    makedirs(os.path.dirname(os.path.abspath(path)))
+    with builtins.open(path, 'a', encoding='utf-8') as f:
+      f.write(text)
+    return
+  write_text(path, (read_text(path) if exists(path) else '') + text)
+
+
 def read_ranges(paths: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
   """Byte ranges [start, end) of files (all local, or all in buckets), in order. On an object store they are
   one batch of concurrent ranged requests (fsspec's cat_ranges), not one request after another."""

@@ -114,6 +114,9 @@ def test_path_layer_round_trip_and_ranged_reads(emulators, scheme):
   assert storage.glob(storage.join(root, '**', '*.json')) == [storage.join(root, 'a', 'x.json')]
   storage.write_json(storage.join(root, 'a', 'x.json'), {'c': 3})  # replaced whole
   assert json.loads(storage.read_text(storage.join(root, 'a', 'x.json'))) == {'c': 3}
+  storage.append_text(storage.join(root, 'a', 'log.jsonl'), '{"a": 1}\n')
+  storage.append_text(storage.join(root, 'a', 'log.jsonl'), '{"a": 2}\n')
+  assert storage.read_text(storage.join(root, 'a', 'log.jsonl')) == '{"a": 1}\n{"a": 2}\n'
   storage.check_writable(root)
   assert not storage.exists(storage.join(root, f'.write_probe_{os.getpid()}'))
   storage.rmtree(root)

@@ -49,6 +49,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llm_jax import storage
 from llm_jax.config import ConfigError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
@@ -199,7 +200,7 @@ def read_examples(files: Sequence[str], tokenizer, seq_len: int, policy: str) ->
 def tokenizer_path(config, workdir: str | None) -> str:
   """config.data.tokenizer_path, else the workdir's tokenizer, else the init_from workdir's."""
   if config.data.tokenizer_path:
-    if not os.path.exists(config.data.tokenizer_path):
+    if not storage.exists(config.data.tokenizer_path):
       raise SFTDataError(f'config.data.tokenizer_path: {config.data.tokenizer_path} does not exist')
     return config.data.tokenizer_path
   for directory in (workdir, config.train.init_from):
