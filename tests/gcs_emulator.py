@@ -4,10 +4,18 @@ tensorstore's gcs driver (orbax's checkpoint writer) reads an object's generatio
 header of a media download, as the real GCS sends it; gcp-storage-emulator 2026.7.19 omits it, and tensorstore
 then fails with "Malformed StorageGeneration". This wrapper adds the header (and x-goog-metageneration) and
 otherwise runs the emulator unchanged:  python tests/gcs_emulator.py start --port PORT --in-memory
+
+It also serves each connection on its own thread: the emulator's single-threaded http.server.HTTPServer stalls
+every client as soon as one connection stays open without a complete request (seen with a training job whose
+prefetching data iterator and evaluation iterator read shards concurrently); the real GCS has no such limit.
 """
+import http.server
+
 from gcp_storage_emulator import __main__ as emulator_main
 from gcp_storage_emulator import server
 from gcp_storage_emulator.handlers import objects
+
+http.server.HTTPServer = http.server.ThreadingHTTPServer  # the emulator builds `server.HTTPServer(...)`
 
 _download = objects.download
 
