@@ -6,6 +6,7 @@ What the user sees is the job's output and, when something is wrong, one line:
                INFO; absl itself would switch to INFO after parsing)
   user errors  a UserError or missing file raised by main: `error: <message>`, exit 1 (errors.exit_on_user_error);
                app.UsageError (a required flag missing, stray arguments) likewise, without absl's usage page
+  Ctrl-C       `interrupted`, exit 130, no traceback (training saves first: train.Preemption)
   flags        a mistake in a flag or a config file, `error: <flag>: <what>`, exit 1, with ml_collections' or
                absl's suggestion when there is one:
                  error: --config.train.stepz: config.train has no field 'stepz'; did you mean 'steps'?
@@ -43,6 +44,9 @@ def _wrapped(main):
     try:
       with exit_on_user_error():
         return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first): no traceback
+      print('interrupted', file=sys.stderr, flush=True)
+      return 130
     except app.UsageError as e:
       raise SystemExit(f'error: {e}') from None
     except OSError as e:  # a config file that failed to load surfaces on first use (ml_collections defers it)

@@ -43,6 +43,8 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   from llm_jax import train  # after flag parsing: keeps --help fast
   result = train.train_and_evaluate(config, _WORKDIR.value)  # cli.run prints a UserError as one line
+  if result.get('signal') == 'SIGINT':  # Ctrl-C: the line above already said where it saved
+    return 130  # the conventional status of a program stopped by SIGINT
   if result.get('preempted'):
     print('preempted: checkpoint saved; restart with the same --workdir to resume')
 

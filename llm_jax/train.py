@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -219,27 +221,51 @@ class _null_context:
 
 
 class Preemption:
-  """Tells the loop when to save and stop after SIGTERM, at a step boundary all processes agree on.
+  """Tells the loop when to save and stop after SIGTERM or Ctrl-C, at a step boundary all processes agree on.
 
   One process: our own SIGTERM handler sets a flag. Several: JAX's preemption sync manager (started by
   jax.distributed.initialize) catches SIGTERM on any process and picks the same step for all of them;
   `reached(step)` must then be called at every step by every process.
+
+  SIGINT (Ctrl-C) takes the same path: the first one saves at the next step boundary (main then exits with the
+  conventional status 130); with several processes it is passed on to this process as SIGTERM, so the sync
+  manager agrees on the step. A second SIGINT stops the process at once, without saving: orbax commits a
+  checkpoint by renaming its temporary directory when it is complete, so a save cut short is never listed.
   """
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
+    self._previous = {}
     self._multi_process = jax.process_count() > 1
+    self.signal_name = None  # 'SIGTERM' or 'SIGINT': what asked this process to stop
 
   def install(self):
-    if not self._multi_process and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    if not self._multi_process:
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
     return self
 
   def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
+
+  def _on_sigterm(self, signum, frame):
+    self.signal_name = self.signal_name or 'SIGTERM'
+    self._event.set()
+
+  def _on_sigint(self, signum, frame):
+    if self.signal_name == 'SIGINT':
+      print('interrupted again: stopped at once, without saving (complete checkpoints are kept)',
+            file=sys.stderr, flush=True)
+      os._exit(130)  # pylint: disable=protected-access  (no cleanup that could wait on a save)
+    self.signal_name = 'SIGINT'
+    if self._multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption sync manager picks the step for all processes
+    else:
+      self._event.set()
 
   def reached(self, step: int) -> bool:
     if self._multi_process:
@@ -567,7 +593,8 @@ class GenerationTasks(Evaluate):
 
 
 class SaveOnPreemption(Hook):
-  """After SIGTERM: save at the step all processes agree on (unless that step was just saved) and stop."""
+  """After SIGTERM or a first Ctrl-C: save at the step all processes agree on (unless that step was just saved)
+  and stop; the result says which signal (`signal`), so that main exits 0 after SIGTERM and 130 after SIGINT."""
 
   def __init__(self, preemption: 'Preemption', saver: SaveCheckpoint):
     self.preemption, self.saver = preemption, saver
@@ -581,8 +608,9 @@ class SaveOnPreemption(Hook):
     if self.saver.saved_step != step:
       self.saver.save(loop, step, force=True)
     checkpoint.wait(loop.manager)
-    print(f'SIGTERM: saved step {step} to {checkpoint.checkpoint_dir(loop.workdir)}; exiting', flush=True)
-    loop.stop(preempted=True)
+    name = self.preemption.signal_name or 'SIGTERM'  # another process's SIGTERM: the sync manager's step
+    print(f'{name}: saved step {step} to {checkpoint.checkpoint_dir(loop.workdir)}; exiting', flush=True)
+    loop.stop(preempted=True, signal=name)
 
 
 class Profile(Hook):

@@ -184,6 +184,20 @@ def test_config_json_is_rewritten_only_when_the_run_trains(run, tmp_path):
   assert open(os.path.join(workdir, 'config.json')).read() == before
 
 
+def test_evaluate_and_generate_print_their_output_and_at_most_a_few_stderr_lines(run, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+  jobs = {name: subprocess.Popen([sys.executable, '-m', *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+          for name, args in [('evaluate', ['llm_jax.evaluate', f'--workdir={run}', f'--output={tmp_path}/e.json']),
+                             ('generate', ['llm_jax.generate', f'--workdir={run}', '--prompt=the quick',
+                                           '--max_new_tokens=2'])]}
+  for name, proc in jobs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and len(err.splitlines()) <= 3, f'{name}:\n{err[-3000:]}'
+    assert ('"perplexity"' in out) if name == 'evaluate' else out.startswith('=== prompt 0 ===')
+
+
 # --- flags and config files: one line in every job ------------------------------------------------------------
 
 def _job(*args, timeout=120):
@@ -213,3 +227,87 @@ def _job(*args, timeout=120):
 def test_flag_mistakes_are_one_line(args, line):
   result = _job(*args)
   assert result.returncode == 1 and result.stderr.strip().splitlines() == [line], result.stderr[-3000:]
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------------------
+
+SMALL = ['--config.data.source=synthetic', '--config.model.vocab_size=64', '--config.model.d_model=32',
+         '--config.model.num_layers=1', '--config.model.ffn_dim=64', '--config.data.seq_len=16',
+         '--config.data.global_batch_size=4', '--config.train.log_every=1', '--config.eval.every=0',
+         '--config.eval.steps=1', '--config.train.schedule=constant',  # no dependence on train.steps
+         '--config.checkpoint.every=0']
+
+
+def _main_cmd(workdir, steps):
+  return [sys.executable, '-m', 'llm_jax.main', f'--config={REPO}/experiments/tiny.py', f'--workdir={workdir}',
+          f'--config.train.steps={steps}', *SMALL]
+
+
+def _one_device_env():
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu',
+              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+
+
+def _interrupt_after_rows(cmd, workdir, rows_wanted, signals=1):
+  import signal
+  import time
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics_file = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 180
+  while time.time() < deadline and not (os.path.exists(metrics_file) and len(rows(workdir)) >= rows_wanted):
+    time.sleep(0.1)
+  for i in range(signals):
+    if i:
+      time.sleep(0.5)  # two signals before the handler runs would count as one
+    proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=180)
+  return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_130_and_the_resumed_metrics_equal_an_uninterrupted_run(tmp_path):
+  workdir = str(tmp_path / 'run')
+  code, out, err = _interrupt_after_rows(_main_cmd(workdir, 100000), workdir, 3)
+  saved = checkpoint.latest_step(workdir)
+  assert code == 130 and saved is not None and saved >= 3, out + err
+  assert f'SIGINT: saved step {saved} to {checkpoint.checkpoint_dir(workdir)}; exiting' in out.splitlines()
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err
+  assert [r['step'] for r in rows(workdir)] == list(range(1, saved + 1))  # one row per step, up to the save
+
+  total = saved + 2
+  straight = str(tmp_path / 'straight')  # the uninterrupted run, side by side with the resumed one
+  procs = [subprocess.Popen(_main_cmd(w, total), cwd=REPO, env=_one_device_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for w in (workdir, straight)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=300)
+    # a normal run's stderr is at most a few lines (quiet by default)
+    assert proc.returncode == 0 and len(err.splitlines()) <= 3, err[-3000:]
+  assert untimed(rows(workdir)) == untimed(rows(straight))
+
+
+def test_second_ctrl_c_stops_at_once_without_saving(monkeypatch, capfd):
+  """In-process (two signals to a subprocess can merge into one): the first SIGINT asks for a save at the next
+  step boundary, the second ends the process at once. A save cut short that way is never listed: orbax renames a
+  checkpoint into place only when complete (test_multihost kills a process during an async save)."""
+  import signal
+
+  class Exited(Exception):
+    pass
+
+  def fake_exit(code):
+    raise Exited(code)
+
+  monkeypatch.setattr(os, '_exit', fake_exit)
+  preemption = train.Preemption().install()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.reached(7) and preemption.signal_name == 'SIGINT'
+    with pytest.raises(Exited) as exited:
+      os.kill(os.getpid(), signal.SIGINT)
+    assert exited.value.args == (130,)
+  finally:
+    preemption.uninstall()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert capfd.readouterr().err.strip() == ('interrupted again: stopped at once, without saving (complete '
+                                            'checkpoints are kept)')
