@@ -324,8 +324,9 @@ def load_newest_intact(manager: ocp.CheckpointManager, load: Callable[[int, dict
     if step is not None:
       raise DamagedCheckpointError(f'{checkpoint_dir(workdir)}/{candidate} is damaged ({reason}); pick another '
                                    f'--step (steps: {", ".join(map(str, sorted(manager.all_steps(), reverse=True)))})')
-    after = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'no older step'
-    warn(f'checkpoint {checkpoint_dir(workdir)}/{candidate} is damaged ({reason}); {after}')
+    if i + 1 < len(steps):  # (the last one is named by the error below)
+      warn(f'checkpoint {checkpoint_dir(workdir)}/{candidate} is damaged ({reason}); falling back to step '
+           f'{steps[i + 1]}')
   raise NoIntactCheckpointError(f'no intact checkpoint in {workdir}: tried steps ' + '; '.join(tried))
 
 
