@@ -80,13 +80,13 @@ def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
   """Loss, perplexity and bits per byte of the loaded checkpoint on `num_batches` batches of `split`."""
   import itertools
   import numpy as np
-  trainer = loaded.trainer
+  runtime = loaded.runtime
   byte_lengths = None
   if loaded.tokenizer is not None and loaded.config.model.objective == 'clm':
     byte_lengths = token_byte_lengths(loaded.tokenizer)
   total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
-  for batch in itertools.islice(trainer.iterator(split, 0), num_batches):
-    out = trainer.eval_step(loaded.params, trainer.put(batch))  # (loss sum, target tokens, ...)
+  for batch in itertools.islice(runtime.iterator(split, 0), num_batches):
+    out = runtime.eval_step(loaded.params, runtime.put(batch))  # (loss sum, target tokens, ...)
     total_loss, total_tokens = total_loss + float(out[0]), total_tokens + float(out[1])
     if byte_lengths is not None:  # the text the scored targets spell: the loss is spent on exactly these bytes
       targets = np.minimum(np.asarray(batch['targets']), len(byte_lengths) - 1)
@@ -102,12 +102,10 @@ def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
 def tasks(loaded, task_file: str) -> dict[str, Any]:
   """Greedy completions of the task file's prompts (through the chat template when the run fine-tuned on
   sft_jsonl), scored against the references; includes a few samples."""
-  from llm_jax import decoding, text_metrics
+  from llm_jax import text_metrics
   e = loaded.config.eval
   records = text_metrics.read_tasks(task_file, e.task_max_examples)
-  completions = decoding.complete(loaded.model_config, loaded.params, loaded.tokenizer,
-                                  [r['prompt'] for r in records], e.max_new_tokens,
-                                  encode=loaded.prompt_encoder())
+  completions = loaded.complete([r['prompt'] for r in records], e.max_new_tokens)
   result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
   return dict(result, file=storage.absolute(task_file), samples=samples)
 

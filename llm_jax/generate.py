@@ -43,8 +43,7 @@ def run(workdir: str, prompts: Sequence[str], max_new_tokens: int = 64, temperat
     raise decoding.PromptError('no prompts: pass --prompt or --prompts_file')
   decoding.check_prompts(prompts, max_seq_len=sys.maxsize)  # an empty prompt fails before the model is loaded
   loaded = workdir_lib.load_workdir(workdir, step=step, tokenizer_path=tokenizer_path, devices=devices)
-  return decoding.complete(loaded.model_config, loaded.params, loaded.tokenizer, prompts, max_new_tokens, sampling,
-                           seed, encode=loaded.prompt_encoder(chat))
+  return loaded.complete(prompts, max_new_tokens, sampling, seed, chat)
 
 
 def _main():

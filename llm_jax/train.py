@@ -1,7 +1,8 @@
 """Training: the state, the pure train/eval steps, and the loop with its periodic actions.
 
+  Trainer(config, workdir, devices)   the inference runtime (llm_jax.runtime: mesh, model, parameter shardings,
+                                      eval_step, evaluate) plus the optimizer, the state shardings and train_step
   train_step(state, batch) -> (state, metrics)   jitted once, with shardings and the state donated
-  eval_step(params, batch) -> (loss_sum, tokens)
   Loop(trainer, manager, writer, state, hooks).run()   step, then the hooks that are due, in list order
 
 Hooks are the loop's periodic actions (default_hooks: LogMetrics, SaveCheckpoint, Evaluate, GenerationTasks,
@@ -33,7 +34,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from llm_jax import checkpoint
@@ -43,13 +43,13 @@ from llm_jax import metrics as metrics_lib
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import profiling
+from llm_jax import runtime as runtime_lib
 from llm_jax import sharding
 from llm_jax import storage
 from llm_jax import tasks
-from llm_jax import xla_options
-from llm_jax.model import Transformer, TransformerConfig
 from llm_jax.model import lora as lora_lib
-from llm_jax.model.partitioning import activation_sharding
+# re-exported: the model-building functions live with the inference runtime, which the Trainer builds on
+from llm_jax.runtime import abstract_params, create_model, init_params_fn, make_eval_step, token_losses  # noqa: F401
 from llm_jax.errors import UserError
 
 
@@ -68,19 +68,6 @@ class IncompatibleCheckpointError(UserError, ValueError):
   """A checkpoint does not fit the model config or tokenizer it is loaded into; the message names the field."""
 
 
-def create_model(config, decode: bool = False) -> Transformer:
-  return Transformer(TransformerConfig.from_config(config), decode=decode)
-
-
-def _dummy_tokens(config):
-  return jnp.zeros((1, min(config.data.seq_len, config.model.max_seq_len)), jnp.int32)
-
-
-def init_params_fn(config, model: Transformer) -> Callable[[jax.Array], Any]:
-  """rng -> boxed parameters (with logical axis names)."""
-  return lambda rng: model.init(rng, _dummy_tokens(config))['params']
-
-
 def state_init_fn(config, model, optimizer) -> Callable[[jax.Array], TrainState]:
   """rng -> boxed TrainState; the moments inherit the logical axis names of their parameters."""
   params_fn = init_params_fn(config, model)
@@ -90,22 +77,6 @@ def state_init_fn(config, model, optimizer) -> Callable[[jax.Array], TrainState]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
   return init_fn
-
-
-def abstract_params(config, model=None, mesh=None) -> Any:
-  """ShapeDtypeStructs of the parameters (with shardings when a mesh is given); allocates nothing."""
-  model = model or create_model(config)
-  boxed = jax.eval_shape(init_params_fn(config, model), jax.random.key(0))
-  shapes = nn.unbox(boxed)
-  if mesh is None:
-    return shapes
-  shardings = sharding.logical_shardings(boxed, mesh, sharding.rules_of(config))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def token_losses(logits, targets):
-  """Per-token cross-entropy in float32: [B,T,V], [B,T] -> [B,T]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
 def loss_sum(params, batch, model) -> jax.Array:
@@ -147,7 +118,7 @@ def make_train_step(config, model, optimizer, mesh=None):
   rules = sharding.rules_of(config)
 
   def step(state: TrainState, batch):
-    with activation_sharding(mesh, rules) if mesh is not None else _null_context():
+    with runtime_lib.sharding_context(mesh, rules):
       batch = objectives.prepare_batch(config, batch, state.step)  # clm: as is; mlm: masking of (seed, step)
       tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
       if z_coef:
@@ -192,32 +163,6 @@ def make_train_step(config, model, optimizer, mesh=None):
       return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
-
-
-def make_eval_step(config, model, mesh=None):
-  rules = sharding.rules_of(config)
-
-  def step(params, batch, index=0):
-    """(loss sum, target tokens, correctly predicted target tokens): mlm counts masked positions only.
-
-    `index` is the eval batch's number: mlm masks each eval batch differently, but the same in every evaluation.
-    """
-    with activation_sharding(mesh, rules) if mesh is not None else _null_context():
-      batch = objectives.prepare_batch(config, batch, objectives.EVAL_STEP - index)
-      logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
-      mask = batch['loss_mask']
-      correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch['targets']) * mask)
-      return jnp.sum(token_losses(logits, batch['targets']) * mask), jnp.sum(mask), correct
-
-  return step
-
-
-class _null_context:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
 
 
 class Preemption:
@@ -308,37 +253,23 @@ def _meta(config, workdir) -> dict:
 
 
 @dataclasses.dataclass
-class Trainer:
-  """Everything a run builds once: mesh, model, optimizer, compiled steps, state. Tests and jobs reuse it."""
-  config: Any
-  workdir: str
-  devices: list | None = None
+class Trainer(runtime_lib.Runtime):
+  """The inference runtime (mesh, model, parameter shardings, eval step; llm_jax.runtime) plus what training
+  adds: optimizer, state shardings, the sharded initialiser and the compiled train step. Tests and jobs reuse it."""
 
   def __post_init__(self):
-    devices = list(self.devices if self.devices is not None else jax.devices())
-    config_lib.validate(self.config, len(devices))
-    self.mesh = sharding.make_mesh(self.config, devices)
-    self.rules = sharding.rules_of(self.config)
-    self.model = create_model(self.config)
+    super().__post_init__()
     self.optimizer = optim.make_optimizer(  # LoRA: only the adapters train and have optimizer state
         self.config.train, trainable_mask=lora_lib.trainable_mask if self.config.lora.rank else None)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-    # (index, count): the slice of every global batch this process feeds (one process: the whole batch)
-    self.data_slice = sharding.process_batch_slice(self.mesh, self.config.data.global_batch_size)
     self._init_fn = state_init_fn(self.config, self.model, self.optimizer)
     abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
     self.state_shardings = sharding.logical_shardings(abstract_state, self.mesh, self.rules)
     # The one sharded initialiser: run by fresh_state, shape-evaluated by abstract_state.
     self._sharded_init = jax.jit(lambda rng: nn.unbox(self._init_fn(rng)), out_shardings=self.state_shardings)
-    self.compiler_options = xla_options.compiler_options(self.config)  # config.xla.options, per jit
     self.train_step = jax.jit(make_train_step(self.config, self.model, self.optimizer, self.mesh),
                               in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                               donate_argnums=(0,), compiler_options=self.compiler_options)
-    eval_step = jax.jit(make_eval_step(self.config, self.model, self.mesh),
-                        in_shardings=(self.state_shardings.params, self.batch_sharding, sharding.replicated(self.mesh)),
-                        out_shardings=sharding.replicated(self.mesh), compiler_options=self.compiler_options)
-    self.eval_step = lambda params, batch, index=0: eval_step(params, batch, jnp.int32(index))
     # Global norm of the parameters, for log steps only (the step itself does not spend a pass on it).
     self.param_norm = jax.jit(optax.tree.norm, out_shardings=sharding.replicated(self.mesh))
     # '/'-joined names of the parameter leaves, in the order of the step's grad_squared_norms.
@@ -360,26 +291,6 @@ class Trainer:
 
   def fresh_state(self) -> TrainState:
     return self._sharded_init(jax.random.key(self.config.train.seed))
-
-  def put(self, batch) -> dict[str, jax.Array]:
-    return sharding.put_batch(batch, self.mesh, self.data_slice[1])
-
-  def iterator(self, split: str, start_step: int):
-    """This process's slices of batches start_step, start_step + 1, ... of `split`."""
-    return data.make_iterator(self.config, split, start_step, *self.data_slice, self.workdir)
-
-  def evaluate(self, params, num_batches: int | None = None) -> dict[str, float]:
-    """Mean token loss and perplexity over the first `eval.steps` batches of the eval split."""
-    num_batches = num_batches or self.config.eval.steps
-    iterator = self.iterator(self.config.data.eval_split, 0)
-    total, count, correct = 0.0, 0.0, 0.0
-    for index, batch in zip(range(num_batches), iterator):
-      loss, tokens, hits = self.eval_step(params, self.put(batch), index)
-      total, count, correct = total + float(loss), count + float(tokens), correct + float(hits)
-    eval_loss = total / max(count, 1.0)
-    # eval_accuracy: next-token accuracy (clm), masked-token accuracy (mlm).
-    return dict(eval_loss=eval_loss, eval_perplexity=float(np.exp(min(eval_loss, 50.0))), eval_tokens=count,
-                eval_accuracy=correct / max(count, 1.0))
 
 
 def _restore_or_init(trainer: Trainer, manager) -> TrainState:

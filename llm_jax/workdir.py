@@ -1,6 +1,6 @@
 """A trained workdir's model for inference (generate, evaluate, the notebook, benchmarks).
 
-  load_workdir(workdir, ...) -> LoadedModel(trainer, params, tokenizer, step)
+  load_workdir(workdir, ...) -> LoadedModel(runtime, params, tokenizer, step)
   inference_config(config, num_devices)   the run's config made valid for loading on the devices here
 
 Loading is not training: the run's global batch, gradient accumulation and mesh were chosen for the machine it
@@ -18,41 +18,49 @@ A LoRA workdir loads with its adapters: the parameter tree has the lora_a/lora_b
 (TransformerConfig.from_config) has the same lora rank, so generation and scoring run base + adapters unmerged
 (llm_jax.model.lora.merge gives the same function as plain weights, which convert.to_hf exports).
 
-This module is job-side: it builds a `train.Trainer` (for the mesh and the eval step); train never imports it.
+This module is job-side: it builds an inference `llm_jax.runtime.Runtime` (mesh, model, parameter shardings, eval
+and scoring steps; no optimizer, no train step) and loads the parameters onto it; train never imports it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
+from llm_jax import decoding
+from llm_jax import runtime as runtime_lib
 from llm_jax import storage
 from llm_jax import tasks
-from llm_jax import train
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import TransformerConfig
 
 
 @dataclasses.dataclass
 class LoadedModel:
-  """A workdir's checkpoint, ready to decode or score: `trainer` holds the config, mesh and the eval step."""
-  trainer: Any  # llm_jax.train.Trainer built from the (inference) config (no optimizer state is loaded)
-  params: Any  # parameters on the trainer's mesh (with adapters for a LoRA run)
+  """A workdir's checkpoint, ready to decode or score: `runtime` holds the config, mesh, model and the steps."""
+  runtime: runtime_lib.Runtime  # built from the (inference) config: no optimizer, no train step
+  params: Any  # parameters on the runtime's mesh (with adapters for a LoRA run)
   tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer, or None when the workdir has none (synthetic data)
   step: int  # the checkpoint's step
 
   @property
   def config(self):
-    return self.trainer.config
+    return self.runtime.config
 
   @property
   def model_config(self) -> TransformerConfig:
-    return TransformerConfig.from_config(self.config)
+    return self.runtime.model_config
+
+  def complete(self, texts: Sequence[str], max_new_tokens: int, sampling: decoding.Sampling = decoding.Sampling(),
+               seed: int = 0, chat: bool | None = None) -> list[str]:
+    """Completions of `texts` (generated text only) with the KV cache; prompts through `prompt_encoder(chat)`."""
+    return decoding.complete(self.model_config, self.params, self.tokenizer, texts, max_new_tokens, sampling, seed,
+                             encode=self.prompt_encoder(chat))
 
   def prompt_encoder(self, chat: bool | None = None) -> Callable[[str], list[int]]:
     """text -> prompt tokens: the chat template when the run fine-tuned on sft_jsonl (or chat=True)."""
@@ -102,11 +110,11 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
                             f'file or use a workdir trained on text')
   devices = list(devices if devices is not None else jax.devices())
   config = inference_config(config, len(devices))
-  trainer = train.Trainer(config, workdir, devices)
+  runtime = runtime_lib.Runtime(config, workdir, devices)
   # step None: the newest intact step (a damaged newer one is skipped with a one-line warning)
-  params, meta = checkpoint.load_params(workdir, train.abstract_params(config, mesh=trainer.mesh), step)
+  params, meta = checkpoint.load_params(workdir, runtime.abstract_params(), step)
   step = meta['step']
   recorded = meta.get('tokenizer_fingerprint')
   if tokenizer is not None and recorded:
     tokenizer_lib.check_fingerprint(tokenizer, recorded, f'the checkpoint {checkpoint.checkpoint_dir(workdir)}/{step}')
-  return LoadedModel(trainer=trainer, params=params, tokenizer=tokenizer, step=int(step))
+  return LoadedModel(runtime=runtime, params=params, tokenizer=tokenizer, step=int(step))
