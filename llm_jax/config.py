@@ -24,6 +24,7 @@ WSD_SHAPES = ('linear', 'cosine', 'sqrt')
 OBJECTIVES = ('clm', 'mlm')
 DTYPES = ('float32', 'bfloat16', 'float16')
 NONFINITE_POLICIES = ('stop', 'skip')
+WANDB_MODES = ('online', 'offline', 'disabled')
 DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'hf_datasets', 'mixture', 'sft_jsonl')
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -154,6 +155,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.task_max_examples = 32  # Records of eval.task_file scored per evaluation (0 = all).
   c.eval.max_new_tokens = 32  # Tokens generated (greedy, to EOS) per task prompt, in the loop and by evaluate.
   c.eval.log_samples = 3  # Task completions logged per evaluation (metrics.jsonl and TensorBoard text).
+  c.eval.harness_tasks = ''  # lm-evaluation-harness tasks (comma-separated) scored at every evaluation, logged as harness/<task>/<metric>; '' = none.
+  c.eval.harness_include_path = ''  # Directory of local lm-evaluation-harness task YAMLs for eval.harness_tasks.
+  c.eval.harness_limit = 0  # Documents per harness task scored in the loop (0 = all).
+
+  c.tracking = ml_collections.ConfigDict()
+  c.tracking.wandb_project = ''  # Weights & Biases project the run's metrics, config and samples go to; '' = no W&B.
+  c.tracking.wandb_entity = ''  # W&B entity (user or team); '' = the default of the logged-in account.
+  c.tracking.wandb_run_name = ''  # W&B run name; '' = the workdir's name.
+  c.tracking.wandb_mode = 'online'  # online | offline (written under $WANDB_DIR, nothing sent; `wandb sync` later) | disabled.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500  # Save every this many steps (and always at the end); 0 = only at the end.
@@ -287,6 +297,9 @@ def validate(config, num_devices: int) -> dict[str, int]:
   _choice(config, 'data', 'source', DATA_SOURCES)
   _choice(config, 'train', 'schedule', SCHEDULES)
   _choice(config, 'train', 'nonfinite', NONFINITE_POLICIES)
+  _choice(config, 'tracking', 'wandb_mode', WANDB_MODES)
+  if config.eval.harness_limit < 0:
+    _fail('eval.harness_limit', f'must be >= 0 (0 = all documents), got {config.eval.harness_limit}')
   if t.moments_dtype not in ('float32', 'bfloat16'):
     _fail('train.moments_dtype', f'unknown value {t.moments_dtype!r}; expected float32 or bfloat16')
   if d.seq_len <= 0:

@@ -197,6 +197,18 @@ def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
   return row
 
 
+def loop_row(runtime, params, workdir: str, step: int) -> dict[str, Any]:
+  """The training loop's harness row (config.eval.harness_tasks on the current parameters): {step, harness/...}."""
+  from llm_jax import workdir as workdir_lib
+  from llm_jax.data import tokenizer as tokenizer_lib
+  e = runtime.config.eval
+  loaded = workdir_lib.LoadedModel(runtime=runtime, params=params, tokenizer=tokenizer_lib.load_from_workdir(workdir),
+                                   step=step)
+  tasks = [t.strip() for t in e.harness_tasks.split(',') if t.strip()]
+  output = evaluate(LlmJaxLM(loaded=loaded), tasks, e.harness_include_path or None, limit=e.harness_limit or None)
+  return dict(step=step, **scalar_metrics(output))
+
+
 def run(workdir: str, tasks: Sequence[str], include_path: str | None = None, num_fewshot: int | None = None,
         limit: int | float | None = None, batch_size: int = 16, output_path: str | None = None, step=None,
         devices=None) -> dict[str, Any]:

@@ -6,7 +6,7 @@
   Loop(trainer, manager, writer, state, hooks).run()   step, then the hooks that are due, in list order
 
 Hooks are the loop's periodic actions (default_hooks: LogMetrics, SaveCheckpoint, Evaluate, GenerationTasks,
-SaveOnPreemption). A hook is a `Hook` with a cadence `every` (or its own `due(loop, step)`), an action
+HarnessTasks, SaveOnPreemption). A hook is a `Hook` with a cadence `every` (or its own `due(loop, step)`), an action
 `__call__(loop, step)` run after step `step` (steps done, 1-based) and `end(loop)` run once after the last step;
 `every(n, fn)` makes one from a function. Adding one is one line in default_hooks, or
 `train_and_evaluate(..., hooks=[every(10, fn)])`. Non-finite values are checked one step late (so checking never
@@ -47,6 +47,7 @@ from llm_jax import runtime as runtime_lib
 from llm_jax import sharding
 from llm_jax import storage
 from llm_jax import tasks
+from llm_jax import tracking
 from llm_jax.model import lora as lora_lib
 # re-exported: the model-building functions live with the inference runtime, which the Trainer builds on
 from llm_jax.runtime import abstract_params, create_model, init_params_fn, make_eval_step, token_losses  # noqa: F401
@@ -360,9 +361,10 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
   _sync_processes('llm_jax_prepared')
   if not is_writer:
     data.prepare(config, workdir)
-  if config.eval.task_file and not (config.data.tokenizer_path or _tokenizer_fingerprint(workdir)):
-    raise config_lib.ConfigError('config.eval.task_file: generation tasks need a tokenizer, and neither '
-                                 'config.data.tokenizer_path nor the workdir has one')
+  for field in ('task_file', 'harness_tasks'):
+    if config.eval[field] and not (config.data.tokenizer_path or _tokenizer_fingerprint(workdir)):
+      raise config_lib.ConfigError(f'config.eval.{field}: generation and harness tasks need a tokenizer, and '
+                                   f'neither config.data.tokenizer_path nor the workdir has one')
   trainer = Trainer(config, workdir, devices)
   manager = checkpoint.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   writer = None
@@ -375,6 +377,7 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
       checkpoint.write_json_atomic(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
     # rows of an earlier attempt beyond the restored step go: metrics.jsonl reads as one uninterrupted run
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer, start_step=int(state.step))
+    writer = tracking.wrap(writer, config, workdir)  # + Weights & Biases when config.tracking.wandb_project is set
     return Loop(trainer, manager, writer, state, default_hooks(config, preemption) + list(hooks)).run()
   finally:
     preemption.uninstall()
@@ -503,6 +506,19 @@ class GenerationTasks(Evaluate):
     self(loop, loop.total_steps)
 
 
+class HarnessTasks(Evaluate):
+  """At each evaluation: lm-evaluation-harness tasks (eval.harness_tasks) on the current parameters, one row of
+  harness/<task>/<metric> values (llm_jax.harness; lm_eval is imported only when this hook is configured)."""
+
+  def __call__(self, loop, step):
+    loop.require_finite()
+    from llm_jax import harness  # pylint: disable=g-import-not-at-top
+    loop.writer.write(harness.loop_row(loop.trainer, loop.state.params, loop.workdir, step))
+
+  def end(self, loop):
+    self(loop, loop.total_steps)
+
+
 class SaveOnPreemption(Hook):
   """After SIGTERM or a first Ctrl-C: save at the step all processes agree on (unless that step was just saved)
   and stop; the result says which signal (`signal`), so that main exits 0 after SIGTERM and 130 after SIGINT."""
@@ -553,6 +569,8 @@ def default_hooks(config, preemption: 'Preemption') -> list[Hook]:
   hooks = [LogMetrics(config), saver, Evaluate(config)]
   if config.eval.task_file:
     hooks.append(GenerationTasks(config))
+  if config.eval.harness_tasks:
+    hooks.append(HarnessTasks(config))
   if config.train.profile_steps:
     hooks.append(Profile(config))
   hooks.append(SaveOnPreemption(preemption, saver))

@@ -171,3 +171,24 @@ def test_cli_prints_the_results_and_importing_train_needs_no_lm_eval(setup, tmp_
                           'print(sorted(m for m in sys.modules if m.split(".")[0] in ("lm_eval", "wandb")))'],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert probe.returncode == 0 and probe.stdout.strip() == '[]', probe.stdout + probe.stderr[-2000:]
+
+
+def test_training_loop_scores_harness_tasks_at_each_evaluation(setup, tmp_path):
+  """eval.harness_tasks in the loop: a row of harness/<task>/<metric> at the end of the run, equal to scoring the
+  final checkpoint afterwards."""
+  import shutil
+  from llm_jax import config as config_lib
+  from llm_jax import harness
+  workdir, _, tasks_dir = setup
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  config = config_lib.load_workdir_config(copy)
+  config.train.steps += 1  # resume: one more step, then the end-of-run evaluation with the harness
+  config.eval.update(harness_tasks='mc_local', harness_include_path=tasks_dir, harness_limit=3)
+  result = train.train_and_evaluate(config, copy, jax.devices()[:1])
+  with open(os.path.join(copy, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  (row,) = [r for r in rows if 'harness/mc_local/acc' in r]
+  assert row['step'] == result['step'] == config.train.steps
+  after = harness.evaluate(harness.LlmJaxLM(workdir=copy, devices=jax.devices()[:1]), ['mc_local'], tasks_dir, limit=3)
+  assert row['harness/mc_local/acc'] == after['results']['mc_local']['acc,none']
