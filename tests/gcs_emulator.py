@@ -8,14 +8,29 @@ otherwise runs the emulator unchanged:  python tests/gcs_emulator.py start --por
 It also serves each connection on its own thread: the emulator's single-threaded http.server.HTTPServer stalls
 every client as soon as one connection stays open without a complete request (seen with a training job whose
 prefetching data iterator and evaluation iterator read shards concurrently); the real GCS has no such limit.
+The emulator's storage (objects, resumable-upload sessions) is not thread-safe, so requests, once read, are
+still handled one at a time under a lock: without it concurrent orbax uploads lost a resumable session now and
+then (404 on the upload's PUT) when the suite ran under load.
 """
 import http.server
+import threading
 
 from gcp_storage_emulator import __main__ as emulator_main
 from gcp_storage_emulator import server
 from gcp_storage_emulator.handlers import objects
 
 http.server.HTTPServer = http.server.ThreadingHTTPServer  # the emulator builds `server.HTTPServer(...)`
+
+_handle = server.Router.handle
+_storage_lock = threading.Lock()
+
+
+def handle(self, method):
+  with _storage_lock:  # one request at a time against the shared in-memory storage
+    return _handle(self, method)
+
+
+server.Router.handle = handle
 
 _download = objects.download
 
