@@ -373,6 +373,3 @@ def load_params(workdir: str, params_like, step: int | None = None, check_meta=N
   return params, dict(meta)
 
 
-def write_json_atomic(path: str, value) -> None:
-  """Writes JSON so a reader never sees half a file (storage.write_json: rename locally, one PUT on a bucket)."""
-  storage.write_json(path, value)

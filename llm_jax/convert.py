@@ -514,7 +514,7 @@ def _hf_tokenizer_file(hf_dir: str) -> str | None:
 def write_workdir(config, params, workdir: str, meta: dict) -> None:
   """config.json and `params` as the checkpoint of step 0: a workdir like one training makes."""
   storage.makedirs(workdir)
-  checkpoint.write_json_atomic(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+  storage.write_json(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
   manager = checkpoint.make_manager(workdir, keep=1, async_save=False)
   try:
     checkpoint.save(manager, 0, params, meta=meta, force=True)
@@ -622,7 +622,7 @@ def _export_tokenizer(tokenizer, hf_dir: str, max_len: int) -> list[str]:
                      clean_up_tokenization_spaces=False, **{k: v for k, v in names.items() if v is not None})
     if tokenizer.chat_template:
       hf_config['chat_template'] = tokenizer.chat_template
-    checkpoint.write_json_atomic(os.path.join(hf_dir, tokenizer_lib.HF_CONFIG_FILE), hf_config)
+    storage.write_json(os.path.join(hf_dir, tokenizer_lib.HF_CONFIG_FILE), hf_config)
     written.append(tokenizer_lib.HF_CONFIG_FILE)
   return written
 
@@ -670,13 +670,13 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
       weight_map.update({spec[0]: file for spec in shard})
       written.append(file)
     total = sum(math.prod(shape) * DTYPES[c].itemsize for _, shape, c in specs)
-    checkpoint.write_json_atomic(os.path.join(hf_dir, INDEX_FILE),
+    storage.write_json(os.path.join(hf_dir, INDEX_FILE),
                                  dict(metadata=dict(total_size=total), weight_map=weight_map))
     written.append(INDEX_FILE)
   tokenizer = _workdir_tokenizer(workdir)
   hf_config = hf_config_from_model(config.model, hf_dtype, _token_ids(tokenizer, meta),
                                    (meta.get('hf_config') or {}).get('model_type'))
-  checkpoint.write_json_atomic(os.path.join(hf_dir, 'config.json'), hf_config)
+  storage.write_json(os.path.join(hf_dir, 'config.json'), hf_config)
   written.append('config.json')
   if tokenizer is not None:
     written += _export_tokenizer(tokenizer, hf_dir, config.model.max_seq_len)

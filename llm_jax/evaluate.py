@@ -19,7 +19,6 @@ and is what tests call.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 from llm_jax import config as config_lib
@@ -131,7 +130,7 @@ def run(workdir: str, overrides: dict[str, Any] | None = None, split: str | None
   path = output or storage.join(workdir, 'eval', f'step_{loaded.step}_{split}.json')
   try:
     storage.makedirs(storage.dirname(storage.absolute(path)))
-    checkpoint.write_json_atomic(path, result)
+    storage.write_json(path, result)
   except OSError as e:
     if output:  # asked for by name: not writing it is the job failing
       raise OutputError(f'--output {output}: cannot write it ({e.strerror or e})') from e

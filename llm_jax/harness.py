@@ -216,9 +216,8 @@ def run(workdir: str, tasks: Sequence[str], include_path: str | None = None, num
   lm = LlmJaxLM(workdir=workdir, step=step, batch_size=batch_size, devices=devices)
   output = evaluate(lm, tasks, include_path, num_fewshot, limit, log_samples=bool(output_path))
   if output_path:
-    from llm_jax import checkpoint
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    checkpoint.write_json_atomic(output_path, json.loads(json.dumps(output, default=str)))
+    from llm_jax import storage
+    storage.write_json(output_path, json.loads(json.dumps(output, default=str)))
   return output
 
 

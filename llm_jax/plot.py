@@ -14,8 +14,6 @@ Four panels, every run overlaid and labelled (the workdir's basename, or --label
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any, Sequence
 from llm_jax import storage
 from llm_jax.errors import UserError
@@ -102,31 +100,16 @@ def figure(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]]):
 
 
 def save_atomic(fig, out: str, dpi: int = 100) -> None:
-  """Writes the figure to `out` via a temp file in the same directory and a rename (readers never see half)."""
+  """Renders the figure in memory, then writes it atomically (storage.write_bytes: a temporary name and a rename
+  locally, with the mode a plain open() gives; one PUT on a bucket), so readers never see half an image."""
+  import io
   from matplotlib.backends.backend_agg import FigureCanvasAgg
-  if storage.is_url(out):  # one PUT of the whole image: atomic on a bucket (storage.py)
-    import io
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buffer, format=out.rsplit('.', 1)[-1] if '.' in storage.basename(out) else 'png', dpi=dpi)
-    storage.write_bytes(out, buffer.getvalue())
-    return
-  directory = os.path.dirname(os.path.abspath(out))
-  os.makedirs(directory, exist_ok=True)
-  fmt = os.path.splitext(out)[1].lstrip('.') or 'png'
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=f'.{fmt}', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      FigureCanvasAgg(fig)
-      fig.savefig(f, format=fmt, dpi=dpi)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-    os.replace(tmp, out)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  name = storage.basename(out)
+  fmt = name.rsplit('.', 1)[-1] if '.' in name else 'png'
+  buffer = io.BytesIO()
+  FigureCanvasAgg(fig)
+  fig.savefig(buffer, format=fmt, dpi=dpi)
+  storage.write_bytes(out, buffer.getvalue())
 
 
 def plot_workdirs(workdirs: Sequence[str], labels: Sequence[str] = ()):

@@ -375,7 +375,7 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
     # Only now, and only when this run trains: a refused resume, or a run with nothing left to do, leaves the
     # workdir's config.json describing the run that made its checkpoints.
     if is_writer and int(state.step) < config.train.steps:
-      checkpoint.write_json_atomic(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
+      storage.write_json(storage.join(workdir, 'config.json'), json.loads(config.to_json_best_effort()))
     # rows of an earlier attempt beyond the restored step go: metrics.jsonl reads as one uninterrupted run
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer, start_step=int(state.step))
     writer = tracking.wrap(writer, config, workdir)  # + Weights & Biases when config.tracking.wandb_project is set

@@ -19,7 +19,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors.numpy import save_file  # noqa: E402
 
-from llm_jax import checkpoint, config as config_lib, convert, train  # noqa: E402
+from llm_jax import checkpoint, config as config_lib, convert, storage, train  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -336,6 +336,6 @@ def test_export_refuses_mlm_models(tmp_path):
   config.model.update(vocab_size=128, d_model=64, num_layers=1, num_heads=4, num_kv_heads=4, ffn_dim=96,
                       max_seq_len=64, objective='mlm')
   os.makedirs(tmp_path / 'w')
-  checkpoint.write_json_atomic(str(tmp_path / 'w' / 'config.json'), json.loads(config.to_json_best_effort()))
+  storage.write_json(str(tmp_path / 'w' / 'config.json'), json.loads(config.to_json_best_effort()))
   with pytest.raises(convert.ConversionError, match="config.model.objective='mlm'"):
     convert.to_hf(str(tmp_path / 'w'), str(tmp_path / 'hf'))
