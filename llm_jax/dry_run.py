@@ -29,10 +29,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llm_jax import config as config_lib
+from llm_jax import hlo_analysis
 from llm_jax import metrics as metrics_lib
 from llm_jax import sharding
+from llm_jax import targets as targets_lib
 from llm_jax import train
+from llm_jax.errors import UserError
+from llm_jax.model import attention
 
 GIB = 1024 ** 3
 
@@ -72,17 +75,23 @@ def _cost(compiled) -> dict[str, float]:
   return cost or {}
 
 
-def analyze(config, devices=None) -> dict[str, Any]:
-  """Compiles the train step from abstract inputs; returns per-device memory (bytes and GiB) and FLOPs."""
+def analyze(config, devices=None, target: str | None = None) -> dict[str, Any]:
+  """Compiles the train step from abstract inputs, for `devices` (default: this host's) or a named target
+  (llm_jax.targets: a TPU slice or a GPU node, compiled for without being there); returns per-device memory,
+  FLOPs, attention kernels and collectives."""
   t0 = time.perf_counter()
+  spec = targets_lib.get(target) if target else None
+  if spec is not None:
+    devices = spec.devices()
   trainer = train.Trainer(config, workdir='', devices=devices)
   state = abstract_state(trainer)
   batch = abstract_batch(config, trainer.mesh)
   params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
   t1 = time.perf_counter()
-  lowered = trainer.train_step.lower(state, batch)
-  t2 = time.perf_counter()
-  compiled = lowered.compile()
+  with attention.cudnn_checks_for(trainer.mesh.devices.flat):  # the target's compute capability, not the host's
+    lowered = trainer.train_step.lower(state, batch)
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
   t3 = time.perf_counter()
 
   mem = compiled.memory_analysis()
@@ -96,11 +105,16 @@ def analyze(config, devices=None) -> dict[str, Any]:
   num_devices = trainer.mesh.size
   tokens = config.data.global_batch_size * config.data.seq_len
   model_flops = metrics_lib.flops_per_token(config.model, config.data.seq_len) * tokens / num_devices
+  model_matmul_flops = 6 * metrics_lib.matmul_params(config.model) * tokens / num_devices
   cost = _cost(compiled)
+  step = hlo_analysis.analyze(compiled)
   device_kind = trainer.mesh.devices.flat[0].device_kind
+  memory_gb = {k: v / GIB for k, v in dict(arguments=arguments, outputs=outputs, alias=alias, temporaries=temp,
+                                            generated_code=code, total=total, peak_estimate=peak).items()}
   result = dict(
+      target=spec.name if spec else None,
       device_kind=device_kind,
-      platform=trainer.mesh.devices.flat[0].platform,
+      platform=attention.platform_of(trainer.mesh.devices.flat),
       num_devices=num_devices,
       mesh=dict(trainer.mesh.shape),
       params=params,
@@ -110,18 +124,36 @@ def analyze(config, devices=None) -> dict[str, Any]:
       memory_per_device_bytes=dict(arguments=arguments, outputs=outputs, alias=alias, temporaries=temp,
                                    generated_code=code, total=total, peak_estimate=peak,
                                    xla_peak=xla_peak or None),
-      memory_per_device_gb={k: v / GIB for k, v in dict(arguments=arguments, outputs=outputs, alias=alias,
-                                                        temporaries=temp, generated_code=code, total=total,
-                                                        peak_estimate=peak).items()},
+      memory_per_device_gb=memory_gb,
+      **_fits(config, spec, memory_gb['peak_estimate']),
+      compiled_matmul_flops_per_device=step['matmul_flops'],
       xla_flops_per_device=float(cost.get('flops', 0.0)) or None,
       xla_bytes_accessed_per_device=float(cost.get('bytes accessed', 0.0)) or None,
       model_flops_per_device=model_flops,
+      model_matmul_flops_per_device=model_matmul_flops,
       flops_per_token=metrics_lib.flops_per_token(config.model, config.data.seq_len),
       tokens_per_step=tokens,
+      attention_kernels=step['attention_kernels'],
+      collectives=step['collectives'],
+      unknown_trip_counts=step['unknown_trip_counts'],
       seconds=dict(setup=round(t1 - t0, 2), lower=round(t2 - t1, 2), compile=round(t3 - t2, 2)),
       config=summary(config),
   )
   return result
+
+
+def _fits(config, spec, peak_gb: float) -> dict[str, Any]:
+  """Against a target: its memory, the share JAX uses by default, and config.xla.gpu_memory_fraction on GPUs.
+  Without one: the peak against a few common devices (95% of their memory)."""
+  if spec is None:
+    return dict(fits=None, fits_devices={name: peak_gb <= cap * 0.95 for name, cap in DEVICE_MEMORY_GB.items()})
+  fractions = {'default': spec.usable_fraction}
+  if spec.platform == 'gpu' and config.xla.gpu_memory_fraction:
+    fractions['config.xla.gpu_memory_fraction'] = config.xla.gpu_memory_fraction
+  usable = {name: spec.memory_gib * fraction for name, fraction in fractions.items()}
+  effective = usable.get('config.xla.gpu_memory_fraction', usable['default'])
+  return dict(fits=peak_gb <= effective, device_memory_gb=spec.memory_gib, usable_memory_gb=usable,
+              usable_fractions=fractions)
 
 
 def summary(config) -> dict[str, Any]:
@@ -137,9 +169,10 @@ def summary(config) -> dict[str, Any]:
 
 def format_report(r: dict[str, Any]) -> str:
   g = r['memory_per_device_gb']
+  where = f'target {r["target"]}: ' if r['target'] else ''
   lines = [
       f'dry run: {r["config"]["num_layers"]} layers, d_model {r["config"]["d_model"]}, seq {r["config"]["seq_len"]}, '
-      f'global batch {r["config"]["global_batch_size"]}, mesh {r["mesh"]} on {r["num_devices"]} x '
+      f'global batch {r["config"]["global_batch_size"]}, mesh {r["mesh"]} on {where}{r["num_devices"]} x '
       f'{r["device_kind"]} ({r["platform"]})',
       f'parameters (eval_shape): {r["params"]:,}',
       f'state per device: params {r["params_gb_per_device"]:.3f} GiB, optimizer {r["opt_state_gb_per_device"]:.3f} '
@@ -153,31 +186,46 @@ def format_report(r: dict[str, Any]) -> str:
       f'  total           {g["total"]:10.3f}   (arguments + outputs - aliased + temporaries + code)',
       f'  peak estimate   {g["peak_estimate"]:10.3f}',
   ]
-  xla = r['xla_flops_per_device']
-  lines.append(f'FLOPs per device and step: model {r["model_flops_per_device"]:.4g} (6N + attention, '
-               f'{r["flops_per_token"]:.4g}/token); XLA cost analysis '
-               f'{xla:.4g}' if xla else f'FLOPs per device and step: model {r["model_flops_per_device"]:.4g}; '
-               'XLA cost analysis unavailable')
-  if r['config']['scan_layers'] and xla:
-    lines.append('  (XLA counts a scanned loop body once: with scan_layers its figure covers about one layer)')
-  fits = ', '.join(f'{name}: {"yes" if g["peak_estimate"] <= cap * 0.95 else "no"}'
-                   for name, cap in DEVICE_MEMORY_GB.items())
-  lines.append(f'fits (peak estimate <= 95% of device memory): {fits}')
+  if r['target']:
+    usable = ', '.join(f'{name} {r["usable_fractions"][name]:.2f}: {gb:.1f} GiB'
+                       for name, gb in r['usable_memory_gb'].items())
+    lines.append(f'fits {r["target"]}: {"yes" if r["fits"] else "no"} (peak {g["peak_estimate"]:.1f} GiB of '
+                 f'{r["device_memory_gb"]:.1f} GiB per device; usable at {usable})')
+  else:
+    fits = ', '.join(f'{name}: {"yes" if ok else "no"}' for name, ok in r['fits_devices'].items())
+    lines.append(f'fits (peak estimate <= 95% of device memory): {fits}')
+  compiled, model = r['compiled_matmul_flops_per_device'], r['model_flops_per_device']
+  in_kernels = r['attention_kernels'] != ['dense']
+  reference = r['model_matmul_flops_per_device'] if in_kernels else model
+  lines.append(f'FLOPs per device and step: model {model:.4g} (6N + attention, {r["flops_per_token"]:.4g}/token; '
+               f'matmuls alone {r["model_matmul_flops_per_device"]:.4g})')
+  lines.append(f'  compiled matmuls {compiled:.4g} (every loop iteration, remat recompute included'
+               + ('; attention inside its kernel not counted' if in_kernels else '; attention as einsums')
+               + f'): {compiled / reference:.3f} x the model\'s {"matmuls" if in_kernels else "FLOPs"}')
+  if r['xla_flops_per_device']:
+    note = ' (counts a scanned loop body once)' if r['config']['scan_layers'] else ''
+    lines.append(f'  XLA cost analysis {r["xla_flops_per_device"]:.4g}{note}')
+  lines.append(f'attention kernels in the compiled step: {", ".join(r["attention_kernels"])}')
+  collectives = ', '.join(f'{op} {c["count"]} x, {c["bytes"] / GIB:.3f} GiB' for op, c in r['collectives'].items())
+  lines.append(f'collectives per step: {collectives or "none"}')
   if r['platform'] == 'cpu':
-    lines.append('  compiled for CPU: arguments/outputs are exact; temporaries are indicative of a GPU/TPU compile')
+    lines.append('  compiled for CPU: arguments/outputs are exact; temporaries are indicative of a GPU/TPU compile'
+                 ' (use --target)')
   s = r['seconds']
   lines.append(f'time: setup {s["setup"]} s, lower {s["lower"]} s, compile {s["compile"]} s')
   return '\n'.join(lines)
 
 
-def report(config, devices=None, stream=sys.stdout) -> dict[str, Any]:
-  """Prints the readable report and then one JSON line with every figure; returns the figures.
+def report(config, devices=None, stream=sys.stdout, target: str | None = None) -> dict[str, Any]:
+  """Prints the readable report and then one JSON line with every figure (target, fits, memory_per_device_gb,
+  attention_kernels, ...); returns the figures.
 
-  A config error (a field that cannot work on this mesh) exits with its one-line message, as training does.
+  A user error (a field that cannot work on this mesh, an unknown target, a missing compiler plugin) exits with
+  its one-line message, as training does.
   """
   try:
-    result = analyze(config, devices)
-  except config_lib.ConfigError as e:
+    result = analyze(config, devices, target)
+  except UserError as e:
     raise SystemExit(f'error: {e}') from None
   print(format_report(result), file=stream)
   print(json.dumps(result), file=stream, flush=True)

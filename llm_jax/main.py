@@ -23,6 +23,9 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Start the multi-process 
                                  '(TPU pod slices, SLURM): jax.distributed.initialize() with no arguments.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Compile the train step for the configured mesh, print per-device '
                              'memory and FLOPs, and exit without training.')
+_TARGET = flags.DEFINE_string('target', None, 'With --dry_run: compile for this hardware instead of this host\'s '
+                              'devices, from any machine: a TPU slice (v4-8, v5e-8, v5p-8, v6e-8, v5p-64, ...) or a '
+                              'GPU node (h100, h100x8, h200, h200x8, a100, a100x8); see llm_jax/targets.py.')
 
 
 def main(argv):
@@ -35,9 +38,11 @@ def main(argv):
   xla_options.apply_memory_fraction(config)  # before the first jax call starts the backend
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)
+  if _TARGET.value and not _DRY_RUN.value:
+    raise app.UsageError('--target goes with --dry_run (it compiles for hardware this machine may not have)')
   if _DRY_RUN.value:
     from llm_jax import dry_run
-    dry_run.report(config)
+    dry_run.report(config, target=_TARGET.value)
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')

@@ -34,11 +34,15 @@ from llm_jax import objectives
 from llm_jax import sharding
 from llm_jax import xla_options
 from llm_jax.model import Transformer, TransformerConfig
+from llm_jax.model import attention
 from llm_jax.model.partitioning import activation_sharding
 
 
-def create_model(config, decode: bool = False) -> Transformer:
-  return Transformer(TransformerConfig.from_config(config), decode=decode)
+def create_model(config, decode: bool = False, platform: str = '') -> Transformer:
+  """The model of `config`; `platform` ('tpu', 'gpu', 'cpu') is what config.model.attention='auto' resolves for
+  ('' = the default backend): a Runtime passes its mesh's."""
+  cfg = dataclasses.replace(TransformerConfig.from_config(config), platform=platform)
+  return Transformer(cfg, decode=decode)
 
 
 def _dummy_tokens(config):
@@ -116,8 +120,9 @@ class Runtime:
     config_lib.validate(self.config, len(devices))
     self.mesh = sharding.make_mesh(self.config, devices)
     self.rules = sharding.rules_of(self.config)
-    self.model = create_model(self.config)
-    self.model_config = TransformerConfig.from_config(self.config)
+    # Kernels are chosen for the mesh's devices, which an ahead-of-time compile takes from a target, not the host.
+    self.model = create_model(self.config, platform=attention.platform_of(self.mesh.devices.flat))
+    self.model_config = self.model.cfg
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     # (index, count): the slice of every global batch this process feeds (one process: the whole batch)
     self.data_slice = sharding.process_batch_slice(self.mesh, self.config.data.global_batch_size)

@@ -25,8 +25,8 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.resolve_mesh_shape(config.mesh, len(devices))
   sizes = [shape[axis] for axis in config_lib.MESH_AXES]
-  if len(devices) == len(jax.devices()):
-    try:  # topology-aware order (ICI/NVLink neighbours share the inner axes)
+  if len(devices) == len(jax.devices()) or devices[0].platform != jax.devices()[0].platform:
+    try:  # topology-aware order (ICI/NVLink neighbours share the inner axes); also for an AOT target's devices
       from jax.experimental import mesh_utils
       grid = mesh_utils.create_device_mesh(sizes, devices=devices)
       return Mesh(grid, config_lib.MESH_AXES)

@@ -9,8 +9,11 @@ Packed documents are contiguous, so a window over key indices is the same window
   xla     einsum + softmax; runs everywhere and is the reference.
   cudnn   cuDNN flash attention on NVIDIA GPUs (bf16/fp16, head_dim % 8 == 0), without a dense mask where it can
           (see "cuDNN and packed documents" below); the dense segment mask is the fallback.
-  splash  the Pallas splash-attention kernel on TPU, with segment ids (not testable on CPU or GPU).
-  auto    cudnn on GPU and splash on TPU where the shapes allow, xla otherwise.
+  splash  the Pallas splash-attention kernel on TPU, with segment ids, inside shard_map over the mesh; on CPU
+          the same kernel runs in Pallas interpret mode (slow: for tests).
+  auto    cudnn on GPU and splash on TPU where the shapes allow, xla otherwise, decided from the platform of
+          the mesh's devices (not the host's default backend), so an ahead-of-time compile for a target
+          takes the kernels training on it takes.
 
 cuDNN and packed documents. A dense [B,1,T,S] mask turns into a bias: cuDNN then reads a bias tile for every
 score tile (and some jax releases materialise its gradient). Instead the row's segment ids become cuDNN's packed
@@ -30,18 +33,21 @@ semantics in plain jnp (CPU tests check it equals the dense mask for random pack
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from llm_jax.model.layers import Projection, Rope, apply_rope
-from llm_jax.model.partitioning import constrain
+from llm_jax.model.partitioning import active, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +179,32 @@ def _cudnn_packed_api():
   return None
 
 
+@contextlib.contextmanager
+def cudnn_checks_for(devices):
+  """Within this block, jax's cuDNN eligibility checks answer for `devices` (an ahead-of-time target).
+
+  Those checks (which mask layouts, which architectures) ask the default backend's first GPU for its compute
+  capability; compiling for an H100 from a CPU host, there is none, and the packed layout is refused as "not
+  Hopper". Here they read the target devices' compute capability instead, for the duration of the compile only.
+  Nothing changes when the devices are not GPUs, or when the host's own backend is the GPU.
+  """
+  device = next(iter(devices))
+  capability = getattr(device, 'compute_capability', None)
+  if platform_of([device]) != 'gpu' or not capability or jax.default_backend() == 'gpu':
+    yield
+    return
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  version = lambda text: tuple(int(x) for x in str(text).split('.'))  # noqa: E731
+  target = version(capability)
+  saved = fa.check_compute_capability, fa.is_cuda_compute_capability_equal
+  fa.check_compute_capability = lambda wanted: target >= version(wanted)
+  fa.is_cuda_compute_capability_equal = lambda wanted: target == version(wanted)
+  try:
+    yield
+  finally:
+    fa.check_compute_capability, fa.is_cuda_compute_capability_equal = saved
+
+
 def cudnn_attention(q, k, v, mask_info: MaskInfo, implementation: str = 'cudnn'):
   """cuDNN flash attention; GQA is native. No dense mask where the packing allows (module docstring); the
   sliding window goes in as local_window_size. (`implementation='xla'` runs the same calls on any backend: how
@@ -199,29 +231,104 @@ def cudnn_attention(q, k, v, mask_info: MaskInfo, implementation: str = 'cudnn')
   return segment_dispatch(q, k, v, mask_info, single=single, packed=packed, dense=dense)
 
 
-def splash_attention(q, k, v, mask_info: MaskInfo):
-  """Pallas splash attention on TPU (segment ids supported natively). Imported lazily: TPU only."""
+SPLASH_BLOCKS = (512, 256, 128)  # tile sizes tried, largest first: the first that divides the sequence is used
+
+
+def splash_block(length: int) -> int | None:
+  """The splash tile for a sequence of `length` tokens (None: no tile divides it; splash cannot run)."""
+  return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
+
+
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret):
+  """Splash on one device's shard: q [b,T,n,H], k/v [b,S,kv,H] with n % kv == 0 (GQA is native to the kernel:
+  each kv head serves its group of query heads; nothing is repeated in memory)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  b, t, n, h = q.shape
+  _, t, n, h = q.shape
   kv_heads = k.shape[2]
-  if mask_info.window:  # the window's left side (and, when causal, no right side) in one local mask
-    head_mask = sm.LocalMask((t, t), window_size=mask_info.window_sides(), offset=0)
+  if window:  # the window's left side (and, when causal, no right side) in one local mask
+    head_mask = sm.LocalMask((t, t), window_size=window, offset=0)
   else:
-    head_mask = sm.CausalMask((t, t)) if mask_info.causal else sm.FullMask((t, t))
-  mask = sm.MultiHeadMask([head_mask for _ in range(n)])
-  kernel = sk.make_splash_mqa_single_device(mask) if kv_heads == 1 else sk.make_splash_mha_single_device(mask)
-  segments = sk.SegmentIds(q=mask_info.q_segment_ids, kv=mask_info.kv_segment_ids)
+    head_mask = sm.CausalMask((t, t)) if causal else sm.FullMask((t, t))
+  block = splash_block(t)
+  if block is None:
+    raise ValueError(f'splash attention needs a sequence length divisible by {SPLASH_BLOCKS[-1]}, got {t}')
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  mask = sm.MultiHeadMask([head_mask] * n)
+  make = sk.make_splash_mqa_single_device if kv_heads == 1 else sk.make_splash_mha_single_device
+  kernel = make(mask, block_sizes=sizes, interpret=interpret)
   # splash works per example on [heads, seq, head_dim] with pre-scaled queries.
-  qt = jnp.swapaxes(q, 1, 2) * (h ** -0.5)
+  qt = jnp.swapaxes(q, 1, 2) * jnp.asarray(h ** -0.5, q.dtype)
   kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-  if kv_heads not in (1, n):
-    repeat = n // kv_heads
-    kt, vt = jnp.repeat(kt, repeat, axis=1), jnp.repeat(vt, repeat, axis=1)
   if kv_heads == 1:
     kt, vt = kt[:, 0], vt[:, 0]
+  segments = sk.SegmentIds(q=q_segment_ids, kv=kv_segment_ids)
   out = jax.vmap(kernel)(qt, kt, vt, segment_ids=segments)
   return jnp.swapaxes(out, 1, 2)
+
+
+def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
+  """Pallas splash attention (TPU; `interpret=True` runs the same kernel on CPU, for tests).
+
+  A Mosaic kernel cannot be partitioned by XLA, so under a mesh (the step's `activation_sharding` context) it
+  runs inside shard_map: batch split as 'act_batch', query heads as 'act_heads' and kv heads as 'act_kv_heads'
+  (the rules table), the sequence whole on every device. Where the kv heads are too few to split over the same
+  mesh axes as the query heads (fewer kv heads than tensor shards), each device keeps every kv head and takes
+  the one its query heads read.
+  """
+  local = functools.partial(_splash_local, causal=mask_info.causal, window=mask_info.window_sides(),
+                            interpret=interpret)
+  context = active()
+  if context is None or context[0].size == 1:
+    return local(q, k, v, mask_info.q_segment_ids, mask_info.kv_segment_ids)
+  mesh, rules = context
+  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_heads', None), rules)
+  _, _, kv_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_kv_heads', None), rules)
+  head_shards = _axes_size(mesh, head_axes)
+  n, kv_heads = q.shape[2], k.shape[2]
+  if n % head_shards:
+    raise ValueError(f'splash attention: {n} query heads do not split over {head_shards} devices ({head_axes})')
+  if kv_heads % head_shards == 0 and kv_axes == head_axes:
+    kv_spec, pick = P(batch_axes, None, head_axes, None), None
+  elif head_shards % kv_heads == 0:  # fewer kv heads than shards: whole kv on each device, pick its one
+    kv_spec = P(batch_axes, None, None, None)
+    group, heads_per_shard = n // kv_heads, n // head_shards
+
+    def pick(kv):
+      return jax.lax.dynamic_slice_in_dim(kv, (_axis_index(head_axes) * heads_per_shard) // group, 1, axis=2)
+  else:
+    raise ValueError(f'splash attention: {kv_heads} kv heads and {n} query heads cannot share '
+                     f'{head_shards} tensor shards; use num_kv_heads divisible by (or dividing) {head_shards}')
+  q_spec, seg_spec = P(batch_axes, None, head_axes, None), P(batch_axes, None)
+
+  def body(q, k, v, q_segment_ids, kv_segment_ids):
+    if pick is not None:
+      k, v = pick(k), pick(v)
+    return local(q, k, v, q_segment_ids, kv_segment_ids)
+
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                          out_specs=q_spec, check_vma=False)
+  return sharded(q, k, v, mask_info.q_segment_ids, mask_info.kv_segment_ids)
+
+
+def _axes_size(mesh, axes) -> int:
+  """Devices along one mesh axis name, a tuple of them, or None (1)."""
+  if axes is None:
+    return 1
+  names = axes if isinstance(axes, tuple) else (axes,)
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def _axis_index(axes):
+  """This device's index along one mesh axis or several (major to minor), inside shard_map."""
+  if axes is None:
+    return 0
+  names = axes if isinstance(axes, tuple) else (axes,)
+  index = 0
+  for name in names:
+    index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
+  return index
 
 
 KERNELS: dict[str, Callable] = {'xla': xla_attention, 'cudnn': cudnn_attention, 'splash': splash_attention}
@@ -231,8 +338,20 @@ def cudnn_supported(head_dim: int, dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def choose_kernel(name: str, head_dim: int, dtype, decoding: bool = False) -> str:
-  """Resolves 'auto' once, from the backend and shapes.
+def platform_of(devices) -> str:
+  """'tpu', 'gpu' or 'cpu' for a sequence of devices (the mesh's): what the kernels are chosen for. NVIDIA and
+  AMD devices (platform 'cuda' or 'rocm' when built from a deviceless topology) count as 'gpu'."""
+  platform = next(iter(devices)).platform
+  return 'gpu' if platform in ('cuda', 'rocm') else platform
+
+
+def choose_kernel(name: str, head_dim: int, dtype, seq_len: int | None = None, platform: str = '',
+                  decoding: bool = False) -> str:
+  """Resolves 'auto' once, from the platform the step compiles for and the shapes.
+
+  `platform` is that of the mesh's devices (`platform_of`; Runtime passes it down through
+  TransformerConfig.platform), so a compile for a TPU slice or an H100 from a CPU host takes the kernel
+  training there would take; '' falls back to the default backend (a model built without a mesh).
 
   Decoding always uses xla, whatever `name` says: queries there sit at `q_offset` in a longer cache, which only
   the xla kernel's dense mask takes into account (the others assume T == S).
@@ -241,10 +360,10 @@ def choose_kernel(name: str, head_dim: int, dtype, decoding: bool = False) -> st
     return 'xla'
   if name != 'auto':
     return name
-  backend = jax.default_backend()
-  if backend == 'gpu' and cudnn_supported(head_dim, dtype):
+  platform = platform or platform_of(jax.devices())
+  if platform == 'gpu' and cudnn_supported(head_dim, dtype):
     return 'cudnn'
-  if backend == 'tpu' and head_dim % 128 == 0:
+  if platform == 'tpu' and head_dim % 128 == 0 and (seq_len is None or splash_block(seq_len)):
     return 'splash'
   return 'xla'
 
@@ -265,6 +384,7 @@ class SelfAttention(nn.Module):
   lora_alpha: float = 16.0
   qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
   window: int = 0  # sliding window in tokens (0 = attend to the whole causal context)
+  platform: str = ''  # platform the step compiles for ('tpu', 'gpu', 'cpu'; '' = the default backend)
 
   def _proj(self, name, features, axes, in_dims=1):
     rank = self.lora_rank if name in self.lora_targets else 0
@@ -291,8 +411,12 @@ class SelfAttention(nn.Module):
     else:
       mask_info = MaskInfo(segment_ids, segment_ids, self.causal, max_segments=self.max_segments,
                            window=self.window)
-    kernel = choose_kernel(self.kernel, head_dim, self.dtype, decoding=decode)
-    out = KERNELS[kernel](q, k, v, mask_info)
+    platform = self.platform or platform_of(jax.devices())
+    kernel = choose_kernel(self.kernel, head_dim, self.dtype, x.shape[1], platform, decoding=decode)
+    if kernel == 'splash':  # the Mosaic kernel runs on CPU only in interpret mode (how tests check it)
+      out = splash_attention(q, k, v, mask_info, interpret=platform == 'cpu')
+    else:
+      out = KERNELS[kernel](q, k, v, mask_info)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
 

@@ -28,6 +28,12 @@ def activation_sharding(mesh: Mesh, rules: Sequence[tuple]):
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, tuple] | None:
+  """(mesh, rules) of the enclosing `activation_sharding` context, or None: what a kernel that must run inside
+  shard_map (a Pallas kernel) shards itself over."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; identity when no mesh is active."""
   active = _ACTIVE.get()

@@ -80,6 +80,7 @@ class TransformerConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ()
+  platform: str = ''  # what the attention kernel is chosen for: the mesh's platform (tpu, gpu, cpu); '' = default backend
 
   @classmethod
   def from_config(cls, config) -> 'TransformerConfig':
@@ -117,7 +118,7 @@ class Block(nn.Module):
     x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope, kernel=cfg.attention,
                           causal=cfg.objective == 'clm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
-                          window=cfg.sliding_window, name='attn',
+                          window=cfg.sliding_window, platform=cfg.platform, name='attn',
                           **lora)(h, segment_ids, positions, self.decode)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
     x = x + SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, name='mlp', **lora)(h)

@@ -1,0 +1,312 @@
+"""What a compiled step does, read from its optimized HLO text (`compiled.as_text()`), per device.
+
+XLA's own cost analysis counts the body of a while loop once, so with scanned layers it reports about one
+layer's FLOPs, and for some targets (a deviceless GPU compile) it returns nothing. This walks the partitioned
+module from its entry computation instead, multiplying every loop body by its trip count:
+
+  matmul FLOPs   2 * output elements * contracted size of every dot and convolution, including the recompute
+                 that remat adds (fused kernels such as splash or cuDNN attention are opaque: not counted)
+  attention      which kernels the step runs: 'splash' (a Mosaic call of the splash kernel), 'cudnn' (cuDNN
+                 fused attention on q, k, v alone), 'cudnn_packed' (with packed lengths and offsets),
+                 'cudnn_bias' (with a bias operand: a dense mask), or 'dense' (no attention kernel: XLA's einsums)
+  collectives    all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute: count and bytes of
+                 their results per step
+
+A conditional (cuDNN's per-batch choice of kernel) counts its costliest branch, and its kernels are all listed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+_DTYPE_BYTES = {'pred': 1, 's4': 1, 'u4': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2,
+                's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8, 'c64': 8,
+                'c128': 16}
+_ARRAY = re.compile(r'\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]')
+_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+@dataclasses.dataclass
+class StepStats:
+  matmul_flops: float = 0.0
+  attention_kernels: set = dataclasses.field(default_factory=set)
+  collectives: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # op -> count
+  collective_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # op -> bytes
+  unknown_trip_counts: int = 0  # while loops whose trip count XLA did not record (counted once)
+
+  def add(self, other: 'StepStats', times: float = 1.0) -> None:
+    self.matmul_flops += other.matmul_flops * times
+    self.attention_kernels |= other.attention_kernels
+    for op in other.collectives:
+      self.collectives[op] += other.collectives[op] * times
+      self.collective_bytes[op] += other.collective_bytes[op] * times
+    self.unknown_trip_counts += other.unknown_trip_counts
+
+  def summary(self) -> dict:
+    return dict(matmul_flops=self.matmul_flops,
+                attention_kernels=sorted(self.attention_kernels) or ['dense'],
+                collectives={op: dict(count=int(self.collectives[op]), bytes=int(self.collective_bytes[op]))
+                             for op in sorted(self.collectives)},
+                unknown_trip_counts=self.unknown_trip_counts)
+
+
+@dataclasses.dataclass
+class _Instruction:
+  name: str
+  type: str  # result type text: 'bf16[8,128]{1,0}' or a tuple '(f32[2]{0}, s32[])'
+  opcode: str
+  operands: list  # operand names
+  operand_types: list  # their types where the text prints them inline, else None
+  attributes: str  # everything after the operand list
+
+
+def _dims(type_text: str) -> list[int]:
+  match = _ARRAY.search(type_text)
+  return [int(d) for d in match.group(2).split(',') if d] if match else []
+
+
+def _largest_array_bytes(type_text: str) -> int:
+  sizes = [math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES.get(dtype, 4)
+           for dtype, dims in _ARRAY.findall(type_text)]
+  return max(sizes, default=0)
+
+
+def _closing(text: str, start: int, open_char: str = '(', close_char: str = ')') -> int:
+  """Index of the bracket closing the one at `start`."""
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] == open_char:
+      depth += 1
+    elif text[i] == close_char:
+      depth -= 1
+      if depth == 0:
+        return i
+  return len(text) - 1
+
+
+def _parse_instruction(line: str) -> _Instruction | None:
+  line = line.strip()
+  if line.startswith('ROOT '):
+    line = line[5:]
+  if ' = ' not in line or not line.startswith('%') and not re.match(r'[\w.\-]+ = ', line):
+    return None
+  name, rhs = line.split(' = ', 1)
+  if rhs.startswith('('):
+    end = _closing(rhs, 0)
+    type_text, rest = rhs[:end + 1], rhs[end + 1:].lstrip()
+  else:
+    type_text, _, rest = rhs.partition(' ')
+  paren = rest.find('(')
+  if paren < 0:
+    return None
+  opcode = rest[:paren]
+  end = _closing(rest, paren)
+  operand_text, attributes = rest[paren + 1:end], rest[end + 1:]
+  operands, types = [], []
+  depth, current = 0, ''
+  for char in operand_text + ',':  # split on top-level commas
+    if char in '([{':
+      depth += 1
+    elif char in ')]}':
+      depth -= 1
+    if char == ',' and depth == 0:
+      part = current.strip()
+      current = ''
+      if not part:
+        continue
+      tokens = part.rsplit(' ', 1)
+      operands.append(tokens[-1].lstrip('%'))
+      types.append(tokens[0] if len(tokens) == 2 else None)
+    else:
+      current += char
+  return _Instruction(name.lstrip('%'), type_text, opcode, operands, types, attributes)
+
+
+_STARTS_LINE = re.compile(r'^\s*(ROOT\s+)?%?[\w.\-]+ = |^\s*}\s*$|^\s*(ENTRY\s+)?%?[\w.\-]+ \(.*\{\s*$|^\S')
+
+
+def _logical_lines(text: str):
+  """The text's lines with an instruction's continuation lines (a long backend_config, TPU's layout constraints)
+  joined to it."""
+  pending = None
+  for line in text.splitlines():
+    if pending is not None and not _STARTS_LINE.match(line):
+      pending += line
+      continue
+    if pending is not None:
+      yield pending
+    pending = line
+  if pending is not None:
+    yield pending
+
+
+def _parse_module(text: str):
+  """{computation name: [instructions]}, the entry computation's name, {instruction name: result type}."""
+  computations, types, entry, current = {}, {}, None, None
+  for line in _logical_lines(text):
+    stripped = line.strip()
+    if stripped.endswith('{') and ('->' in stripped or stripped.startswith('ENTRY')) and ' = ' not in stripped:
+      header = stripped[6:] if stripped.startswith('ENTRY') else stripped
+      current = header.split(' ', 1)[0].lstrip('%')
+      computations[current] = []
+      if stripped.startswith('ENTRY'):
+        entry = current
+      continue
+    if stripped == '}':
+      current = None
+      continue
+    if current is None:
+      continue
+    instruction = _parse_instruction(stripped)
+    if instruction is not None:
+      computations[current].append(instruction)
+      types[instruction.name] = instruction.type
+  return computations, entry, types
+
+
+def _called(attributes: str, key: str) -> list[str]:
+  match = re.search(key + r'=\{?([^}]*?)\}?(?:,\s*[a-z_]+=|$)', attributes)
+  if not match:
+    match = re.search(key + r'=(%?[\w.\-]+)', attributes)
+  if not match:
+    return []
+  return [name.strip().lstrip('%') for name in match.group(1).split(',') if name.strip()]
+
+
+def _dot_flops(inst: _Instruction, types: dict) -> float:
+  out = math.prod(_dims(inst.type))
+  lhs_type = inst.operand_types[0] or types.get(inst.operands[0], '')
+  lhs = _dims(lhs_type)
+  match = re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', inst.attributes)
+  contracted = math.prod(lhs[int(d)] for d in match.group(1).split(',') if d) if match and lhs else 1
+  return 2.0 * out * contracted
+
+
+def _window_field(window: str, key: str, spatial: int, default: int) -> list:
+  match = re.search(r'\b' + key + r'=([0-9_x\-]+)', window)
+  return match.group(1).split('x') if match else [str(default)] * spatial
+
+
+def _valid_taps(out: int, size: int, stride: int, pad_low: int, lhs_dilation: int, rhs_dilation: int,
+                length: int) -> int:
+  """Sum over output positions of the kernel taps that land on input (not padding, not a dilation hole)."""
+  o = np.arange(out)[:, None]
+  k = np.arange(size)[None, :]
+  position = o * stride + k * rhs_dilation - pad_low  # in the dilated, padded input
+  valid = (position >= 0) & (position <= (length - 1) * lhs_dilation) & (position % lhs_dilation == 0)
+  return int(valid.sum())
+
+
+def _convolution_flops(inst: _Instruction, types: dict) -> float:
+  """2 * (output batch and features) * sum over output positions of the valid taps * input features: what XLA's
+  cost analysis counts. TPU writes batched matmuls as convolutions whose padded windows mostly see padding,
+  so the taps are counted, not the window size."""
+  labels = re.search(r'dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)', inst.attributes)
+  lhs = _dims(inst.operand_types[0] or types.get(inst.operands[0], ''))
+  kernel = _dims(inst.operand_types[1] or types.get(inst.operands[1], ''))
+  out = _dims(inst.type)
+  if not labels or not lhs or not kernel or not out:
+    return 0.0
+  lhs_labels, kernel_labels, out_labels = labels.groups()
+  window = re.search(r'window=\{([^}]*)\}', inst.attributes)
+  window = window.group(1) if window else ''
+  spatial = sorted(c for c in out_labels if c.isdigit())
+  sizes = _window_field(window, 'size', len(spatial), 1)
+  strides = _window_field(window, 'stride', len(spatial), 1)
+  pads = _window_field(window, 'pad', len(spatial), 0)
+  lhs_dilations = _window_field(window, 'lhs_dilate', len(spatial), 1)
+  rhs_dilations = _window_field(window, 'rhs_dilate', len(spatial), 1)
+  taps = 1
+  for i, dim in enumerate(spatial):
+    pad_low = int(pads[i].split('_')[0]) if '_' in pads[i] else int(pads[i])
+    taps *= _valid_taps(out[out_labels.index(dim)], int(sizes[i]), int(strides[i]), pad_low,
+                        int(lhs_dilations[i]), int(rhs_dilations[i]), lhs[lhs_labels.index(dim)])
+  non_spatial = math.prod(size for size, label in zip(out, out_labels) if not label.isdigit())
+  return 2.0 * non_spatial * taps * kernel[kernel_labels.index('i')]
+
+
+def _attention_kernel(inst: _Instruction) -> str | None:
+  target = re.search(r'custom_call_target="([^"]+)"', inst.attributes)
+  target = target.group(1) if target else ''
+  if target.startswith('__cudnn$fmha') and 'Backward' not in target:
+    if 'Bias' in target:
+      return 'cudnn_bias'
+    return 'cudnn' if len(inst.operands) <= 3 else 'cudnn_packed'  # q, k, v (+ lengths and offsets: packed)
+  if target == 'tpu_custom_call' and 'splash' in (inst.name + inst.attributes).lower():
+    return 'splash'
+  return None
+
+
+def _trip_count(inst: _Instruction, computations: dict) -> int | None:
+  """Iterations of a while loop: XLA's known_trip_count where it recorded one (GPU, CPU), else read off a
+  condition of the form `counter < constant` (how a scan's loop looks on TPU, the counter starting at 0)."""
+  known = _TRIP_COUNT.search(inst.attributes)
+  if known:
+    return int(known.group(1))
+  for condition in _called(inst.attributes, 'condition'):
+    body = computations.get(condition, [])
+    constants = {i.name: i.operands[0] for i in body if i.opcode == 'constant'}
+    root = body[-1] if body else None
+    if root is not None and root.opcode == 'compare' and 'direction=LT' in root.attributes and \
+        len(root.operands) == 2 and root.operands[1] in constants and constants[root.operands[1]].isdigit():
+      return int(constants[root.operands[1]])
+  return None
+
+
+def analyze_text(text: str) -> StepStats:
+  computations, entry, types = _parse_module(text)
+  cache: dict[str, StepStats] = {}
+
+  def visit(name: str) -> StepStats:
+    if name in cache:
+      return cache[name]
+    stats = StepStats()
+    for inst in computations.get(name, []):
+      op = inst.opcode
+      if op == 'dot':
+        stats.matmul_flops += _dot_flops(inst, types)
+      elif op == 'convolution':
+        stats.matmul_flops += _convolution_flops(inst, types)
+      elif op == 'custom-call':
+        kernel = _attention_kernel(inst)
+        if kernel:
+          stats.attention_kernels.add(kernel)
+      base = op[:-6] if op.endswith('-start') else op
+      if base in _COLLECTIVES:
+        stats.collectives[base] += 1
+        stats.collective_bytes[base] += _largest_array_bytes(inst.type)
+      if op == 'while':
+        trips = _trip_count(inst, computations)
+        if trips is None:
+          stats.unknown_trip_counts += 1
+        for body in _called(inst.attributes, 'body'):
+          stats.add(visit(body), trips or 1)
+      elif op == 'conditional':
+        branches = _called(inst.attributes, 'branch_computations') or \
+            _called(inst.attributes, 'true_computation') + _called(inst.attributes, 'false_computation')
+        branch_stats = [visit(b) for b in branches]
+        if branch_stats:
+          costliest = max(branch_stats, key=lambda s: s.matmul_flops)
+          stats.add(costliest)
+          for other in branch_stats:
+            stats.attention_kernels |= other.attention_kernels
+      elif op in ('fusion', 'call', 'async-start'):
+        for callee in _called(inst.attributes, 'calls') + _called(inst.attributes, 'to_apply'):
+          stats.add(visit(callee))
+    cache[name] = stats
+    return stats
+
+  if entry is None:
+    raise ValueError('no ENTRY computation in the HLO text')
+  return visit(entry)
+
+
+def analyze(compiled) -> dict:
+  """StepStats.summary() of a `jax.stages.Compiled` (its optimized, partitioned HLO: per-device figures)."""
+  return analyze_text(compiled.as_text()).summary()
