@@ -20,6 +20,23 @@ words and English stop words) are for raw web text and are chosen explicitly.
 Offline: datatrove's English word splitting uses NLTK's punkt data, a download. `RegexWordTokenizer` splits
 words with a regular expression instead and is handed to every filter, so no filter downloads anything.
 
+Terminal escape sequences (`remove_escape_sequences`, part of the normalisation every document goes through,
+sources.clean): coloured text from a terminal, fortune files, logs, `ls --color` output hold ECMA-48 control
+sequences that only a terminal reads. Each is removed whole, not only its ESC byte (which would leave `[32m` in
+the text for the model to learn as words):
+
+  CSI     ESC [, parameter bytes 0x30-0x3F, intermediate bytes 0x20-0x2F, one final byte 0x40-0x7E:
+          colours and styles `ESC[1;32m` ... `ESC[m`, cursor moves `ESC[2J`, `ESC[?25l`
+  string  OSC ESC ], and DCS ESC P, SOS ESC X, PM ESC ^, APC ESC _: everything up to BEL or ST (ESC \\):
+          window titles `ESC]0;title BEL`, hyperlinks `ESC]8;;url ESC\\`; one never terminated ends with its line
+  nF      ESC, intermediate bytes 0x20-0x2F, one final byte 0x30-0x7E: character sets `ESC(B`
+  2-byte  ESC and one byte 0x30-0x7E: `ESC7` / `ESC8` (save / restore the cursor), `ESC=`, `ESCc` (reset)
+
+A lone ESC (followed by anything else) is a control character and is removed as one. The 8-bit forms (C1
+introducers such as U+009B) are not parsed: in decoded text those characters are far more often mojibake (UTF-8
+read as Latin-1: '”' becomes 'â€\\x9d') than terminal output, and reading them as introducers would delete the
+text after them; they are removed as control characters.
+
 Near-duplicates: `MinHasher` gives each document the MinHash signature datatrove's stage 1 computes (word
 5-grams of the simplified text, 14 bands x 8 hashes); preparation drops a document when a band matches an earlier
 kept document's and the signatures agree on at least config.data.near_dedup_threshold of their hashes (the
@@ -35,8 +52,17 @@ import numpy as np
 
 from llm_jax.errors import UserError
 
+# ECMA-48 escape sequences in their 7-bit form (ESC ...); see the module docstring.
+_ESCAPE_SEQUENCES = re.compile(
+    r'\x1b\[[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]'  # CSI
+    r'|\x1b[\]PX^_][^\x07\x1b\n]*(?:\x07|\x1b\\)?'  # OSC, DCS, SOS, PM, APC
+    r'|\x1b[\x20-\x2f]+[\x30-\x7e]'  # nF
+    r'|\x1b[\x30-\x7e]')  # two-byte forms (Fp, Fe, Fs)
 FILTER_NAMES = ('gopher_quality', 'gopher_repetition', 'c4_quality', 'fineweb_quality')
 _PROSE_DEFAULT = ('gopher_repetition',)
+# Scripts written without spaces between words: kana, CJK ideographs (unified, extension A, compatibility, the
+# supplementary planes' extensions).
+_UNSPACED = '\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f'
 _SHINGLE_CHUNK = 20_000  # shingles hashed at once: bounds memory for documents as long as a book
 
 
@@ -50,6 +76,13 @@ def _datatrove():
   except ImportError:
     raise CleaningError('config.data.filters / config.data.near_dedup need datatrove: pip install '
                         '"datatrove>=0.4,<0.11" (or the llm_jax[data] extra)') from None
+
+
+def remove_escape_sequences(text: str) -> tuple[str, int]:
+  """`text` without its terminal escape sequences (each removed whole), and how many there were."""
+  if '\x1b' not in text:
+    return text, 0
+  return _ESCAPE_SEQUENCES.subn('', text)
 
 
 def filter_names(config) -> tuple[str, ...]:
@@ -71,9 +104,12 @@ def _word_tokenizer_class():
   from datatrove.utils.word_tokenizers import WordTokenizer  # pylint: disable=g-import-not-at-top
 
   class RegexWordTokenizer(WordTokenizer):
-    """Words and punctuation runs by a regular expression; sentences end at . ! ? followed by a space."""
+    """Words and punctuation runs by a regular expression; sentences end at . ! ? followed by a space. Chinese
+    and Japanese are written without spaces: each of their characters is a word (else a whole line would be one
+    word, and the repetition rules, which weigh n-grams of words by their characters, would drop most
+    documents)."""
 
-    _WORDS = re.compile(r'\w+(?:[\'’]\w+)*|[^\w\s]+')
+    _WORDS = re.compile(rf'[{_UNSPACED}]|[^\W{_UNSPACED}]+(?:[\'’][^\W{_UNSPACED}]+)*|[^\w\s]+')
     _SENTENCE_ENDS = re.compile(r'(?<=[.!?])\s+')
 
     def __init__(self):

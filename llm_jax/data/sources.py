@@ -37,6 +37,7 @@ import re
 import sysconfig
 import unicodedata
 from typing import Iterator
+from llm_jax.data import cleaning
 from llm_jax.errors import UserError
 
 ROLES = ('train', 'validation')
@@ -60,12 +61,19 @@ class Document:
 
 
 def clean(text: str) -> str:
-  """NFC normalisation, newlines as '\\n', control characters other than tab and newline removed, leading blank
-  lines and trailing whitespace stripped. Other whitespace is kept: indentation is content in code."""
+  """NFC normalisation, newlines as '\\n', terminal escape sequences removed whole (`ESC[32m`; see
+  cleaning.remove_escape_sequences), other control characters than tab and newline removed, leading blank lines
+  and trailing whitespace stripped. Other whitespace is kept: indentation is content in code."""
+  return clean_counted(text)[0]
+
+
+def clean_counted(text: str) -> tuple[str, int]:
+  """`clean(text)`, and the number of terminal escape sequences it removed."""
+  text, escapes = cleaning.remove_escape_sequences(text)
   if not unicodedata.is_normalized('NFC', text):
     text = unicodedata.normalize('NFC', text)
   text = text.replace('\r\n', '\n').replace('\r', '\n')
-  return _LEADING_BLANK_LINES.sub('', _CONTROL_CHARS.sub('', text).rstrip())
+  return _LEADING_BLANK_LINES.sub('', _CONTROL_CHARS.sub('', text).rstrip()), escapes
 
 
 def role_of(key: str, validation_fraction: float) -> str:
