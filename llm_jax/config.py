@@ -118,6 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
   c.data.tokenizer_path = ''  # Tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory with one; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Kind of a trained tokenizer: bpe | unigram (SentencePiece, tokenizer.model) | byte_bpe (byte-level BPE with Hugging Face tokenizers, tokenizer.json).
+  c.data.tokenizer_character_coverage = 'auto'  # bpe / unigram: share of the sample's characters that get pieces of their own (SentencePiece character_coverage), the rest spelled as UTF-8 bytes; a number in (0, 1] as text, e.g. '0.98', or 'auto' = 0.9995 where the vocabulary has room for those characters, else lowered until the most frequent characters fill the vocabulary (large alphabets: Chinese, Japanese, Korean).
   c.data.prepared_dir = ''  # Where prepared token shards go; '' = <workdir>/data.
   c.data.min_doc_chars = 16  # Documents shorter than this (after cleaning) are dropped.
   c.data.max_docs = 0  # Read at most this many documents per split (0 = all); for quick experiments.
@@ -252,6 +253,11 @@ def _check_data_preparation(d) -> None:
               f'or \'\')')
   if not 0.0 < d.near_dedup_threshold <= 1.0:
     _fail('data.near_dedup_threshold', f'must be in (0, 1], got {d.near_dedup_threshold}')
+  from llm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  try:
+    tokenizer.parse_coverage(d.tokenizer_character_coverage)
+  except tokenizer.TokenizerError as e:
+    raise ConfigError(str(e)) from None
   if d.prepare_workers < 0:
     _fail('data.prepare_workers', f'must be >= 0 (0 = the machine\'s cores), got {d.prepare_workers}')
   if not 0.0 < d.validation_fraction < 1.0:

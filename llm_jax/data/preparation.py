@@ -6,8 +6,10 @@ Command line: `python -m llm_jax.data.prepare --config=experiments/tiny.py [--wo
 
 Output, in config.data.prepared_dir ('' = <workdir>/data):
 
-  index.json              what was prepared: fingerprint, tokenizer ids, shards per split, statistics, and the
-                          unigram baseline (entropy of the validation split under train-split unigram frequencies)
+  index.json              what was prepared: fingerprint, tokenizer ids and (trained SentencePiece) the character
+                          coverage it was trained with, shards per split, statistics (escape sequences removed,
+                          characters spelled as bytes, drops), and the unigram baseline (entropy of the validation
+                          split under train-split unigram frequencies)
   tokenizer.model         the tokenizer the shards are written with (SentencePiece; or tokenizer.json with its
                           tokenizer_config.json: see llm_jax.data.tokenizer)
   train-00000.bin ...     token ids, uint16 (uint32 when the vocabulary needs it), little-endian; the documents
@@ -55,7 +57,7 @@ from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 
-FORMAT_VERSION = 2  # bump when the output layout or the cleaning changes: old outputs are then rebuilt
+FORMAT_VERSION = 3  # bump when the output layout or the cleaning changes: old outputs are then rebuilt
 INDEX_FILE = 'index.json'
 TOKENIZER_FILE = 'tokenizer.model'  # the SentencePiece name; index.json's tokenizer.file names the one written
 SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MiB of uint16)
@@ -86,6 +88,8 @@ def fingerprint(config) -> str:
   else:
     tokenizer = {'train_vocab_size': config.model.vocab_size, 'type': d.tokenizer_type,
                  'sample_chars': tokenizer_sample_chars(config.model.vocab_size)}
+    if d.tokenizer_type in tokenizer_lib.SENTENCEPIECE_TYPES:
+      tokenizer['character_coverage'] = d.tokenizer_character_coverage
   description = {
       'format_version': FORMAT_VERSION, 'source': d.source, 'inputs': sources.input_fingerprint(config),
       'min_doc_chars': d.min_doc_chars, 'max_docs': d.max_docs,
@@ -249,9 +253,11 @@ def _tokenizer_sample(config) -> list[str]:
   return lines['train'] or lines['validation']
 
 
-def _obtain_tokenizer(config, staging: str) -> tokenizer_lib.Tokenizer:
+def _obtain_tokenizer(config, staging: str) -> tuple[tokenizer_lib.Tokenizer, dict]:
   """The given tokenizer (its files copied into `staging`), or one trained there (tokenizer.model or
-  tokenizer.json, by config.data.tokenizer_type)."""
+  tokenizer.json, by config.data.tokenizer_type); and, for a trained SentencePiece one, how its characters were
+  chosen (index.json's tokenizer.character_coverage and the fields beside it; else {})."""
+  training = {}
   if config.data.tokenizer_path:
     tokenizer_lib.copy_files(tokenizer_lib.load(config.data.tokenizer_path), staging)
   else:
@@ -260,15 +266,22 @@ def _obtain_tokenizer(config, staging: str) -> tokenizer_lib.Tokenizer:
     if not sample:
       raise PrepareError(f'{_source_description(config)}: the train split is empty after cleaning (no document '
                          f'of at least config.data.min_doc_chars={config.data.min_doc_chars} characters)')
-    model = tokenizer_lib.train(sample, config.model.vocab_size, config.data.tokenizer_type,
-                                num_threads=os.cpu_count() or 1)
+    trained = tokenizer_lib.train_detailed(sample, config.model.vocab_size, config.data.tokenizer_type,
+                                           num_threads=os.cpu_count() or 1,
+                                           character_coverage=config.data.tokenizer_character_coverage)
     with open(os.path.join(staging, tokenizer_lib.trained_file_name(config.data.tokenizer_type)), 'wb') as f:
-      f.write(model)
+      f.write(trained.model)
+    if trained.character_coverage is not None:
+      training = {'character_coverage': trained.character_coverage,
+                  'character_coverage_setting': trained.coverage_setting,
+                  'sample_characters': trained.sample_characters, 'character_pieces': trained.character_pieces,
+                  'sample_byte_share': trained.sample_byte_share,
+                  'pieces_for_default_coverage': trained.pieces_for_default}
   tokenizer = tokenizer_lib.load(staging)
   if tokenizer.eos_id < 0:
     raise tokenizer_lib.TokenizerError(f'config.data.tokenizer_path: {config.data.tokenizer_path} has no EOS '
                                        f'piece; the token stream needs one to separate documents')
-  return tokenizer
+  return tokenizer, training
 
 
 class _ShardWriter:
@@ -328,7 +341,7 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
   start = time.time()
   skipped = collections.Counter()
   tasks = sources.document_tasks(config, skipped)
-  tokenizer = _obtain_tokenizer(config, staging)
+  tokenizer, training = _obtain_tokenizer(config, staging)
   dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
   work = os.path.join(staging, '.tasks')
   os.makedirs(work)
@@ -355,7 +368,7 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
       'token_dtype': dtype.newbyteorder('<').str,
       'tokenizer': {'file': tokenizer.file_name, 'fingerprint': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
                     'pad_id': tokenizer.pad_id, 'eos_id': tokenizer.eos_id, 'bos_id': tokenizer.bos_id,
-                    'unk_id': tokenizer.unk_id},
+                    'unk_id': tokenizer.unk_id, **training},
       'filters': list(cleaning.filter_names(config)),
       'near_dedup': bool(config.data.near_dedup),
       'validation_holdout': holdout,
@@ -390,10 +403,37 @@ def report(index: dict) -> str:
                  f'{split["num_tokens"]:,} tokens')
     if split['replaced_bytes']:
       lines.append(f'prepare {role}: {split["replaced_bytes"]} bytes were not UTF-8 and were replaced by U+FFFD')
+    if split.get('escape_sequences'):
+      lines.append(f'prepare {role}: removed {split["escape_sequences"]:,} terminal escape sequences (colours, '
+                   f'cursor moves) from the text')
+  characters = _character_report(index)
+  if characters:
+    lines.append(characters)
   lines.append(f'prepare: validation held out {index["validation_holdout"]["description"]}')
   if index['skipped_files']:
     lines.append('prepare: skipped files: ' + ', '.join(f'{k} {v}' for k, v in index['skipped_files'].items()))
   return '\n'.join(lines)
+
+
+def _character_report(index: dict) -> str:
+  """The tokenizer's character coverage and the share of the cleaned text's characters spelled as bytes."""
+  tokenizer, splits = index['tokenizer'], index['splits'].values()
+  parts = []
+  if tokenizer.get('character_coverage') is not None:
+    setting = tokenizer['character_coverage_setting']
+    how = 'auto' if setting == 'auto' else f'config.data.tokenizer_character_coverage={setting}'
+    if tokenizer['pieces_for_default_coverage'] > tokenizer['vocab_size'] and setting == 'auto':
+      how += (f', lowered from {tokenizer_lib.DEFAULT_COVERAGE}, which needs vocab_size '
+              f'{tokenizer["pieces_for_default_coverage"]:,}')
+    parts.append(f'tokenizer character coverage {tokenizer["character_coverage"]:.4f} ({how}): '
+                 f'{tokenizer["character_pieces"]:,} of the sample\'s {tokenizer["sample_characters"]:,} distinct '
+                 f'characters have pieces')
+  chars = sum(split.get('tokenized_chars', 0) for split in splits)
+  as_bytes = sum(split.get('byte_fallback_chars', 0) for split in splits)
+  if chars and tokenizer['file'] == tokenizer_lib.SENTENCEPIECE_FILE:  # byte-level BPE: all bytes, always
+    parts.append(f'{100 * as_bytes / chars:.2f}% of the text\'s characters ({as_bytes:,} of {chars:,}) are '
+                 f'spelled as UTF-8 bytes')
+  return 'prepare: ' + '; '.join(parts) if parts else ''
 
 
 def _deduplicate(config, results) -> tuple[list[np.ndarray], dict]:

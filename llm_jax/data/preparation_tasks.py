@@ -8,7 +8,8 @@ Per task N, in the work directory:
   task-N.tokens   uint32 token ids of the task's surviving documents, one after the other (no EOS)
   task-N.npz      per surviving document: length, role (0 train, 1 validation), blake2b digest of the cleaned
                   text, MinHash signature (config.data.near_dedup)
-  task-N.json     counts: per role documents read, input characters, replaced bytes, drops per rule; skipped files
+  task-N.json     counts: per role documents read, input characters, replaced bytes, escape sequences removed,
+                  drops per rule, characters tokenized and of them those spelled as bytes; skipped files
   task-N.error    instead of the above when the task met a user error (bad JSONL line, ...): its message
 
 Workers: one runs the tasks in this process; more run them through datatrove's LocalPipelineExecutor (a process
@@ -41,8 +42,8 @@ def _path(work: str, index: int, suffix: str) -> str:
 
 
 def empty_stats(filter_names) -> dict:
-  return {role: dict(documents_read=0, input_chars=0, replaced_bytes=0, dropped_short=0,
-                     **{f'dropped_{name}': 0 for name in filter_names})
+  return {role: dict(documents_read=0, input_chars=0, replaced_bytes=0, escape_sequences=0, dropped_short=0,
+                     **{f'dropped_{name}': 0 for name in filter_names}, tokenized_chars=0, byte_fallback_chars=0)
           for role in sources.ROLES}
 
 
@@ -63,6 +64,8 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 def _run_task(config, index, task, tokenizer_path, work, threads, on_documents):
   tokenizer = tokenizer_lib.load(tokenizer_path)
+  # Characters spelled as bytes (SentencePiece byte fallback); a byte-level tokenizer spells everything so.
+  byte_starts = tokenizer.byte_fallback_starts() if hasattr(tokenizer, 'byte_fallback_starts') else None
   filters = cleaning.Filters(cleaning.filter_names(config))
   hasher = cleaning.MinHasher() if config.data.near_dedup else None
   stats, skipped = empty_stats(filters.names), collections.Counter()
@@ -70,12 +73,15 @@ def _run_task(config, index, task, tokenizer_path, work, threads, on_documents):
   read = collections.Counter()
   tokens_path = _path(work, index, 'tokens')
   with open(tokens_path + '.tmp', 'wb') as out:
-    batch, chars = [], 0
+    batch, batch_roles, chars = [], [], 0
 
     def flush():
-      for ids in tokenizer.encode_batch(batch, num_threads=threads):
-        out.write(np.asarray(ids, np.uint32).tobytes())
+      for ids, role in zip(tokenizer.encode_batch(batch, num_threads=threads), batch_roles):
+        ids = np.asarray(ids, np.uint32)
+        out.write(ids.tobytes())
         lengths.append(len(ids))
+        if byte_starts is not None:
+          stats[role]['byte_fallback_chars'] += int(byte_starts[ids].sum())
       if on_documents:
         on_documents(len(batch))
 
@@ -87,7 +93,8 @@ def _run_task(config, index, task, tokenizer_path, work, threads, on_documents):
       counts['documents_read'] += 1
       counts['input_chars'] += len(doc.text)
       counts['replaced_bytes'] += doc.replaced
-      text = sources.clean(doc.text)
+      text, escapes = sources.clean_counted(doc.text)
+      counts['escape_sequences'] += escapes
       if len(text) < config.data.min_doc_chars:
         counts['dropped_short'] += 1
         continue
@@ -101,10 +108,12 @@ def _run_task(config, index, task, tokenizer_path, work, threads, on_documents):
         signature = hasher.signature(text)
         signatures.append(signature if signature is not None else np.zeros(hasher.bands * hasher.rows, np.uint64))
       batch.append(text)
+      batch_roles.append(doc.role)
+      counts['tokenized_chars'] += len(text)
       chars += len(text)
       if chars >= _ENCODE_BATCH_CHARS:
         flush()
-        batch, chars = [], 0
+        batch, batch_roles, chars = [], [], 0
     if batch:
       flush()
   os.replace(tokens_path + '.tmp', tokens_path)

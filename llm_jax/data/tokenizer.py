@@ -22,6 +22,17 @@ followed by the 256 byte pieces '<0x00>'..'<0xFF>' and then the learned pieces. 
 on cleaned text: no normalisation, no dummy prefix, whitespace kept (runs of spaces become pieces, so Python
 indentation is cheap), so `decode(encode(s)) == s`.
 
+Character coverage (SentencePiece, config.data.tokenizer_character_coverage). Every character among the most
+frequent ones that together make up `coverage` of the sample's characters gets a piece of its own; the rest are
+spelled as UTF-8 bytes (byte fallback), so nothing is lost, only longer. A large alphabet (Chinese, Japanese,
+Korean) can need more such pieces than the vocabulary has. 'auto' keeps 0.9995 (SentencePiece's advice for those
+languages) when its characters fit, and otherwise the largest coverage whose characters fit: the most frequent
+vocab_size - 260 characters get pieces (then there is no room left for multi-character pieces; a lower number
+leaves some). A space always has a piece (SentencePiece writes it as U+2581, and as bytes it would decode as
+that character, not as a space). SentencePiece itself accepts coverages of 0.98 to 1 only; for a lower one the characters beyond
+the coverage are taken out of the sample here (each line is cut at them, so no piece spans one) and SentencePiece
+is run with coverage 1, which is what it does itself with the characters outside its coverage.
+
 A tokenizer loaded from a file carries its `fingerprint`: the sha256 of the model file (SentencePiece, or a
 tokenizer.json alone), or of all its files (tokenizer.json + tokenizer_config.json + chat_template.jinja: the
 special tokens and the template change what the model sees). Checkpoints and workdirs record it so that a model is
@@ -32,8 +43,11 @@ only when an HF tokenizer is used or trained.
 from __future__ import annotations
 
 import atexit
+import collections
+import dataclasses
 import hashlib
 import io
+import re
 import shutil
 import tempfile
 import os
@@ -52,6 +66,10 @@ HF_FILE = 'tokenizer.json'
 HF_CONFIG_FILE = 'tokenizer_config.json'  # special tokens and the chat template, beside tokenizer.json
 HF_TEMPLATE_FILE = 'chat_template.jinja'  # the chat template in its own file (newer transformers)
 SPECIAL_TOKENS = ('<pad>', '</s>', '<s>', '<unk>')  # ids 0-3 of every trained tokenizer, both backends
+RESERVED_PIECES = len(SPECIAL_TOKENS) + 256  # the reserved and byte pieces before the learned ones
+DEFAULT_COVERAGE = 0.9995  # character_coverage 'auto' keeps when the vocabulary allows it
+SENTENCEPIECE_MIN_COVERAGE = 0.98  # SentencePiece refuses a lower character_coverage (see the module docstring)
+MAX_SENTENCE_BYTES = 1 << 14  # longer sample lines are skipped by SentencePiece's trainer (max_sentence_length)
 
 
 class TokenizerError(UserError, ValueError):
@@ -95,6 +113,17 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`; pad, eos and bos ids are dropped."""
     return self._sp.decode([int(i) for i in ids])
+
+  def byte_fallback_starts(self):
+    """[vocab_size] bool numpy array: True for the byte pieces that begin a character (an ASCII byte or a UTF-8
+    lead byte, not a continuation byte 0x80-0xBF). Their count in `encode(text)` is the number of characters of
+    `text` spelled as bytes."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    starts = np.zeros(self.vocab_size, bool)
+    for i in range(self.vocab_size):
+      if self._sp.is_byte(i):
+        starts[i] = not 0x80 <= int(self._sp.id_to_piece(i)[3:5], 16) <= 0xBF  # '<0xAB>'
+    return starts
 
   def __repr__(self):
     return f'Tokenizer({self.path or "<in memory>"}, vocab_size={self.vocab_size}, sha256={self.fingerprint[:12]})'
@@ -263,19 +292,161 @@ def trained_file_name(model_type: str) -> str:
   return HF_FILE if model_type in HF_TYPES else SENTENCEPIECE_FILE
 
 
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A trained tokenizer and how its characters were chosen (SentencePiece; the coverage fields are None for
+  byte_bpe, whose pieces are all bytes)."""
+  model: bytes  # the serialized model: a SentencePiece model, or a tokenizer.json for byte_bpe
+  character_coverage: float | None = None  # the coverage used (share of the sample's characters with pieces)
+  coverage_setting: str | None = None  # config.data.tokenizer_character_coverage as given ('auto' or a number)
+  sample_characters: int | None = None  # distinct characters of the sample
+  character_pieces: int | None = None  # of them, those with a piece of their own in the trained vocabulary
+  sample_byte_share: float | None = None  # share of the sample's characters spelled as bytes by the tokenizer
+  pieces_for_default: int | None = None  # pieces (reserved, bytes, characters) DEFAULT_COVERAGE would need
+
+
 def train(sentences: Iterable[str], vocab_size: int, model_type: str = 'bpe', num_threads: int = 1,
-          max_sentences: int = 2_000_000) -> bytes:
+          max_sentences: int = 2_000_000, character_coverage: str | float = 'auto') -> bytes:
   """Trains a tokenizer with the reserved ids above on `sentences` (e.g. the lines of a sample of the corpus).
 
   Returns the serialized model: a SentencePiece model (bpe, unigram) or a tokenizer.json (byte_bpe; see
   `trained_file_name`). `vocab_size` is an upper bound: when the sample has fewer distinct pieces, the model is
-  smaller (hard_vocab_limit=False), which `check_vocab` accepts.
+  smaller (hard_vocab_limit=False), which `check_vocab` accepts. `character_coverage`: 'auto' or a number in
+  (0, 1] (see the module docstring); `train_detailed` also says what it came to.
   """
+  return train_detailed(sentences, vocab_size, model_type, num_threads, max_sentences, character_coverage).model
+
+
+def parse_coverage(value: str | float) -> float | None:
+  """config.data.tokenizer_character_coverage as a number, None for 'auto'; the error names the field."""
+  if isinstance(value, str) and value.strip().lower() == 'auto':
+    return None
+  try:
+    coverage = float(value)
+  except (TypeError, ValueError):
+    coverage = float('nan')
+  if not 0.0 < coverage <= 1.0:
+    raise TokenizerError(f'config.data.tokenizer_character_coverage: {value!r} is neither \'auto\' nor a number '
+                         f'in (0, 1]')
+  return coverage
+
+
+def train_detailed(sentences: Iterable[str], vocab_size: int, model_type: str = 'bpe', num_threads: int = 1,
+                   max_sentences: int = 2_000_000, character_coverage: str | float = 'auto') -> Trained:
+  """`train`, with the character coverage it used and the share of the sample's characters that became bytes."""
   if model_type not in MODEL_TYPES:
     raise TokenizerError(f'config.data.tokenizer_type: unknown value {model_type!r}; expected one of '
                          f'{", ".join(MODEL_TYPES)}')
   if model_type == 'byte_bpe':
-    return train_byte_bpe(sentences, vocab_size, max_sentences)
+    return Trained(train_byte_bpe(sentences, vocab_size, max_sentences))
+  setting = str(character_coverage)
+  requested = parse_coverage(character_coverage)  # None: auto
+  sentences = [s for s in sentences if len(s) * 4 <= MAX_SENTENCE_BYTES or len(s.encode()) <= MAX_SENTENCE_BYTES]
+  chars = _CharacterCounts(sentences)
+  room = vocab_size - RESERVED_PIECES  # pieces left for characters (and merges)
+  if room < 1:
+    raise TokenizerError(f'config.model.vocab_size: {vocab_size} is too small for a SentencePiece tokenizer: its '
+                         f'{len(SPECIAL_TOKENS)} reserved and 256 byte pieces leave no room for learned pieces; use '
+                         f'at least {RESERVED_PIECES + 1} (more for the corpus\'s characters to have pieces)')
+
+  def too_small(needed: int) -> TokenizerError:
+    return TokenizerError(f'config.model.vocab_size: {vocab_size} is too small for this corpus at '
+                          f'config.data.tokenizer_character_coverage={setting}: its characters and the '
+                          f'{RESERVED_PIECES} reserved and byte pieces need at least {needed}; raise '
+                          f'config.model.vocab_size or lower the coverage (\'auto\' lowers it until they fit)')
+
+  def train(sample: list[str], coverage: float) -> bytes:
+    return _train_sentencepiece(sample, vocab_size, model_type, num_threads, max_sentences, coverage)
+
+  model, keep = None, room  # without a model yet: the `keep` most frequent characters get pieces
+  if requested is None:
+    if RESERVED_PIECES + chars.required(DEFAULT_COVERAGE) <= vocab_size:
+      coverage = DEFAULT_COVERAGE
+      try:
+        model = train(sentences, coverage)
+      except _TooManyCharacters:  # SentencePiece sampled the lines and counted otherwise: choose them here
+        pass
+  elif requested >= SENTENCEPIECE_MIN_COVERAGE:
+    coverage = requested
+    try:
+      model = train(sentences, coverage)
+    except _TooManyCharacters as e:
+      raise too_small(e.needed) from None
+  else:
+    keep = chars.required(requested)
+    if keep > room:
+      raise too_small(RESERVED_PIECES + keep)
+  if model is None:
+    chosen = chars.chosen(keep)
+    coverage = chars.covered(chosen)
+    try:
+      model = train(chars.cut_at_rare(sentences, chosen), 1.0)
+    except _TooManyCharacters as e:  # not expected: the cut sample has at most `keep` distinct characters
+      raise too_small(e.needed) from None
+  sp = spm.SentencePieceProcessor(model_proto=model)
+  with_piece = [c for c in chars.order if sp.piece_to_id(c) != sp.unk_id()]
+  as_bytes = chars.total - sum(chars.counts[c] for c in with_piece)
+  return Trained(model, coverage, setting, chars.distinct, len(with_piece), as_bytes / max(chars.total, 1),
+                 RESERVED_PIECES + chars.required(DEFAULT_COVERAGE))
+
+
+SPACE = '\u2581'  # SentencePiece's piece for a space ('▁'); always given a piece, see _train_sentencepiece
+
+
+class _CharacterCounts:
+  """The characters of a sample as SentencePiece's trainer counts them (a space is SPACE), most frequent first
+  (ties by code point), and its rule for the characters a coverage requires."""
+
+  def __init__(self, sentences: list[str]):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    counts = collections.Counter()
+    for start in range(0, len(sentences), 100_000):
+      counts.update(''.join(sentences[start:start + 100_000]))
+    if ' ' in counts:
+      counts[SPACE] += counts.pop(' ')
+    self.counts = counts
+    self.order = sorted(counts, key=lambda c: (-counts[c], c))
+    self.distinct, self.total = len(self.order), sum(counts.values())
+    self._cumulative = np.cumsum([counts[c] for c in self.order], dtype=np.int64)
+
+  def required(self, coverage: float) -> int:
+    """Characters SentencePiece gives pieces at `coverage`: it adds the most frequent ones while those added so
+    far cover less than `coverage` (a float32 there) of the sample; and SPACE (required_chars) if not among them."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    before = np.concatenate([[0], self._cumulative[:-1]]) / max(self.total, 1)
+    reached = np.flatnonzero(before >= float(np.float32(coverage)))
+    count = int(reached[0]) if reached.size else self.distinct
+    return count + (SPACE not in self.order[:count])
+
+  def chosen(self, keep: int) -> list[str]:
+    """The `keep` (at least 1) characters that get pieces: the most frequent ones, SPACE always among them."""
+    top = self.order[:keep]
+    return top if SPACE in top else top[:keep - 1] + [SPACE]
+
+  def covered(self, chosen: list[str]) -> float:
+    """Share of the sample's characters that are `chosen`."""
+    return sum(self.counts[c] for c in chosen) / self.total if self.total else 0.0
+
+  def cut_at_rare(self, sentences: list[str], chosen: list[str]) -> list[str]:
+    """The sentences cut at every character not `chosen` (which are dropped)."""
+    rare = sorted(set(self.order) - set(chosen))  # SPACE is always chosen
+    if not rare:
+      return sentences
+    pattern = re.compile('[' + ''.join(re.escape(c) for c in rare) + ']+')
+    return [part for s in sentences for part in pattern.split(s) if part]
+
+
+class _TooManyCharacters(Exception):
+  """SentencePiece's trainer found that the characters a coverage requires do not fit the vocabulary."""
+
+  def __init__(self, needed: int):
+    super().__init__(needed)
+    self.needed = needed  # pieces they and the reserved and byte pieces need
+
+
+def _train_sentencepiece(sentences: list[str], vocab_size: int, model_type: str, num_threads: int,
+                         max_sentences: int, coverage: float) -> bytes:
+  """A SentencePiece model; _TooManyCharacters when the characters `coverage` requires do not fit."""
   model = io.BytesIO()
   spm.set_random_generator_seed(0)  # sentence sampling and unigram EM are then reproducible
   try:
@@ -284,15 +455,15 @@ def train(sentences: Iterable[str], vocab_size: int, model_type: str = 'bpe', nu
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID, byte_fallback=True,
         # Lossless on code: keep every space and newline, do not rewrite characters.
         normalization_rule_name='identity', remove_extra_whitespaces=False, add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9995,
-        hard_vocab_limit=False, max_sentence_length=1 << 14, input_sentence_size=max_sentences,
+        allow_whitespace_only_pieces=True, split_digits=True, character_coverage=coverage,
+        # A space always has a piece: a space spelled as bytes would decode as the bytes of U+2581, not ' '.
+        required_chars=SPACE,
+        hard_vocab_limit=False, max_sentence_length=MAX_SENTENCE_BYTES, input_sentence_size=max_sentences,
         shuffle_input_sentence=True, num_threads=max(1, num_threads), minloglevel=2)
   except RuntimeError as e:
     if 'Vocabulary size is smaller than required_chars' not in str(e):
       raise
-    needed = str(e).split(' vs ')[-1].split('.')[0]
-    raise TokenizerError(f'config.model.vocab_size: {vocab_size} is too small for this corpus: its characters '
-                         f'and the {4 + 256} reserved and byte pieces need at least {needed}') from None
+    raise _TooManyCharacters(int(str(e).split(' vs ')[-1].split('.')[0])) from None
   return model.getvalue()
 
 
