@@ -14,6 +14,8 @@ def get_config():
   c.model.max_seq_len = 2048
   c.data.seq_len = 2048
   c.data.global_batch_size = 8
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # one GPU: the same; a v5e-8 slice (16 GiB a chip) cannot hold a replica of the state
   c.train.steps = 100000
   c.train.learning_rate = 3e-4
   c.train.warmup_steps = 2000

@@ -83,12 +83,13 @@ def analyze(config, devices=None, target: str | None = None) -> dict[str, Any]:
   spec = targets_lib.get(target) if target else None
   if spec is not None:
     devices = spec.devices()
-  trainer = train.Trainer(config, workdir='', devices=devices)
-  state = abstract_state(trainer)
-  batch = abstract_batch(config, trainer.mesh)
-  params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
-  t1 = time.perf_counter()
-  with attention.cudnn_checks_for(trainer.mesh.devices.flat):  # the target's compute capability, not the host's
+  # Tracing (the abstract init too) asks jax's cuDNN checks about the target's GPUs, not the host's.
+  with attention.cudnn_checks_for(devices if devices is not None else jax.devices()):
+    trainer = train.Trainer(config, workdir='', devices=devices)
+    state = abstract_state(trainer)
+    batch = abstract_batch(config, trainer.mesh)
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    t1 = time.perf_counter()
     lowered = trainer.train_step.lower(state, batch)
     t2 = time.perf_counter()
     compiled = lowered.compile()
