@@ -1,21 +1,20 @@
 """Compile-only check: will this config fit, and how much work is a step? `python -m llm_jax.main --dry_run`.
 
-Lowers and compiles the real train step (the `Trainer`'s jitted, donated, sharded `train_step`) for the
-configured mesh from abstract inputs only: `jax.eval_shape` gives the state's shapes, the logical-axis rules
-give its shardings, and `jax.ShapeDtypeStruct`s stand in for the state and the batch. Nothing is allocated,
-so a 7B config can be checked on a laptop CPU with a fake mesh:
+Lowers and compiles the real train step (the `Trainer`'s jitted, donated, sharded `train_step`) from abstract
+inputs only: `jax.eval_shape` gives the state's shapes, the logical-axis rules give its shardings, and
+`jax.ShapeDtypeStruct`s stand in for the state and the batch. Nothing is allocated. The devices are this host's
+(a fake CPU mesh works too), or with `--target=NAME` the compile-only devices of a TPU slice or a GPU node that
+this machine does not have (llm_jax/targets.py), so a 7B config can be checked for a v5p-8 from a laptop:
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-    python -m llm_jax.main --config=experiments/7b.py --config.mesh.fsdp=8 --config.mesh.data=1 \\
-        --config.data.global_batch_size=8 --dry_run
+  python -m llm_jax.main --config=experiments/7b.py --dry_run --target=v5p-8
 
 Memory comes from XLA's buffer assignment of the compiled step (`compiled.memory_analysis()`), per device:
 arguments (state + batch), outputs, temporaries (activations, gradients, workspace), generated code; donated
-arguments alias outputs and are counted once. The figures are those of the backend that compiled: a CPU
-compile of a GPU config is an estimate of the GPU figure (fusion and bf16 handling differ; the argument and
-output sizes are exact, temporaries are indicative). FLOPs come from `compiled.cost_analysis()`; XLA counts
-the body of a loop once, so with scanned layers (or gradient accumulation) it under-counts; the report shows
-the model FLOPs from `metrics.flops_per_token` beside it.
+arguments alias outputs and are counted once. For a target they are the target compiler's own figures; a CPU
+compile of a GPU config only estimates them (the argument and output sizes are exact, temporaries indicative).
+FLOPs, attention kernels and collectives are read from the compiled HLO (llm_jax/hlo_analysis.py: every loop
+iteration counted, unlike XLA's cost analysis, which counts a scanned layer once), beside the model FLOPs from
+`metrics.flops_per_token`.
 """
 
 from __future__ import annotations
