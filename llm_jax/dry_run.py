@@ -184,8 +184,11 @@ def format_report(r: dict[str, Any]) -> str:
       f'  temporaries     {g["temporaries"]:10.3f}',
       f'  generated code  {g["generated_code"]:10.3f}',
       f'  total           {g["total"]:10.3f}   (arguments + outputs - aliased + temporaries + code)',
-      f'  peak estimate   {g["peak_estimate"]:10.3f}',
+      f'  peak estimate   {g["peak_estimate"]:10.3f}   (the larger of total and XLA\'s peak + code)',
   ]
+  xla_peak = r['memory_per_device_bytes']['xla_peak']
+  if xla_peak:
+    lines.append(f'  XLA peak        {xla_peak / GIB:10.3f}   (live buffers at the worst point of the schedule)')
   if r['target']:
     usable = ', '.join(f'{name} {r["usable_fractions"][name]:.2f}: {gb:.1f} GiB'
                        for name, gb in r['usable_memory_gb'].items())
