@@ -593,8 +593,9 @@ def _workdir_tokenizer(workdir: str):
 
 
 def _check_exportable(config) -> None:
-  if config.model.objective != 'clm':
-    raise ConversionError(f'config.model.objective={config.model.objective!r}: only causal LMs (clm) export '
+  from llm_jax import objectives  # pylint: disable=g-import-not-at-top
+  if not objectives.REGISTRY[config.model.objective].causal:
+    raise ConversionError(f'config.model.objective={config.model.objective!r}: only causal LMs (clm, dpo) export '
                           f'as {", ".join(f.architecture for f in FAMILIES.values())}')
   export_family(config.model)
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import objectives
 from llm_jax.model import Transformer, TransformerConfig, init_cache
 from llm_jax.errors import UserError
 
@@ -168,8 +169,8 @@ def generate(cfg: TransformerConfig, params, prompts: Sequence[Sequence[int]], m
   """New tokens of each prompt (token ids, without the prompt): at most max_new_tokens, ending at the first EOS
   (included), never past model.max_seq_len. `vocab_limit` (the tokenizer's size) keeps sampling away from the
   unused ids of a padded vocabulary. `params` may be sharded; the loop then runs sharded."""
-  if cfg.objective != 'clm':
-    raise GenerationError(f'config.model.objective={cfg.objective!r}: only a causal (clm) model can generate')
+  if not objectives.REGISTRY[cfg.objective].causal:
+    raise GenerationError(f'config.model.objective={cfg.objective!r}: only a causal model (clm, dpo) can generate')
   if max_new_tokens <= 0:
     raise GenerationError(f'max_new_tokens must be positive, got {max_new_tokens}')
   batch = left_pad(prompts, cfg.max_seq_len, pad_id)

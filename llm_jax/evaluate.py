@@ -85,8 +85,8 @@ def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
     byte_lengths = token_byte_lengths(loaded.tokenizer)
   total_loss, total_tokens, total_bytes = 0.0, 0.0, 0
   for batch in itertools.islice(runtime.iterator(split, 0), num_batches):
-    out = runtime.eval_step(loaded.params, runtime.put(batch))  # (loss sum, target tokens, ...)
-    total_loss, total_tokens = total_loss + float(out[0]), total_tokens + float(out[1])
+    out = runtime.eval_step(loaded.params, runtime.put(batch))  # the LM objective's sums: loss, tokens, correct
+    total_loss, total_tokens = total_loss + float(out['loss']), total_tokens + float(out['tokens'])
     if byte_lengths is not None:  # the text the scored targets spell: the loss is spent on exactly these bytes
       targets = np.minimum(np.asarray(batch['targets']), len(byte_lengths) - 1)
       total_bytes += int(np.sum(byte_lengths[targets] * (np.asarray(batch['loss_mask']) > 0)))

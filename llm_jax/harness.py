@@ -64,7 +64,8 @@ class LlmJaxLM(TemplateLM):
     if loaded.tokenizer is None:
       raise HarnessError('llm_jax harness: the workdir has no tokenizer (a run on data.source=synthetic cannot read '
                          'text)')
-    if loaded.config.model.objective != 'clm':
+    from llm_jax import objectives  # pylint: disable=g-import-not-at-top
+    if not objectives.REGISTRY[loaded.config.model.objective].causal:
       raise HarnessError(f'config.model.objective={loaded.config.model.objective!r}: the harness scores causal (clm) '
                          f'models only')
     self.loaded = loaded

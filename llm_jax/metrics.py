@@ -75,7 +75,8 @@ def total_params(model_config) -> int:
 def flops_per_token(model_config, seq_len: int) -> float:
   """Training FLOPs per token, forward + backward (module docstring)."""
   m = model_config
-  attention_factor = 6 if m.objective == 'clm' else 12
+  from llm_jax import objectives  # pylint: disable=g-import-not-at-top  (metrics is imported by data tools)
+  attention_factor = 6 if objectives.REGISTRY[m.objective].causal else 12
   return 6 * matmul_params(m) + attention_factor * m.num_layers * m.d_model * seq_len
 
 

@@ -5,8 +5,8 @@ train step); generate, evaluate, the lm-evaluation-harness backend and the decod
 
   Runtime(config, workdir, devices)        mesh, rules, model, param_shardings, batch_sharding, data_slice
     .abstract_params()                     ShapeDtypeStructs with shardings: a restore target that allocates nothing
-    .eval_step(params, batch, index=0)     (loss sum, target tokens, correct tokens) of one batch, jitted
-    .evaluate(params, num_batches=None)    eval_loss, eval_perplexity, eval_tokens, eval_accuracy of the eval split
+    .eval_step(params, batch, index=0, reference=None)   the objective's named sums of one batch, jitted
+    .evaluate(params, num_batches=None, reference=None)  the objective's eval row (clm: eval_loss, eval_perplexity, ...)
     .token_logprobs(params, inputs, targets, segment_ids, positions)
                                            log p(target) and "target is the argmax" per position, jitted
     .generate(params, prompts, max_new_tokens, ...)   KV-cache decoding (llm_jax.decoding) of token-id prompts
@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from llm_jax import config as config_lib
 from llm_jax import data
@@ -65,9 +64,7 @@ def abstract_params(config, model=None, mesh=None) -> Any:
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def token_losses(logits, targets):
-  """Per-token cross-entropy in float32: [B,T,V], [B,T] -> [B,T]."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+token_losses = objectives.token_losses  # re-exported: the clm loss per token lives with its objective
 
 
 def sharding_context(mesh, rules):
@@ -75,20 +72,17 @@ def sharding_context(mesh, rules):
   return activation_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
 
 
-def make_eval_step(config, model, mesh=None):
+def make_eval_step(config, model, mesh=None, objective=None):
+  """(params, batch, index, reference=None) -> the objective's named sums of one eval batch (clm/mlm: loss,
+  tokens, correct; mlm counts masked positions only). `index` is the eval batch's number: mlm masks each eval
+  batch differently, but the same in every evaluation."""
+  objective = objective or objectives.make(config)
   rules = sharding.rules_of(config)
 
-  def step(params, batch, index=0):
-    """(loss sum, target tokens, correctly predicted target tokens): mlm counts masked positions only.
-
-    `index` is the eval batch's number: mlm masks each eval batch differently, but the same in every evaluation.
-    """
+  def step(params, batch, index=0, reference=None):
     with sharding_context(mesh, rules):
-      batch = objectives.prepare_batch(config, batch, objectives.EVAL_STEP - index)
-      logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
-      mask = batch['loss_mask']
-      correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch['targets']) * mask)
-      return jnp.sum(token_losses(logits, batch['targets']) * mask), jnp.sum(mask), correct
+      batch = objective.prepare(batch, objectives.EVAL_STEP - index)
+      return objective.eval_sums(model, params, batch, reference)
 
   return step
 
@@ -130,10 +124,14 @@ class Runtime:
     self.param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     replicated = sharding.replicated(self.mesh)
     self.compiler_options = xla_options.compiler_options(self.config)  # config.xla.options, per jit
-    eval_step = jax.jit(make_eval_step(self.config, self.model, self.mesh),
-                        in_shardings=(self.param_shardings, self.batch_sharding, replicated),
+    self.objective = objectives.make(self.config)
+    # the reference (dpo without LoRA) is sharded like the parameters; None (no leaves) otherwise
+    reference_shardings = self.param_shardings if self.objective.reference_kind() == 'copy' else None
+    eval_step = jax.jit(make_eval_step(self.config, self.model, self.mesh, self.objective),
+                        in_shardings=(self.param_shardings, self.batch_sharding, replicated, reference_shardings),
                         out_shardings=replicated, compiler_options=self.compiler_options)
-    self.eval_step = lambda params, batch, index=0: eval_step(params, batch, jnp.int32(index))
+    self.eval_step = lambda params, batch, index=0, reference=None: eval_step(params, batch, jnp.int32(index),
+                                                                               reference)
     self._token_logprobs = jax.jit(make_token_logprobs(self.config, self.model, self.mesh),
                                    in_shardings=(self.param_shardings,) + (self.batch_sharding,) * 4,
                                    out_shardings=replicated)
@@ -149,18 +147,17 @@ class Runtime:
     """This process's slices of batches start_step, start_step + 1, ... of `split`."""
     return data.make_iterator(self.config, split, start_step, *self.data_slice, self.workdir)
 
-  def evaluate(self, params, num_batches: int | None = None) -> dict[str, float]:
-    """Mean token loss and perplexity over the first `eval.steps` batches of the eval split."""
+  def evaluate(self, params, num_batches: int | None = None, reference=None) -> dict[str, float]:
+    """The objective's eval row over the first `eval.steps` batches of the eval split (clm/mlm: eval_loss,
+    eval_perplexity, eval_tokens, eval_accuracy; dpo: eval_loss, eval_rewards/..., eval_pairs)."""
     num_batches = num_batches or self.config.eval.steps
     iterator = self.iterator(self.config.data.eval_split, 0)
-    total, count, correct = 0.0, 0.0, 0.0
+    totals: dict[str, float] = {}
     for index, batch in zip(range(num_batches), iterator):
-      loss, tokens, hits = self.eval_step(params, self.put(batch), index)
-      total, count, correct = total + float(loss), count + float(tokens), correct + float(hits)
-    eval_loss = total / max(count, 1.0)
-    # eval_accuracy: next-token accuracy (clm), masked-token accuracy (mlm).
-    return dict(eval_loss=eval_loss, eval_perplexity=float(np.exp(min(eval_loss, 50.0))), eval_tokens=count,
-                eval_accuracy=correct / max(count, 1.0))
+      sums = jax.device_get(self.eval_step(params, self.put(batch), index, reference))
+      for name, value in sums.items():
+        totals[name] = totals.get(name, 0.0) + float(value)
+    return self.objective.eval_metrics(totals)
 
   @property
   def row_multiple(self) -> int:

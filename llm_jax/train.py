@@ -60,6 +60,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # The frozen reference of an objective that needs one (dpo: a copy of the initial parameters), never in the
+  # optimizer nor in checkpoints: a resume rebuilds it from its source (init_from, or the fresh initialisation).
+  reference: Any = None
 
 
 class NonFiniteError(UserError, FloatingPointError):
@@ -73,32 +76,21 @@ class IncompatibleCheckpointError(UserError, ValueError):
 def state_init_fn(config, model, optimizer) -> Callable[[jax.Array], TrainState]:
   """rng -> boxed TrainState; the moments inherit the logical axis names of their parameters."""
   params_fn = init_params_fn(config, model)
+  keeps_copy = objectives.make(config).reference_kind() == 'copy'
 
   def init_fn(rng):
     params = params_fn(rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    reference = jax.tree.map(jnp.copy, params) if keeps_copy else None  # a fresh run's starting point
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      reference=reference)
 
   return init_fn
 
 
 def loss_sum(params, batch, model) -> jax.Array:
-  """Sum of masked token losses (divided by the token count of the whole step by the caller)."""
+  """Sum of masked token losses of the clm objective (tests and FLOP counts use it as the plain LM loss)."""
   logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
   return jnp.sum(token_losses(logits, batch['targets']) * batch['loss_mask'])
-
-
-def loss_sums_with_z(params, batch, model) -> tuple[jax.Array, jax.Array]:
-  """(sum of masked token losses, sum of masked log(Z)^2), Z the softmax normaliser of each position's logits.
-
-  The z-loss (PaLM, config.train.z_loss) pulls log Z towards 0, which keeps the logits from drifting in long
-  bfloat16 runs; the cross-entropy is log Z - logit[target], from the same log Z.
-  """
-  logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
-  mask = batch['loss_mask']
-  return jnp.sum((log_z - target_logits) * mask), jnp.sum(jnp.square(log_z) * mask)
 
 
 def _microbatches(batch, accum: int):
@@ -109,39 +101,38 @@ def _microbatches(batch, accum: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(config, model, optimizer, mesh=None):
-  """The pure step. The loss is the mean over all target tokens of the step, so accumulating k microbatches
-  gives exactly the gradient of one step on the whole batch. With config.train.z_loss > 0 the gradient is that of
-  cross-entropy + z_loss * mean log(Z)^2; the metric `loss` stays the cross-entropy, `z_loss` is the added term."""
+def make_train_step(config, model, optimizer, mesh=None, objective=None):
+  """The pure step of `objective` (default: config.model.objective's, llm_jax.objectives). The loss is the
+  objective's total divided by its count over the whole step (target tokens, or pairs), so accumulating k
+  microbatches gives exactly the gradient of one step on the whole batch. Every metric the objective names is
+  returned with the same division (clm: `loss` is the cross-entropy, `z_loss` the z-loss term)."""
+  objective = objective or objectives.make(config)
   accum = config.train.grad_accum_steps
-  z_coef = config.train.z_loss
   skip_nonfinite = config.train.nonfinite == 'skip'
   schedule = optim.make_schedule(config.train)
   rules = sharding.rules_of(config)
 
   def step(state: TrainState, batch):
     with runtime_lib.sharding_context(mesh, rules):
-      batch = objectives.prepare_batch(config, batch, state.step)  # clm: as is; mlm: masking of (seed, step)
-      tokens = jnp.maximum(jnp.sum(batch['loss_mask']), 1.0)
-      if z_coef:
-        def objective(p, mb):  # (what is differentiated, its parts (cross-entropy, z-loss term))
-          ce, z = loss_sums_with_z(p, mb, model)
-          return (ce + z_coef * z) / tokens, (ce / tokens, z_coef * z / tokens)
-      else:  # the plain cross-entropy, exactly as before z-loss existed (same numbers, same resumes)
-        def objective(p, mb):
-          ce = loss_sum(p, mb, model) / tokens
-          return ce, (ce, jnp.zeros((), jnp.float32))
-      grad_fn = jax.value_and_grad(objective, has_aux=True)
+      batch = objective.prepare(batch, state.step)  # clm: as is; mlm: masking of (seed, step)
+      count = objective.count(batch)
+
+      def value(p, mb):  # (what is differentiated, the named metrics)
+        out = objective.loss(model, p, mb, state.reference)
+        return out.total / count, {name: v / count for name, v in out.metrics.items()}
+
+      grad_fn = jax.value_and_grad(value, has_aux=True)
       if accum == 1:
-        (_, (loss, z_term)), grads = grad_fn(state.params, batch)
+        (_, parts), grads = grad_fn(state.params, batch)
       else:
         def body(carry, microbatch):
-          loss_acc, z_acc, grads_acc = carry
-          (_, (loss_mb, z_mb)), grads_mb = grad_fn(state.params, microbatch)
-          return (loss_acc + loss_mb, z_acc + z_mb, jax.tree.map(jnp.add, grads_acc, grads_mb)), None
+          parts_acc, grads_acc = carry
+          (_, parts_mb), grads_mb = grad_fn(state.params, microbatch)
+          return (jax.tree.map(jnp.add, parts_acc, parts_mb), jax.tree.map(jnp.add, grads_acc, grads_mb)), None
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        scalar = jnp.zeros((), jnp.float32)
-        (loss, z_term, grads), _ = jax.lax.scan(body, (scalar, scalar, zeros), _microbatches(batch, accum))
+        shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, accum)))
+        no_parts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][1])
+        (parts, grads), _ = jax.lax.scan(body, (no_parts, zeros), _microbatches(batch, accum))
       if config.lora.rank:  # frozen base: no gradient (XLA drops its computation), parameters kept bit-identical
         trainable = lora_lib.trainable_mask(grads)
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
@@ -154,15 +145,17 @@ def make_train_step(config, model, optimizer, mesh=None):
       params = optax.apply_updates(state.params, jax.tree.map(lambda u: -learning_rate * u, updates))
       if config.lora.rank:
         params = jax.tree.map(lambda new, old, t: new if t else old, params, state.params, trainable)
-      finite = jnp.isfinite(loss) & jnp.isfinite(z_term) & jnp.isfinite(grad_norm)
+      finite = jnp.isfinite(grad_norm)
+      for part in parts.values():
+        finite = finite & jnp.isfinite(part)
       if skip_nonfinite:  # keep the old state: the step counter still advances, so the data moves on
         keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         params, opt_state = keep_old(params, state.params), keep_old(opt_state, state.opt_state)
       # param_norm is not here: the loop computes it at log steps only (Trainer.param_norm).
-      metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, finite=finite,
-                     target_tokens=tokens, z_loss=z_term,
+      metrics = dict(parts, grad_norm=grad_norm, learning_rate=learning_rate, finite=finite,
+                     target_tokens=count,  # the objective's count: target tokens, or pairs (dpo)
                      grad_squared_norms=jnp.stack(squared))  # [leaves], in leaf order
-      return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
 
@@ -261,6 +254,8 @@ class Trainer(runtime_lib.Runtime):
 
   def __post_init__(self):
     super().__post_init__()
+    # dpo: a frozen copy of the initial parameters rides in the TrainState (LoRA runs use the base instead)
+    self.keeps_reference = self.objective.reference_kind() == 'copy'
     self.optimizer = optim.make_optimizer(  # LoRA: only the adapters train and have optimizer state
         self.config.train, trainable_mask=lora_lib.trainable_mask if self.config.lora.rank else None)
     self._init_fn = state_init_fn(self.config, self.model, self.optimizer)
@@ -268,7 +263,7 @@ class Trainer(runtime_lib.Runtime):
     self.state_shardings = sharding.logical_shardings(abstract_state, self.mesh, self.rules)
     # The one sharded initialiser: run by fresh_state, shape-evaluated by abstract_state.
     self._sharded_init = jax.jit(lambda rng: nn.unbox(self._init_fn(rng)), out_shardings=self.state_shardings)
-    self.train_step = jax.jit(make_train_step(self.config, self.model, self.optimizer, self.mesh),
+    self.train_step = jax.jit(make_train_step(self.config, self.model, self.optimizer, self.mesh, self.objective),
                               in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                               donate_argnums=(0,), compiler_options=self.compiler_options)
@@ -290,6 +285,10 @@ class Trainer(runtime_lib.Runtime):
     _, shardings = lora_lib.split(self.state_shardings.params)
     adapters_only = lambda rng: lora_lib.split(nn.unbox(self._init_fn(rng)).params)[1]
     return jax.jit(adapters_only, out_shardings=shardings)(jax.random.key(self.config.train.seed))
+
+  def copy_params(self, params):
+    """A distinct copy of `params` in their shardings (the reference: the state is donated, so never an alias)."""
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.state_shardings.params)(params)
 
   def fresh_state(self) -> TrainState:
     return self._sharded_init(jax.random.key(self.config.train.seed))
@@ -320,10 +319,22 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
     step, restored, damaged = checkpoint.load_newest_intact(manager, load, workdir)
     checkpoint.set_aside(manager, workdir, damaged)
     print(f'resuming from {checkpoint.checkpoint_dir(workdir)}/{step}', flush=True)
+    reference = None
+    if trainer.keeps_reference:  # the run's starting point again, never a checkpoint of this run
+      reference = _initial_params(trainer) if config.train.init_from else trainer.fresh_state().params
     return TrainState(step=jnp.asarray(step, jnp.int32), params=restored['params'],
-                      opt_state=restored['opt_state'])
+                      opt_state=restored['opt_state'], reference=reference)
   if not config.train.init_from:
     return trainer.fresh_state()
+  params = _initial_params(trainer)
+  opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)(params)
+  reference = trainer.copy_params(params) if trainer.keeps_reference else None
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, reference=reference)
+
+
+def _initial_params(trainer: Trainer):
+  """The parameters of config.train.init_from's latest intact checkpoint (LoRA: plus fresh zero-B adapters)."""
+  config, workdir = trainer.config, trainer.workdir
   source = config.train.init_from
   if checkpoint.latest_step(source) is None:
     raise IncompatibleCheckpointError(f'config.train.init_from: {source} has no complete checkpoint')
@@ -336,8 +347,7 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
   else:
     params, meta = checkpoint.load_params(source, trainer.abstract_state().params, check_meta=check)
   print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)
-  opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+  return params
 
 
 def _check_workdir_path(workdir: str) -> str:
@@ -452,6 +462,10 @@ class LogMetrics(Hook):
                      tokens_per_s=tokens_per_s, mfu=loop.mfu(tokens_per_s) if tokens_per_s else None)
     if self._z_loss:
       loop.last['z_loss'] = float(values['z_loss'])
+    for name in loop.trainer.objective.train_metrics:  # dpo: rewards/chosen, rewards/accuracies, ...
+      loop.last[name] = float(values[name])
+    for name in sorted(k for k in values if k.startswith('aux/')):  # terms the model sows (objectives.base)
+      loop.last[name] = float(values[name])
     if self._nonfinite_skip:
       loop.last['skipped_steps'] = loop.monitor.skipped_total
     loop.writer.write(loop.last)
@@ -488,10 +502,10 @@ class Evaluate(Hook):
 
   def __call__(self, loop, step):
     loop.require_finite()
-    loop.writer.write(dict(step=step, **loop.trainer.evaluate(loop.state.params)))
+    loop.writer.write(dict(step=step, **loop.trainer.evaluate(loop.state.params, reference=loop.state.reference)))
 
   def end(self, loop):
-    row = dict(step=loop.total_steps, **loop.trainer.evaluate(loop.state.params))
+    row = dict(step=loop.total_steps, **loop.trainer.evaluate(loop.state.params, reference=loop.state.reference))
     loop.writer.write(row)
     loop.last.update(row)
 

@@ -115,8 +115,9 @@ class Block(nn.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     lora = dict(lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='attn_norm')(x)
+    # mlm is the one bidirectional objective (model/ imports no objectives: tested equal to Objective.causal)
     x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope, kernel=cfg.attention,
-                          causal=cfg.objective == 'clm', dtype=dtype, param_dtype=param_dtype,
+                          causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
                           window=cfg.sliding_window, platform=cfg.platform, name='attn',
                           **lora)(h, segment_ids, positions, self.decode)

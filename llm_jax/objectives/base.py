@@ -1,0 +1,98 @@
+"""The objective interface: what a training objective owns, and the door auxiliary losses come through.
+
+An objective (one instance per run, built from the config by `llm_jax.objectives.make`) owns
+
+  prepare(batch, step)               the batch the model and the loss see at train step `step` (pure jnp)
+  count(batch)                       the step's normaliser: target tokens (LM), preference pairs (DPO). Computed
+                                     on the whole step's batch, so k accumulated microbatches give exactly the
+                                     gradient of one step on the whole batch
+  loss(model, params, batch, ref)    a `Loss` of one (micro)batch: `total` is what is differentiated and
+                                     `metrics` are named values; both are sums, divided by `count` by the step
+  eval_sums(model, params, batch, ref)   named sums of one eval batch (no gradient)
+  eval_metrics(totals)               the eval row from the sums over the eval batches (`eval_` names)
+
+`ref` is the frozen reference an objective asks for with `reference_kind() == 'copy'` (a copy of the initial parameters
+held in the TrainState, never in the optimizer) or `'lora_base'` (the base weights of a LoRA run, read from the
+trained parameters with the adapters off: no second copy); None otherwise.
+
+Auxiliary losses (`apply_with_aux`): a module adds a term to the loss with
+`self.sow(AUX_COLLECTION, name, value)`, value a sum over the batch's targets like the loss sums (so that the
+step's division by `count` makes it a mean). Every sown term is added to the differentiated total and reported
+as the metric `aux/<name>`; a model that sows nothing changes nothing. A mixture-of-experts balance loss is such a
+term. Inside a scanned stack the collection must be one of the scan's `variable_axes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+AUX_COLLECTION = 'aux_loss'
+EVAL_STEP = 2**31 - 1  # the `step` of eval steps (eval batch i is prepared at EVAL_STEP - i): one no run reaches
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  total: jax.Array  # summed over the (micro)batch; the step differentiates total / count
+  metrics: dict[str, jax.Array]  # named sums, each divided by the step's count; 'loss' is always one
+
+
+class Objective:
+  """Base class: see the module docstring. Subclasses register themselves with `llm_jax.objectives.register`."""
+  name: ClassVar[str] = ''
+  causal: ClassVar[bool] = True  # attention mask of the model it trains (mlm: bidirectional)
+  train_metrics: ClassVar[tuple[str, ...]] = ()  # metrics written to train rows next to loss and grad_norm
+
+  def __init__(self, config):
+    self.config = config
+
+  def reference_kind(self) -> str | None:
+    """None | 'copy' | 'lora_base': the frozen reference this objective needs under its config."""
+    return None
+
+  def prepare(self, batch: dict, step) -> dict:
+    del step
+    return batch
+
+  def count(self, batch: dict) -> jax.Array:
+    raise NotImplementedError
+
+  def loss(self, model, params, batch: dict, reference=None) -> Loss:
+    raise NotImplementedError
+
+  def eval_sums(self, model, params, batch: dict, reference=None) -> dict[str, jax.Array]:
+    raise NotImplementedError
+
+  def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    raise NotImplementedError
+
+
+def apply_with_aux(model, params, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(logits, {name: summed auxiliary term}) of `model` on the batch; {} when the model sows nothing."""
+  logits, state = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                              mutable=[AUX_COLLECTION])
+  sown = state.get(AUX_COLLECTION, {})
+  terms = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(sown):
+    # a sown value is stored as a tuple (one entry per call); the name is the sow's, its module path dropped
+    name = str(getattr(path[-2] if len(path) > 1 else path[-1], 'key', path[-1]))
+    terms[name] = terms.get(name, jnp.zeros((), jnp.float32)) + jnp.sum(value).astype(jnp.float32)
+  return logits, terms
+
+
+def with_aux(total: jax.Array, metrics: dict[str, jax.Array], terms: dict[str, jax.Array]) -> Loss:
+  """The Loss with the auxiliary terms added to the total and reported as aux/<name>."""
+  for name, value in terms.items():
+    total = total + value
+    metrics = dict(metrics, **{f'aux/{name}': value})
+  return Loss(total, metrics)
+
+
+def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(target) per position in float32: [B,T,V], [B,T] -> [B,T]."""
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+

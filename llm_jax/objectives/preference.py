@@ -1,0 +1,142 @@
+"""Preference objectives on pairs of completions (DPO and its kin), as TRL defines them.
+
+Batch (llm_jax.data.preference): rows of packed pairs. Pair k of a row is segments 2k-1 (the prompt and the chosen
+completion) and 2k (the prompt and the rejected one), so a pair never crosses rows and attention never crosses
+sequences. `loss_mask` is 1 on the targets that are completion tokens: the prompt is masked out. An optional
+`ref_logps` [B,T] holds the reference's log-probabilities of the targets, precomputed in one pass
+(config.dpo.precompute_ref); without it they are computed here, from the frozen reference, without gradient.
+
+Per pair: the sums of the completion targets' log-probabilities pi_c, pi_r (policy) and ref_c, ref_r (reference),
+the completion lengths n_c, n_r, the log-ratios h_c = pi_c - ref_c, h_r = pi_r - ref_r, D = h_c - h_r, and with
+b = config.dpo.beta, e = config.dpo.label_smoothing, g = config.dpo.simpo_gamma, s = log sigmoid:
+
+  sigmoid  -(1-e) s(bD) - e s(-bD)                   DPO (Rafailov et al.); e > 0 is conservative DPO (cDPO)
+  robust   (-(1-e) s(bD) + e s(-bD)) / (1-2e)        robust DPO (Chowdhury et al.), e in [0, 0.5)
+  ipo      (h_c/n_c - h_r/n_r - 1/(2b))^2            IPO (Azar et al.), length-normalised as TRL does
+  simpo    -(1-e) s(M) - e s(-M), M = b(pi_c/n_c - pi_r/n_r) - g   SimPO (Meng et al.): no reference
+
+The loss of a step is the mean over its pairs. Rewards (TRL's metrics): b h_c and b h_r (simpo: b pi_c/n_c and
+b pi_r/n_r); rewards/margins their difference, rewards/accuracies the share of pairs whose chosen reward is the
+higher; logps/chosen and logps/rejected the policy's pi_c and pi_r.
+
+The reference is the policy's starting point: a frozen copy of the initial parameters in the TrainState
+(`reference_kind() == 'copy'`), or, in a LoRA run, the base weights with the adapters off ('lora_base'), read from
+the trained parameters so that no second copy is held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.model import Transformer
+from llm_jax.model import lora as lora_lib
+from llm_jax.objectives import base
+from llm_jax.objectives.registry import register
+
+LOSS_TYPES = ('sigmoid', 'robust', 'ipo', 'simpo')
+# per-pair values averaged over a step's pairs, TRL's names
+PAIR_METRICS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
+                'logps/chosen', 'logps/rejected')
+
+
+def pair_sums(values: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(chosen, rejected) sums of `values` [B,T] over each pair's segments: [B,P] each, P = T//2 (a sequence covers
+  at least one position, so a row holds at most T//2 pairs); padding (segment 0) is dropped."""
+  rows, length = values.shape
+  pairs = length // 2
+  sums = jnp.zeros((rows, 2 * pairs + 1), jnp.float32)
+  sums = sums.at[jnp.arange(rows)[:, None], segment_ids].add(values.astype(jnp.float32))
+  return sums[:, 1::2], sums[:, 2::2]
+
+
+def pair_losses(config_dpo, policy_c, policy_r, ref_c, ref_r, n_c, n_r) -> dict[str, jax.Array]:
+  """Per-pair loss and rewards ([P] or [B,P] arrays) of config.dpo.loss_type (module docstring)."""
+  beta, smoothing, kind = config_dpo.beta, config_dpo.label_smoothing, config_dpo.loss_type
+  log_sigmoid = jax.nn.log_sigmoid
+  if kind == 'simpo':
+    chosen, rejected = beta * policy_c / n_c, beta * policy_r / n_r
+    margin = chosen - rejected - config_dpo.simpo_gamma
+    loss = -(1 - smoothing) * log_sigmoid(margin) - smoothing * log_sigmoid(-margin)
+  else:
+    h_c, h_r = policy_c - ref_c, policy_r - ref_r
+    chosen, rejected = beta * h_c, beta * h_r
+    delta = beta * (h_c - h_r)
+    if kind == 'sigmoid':
+      loss = -(1 - smoothing) * log_sigmoid(delta) - smoothing * log_sigmoid(-delta)
+    elif kind == 'robust':
+      loss = (-(1 - smoothing) * log_sigmoid(delta) + smoothing * log_sigmoid(-delta)) / (1 - 2 * smoothing)
+    elif kind == 'ipo':
+      loss = jnp.square(h_c / n_c - h_r / n_r - 1 / (2 * beta))
+    else:
+      raise ValueError(f'config.dpo.loss_type: unknown value {kind!r}; expected one of {", ".join(LOSS_TYPES)}')
+  return {'loss': loss, 'rewards/chosen': chosen, 'rewards/rejected': rejected,
+          'rewards/margins': chosen - rejected, 'rewards/accuracies': (chosen > rejected).astype(jnp.float32),
+          'logps/chosen': policy_c, 'logps/rejected': policy_r}
+
+
+@register
+class DPO(base.Objective):
+  """Direct preference optimisation and its kin (config.dpo.loss_type) on preference pairs."""
+  name = 'dpo'
+  train_metrics = PAIR_METRICS[1:]
+
+  def reference_kind(self):
+    if self.config.dpo.loss_type == 'simpo':
+      return None
+    return 'lora_base' if self.config.lora.rank else 'copy'
+
+  def _valid(self, batch):
+    """[B,P] True where the pair exists (both completions have a target in the loss)."""
+    n_c, n_r = pair_sums(batch['loss_mask'], batch['segment_ids'])
+    return (n_c > 0) & (n_r > 0), n_c, n_r
+
+  def count(self, batch):
+    valid, _, _ = self._valid(batch)
+    return jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+
+  def reference_logprobs(self, model, params, batch, reference):
+    """log p_ref(target) [B,T] (no gradient), or None when the loss needs no reference (simpo)."""
+    if 'ref_logps' in batch:
+      return batch['ref_logps']
+    kind = self.reference_kind()
+    if kind is None:
+      return None
+    if kind == 'lora_base':  # the same weights with the adapters off: a rank-0 model on the base tree
+      model = Transformer(dataclasses.replace(model.cfg, lora_rank=0, lora_targets=()), decode=model.decode)
+      reference = lora_lib.split(params)[0]
+    reference = jax.lax.stop_gradient(reference)
+    logits = model.apply({'params': reference}, batch['inputs'], batch['segment_ids'], batch['positions'])
+    return jax.lax.stop_gradient(base.target_logprobs(logits, batch['targets']))
+
+  def pair_sums_of(self, logprobs, ref_logprobs, batch) -> dict[str, jax.Array]:
+    """Sums over the batch's pairs of the per-pair metrics (PAIR_METRICS)."""
+    valid, n_c, n_r = self._valid(batch)
+    mask, segments = batch['loss_mask'], batch['segment_ids']
+    policy_c, policy_r = pair_sums(logprobs * mask, segments)
+    if ref_logprobs is None:
+      ref_c = ref_r = jnp.zeros_like(policy_c)
+    else:
+      ref_c, ref_r = pair_sums(ref_logprobs * mask, segments)
+    safe = lambda n: jnp.maximum(n, 1.0)  # padding pairs (n = 0) are masked out below
+    terms = pair_losses(self.config.dpo, policy_c, policy_r, ref_c, ref_r, safe(n_c), safe(n_r))
+    return {name: jnp.sum(jnp.where(valid, value, 0.0)) for name, value in terms.items()}
+
+  def loss(self, model, params, batch, reference=None):
+    logits, aux = base.apply_with_aux(model, params, batch)
+    ref_logprobs = self.reference_logprobs(model, params, batch, reference)
+    sums = self.pair_sums_of(base.target_logprobs(logits, batch['targets']), ref_logprobs, batch)
+    return base.with_aux(sums['loss'], sums, aux)
+
+  def eval_sums(self, model, params, batch, reference=None):
+    logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+    ref_logprobs = self.reference_logprobs(model, params, batch, reference)
+    sums = self.pair_sums_of(base.target_logprobs(logits, batch['targets']), ref_logprobs, batch)
+    valid, _, _ = self._valid(batch)
+    return dict(sums, pairs=jnp.sum(valid.astype(jnp.float32)))
+
+  def eval_metrics(self, totals):
+    pairs = max(totals['pairs'], 1.0)
+    return dict({f'eval_{name}': totals[name] / pairs for name in PAIR_METRICS}, eval_pairs=totals['pairs'])
