@@ -1,10 +1,12 @@
 """Hugging Face interop for LLaMA-family checkpoints: import into a workdir, export from one.
 
-Architectures (`FAMILIES`): LlamaForCausalLM (LLaMA 2, 3, 3.1, 3.2: rope scaling `llama3` or `linear`, tied or
-untied embeddings), Qwen2ForCausalLM (Qwen2, Qwen2.5: q/k/v biases, sliding window when every layer has it) and
-MistralForCausalLM (sliding window). A config maps to config.model fields (`model_fields_from_hf`: rope_scaling
+Architectures: the families of `llm_jax.families` (one module each, with its tensor-name map and config
+translation): LlamaForCausalLM (LLaMA 2, 3, 3.1, 3.2: rope scaling `llama3` or `linear`, tied or untied
+embeddings), Qwen2ForCausalLM (Qwen2, Qwen2.5: q/k/v biases, sliding window when every layer has it) and
+MistralForCausalLM (sliding window). A config maps to config.model fields (`Family.model_fields`: rope_scaling
 and its factors, qkv_bias, sliding_window); export picks the architecture the workdir was imported from when it
-can express the model, else the first that can (`export_family`).
+can express the model, else the first that can (`families.export_family`). This module is the CLI and the
+safetensors I/O over them.
 
   python -m llm_jax.convert from_hf --hf_dir D --workdir W [--noscan_layers] [--dtype float32]
   python -m llm_jax.convert to_hf --workdir W --hf_dir D [--hf_dtype bfloat16]
@@ -24,7 +26,7 @@ so `AutoTokenizer.from_pretrained` loads the export too. A LoRA
 workdir (config.lora.rank > 0) exports its adapters merged into the base weights (`lora.merge`: W + A@B *
 alpha/rank), so the export is a plain LLaMA model computing the fine-tuned function.
 
-Weights map one tensor at a time through `TENSORS` (HF name -> our parameter path + transform). A torch
+Weights map one tensor at a time through the family's `TensorMap` (HF name -> our parameter path + transform). A torch
 `nn.Linear` stores [out, in]; our kernels are [in..., out...] with heads split out, e.g. q_proj [N*H, D] <->
 attn/q/kernel [D, N, H] and o_proj [D, N*H] <-> attn/o/kernel [N, H, D]. With scanned layers every per-layer
 leaf has a leading [L] axis, filled (or read) one layer at a time.
@@ -50,7 +52,6 @@ head_dim, quantised weights) are refused with a message naming the field.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import json
 import math
@@ -65,8 +66,9 @@ from safetensors import safe_open
 from llm_jax import checkpoint
 from llm_jax import storage
 from llm_jax import config as config_lib
+from llm_jax.families import FAMILIES, ConversionError, Slot, check_plan_covers, check_supported, export_family, \
+    model_fields_from_hf, plan
 from llm_jax.model import lora
-from llm_jax.errors import UserError
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -79,226 +81,6 @@ DTYPE_CODES = {'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16'}
 
 # Tensors HF checkpoints may carry that hold no weights (older LLaMA files saved the RoPE frequencies).
 IGNORED_SUFFIXES = ('.rotary_emb.inv_freq',)
-
-
-class ConversionError(UserError, ValueError):
-  """The checkpoint or workdir cannot be converted; the message names the file, field or tensor."""
-
-
-# ------------------------------------------------------------------------------------------------ the mapping
-
-
-@dataclasses.dataclass(frozen=True)
-class Same:
-  """The tensor has the same layout on both sides (embeddings, norm scales)."""
-
-  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(shape)
-
-  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return x
-
-  def to_hf(self, x: np.ndarray) -> np.ndarray:
-    return x
-
-
-@dataclasses.dataclass(frozen=True)
-class Linear:
-  """torch nn.Linear weight [out, in] <-> our kernel [*in_shape, *out_shape], whose first `in_dims` axes are inputs."""
-  in_dims: int = 1
-
-  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (math.prod(shape[self.in_dims:]), math.prod(shape[:self.in_dims]))
-
-  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return x.T.reshape(shape)
-
-  def to_hf(self, x: np.ndarray) -> np.ndarray:
-    return x.reshape(math.prod(x.shape[:self.in_dims]), -1).T
-
-
-@dataclasses.dataclass(frozen=True)
-class Flat:
-  """A bias [out] <-> ours [*out_shape] (q/k/v biases [N*H] <-> [N,H])."""
-
-  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (math.prod(shape),)
-
-  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return x.reshape(shape)
-
-  def to_hf(self, x: np.ndarray) -> np.ndarray:
-    return x.reshape(-1)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-  hf: str  # HF name; per-layer names have '{i}' for the layer index
-  ours: tuple[str, ...]  # path in our params tree (per-layer: below the layer's subtree)
-  transform: Same | Linear | Flat
-
-
-TENSORS = (
-    Tensor('model.embed_tokens.weight', ('embed', 'embedding'), Same()),  # [V,D] = [V,D]
-    Tensor('model.norm.weight', ('final_norm', 'scale'), Same()),  # [D]
-    Tensor('lm_head.weight', ('lm_head', 'kernel'), Linear()),  # [V,D] -> [D,V]; absent when tied
-)
-LAYER_TENSORS = (
-    Tensor('model.layers.{i}.input_layernorm.weight', ('attn_norm', 'scale'), Same()),  # [D]
-    Tensor('model.layers.{i}.self_attn.q_proj.weight', ('attn', 'q', 'kernel'), Linear()),  # [N*H,D] -> [D,N,H]
-    Tensor('model.layers.{i}.self_attn.k_proj.weight', ('attn', 'k', 'kernel'), Linear()),  # [K*H,D] -> [D,K,H]
-    Tensor('model.layers.{i}.self_attn.v_proj.weight', ('attn', 'v', 'kernel'), Linear()),  # [K*H,D] -> [D,K,H]
-    Tensor('model.layers.{i}.self_attn.o_proj.weight', ('attn', 'o', 'kernel'), Linear(in_dims=2)),  # [D,N*H]->[N,H,D]
-    Tensor('model.layers.{i}.post_attention_layernorm.weight', ('mlp_norm', 'scale'), Same()),  # [D]
-    Tensor('model.layers.{i}.mlp.gate_proj.weight', ('mlp', 'gate', 'kernel'), Linear()),  # [F,D] -> [D,F]
-    Tensor('model.layers.{i}.mlp.up_proj.weight', ('mlp', 'up', 'kernel'), Linear()),  # [F,D] -> [D,F]
-    Tensor('model.layers.{i}.mlp.down_proj.weight', ('mlp', 'down', 'kernel'), Linear()),  # [D,F] -> [F,D]
-)
-BIAS_TENSORS = (  # config.model.qkv_bias (Qwen2)
-    Tensor('model.layers.{i}.self_attn.q_proj.bias', ('attn', 'q', 'bias'), Flat()),  # [N*H] -> [N,H]
-    Tensor('model.layers.{i}.self_attn.k_proj.bias', ('attn', 'k', 'bias'), Flat()),  # [K*H] -> [K,H]
-    Tensor('model.layers.{i}.self_attn.v_proj.bias', ('attn', 'v', 'bias'), Flat()),  # [K*H] -> [K,H]
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-  """One HF tensor and where it lives in our params: `path`, and for scanned layers the index on axis 0."""
-  hf: str
-  path: tuple[str, ...]
-  layer: int | None
-  transform: Same | Linear | Flat
-
-  def view(self, params) -> Any:
-    leaf = _get(params, self.path)
-    return leaf if self.layer is None else leaf[self.layer]
-
-  def shape(self, abstract) -> tuple[int, ...]:
-    shape = tuple(_get(abstract, self.path).shape)
-    return shape if self.layer is None else shape[1:]
-
-
-def plan(model_config) -> list[Slot]:
-  """Every tensor of a model with this config.model, in HF checkpoint order."""
-  slots = [Slot(t.hf, t.ours, None, t.transform) for t in TENSORS
-           if not (model_config.tie_embeddings and t.ours[0] == 'lm_head')]
-  layer_tensors = LAYER_TENSORS + (BIAS_TENSORS if model_config.qkv_bias else ())
-  for i in range(model_config.num_layers):
-    for t in layer_tensors:
-      if model_config.scan_layers:
-        slots.append(Slot(t.hf.format(i=i), ('layers',) + t.ours, i, t.transform))
-      else:
-        slots.append(Slot(t.hf.format(i=i), (f'layers_{i}',) + t.ours, None, t.transform))
-  return slots
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _check_plan_covers(abstract, slots: list[Slot]) -> None:
-  """Every parameter of the model is some HF tensor: a parameter added to the model must be added here too."""
-  covered = {s.path for s in slots}
-  for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    path = tuple(k.key for k in key_path)
-    if path not in covered:
-      raise ConversionError(f'parameter {"/".join(path)} has no Hugging Face counterpart')
-
-
-# ----------------------------------------------------------------------------------------------- HF configs
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """A Hugging Face architecture llm_jax computes exactly, and what it can express."""
-  model_type: str
-  architecture: str
-  qkv_bias: bool  # its q/k/v projections always have biases (and o, gate, up, down never)
-  has_window: bool  # it can state a sliding window
-
-
-FAMILIES = {
-    'llama': Family('llama', 'LlamaForCausalLM', qkv_bias=False, has_window=False),  # LLaMA 2, 3, 3.1, 3.2
-    'mistral': Family('mistral', 'MistralForCausalLM', qkv_bias=False, has_window=True),
-    'qwen2': Family('qwen2', 'Qwen2ForCausalLM', qkv_bias=True, has_window=True),  # Qwen2, Qwen2.5
-}
-ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3'}  # HF rope_type -> config.model.rope_scaling
-ROPE_FIELDS = {'factor': 'rope_scaling_factor', 'low_freq_factor': 'rope_low_freq_factor',  # HF key -> ours
-               'high_freq_factor': 'rope_high_freq_factor', 'original_max_position_embeddings': 'rope_original_max_len'}
-
-
-def _rope(hf: dict) -> tuple[dict, str]:
-  """(the RoPE parameters, the config field they came from) from either form: transformers>=5 `rope_parameters`,
-  or the older top-level `rope_theta` + `rope_scaling`. The dict has rope_type ('default' when unscaled),
-  rope_theta and the scaling's own keys."""
-  params = dict(hf.get('rope_scaling') or {})
-  field = 'rope_scaling' if params else 'rope_parameters'
-  if hf.get('rope_parameters'):
-    params.update(hf['rope_parameters'])
-    field = 'rope_parameters'
-  params['rope_type'] = params.get('rope_type') or params.get('type') or 'default'
-  params['rope_theta'] = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
-  return params, field
-
-
-def _sliding_window(hf: dict, refuse) -> int:
-  """The sliding window (0 = none) of a Mistral or Qwen2 config; a window on some layers only is refused."""
-  window = hf.get('sliding_window') or 0
-  if hf.get('model_type') == 'qwen2':
-    if not hf.get('use_sliding_window', False):
-      return 0
-    layers = hf['num_hidden_layers']
-    kinds = hf.get('layer_types') or ['sliding_attention' if i >= hf.get('max_window_layers', 28) else
-                                      'full_attention' for i in range(layers)]
-    if len(set(kinds)) > 1:
-      refuse('max_window_layers', 'a sliding window on some layers only is not supported (llm_jax uses one window '
-             'for every layer)')
-    return window if kinds and kinds[0] == 'sliding_attention' else 0
-  kinds = set(hf.get('layer_types') or ())
-  if len(kinds) > 1:
-    refuse('layer_types', f'{sorted(kinds)}: different attention per layer is not supported')
-  return int(window)
-
-
-def check_supported(hf: dict, source: str = 'config.json') -> None:
-  """Raises ConversionError naming the first field of a HF config whose model llm_jax does not implement."""
-  def refuse(field, message):
-    raise ConversionError(f'{source}: {field}: {message}; llm_jax implements {", ".join(FAMILIES)} models '
-                          f'({", ".join(f.architecture for f in FAMILIES.values())}) without it, so this checkpoint '
-                          'is not converted')
-
-  family = FAMILIES.get(hf.get('model_type'))
-  if family is None:
-    refuse('model_type', f'{hf.get("model_type")!r} is not supported (expected one of {", ".join(FAMILIES)})')
-  architectures = hf.get('architectures') or [family.architecture]
-  if list(architectures) != [family.architecture]:
-    refuse('architectures', f'{architectures} is not supported (expected ["{family.architecture}"])')
-  for field in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads'):
-    if field not in hf:
-      raise ConversionError(f'{source}: {field}: missing')
-  rope, rope_field = _rope(hf)
-  if rope['rope_type'] not in ROPE_TYPES:
-    refuse(rope_field, f'rope scaling of type {rope["rope_type"]!r} is not supported (implemented: '
-           f'{", ".join(ROPE_TYPES)})')
-  if rope.get('partial_rotary_factor', 1.0) != 1.0:
-    refuse(f'{rope_field}.partial_rotary_factor', f'{rope["partial_rotary_factor"]} is not supported (expected 1.0)')
-  needed = {'linear': ('factor',), 'llama3': tuple(ROPE_FIELDS)}.get(rope['rope_type'], ())
-  for key in needed:
-    if key not in rope:
-      refuse(f'{rope_field}.{key}', f'missing for rope scaling {rope["rope_type"]!r}')
-  unbiased = ('attention_bias', 'mlp_bias') if family.model_type == 'llama' else ()
-  for field, implemented in [(f, False) for f in unbiased] + [('hidden_act', 'silu')]:
-    if hf.get(field, implemented) != implemented:
-      refuse(field, f'{hf[field]!r} is not supported (expected {implemented!r})')
-  if hf.get('quantization_config'):
-    refuse('quantization_config', 'quantised weights are not supported')
-  head_dim = hf.get('head_dim')
-  if head_dim is not None and head_dim * hf['num_attention_heads'] != hf['hidden_size']:
-    refuse('head_dim', f'{head_dim} != hidden_size/num_attention_heads = '
-           f'{hf["hidden_size"]}/{hf["num_attention_heads"]}')
-  _sliding_window(hf, refuse)
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -314,72 +96,9 @@ def read_hf_config(hf_dir: str) -> dict:
   return hf
 
 
-def model_fields_from_hf(hf: dict) -> dict[str, Any]:
-  """config.model fields of the model a (checked) HF config describes."""
-  rope, _ = _rope(hf)
-  fields = dict(
-      vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
-      num_heads=hf['num_attention_heads'],
-      num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
-      ffn_dim=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
-      rope_theta=rope['rope_theta'], rope_scaling=ROPE_TYPES[rope['rope_type']],
-      norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-      init_std=float(hf.get('initializer_range', 0.02)),
-      qkv_bias=FAMILIES[hf['model_type']].qkv_bias,
-      sliding_window=_sliding_window(hf, None),
-  )
-  for key, ours in ROPE_FIELDS.items():
-    if key in rope and fields['rope_scaling'] != 'none':
-      fields[ours] = type(config_lib.get_config().model[ours])(rope[key])
-  return fields
-
-
-def export_family(model, preferred: str | None = None) -> Family:
-  """The HF architecture a model exports as: `preferred` (the one it was imported from) when it can express the
-  model, else the first of llama, mistral, qwen2 that can (bias -> qwen2, window -> mistral)."""
-  for name in ([preferred] if preferred in FAMILIES else []) + list(FAMILIES):
-    family = FAMILIES[name]
-    if family.qkv_bias == bool(model.qkv_bias) and (family.has_window or not model.sliding_window):
-      return family
-  raise ConversionError(f'config.model.sliding_window={model.sliding_window} with qkv_bias={model.qkv_bias}: no '
-                        'Hugging Face architecture among ' + ', '.join(FAMILIES) + ' expresses this model')
-
-
-def _hf_rope(model) -> dict:
-  params = dict(rope_type=next(k for k, v in ROPE_TYPES.items() if v == model.rope_scaling),
-                rope_theta=model.rope_theta)
-  if model.rope_scaling == 'linear':
-    params['factor'] = model.rope_scaling_factor
-  elif model.rope_scaling == 'llama3':
-    params.update({key: model[ours] for key, ours in ROPE_FIELDS.items()})
-  return params
-
-
 def hf_config_from_model(model, dtype: str, token_ids: dict[str, int | None], preferred: str | None = None) -> dict:
-  """config.json of a Llama/Mistral/Qwen2ForCausalLM equal to our model (both rope forms, for old and new
-  transformers)."""
-  family = export_family(model, preferred)
-  rope = _hf_rope(model)
-  hf = dict(
-      architectures=[family.architecture], model_type=family.model_type, vocab_size=model.vocab_size,
-      hidden_size=model.d_model, intermediate_size=model.ffn_dim, num_hidden_layers=model.num_layers,
-      num_attention_heads=model.num_heads, num_key_value_heads=model.num_kv_heads,
-      head_dim=model.d_model // model.num_heads, hidden_act='silu', max_position_embeddings=model.max_seq_len,
-      rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
-      rope_scaling=({k: v for k, v in rope.items() if k != 'rope_theta'} if model.rope_scaling != 'none' else None),
-      rope_parameters=rope, attention_dropout=0.0, tie_word_embeddings=model.tie_embeddings,
-      initializer_range=model.init_std, use_cache=True, torch_dtype=dtype, dtype=dtype, **token_ids)
-  window = model.sliding_window or None
-  if family.model_type == 'llama':
-    hf.update(attention_bias=False, mlp_bias=False)
-  elif family.model_type == 'mistral':
-    hf.update(sliding_window=window)
-  else:
-    hf.update(use_sliding_window=bool(window), sliding_window=window,
-              max_window_layers=0 if window else model.num_layers,
-              layer_types=['sliding_attention' if window else 'full_attention'] * model.num_layers)
-  return hf
+  """config.json of the HF model (llm_jax.families.export_family) equal to our config.model."""
+  return export_family(model, preferred).hf_config(model, dtype, token_ids)
 
 
 # ------------------------------------------------------------------------------------------ safetensors I/O
@@ -541,11 +260,12 @@ def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str =
   except config_lib.ConfigError as e:
     raise ConversionError(f'{hf_dir}/config.json describes a model llm_jax cannot build: {e}') from e
 
+  family = FAMILIES[hf['model_type']]
   abstract = _abstract_params(config)
-  slots = plan(config.model)
-  _check_plan_covers(abstract, slots)
+  slots = plan(family.tensors, config.model)
+  check_plan_covers(abstract, slots)
   with HFWeights(hf_dir) as weights:
-    _check_tensors(weights, slots, abstract, hf_dir, FAMILIES[hf['model_type']].architecture)
+    _check_tensors(weights, slots, abstract, hf_dir, family.architecture)
     params = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), abstract)  # the only full copy
     for slot in slots:
       target = slot.view(params)
@@ -643,9 +363,11 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
       return to_hf(workdir, local, hf_dtype=hf_dtype, max_shard_bytes=max_shard_bytes)
   abstract = _abstract_params(config)  # with lora_a/lora_b leaves when config.lora.rank > 0
   base_abstract = lora.split(abstract)[0] if config.lora.rank else abstract
-  slots = plan(config.model)
-  _check_plan_covers(base_abstract, slots)
   params, meta = checkpoint.load_params(workdir, abstract)
+  imported_as = (meta.get('hf_config') or {}).get('model_type')
+  family = export_family(config.model, imported_as)
+  slots = plan(family.tensors, config.model)
+  check_plan_covers(base_abstract, slots)
   if config.lora.rank:  # W + A@B * alpha/rank: the same function as base + adapters, as plain LLaMA weights
     params = lora.merge(params, config.lora.alpha, config.lora.rank)
   abstract = base_abstract
@@ -675,8 +397,7 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
                                  dict(metadata=dict(total_size=total), weight_map=weight_map))
     written.append(INDEX_FILE)
   tokenizer = _workdir_tokenizer(workdir)
-  hf_config = hf_config_from_model(config.model, hf_dtype, _token_ids(tokenizer, meta),
-                                   (meta.get('hf_config') or {}).get('model_type'))
+  hf_config = family.hf_config(config.model, hf_dtype, _token_ids(tokenizer, meta))
   storage.write_json(os.path.join(hf_dir, 'config.json'), hf_config)
   written.append('config.json')
   if tokenizer is not None:

@@ -243,24 +243,53 @@ def _attention_kernel(inst: _Instruction) -> str | None:
   return None
 
 
-def _trip_count(inst: _Instruction, computations: dict) -> int | None:
-  """Iterations of a while loop: XLA's known_trip_count where it recorded one (GPU, CPU), else read off a
-  condition of the form `counter < constant` (how a scan's loop looks on TPU, the counter starting at 0)."""
+def _constant(name: str, instructions: dict) -> int | None:
+  """The integer value of a scalar constant (through copies), or None."""
+  inst = instructions.get(name)
+  while inst is not None and inst.opcode == 'copy':
+    inst = instructions.get(inst.operands[0])
+  if inst is None or inst.opcode != 'constant' or not inst.operands[0].lstrip('-').isdigit():
+    return None
+  return int(inst.operands[0])
+
+
+def _trip_count(inst: _Instruction, computations: dict, instructions: dict) -> int | None:
+  """Iterations of a while loop: XLA's known_trip_count where it recorded one (GPU, CPU), else read off a loop of
+  the form `for (i = init; i < limit; i += step)` (how scans and SPMD's windowed einsums look on TPU; the
+  windowed ones step by 2)."""
   known = _TRIP_COUNT.search(inst.attributes)
   if known:
     return int(known.group(1))
-  for condition in _called(inst.attributes, 'condition'):
-    body = computations.get(condition, [])
-    constants = {i.name: i.operands[0] for i in body if i.opcode == 'constant'}
-    root = body[-1] if body else None
-    if root is not None and root.opcode == 'compare' and 'direction=LT' in root.attributes and \
-        len(root.operands) == 2 and root.operands[1] in constants and constants[root.operands[1]].isdigit():
-      return int(constants[root.operands[1]])
-  return None
+  conditions, bodies = _called(inst.attributes, 'condition'), _called(inst.attributes, 'body')
+  if not conditions or not bodies or not computations.get(conditions[0]) or not computations.get(bodies[0]):
+    return None
+  root = computations[conditions[0]][-1]
+  if root.opcode != 'compare' or 'direction=LT' not in root.attributes or len(root.operands) != 2:
+    return None
+  counter, limit = instructions.get(root.operands[0]), _constant(root.operands[1], instructions)
+  index = re.search(r'\bindex=(\d+)', counter.attributes) if counter is not None else None
+  if limit is None or counter is None or counter.opcode != 'get-tuple-element' or index is None:
+    return None
+  index = int(index.group(1))
+  body_root = computations[bodies[0]][-1]
+  if body_root.opcode != 'tuple' or index >= len(body_root.operands):
+    return None
+  update = instructions.get(body_root.operands[index])
+  step = None
+  if update is not None and update.opcode == 'add':
+    step = next((v for v in (_constant(o, instructions) for o in update.operands) if v), None)
+  if not step or step < 0:
+    return None
+  start = 0
+  initial = instructions.get(inst.operands[0])
+  if initial is not None and initial.opcode == 'tuple' and index < len(initial.operands):
+    start = _constant(initial.operands[index], instructions) or 0
+  return max(0, -(-(limit - start) // step))
 
 
 def analyze_text(text: str) -> StepStats:
   computations, entry, types = _parse_module(text)
+  instructions = {inst.name: inst for body in computations.values() for inst in body}
   cache: dict[str, StepStats] = {}
 
   def visit(name: str) -> StepStats:
@@ -282,7 +311,7 @@ def analyze_text(text: str) -> StepStats:
         stats.collectives[base] += 1
         stats.collective_bytes[base] += _largest_array_bytes(inst.type)
       if op == 'while':
-        trips = _trip_count(inst, computations)
+        trips = _trip_count(inst, computations, instructions)
         if trips is None:
           stats.unknown_trip_counts += 1
         for body in _called(inst.attributes, 'body'):

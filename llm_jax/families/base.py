@@ -1,0 +1,272 @@
+"""What every Hugging Face model family is made of: its tensor-name map (HF name -> our parameter path and
+layout transform), its config translation both ways, and the checks that refuse what llm_jax does not compute.
+
+A family module (llm_jax/families/<model_type>.py) builds one `Family` from these parts; `families.FAMILIES` lists
+them. The three LLaMA-like families share the tensor layout below (`LLAMA_TENSORS`); a family with other tensors
+(a mixture of experts) gives its own.
+
+Layouts: a torch `nn.Linear` stores [out, in]; our kernels are [in..., out...] with heads split out, e.g. q_proj
+[N*H, D] <-> attn/q/kernel [D, N, H] and o_proj [D, N*H] <-> attn/o/kernel [N, H, D]. With scanned layers every
+per-layer leaf has a leading [L] axis, filled (or read) one layer at a time (`Slot.layer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from llm_jax import config as config_lib
+from llm_jax.errors import UserError
+
+
+class ConversionError(UserError, ValueError):
+  """The checkpoint or workdir cannot be converted; the message names the file, field or tensor."""
+
+
+# ------------------------------------------------------------------------------------------- tensor layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Same:
+  """The tensor has the same layout on both sides (embeddings, norm scales)."""
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape)
+
+  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return x
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+  """torch nn.Linear weight [out, in] <-> our kernel [*in_shape, *out_shape], whose first `in_dims` axes are inputs."""
+  in_dims: int = 1
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (math.prod(shape[self.in_dims:]), math.prod(shape[:self.in_dims]))
+
+  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return x.T.reshape(shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x.reshape(math.prod(x.shape[:self.in_dims]), -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+  """A bias [out] <-> ours [*out_shape] (q/k/v biases [N*H] <-> [N,H])."""
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (math.prod(shape),)
+
+  def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return x.reshape(shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  hf: str  # HF name; per-layer names have '{i}' for the layer index
+  ours: tuple[str, ...]  # path in our params tree (per-layer: below the layer's subtree)
+  transform: Same | Linear | Flat
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """A family's tensors: outside the layers, in every layer, and the q/k/v biases when config.model.qkv_bias."""
+  model: tuple[Tensor, ...]
+  layer: tuple[Tensor, ...]
+  qkv_bias: tuple[Tensor, ...] = ()
+
+
+LLAMA_TENSORS = TensorMap(
+    model=(
+        Tensor('model.embed_tokens.weight', ('embed', 'embedding'), Same()),  # [V,D] = [V,D]
+        Tensor('model.norm.weight', ('final_norm', 'scale'), Same()),  # [D]
+        Tensor('lm_head.weight', ('lm_head', 'kernel'), Linear()),  # [V,D] -> [D,V]; absent when tied
+    ),
+    layer=(
+        Tensor('model.layers.{i}.input_layernorm.weight', ('attn_norm', 'scale'), Same()),  # [D]
+        Tensor('model.layers.{i}.self_attn.q_proj.weight', ('attn', 'q', 'kernel'), Linear()),  # [N*H,D] -> [D,N,H]
+        Tensor('model.layers.{i}.self_attn.k_proj.weight', ('attn', 'k', 'kernel'), Linear()),  # [K*H,D] -> [D,K,H]
+        Tensor('model.layers.{i}.self_attn.v_proj.weight', ('attn', 'v', 'kernel'), Linear()),  # [K*H,D] -> [D,K,H]
+        Tensor('model.layers.{i}.self_attn.o_proj.weight', ('attn', 'o', 'kernel'), Linear(in_dims=2)),  # [D,N*H]->[N,H,D]
+        Tensor('model.layers.{i}.post_attention_layernorm.weight', ('mlp_norm', 'scale'), Same()),  # [D]
+        Tensor('model.layers.{i}.mlp.gate_proj.weight', ('mlp', 'gate', 'kernel'), Linear()),  # [F,D] -> [D,F]
+        Tensor('model.layers.{i}.mlp.up_proj.weight', ('mlp', 'up', 'kernel'), Linear()),  # [F,D] -> [D,F]
+        Tensor('model.layers.{i}.mlp.down_proj.weight', ('mlp', 'down', 'kernel'), Linear()),  # [D,F] -> [F,D]
+    ),
+    qkv_bias=(
+        Tensor('model.layers.{i}.self_attn.q_proj.bias', ('attn', 'q', 'bias'), Flat()),  # [N*H] -> [N,H]
+        Tensor('model.layers.{i}.self_attn.k_proj.bias', ('attn', 'k', 'bias'), Flat()),  # [K*H] -> [K,H]
+        Tensor('model.layers.{i}.self_attn.v_proj.bias', ('attn', 'v', 'bias'), Flat()),  # [K*H] -> [K,H]
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One HF tensor and where it lives in our params: `path`, and for scanned layers the index on axis 0."""
+  hf: str
+  path: tuple[str, ...]
+  layer: int | None
+  transform: Same | Linear | Flat
+
+  def view(self, params) -> Any:
+    leaf = _get(params, self.path)
+    return leaf if self.layer is None else leaf[self.layer]
+
+  def shape(self, abstract) -> tuple[int, ...]:
+    shape = tuple(_get(abstract, self.path).shape)
+    return shape if self.layer is None else shape[1:]
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def plan(tensors: TensorMap, model_config) -> list[Slot]:
+  """Every tensor of a model with this config.model, in HF checkpoint order."""
+  slots = [Slot(t.hf, t.ours, None, t.transform) for t in tensors.model
+           if not (model_config.tie_embeddings and t.ours[0] == 'lm_head')]
+  layer_tensors = tensors.layer + (tensors.qkv_bias if model_config.qkv_bias else ())
+  for i in range(model_config.num_layers):
+    for t in layer_tensors:
+      if model_config.scan_layers:
+        slots.append(Slot(t.hf.format(i=i), ('layers',) + t.ours, i, t.transform))
+      else:
+        slots.append(Slot(t.hf.format(i=i), (f'layers_{i}',) + t.ours, None, t.transform))
+  return slots
+
+
+def check_plan_covers(abstract, slots: list[Slot]) -> None:
+  """Every parameter of the model is some HF tensor: a parameter added to the model must be added here too."""
+  covered = {s.path for s in slots}
+  for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    path = tuple(k.key for k in key_path)
+    if path not in covered:
+      raise ConversionError(f'parameter {"/".join(path)} has no Hugging Face counterpart')
+
+
+# --------------------------------------------------------------------------------------------------- RoPE
+
+ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3'}  # HF rope_type -> config.model.rope_scaling
+ROPE_FIELDS = {'factor': 'rope_scaling_factor', 'low_freq_factor': 'rope_low_freq_factor',  # HF key -> ours
+               'high_freq_factor': 'rope_high_freq_factor', 'original_max_position_embeddings': 'rope_original_max_len'}
+
+
+def rope_of(hf: dict) -> tuple[dict, str]:
+  """(the RoPE parameters, the config field they came from) from either form: transformers>=5 `rope_parameters`,
+  or the older top-level `rope_theta` + `rope_scaling`. The dict has rope_type ('default' when unscaled),
+  rope_theta and the scaling's own keys."""
+  params = dict(hf.get('rope_scaling') or {})
+  field = 'rope_scaling' if params else 'rope_parameters'
+  if hf.get('rope_parameters'):
+    params.update(hf['rope_parameters'])
+    field = 'rope_parameters'
+  params['rope_type'] = params.get('rope_type') or params.get('type') or 'default'
+  params['rope_theta'] = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  return params, field
+
+
+def hf_rope(model) -> dict:
+  """The rope_parameters of our config.model."""
+  params = dict(rope_type=next(k for k, v in ROPE_TYPES.items() if v == model.rope_scaling),
+                rope_theta=model.rope_theta)
+  if model.rope_scaling == 'linear':
+    params['factor'] = model.rope_scaling_factor
+  elif model.rope_scaling == 'llama3':
+    params.update({key: model[ours] for key, ours in ROPE_FIELDS.items()})
+  return params
+
+
+def check_rope(hf: dict, refuse: Callable) -> None:
+  rope, rope_field = rope_of(hf)
+  if rope['rope_type'] not in ROPE_TYPES:
+    refuse(rope_field, f'rope scaling of type {rope["rope_type"]!r} is not supported (implemented: '
+           f'{", ".join(ROPE_TYPES)})')
+  if rope.get('partial_rotary_factor', 1.0) != 1.0:
+    refuse(f'{rope_field}.partial_rotary_factor', f'{rope["partial_rotary_factor"]} is not supported (expected 1.0)')
+  needed = {'linear': ('factor',), 'llama3': tuple(ROPE_FIELDS)}.get(rope['rope_type'], ())
+  for key in needed:
+    if key not in rope:
+      refuse(f'{rope_field}.{key}', f'missing for rope scaling {rope["rope_type"]!r}')
+
+
+# --------------------------------------------------------------------------------------------------- family
+
+
+def no_window(hf: dict, refuse: Callable) -> int:
+  """A family without a sliding window: 0."""
+  return 0
+
+
+def no_fields(model, window: int | None) -> dict:
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A Hugging Face architecture llm_jax computes exactly, and what it can express.
+
+  window(hf, refuse) -> the sliding window of a (checked) HF config, 0 for none; refuses per-layer windows.
+  export_fields(model, window) -> the family's own config.json fields (its window form, its flags).
+  """
+  model_type: str
+  architecture: str
+  qkv_bias: bool  # its q/k/v projections always have biases (and o, gate, up, down never)
+  has_window: bool  # it can state a sliding window
+  tensors: TensorMap = LLAMA_TENSORS
+  must_be: tuple[tuple[str, Any], ...] = ()  # HF fields that must hold these values (if present), else refused
+  window: Callable[[dict, Callable], int] = no_window
+  export_fields: Callable[[Any, int | None], dict] = no_fields
+
+  def expresses(self, model) -> bool:
+    return self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
+
+  def model_fields(self, hf: dict) -> dict[str, Any]:
+    """config.model fields of the model a (checked) HF config of this family describes."""
+    rope, _ = rope_of(hf)
+    fields = dict(
+        vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
+        num_heads=hf['num_attention_heads'],
+        num_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
+        ffn_dim=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
+        rope_theta=rope['rope_theta'], rope_scaling=ROPE_TYPES[rope['rope_type']],
+        norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+        tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+        init_std=float(hf.get('initializer_range', 0.02)),
+        qkv_bias=self.qkv_bias,
+        sliding_window=self.window(hf, None),
+    )
+    for key, ours in ROPE_FIELDS.items():
+      if key in rope and fields['rope_scaling'] != 'none':
+        fields[ours] = type(config_lib.get_config().model[ours])(rope[key])
+    return fields
+
+  def hf_config(self, model, dtype: str, token_ids: dict[str, int | None]) -> dict:
+    """config.json of this family's ForCausalLM equal to our model (both rope forms, for old and new
+    transformers)."""
+    rope = hf_rope(model)
+    hf = dict(
+        architectures=[self.architecture], model_type=self.model_type, vocab_size=model.vocab_size,
+        hidden_size=model.d_model, intermediate_size=model.ffn_dim, num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_heads, num_key_value_heads=model.num_kv_heads,
+        head_dim=model.d_model // model.num_heads, hidden_act='silu', max_position_embeddings=model.max_seq_len,
+        rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
+        rope_scaling=({k: v for k, v in rope.items() if k != 'rope_theta'} if model.rope_scaling != 'none' else None),
+        rope_parameters=rope, attention_dropout=0.0, tie_word_embeddings=model.tie_embeddings,
+        initializer_range=model.init_std, use_cache=True, torch_dtype=dtype, dtype=dtype, **token_ids)
+    hf.update(self.export_fields(model, model.sliding_window or None))
+    return hf
