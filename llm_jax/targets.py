@@ -137,6 +137,9 @@ def _require_plugin(target: Target) -> None:
 def _devices(target: Target) -> tuple:
   from jax.experimental import topologies
   _require_plugin(target)
+  # Compile-only devices need no chip: do not take libtpu's one-process-per-host lock (another job, a second
+  # test worker, or training on this TPU VM may hold it).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   if target.platform == 'tpu':
     megacore = TPU_GENERATIONS[target.topology.split(':')[0]].cores_per_device == 2
     kwargs = dict(chip_config_name='megacore') if megacore else {}
