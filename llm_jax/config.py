@@ -21,11 +21,14 @@ ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
 REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out', 'minimal_with_context')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 WSD_SHAPES = ('linear', 'cosine', 'sqrt')
-OBJECTIVES = ('clm', 'mlm')
+OBJECTIVES = ('clm', 'mlm', 'dpo')  # = llm_jax.objectives.names() (tested; config imports no objective)
+DPO_LOSS_TYPES = ('sigmoid', 'robust', 'ipo', 'simpo')  # = llm_jax.objectives.preference.LOSS_TYPES (tested)
 DTYPES = ('float32', 'bfloat16', 'float16')
 NONFINITE_POLICIES = ('stop', 'skip')
 WANDB_MODES = ('online', 'offline', 'disabled')
-DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'hf_datasets', 'mixture', 'sft_jsonl')
+DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'hf_datasets', 'mixture', 'sft_jsonl', 'preference_jsonl',
+                'preference_hf', 'preference_stdlib')
+PREFERENCE_SOURCES = ('preference_jsonl', 'preference_hf', 'preference_stdlib')  # the sources of pairs, which objective=dpo trains on
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
@@ -90,15 +93,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.max_segments_per_row = 8  # cuDNN attention: runs of segment ids (documents, padding) per row the packed layout has room for; rows with more fall back to the dense mask at run time; 0 = always the dense mask.
   c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out | minimal_with_context (projections, attention output and its softmax statistics kept; not mlp_out).
   c.model.scan_layers = True  # Stack the blocks with nn.scan (faster compile) instead of unrolling them.
-  c.model.objective = 'clm'  # Training objective: clm (causal LM) | mlm (masked LM, bidirectional attention).
+  c.model.objective = 'clm'  # Training objective: clm (causal LM; SFT on sft_jsonl) | mlm (masked LM, bidirectional attention) | dpo (preference pairs of preference_jsonl / preference_hf: DPO, IPO, SimPO; config.dpo).
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl.
+  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | preference_jsonl (prompt/chosen/rejected JSONL) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
-  c.data.paths = ''  # text_files / sft_jsonl: comma-separated globs, files or folders of .txt, .md or .jsonl files.
+  c.data.paths = ''  # text_files / sft_jsonl / preference_jsonl: comma-separated globs, files or folders of .txt, .md or .jsonl files.
   c.data.text_field = 'text'  # text_files / hf_datasets: the field holding the text in .jsonl records or dataset rows.
   c.data.document_separator = ''  # text_files: regular expression (multiline) between documents inside a .txt/.md file, e.g. '\n\s*\n' or '<\|endoftext\|>'; '' = one file is one document.
   c.data.hf_path = ''  # hf_datasets: first argument of datasets.load_dataset (hub name, local folder, or json/parquet/text), or a save_to_disk folder.
@@ -115,7 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_text_key = 'text'  # tfds: feature holding the text.
   c.data.train_split = 'train'  # Split used for training.
   c.data.eval_split = 'validation'  # Split used for evaluation.
-  c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
+  c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets / preference_jsonl / preference_hf without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
   c.data.tokenizer_path = ''  # Tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory with one; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Kind of a trained tokenizer: bpe | unigram (SentencePiece, tokenizer.model) | byte_bpe (byte-level BPE with Hugging Face tokenizers, tokenizer.json).
   c.data.tokenizer_character_coverage = 'auto'  # bpe / unigram: share of the sample's characters that get pieces of their own (SentencePiece character_coverage), the rest spelled as UTF-8 bytes; a number in (0, 1] as text, e.g. '0.98', or 'auto' = 0.9995 where the vocabulary has room for those characters, else lowered until the most frequent characters fill the vocabulary (large alphabets: Chinese, Japanese, Korean).
@@ -180,6 +183,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.xla = ml_collections.ConfigDict()
   c.xla.options = ''  # XLA compiler options of the train and eval steps, XLA_FLAGS syntax: e.g. '--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false'.
   c.xla.gpu_memory_fraction = 0.0  # Share of GPU memory JAX reserves (XLA_PYTHON_CLIENT_MEM_FRACTION, set by main and the benchmark before the backend starts); 0 = JAX's default 0.75.
+
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1  # model.objective=dpo: the beta of the loss (TRL's): the strength of the pull towards the reference (sigmoid, robust), IPO's regularisation tau, SimPO's reward scale.
+  c.dpo.loss_type = 'sigmoid'  # sigmoid (DPO) | robust (robust DPO) | ipo (IPO, length-normalised) | simpo (SimPO: length-normalised, no reference model); formulas in llm_jax/objectives/preference.py.
+  c.dpo.label_smoothing = 0.0  # Assumed share of flipped preference labels: sigmoid/simpo give conservative DPO (cDPO), robust the unbiased robust-DPO loss (< 0.5); ignored by ipo.
+  c.dpo.simpo_gamma = 0.5  # loss_type=simpo: the target reward margin gamma (TRL's simpo_gamma).
+  c.dpo.max_prompt_length = 0  # A pair whose two sequences exceed data.seq_len + 2 tokens keeps the last this-many prompt tokens first, then cuts both completions (TRL's order); 0 = data.seq_len // 4.
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA rank (0 = no adapters, train all parameters).
@@ -270,6 +280,30 @@ def _check_data_preparation(d) -> None:
     mixture.parse(d.mixture)
 
 
+def _check_dpo(config) -> None:
+  """objective=dpo trains on pairs, and pairs only train dpo; the loss fields must make sense."""
+  m, d, p = config.model, config.data, config.dpo
+  if (m.objective == 'dpo') != (d.source in PREFERENCE_SOURCES):
+    if m.objective == 'dpo':
+      _fail('data.source', f'{d.source!r}: model.objective=dpo trains on preference pairs: use '
+            f'{" or ".join(PREFERENCE_SOURCES)}')
+    _fail('model.objective', f'{m.objective!r}: data.source={d.source} yields preference pairs, which '
+          f'model.objective=dpo trains on')
+  if m.objective != 'dpo':
+    return
+  _choice(config, 'dpo', 'loss_type', DPO_LOSS_TYPES)
+  if p.beta <= 0:
+    _fail('dpo.beta', f'must be positive, got {p.beta}')
+  limit = 0.5 if p.loss_type == 'robust' else 1.0
+  if not 0.0 <= p.label_smoothing < limit:
+    _fail('dpo.label_smoothing', f'must be in [0, {limit}) for loss_type={p.loss_type}, got {p.label_smoothing}')
+  if p.max_prompt_length < 0 or 2 * p.max_prompt_length >= d.seq_len:
+    _fail('dpo.max_prompt_length', f'must be in [0, data.seq_len/2) = [0, {d.seq_len / 2:g}) (0 = seq_len // 4), '
+          f'got {p.max_prompt_length}')
+  if d.source == 'preference_hf' and not d.hf_path:
+    _fail('data.hf_path', 'empty; name the dataset of prompt/chosen/rejected rows')
+
+
 def validate(config, num_devices: int) -> dict[str, int]:
   """Raises ConfigError naming the first inconsistent field; returns the resolved mesh shape."""
   m, d, t = config.model, config.data, config.train
@@ -354,8 +388,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.eval.steps <= 0:
     _fail('eval.steps', f'must be positive, got {config.eval.steps}')
   if config.eval.task_file:
-    if m.objective != 'clm':
-      _fail('eval.task_file', 'generation tasks need a causal model (model.objective=clm)')
+    if m.objective == 'mlm':
+      _fail('eval.task_file', 'generation tasks need a causal model (model.objective=clm or dpo)')
     from llm_jax import storage  # pylint: disable=g-import-not-at-top
     if not storage.exists(config.eval.task_file):
       _fail('eval.task_file', f'{config.eval.task_file}: no such file')
@@ -364,6 +398,7 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if not 0.0 < d.mask_prob < 1.0:
     _fail('data.mask_prob', f'must be in (0, 1), got {d.mask_prob}')
   _check_data_preparation(d)
+  _check_dpo(config)
   if d.sft_truncation not in ('truncate', 'drop', 'error'):
     _fail('data.sft_truncation', f'unknown value {d.sft_truncation!r}; expected one of truncate, drop, error')
   if not 0.0 <= config.xla.gpu_memory_fraction <= 1.0:

@@ -3,6 +3,8 @@
   inputs, targets, segment_ids, positions: int32 [global_batch_size // process_count, seq_len]
   loss_mask: float32, same shape (1 where the target counts in the loss)
 
+plus what a source adds for its objective (preference sources: ref_logps with config.dpo.precompute_ref),
+
 and batch k is a pure function of (config.data.seed, k), so resume is exact and independent of the number of
 processes. Sources are imported lazily: the synthetic source needs no TensorFlow, the text sources do.
 """
@@ -25,6 +27,9 @@ _SOURCES = {
     'hf_datasets': 'llm_jax.data.pipeline',
     'mixture': 'llm_jax.data.mixture',
     'sft_jsonl': 'llm_jax.data.sft',
+    'preference_jsonl': 'llm_jax.data.preference',
+    'preference_hf': 'llm_jax.data.preference',
+    'preference_stdlib': 'llm_jax.data.preference',
 }
 
 Batch = dict[str, np.ndarray]

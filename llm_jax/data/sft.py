@@ -270,7 +270,7 @@ class SFTData:
     first = step * self.global_batch_size + process_index * per_process
     with self._lock:
       picked = [self._row(i) for i in range(first, first + per_process)]
-    return {k: np.stack([rows[k][r] for rows, r in picked]) for k in _BATCH_KEYS}
+    return {k: np.stack([rows[k][r] for rows, r in picked]) for k in picked[0][0]}  # the keys the rows have
 
 
 # --- the source interface (llm_jax.data registry) -----------------------------------------------------------------
