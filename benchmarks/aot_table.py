@@ -59,7 +59,7 @@ def _gib(x: float) -> str:
 
 
 def table(results) -> str:
-  head = ('| preset | target | mesh | attention | per device: arguments + temporaries = peak (GiB) | of (usable) '
+  head = ('| preset | target | mesh | attention | per device (GiB): arguments, temporaries; peak | of (usable) '
           '| fits | compiled / model matmul FLOPs | compile | command |')
   lines = [head, '|' + '---|' * 10]
   for (preset, target, overrides, why), r in results:
@@ -75,8 +75,8 @@ def table(results) -> str:
     mesh = ' x '.join(f'{k} {v}' for k, v in r['mesh'].items() if v > 1) or 'one device'
     ratio = r['compiled_matmul_flops_per_device'] / r['model_matmul_flops_per_device']
     lines.append(
-        f'| {preset} | {target} | {mesh} | {", ".join(r["attention_kernels"])} | {_gib(g["arguments"])} + '
-        f'{_gib(g["temporaries"])} = **{_gib(g["peak_estimate"])}** | {_gib(r["device_memory_gb"])} '
+        f'| {preset} | {target} | {mesh} | {", ".join(r["attention_kernels"])} | {_gib(g["arguments"])}, '
+        f'{_gib(g["temporaries"])}; **{_gib(g["peak_estimate"])}** | {_gib(r["device_memory_gb"])} '
         f'({usable_text}) | {"yes" if r["fits"] else "**no**"} | {ratio:.3f} | {r["seconds"]["compile"]:.0f} s | '
         f'`{cmd}`{note} |')
   return '\n'.join(lines)
