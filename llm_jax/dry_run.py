@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from typing import Any
@@ -91,7 +92,13 @@ def analyze(config, devices=None, target: str | None = None) -> dict[str, Any]:
     t1 = time.perf_counter()
     lowered = trainer.train_step.lower(state, batch)
     t2 = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      return _refused(config, trainer, spec, params, str(e), dict(setup=round(t1 - t0, 2), lower=round(t2 - t1, 2),
+                                                                 compile=round(time.perf_counter() - t2, 2)))
   t3 = time.perf_counter()
 
   mem = compiled.memory_analysis()
@@ -144,6 +151,18 @@ def analyze(config, devices=None, target: str | None = None) -> dict[str, Any]:
   return result
 
 
+def _refused(config, trainer, spec, params, message: str, seconds: dict) -> dict[str, Any]:
+  """The report of a step the target's compiler refused for memory (libtpu does, where a GPU compile goes on
+  with XLA's rematerialisation): fits is False, with the compiler's own figures where its message has them."""
+  line = next((l for l in message.splitlines() if 'RESOURCE_EXHAUSTED' in l), message.splitlines()[0])
+  figures = re.findall(r'\(([0-9.]+)G\)', line)
+  memory = dict(required=float(figures[0]), available=float(figures[1])) if len(figures) >= 2 else {}
+  return dict(target=spec.name if spec else None, device_kind=trainer.mesh.devices.flat[0].device_kind,
+              platform=attention.platform_of(trainer.mesh.devices.flat), num_devices=trainer.mesh.size,
+              mesh=dict(trainer.mesh.shape), params=params, fits=False, refused=line.strip(),
+              memory_per_device_gb=memory, attention_kernels=[], seconds=seconds, config=summary(config))
+
+
 def _fits(config, spec, peak_gb: float) -> dict[str, Any]:
   """Against a target: its memory, the share JAX uses by default, and config.xla.gpu_memory_fraction on GPUs.
   Without one: the peak against a few common devices (95% of their memory)."""
@@ -172,6 +191,16 @@ def summary(config) -> dict[str, Any]:
 def format_report(r: dict[str, Any]) -> str:
   g = r['memory_per_device_gb']
   where = f'target {r["target"]}: ' if r['target'] else ''
+  if r.get('refused'):
+    return '\n'.join([
+        f'dry run: {r["config"]["num_layers"]} layers, d_model {r["config"]["d_model"]}, seq '
+        f'{r["config"]["seq_len"]}, global batch {r["config"]["global_batch_size"]}, mesh {r["mesh"]} on {where}'
+        f'{r["num_devices"]} x {r["device_kind"]} ({r["platform"]})',
+        f'fits {r["target"] or "these devices"}: no: the compiler refused the step for memory'
+        + (f' ({g["required"]:.2f} GiB needed per device, {g["available"]:.2f} available)' if g else ''),
+        f'  {r["refused"]}',
+        'lower the batch, remat more (config.model.remat=full), shard more, or use bfloat16 moments '
+        '(config.train.moments_dtype)'])
   lines = [
       f'dry run: {r["config"]["num_layers"]} layers, d_model {r["config"]["d_model"]}, seq {r["config"]["seq_len"]}, '
       f'global batch {r["config"]["global_batch_size"]}, mesh {r["mesh"]} on {where}{r["num_devices"]} x '

@@ -40,7 +40,7 @@ class TargetError(UserError):
 @dataclasses.dataclass(frozen=True)
 class TpuGeneration:
   topology_prefix: str  # what get_topology_desc calls the generation
-  memory_gib: float  # HBM per chip: v4 32 GiB, v5e 16, v6e 32 (Cloud TPU documentation); v5p 95.73, what libtpu's compiler reports as available when a step does not fit (95 GB in the documentation)
+  memory_gib: float  # HBM per chip that libtpu's compiler reports available when a step does not fit: v5p 95.73 GiB, v5e 15.75 (95 and 16 GB in the documentation); v4 32, v6e 32: the documentation's
   cores_per_device: int  # the name counts TensorCores (v4, v5p: 2 per chip, fused into one megacore device) or chips
   dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
   max_chips: int
@@ -49,7 +49,7 @@ class TpuGeneration:
 TPU_GENERATIONS = {
     'v4': TpuGeneration('v4', 32.0, 2, 3, 2048),
     'v5p': TpuGeneration('v5p', 95.73, 2, 3, 6144),
-    'v5e': TpuGeneration('v5e', 16.0, 1, 2, 256),
+    'v5e': TpuGeneration('v5e', 15.75, 1, 2, 256),
     'v6e': TpuGeneration('v6e', 32.0, 1, 2, 256),
 }
 GPU_NODES = {'h100': 'h100.txtpb', 'h200': 'h200.txtpb', 'a100': 'a100.txtpb'}

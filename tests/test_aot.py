@@ -95,6 +95,15 @@ def test_tiny_with_splash_compiles_for_v5e_8():
                                                                      rel=1e-3)
 
 
+def test_a_step_the_compiler_refuses_is_reported_as_not_fitting():
+  """libtpu refuses a step over its HBM (RESOURCE_EXHAUSTED): the report says fits no, with its figures."""
+  config = _preset('tiny', model__vocab_size=32000, model__max_seq_len=2048, data__seq_len=2048,
+                   data__global_batch_size=512)
+  result, text = _report(config, 'v5e-8')
+  assert result['fits'] is False and 'fits v5e-8: no' in text
+  assert result['memory_per_device_gb']['required'] > result['memory_per_device_gb']['available'] == 15.75
+
+
 @pytest.mark.slow
 def test_7b_shaped_two_layers_pick_splash_on_v5e_8_with_auto():
   config = _preset('7b', model__num_layers=2, model__attention='auto', data__seq_len=512,
