@@ -125,7 +125,7 @@ def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerate
   config.data.source = 'synthetic'  # the benchmark measures the step, not a data pipeline
   window = profiling.ProfileWindow.from_config(config, profile_dir) if profile_dir else None
   if window is None and profiling.parse_steps(config.train.profile_steps):
-    from llm_jax.config import ConfigError
+    from llm_jax.errors import ConfigError
     raise ConfigError('config.train.profile_steps: the benchmark writes the trace to <workdir>/profile: pass --workdir')
   trainer = train.Trainer(config, workdir='', devices=devices)
   step_fn = trainer.train_step

@@ -14,7 +14,7 @@ import math
 import os
 
 import ml_collections
-from llm_jax.errors import UserError
+from llm_jax.errors import ConfigError, UserError  # noqa: F401 (ConfigError: config.ConfigError for callers)
 
 # Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
 ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
@@ -196,10 +196,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.alpha = 16.0  # LoRA scale numerator: adapters are scaled by alpha / rank.
   c.lora.targets = 'q,k,v,o'  # Comma-separated projections that get adapters: q,k,v,o,gate,up,down.
   return c
-
-
-class ConfigError(UserError, ValueError):
-  """A config field has a value that cannot work; the message names the field."""
 
 
 def _fail(field: str, message: str):

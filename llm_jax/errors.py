@@ -1,6 +1,7 @@
 """The one marker class of errors a user can cause (bad config, missing file, malformed line, wrong tokenizer).
 
-Each module keeps its own error class (ConfigError, SourceError, ...), which also derives from UserError; the
+ConfigError (a config field) lives here too; other modules keep their own error classes (SourceError,
+ConversionError, ...), which also derive from UserError; the
 command-line jobs print such an error as one line, `error: <message>`, and keep tracebacks for real bugs.
 """
 
@@ -9,6 +10,12 @@ import contextlib
 
 class UserError(Exception):
   """An error the user can fix; its message names the field, file or line."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field has a value that cannot work; the message names the field. Here, at the bottom of the house,
+  so that every part that validates its own fields (data/, model/, objectives/, ...) raises it without importing
+  config."""
 
 
 @contextlib.contextmanager

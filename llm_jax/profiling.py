@@ -20,7 +20,7 @@ import tempfile
 import jax
 
 from llm_jax import storage
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 
 
 def parse_steps(spec: str) -> tuple[int, int] | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 
 _TRUE, _FALSE = ('true', 'True', '1'), ('false', 'False', '0')
 

@@ -15,7 +15,7 @@ import importlib
 from typing import Iterator
 
 import numpy as np
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 
 # source name -> module implementing `make_iterator(config, split, start_step, process_index, process_count,
 # workdir)` and `prepare(config, workdir)`.

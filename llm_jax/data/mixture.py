@@ -18,7 +18,7 @@ import threading
 import numpy as np
 
 from llm_jax import storage
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data import pipeline
 from llm_jax.data import preparation
 from llm_jax.data import tokenizer as tokenizer_lib

@@ -43,7 +43,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from llm_jax import storage
-from llm_jax.config import ConfigError
+from llm_jax.errors import ConfigError
 from llm_jax.data import sft
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
