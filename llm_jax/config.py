@@ -19,7 +19,8 @@ from llm_jax.errors import ConfigError, UserError  # noqa: F401 (ConfigError: co
 # Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
 ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
 REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out', 'minimal_with_context')
-SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
+SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')  # = llm_jax.optim.DECAYS
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the model's projections (tests/test_house.py)
 WSD_SHAPES = ('linear', 'cosine', 'sqrt')
 OBJECTIVES = ('clm', 'mlm', 'dpo')  # = llm_jax.objectives.names() (tested; config imports no objective)
 DPO_LOSS_TYPES = ('sigmoid', 'robust', 'ipo', 'simpo')  # = llm_jax.objectives.preference.LOSS_TYPES (tested)
@@ -34,9 +35,10 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
-                'scan_layers', 'qkv_bias')
+                'scan_layers', 'qkv_bias', 'qk_norm', 'ffn', 'num_experts', 'expert_ffn_dim', 'shared_expert_ffn_dim')
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
-                   'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window')
+                   'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window', 'experts_per_token',
+                   'router_norm_topk')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')  # = llm_jax.model.layers.ROPE_SCALINGS (config imports no model)
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
@@ -82,6 +84,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_max_len / this are not scaled.
   c.model.rope_original_max_len = 8192  # llama3: context length of the model before scaling.
   c.model.qkv_bias = False  # Biases on the q, k and v projections (Qwen2/2.5); changes the parameter tree.
+  c.model.qk_norm = False  # RMSNorm of the queries and keys over all heads, before RoPE (OLMoE); changes the parameter tree.
+  c.model.ffn = 'dense'  # Feed-forward layer of every block: dense (SwiGLU of ffn_dim) | moe (mixture of SwiGLU experts; llm_jax/model/moe.py).
+  c.model.num_experts = 0  # ffn=moe: routed experts per layer (>= 2).
+  c.model.experts_per_token = 2  # ffn=moe: experts each token is routed to (top-k of the float32 router's softmax).
+  c.model.expert_ffn_dim = 0  # ffn=moe: hidden width of each expert; 0 = ffn_dim.
+  c.model.shared_expert_ffn_dim = 0  # ffn=moe: hidden width of a shared expert every token uses, gated by sigmoid(x . w) (Qwen2-MoE); 0 = none.
+  c.model.router_norm_topk = True  # ffn=moe: renormalise the k chosen routing weights to sum to 1 (Mixtral: always; Qwen2-MoE, OLMoE: their norm_topk_prob).
+  c.model.router_aux_loss_coef = 0.01  # ffn=moe: coefficient of the load-balancing loss E * sum_i f_i P_i (Switch; HF's router_aux_loss_coef), logged as aux/moe_balance; 0 = off.
+  c.model.router_z_loss_coef = 0.0  # ffn=moe: coefficient of the router z-loss, the mean of logsumexp(router logits)^2 (ST-MoE: 1e-3), logged as aux/router_z; 0 = off.
+  c.model.moe_compute = 'ragged'  # ffn=moe: ragged (dropless: tokens sorted by expert, jax.lax.ragged_dot grouped matmuls) | dense (every expert on every token, one-hot combine: the reference).
   c.model.sliding_window = 0  # Sliding-window attention: each token sees itself and the previous sliding_window-1 tokens (Mistral); 0 = the whole context.
   c.model.norm_eps = 1e-5  # Epsilon of RMSNorm.
   c.model.tie_embeddings = False  # Share the token embedding with the output projection.
@@ -190,6 +202,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.label_smoothing = 0.0  # Assumed share of flipped preference labels: sigmoid/simpo give conservative DPO (cDPO), robust the unbiased robust-DPO loss (< 0.5); ignored by ipo.
   c.dpo.simpo_gamma = 0.5  # loss_type=simpo: the target reward margin gamma (TRL's simpo_gamma).
   c.dpo.max_prompt_length = 0  # A pair whose two sequences exceed data.seq_len + 2 tokens keeps the last this-many prompt tokens first, then cuts both completions (TRL's order); 0 = data.seq_len // 4.
+  c.dpo.precompute_ref = False  # Compute the reference's log-probabilities of every pair once, before the first step (no gradient), and store them beside the prepared data (reference_logps/<split>.npz, keyed by the reference and the pairs); the batches carry them, so no reference copy is held and no reference forward runs per step. Ignored by simpo.
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA rank (0 = no adapters, train all parameters).
@@ -330,6 +343,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if not 0 <= m.max_segments_per_row <= m.max_seq_len:
     _fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
   _choice(config, 'model', 'objective', OBJECTIVES)
+  from llm_jax.model import moe  # pylint: disable=g-import-not-at-top (model.ffn and the experts' fields)
+  moe.check_config(config)
   _choice(config, 'data', 'source', DATA_SOURCES)
   _choice(config, 'train', 'schedule', SCHEDULES)
   _choice(config, 'train', 'nonfinite', NONFINITE_POLICIES)
@@ -405,10 +420,9 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.lora.rank < 0:
     _fail('lora.rank', f'must be >= 0, got {config.lora.rank}')
   if config.lora.rank:
-    allowed = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
     for target in filter(None, config.lora.targets.split(',')):
-      if target.strip() not in allowed:
-        _fail('lora.targets', f'unknown projection {target!r}; expected some of {",".join(allowed)}')
+      if target.strip() not in LORA_TARGETS:
+        _fail('lora.targets', f'unknown projection {target!r}; expected some of {",".join(LORA_TARGETS)}')
   return mesh
 
 

@@ -211,8 +211,8 @@ def _shards(specs, max_shard_bytes: int) -> list[list]:
 
 
 def _abstract_params(config):
-  from llm_jax import train  # jobs -> train, never the other way
-  return train.abstract_params(config)
+  from llm_jax import runtime  # the inference layer has it: a conversion needs no optimizer or train step
+  return runtime.abstract_params(config)
 
 
 def _install_tokenizer(source: str, workdir: str):

@@ -49,6 +49,16 @@ def _wsd(train_config) -> optax.Schedule:
   return schedule
 
 
+# config.train.schedule -> the decay after warmup: (peak, decay steps, min_lr_ratio) -> schedule. 'wsd' is a whole
+# schedule of its own (_wsd), listed here so that this table is the one list of schedule names.
+DECAYS = {
+    'cosine': lambda peak, steps, ratio: optax.cosine_decay_schedule(peak, steps, alpha=ratio),
+    'linear': lambda peak, steps, ratio: optax.linear_schedule(peak, peak * ratio, steps),
+    'constant': lambda peak, steps, ratio: optax.constant_schedule(peak),
+    'wsd': None,
+}
+
+
 def make_schedule(train_config) -> optax.Schedule:
   """step (0-based) -> learning rate: linear warmup to the peak, then cosine / linear decay to
   min_lr_ratio * peak, constant, or warmup-stable-decay ('wsd': the peak until the last wsd_decay_fraction of the
@@ -60,13 +70,7 @@ def make_schedule(train_config) -> optax.Schedule:
     wsd = _wsd(train_config)
     return lambda step: wsd(step + 1) if warmup else wsd(step)
   decay_steps = max(1, train_config.steps - warmup)
-  end = peak * train_config.min_lr_ratio
-  if train_config.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train_config.min_lr_ratio)
-  elif train_config.schedule == 'linear':
-    decay = optax.linear_schedule(peak, end, decay_steps)
-  else:
-    decay = optax.constant_schedule(peak)
+  decay = DECAYS[train_config.schedule](peak, decay_steps, train_config.min_lr_ratio)
   schedule = decay if warmup == 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
   return lambda step: schedule(step + 1) if warmup else schedule(step)

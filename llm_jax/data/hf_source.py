@@ -19,7 +19,7 @@ import math
 import os
 from typing import Iterator
 
-from llm_jax.data import sources
+from llm_jax.data.documents import Document, SourceError, Task
 
 TASK_BYTES = 32 << 20  # Arrow bytes of a split per task
 _ROWS_PER_READ = 1_000
@@ -29,7 +29,7 @@ def _datasets():
   try:
     import datasets  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise sources.SourceError('config.data.source=hf_datasets needs the datasets package: '
+    raise SourceError('config.data.source=hf_datasets needs the datasets package: '
                               'pip install "datasets>=3.0,<6" (the llm_jax[data] extra)') from None
   return datasets
 
@@ -53,7 +53,7 @@ def _load(hf_path: str, hf_name: str, hf_data_files: str, streaming: bool) -> di
     # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError, ConnectionError, ...):
     # whatever it is, the user can only fix the fields that name the dataset.
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise sources.SourceError(f'config.data.hf_path={hf_path!r}: cannot load it ({type(e).__name__}: '
+    raise SourceError(f'config.data.hf_path={hf_path!r}: cannot load it ({type(e).__name__}: '
                               f'{first_line[:300]})') from None
   if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
     return {'train': loaded}
@@ -76,7 +76,7 @@ def splits(config) -> list[tuple[str, str]]:
     return [(d.train_split, '')]
   if len(loaded) == 1:
     return [(next(iter(loaded)), '')]
-  raise sources.SourceError(f'config.data.train_split: {d.train_split!r} is not a split of {d.hf_path}; its '
+  raise SourceError(f'config.data.train_split: {d.train_split!r} is not a split of {d.hf_path}; its '
                             f'splits: {", ".join(loaded)}')
 
 
@@ -87,26 +87,26 @@ def has_given_splits(config) -> bool:
 def _check_column(config, dataset, split: str) -> None:
   columns = dataset.column_names
   if columns is not None and config.data.text_field not in columns:
-    raise sources.SourceError(f'config.data.text_field: {config.data.text_field!r} is not a column of '
+    raise SourceError(f'config.data.text_field: {config.data.text_field!r} is not a column of '
                               f'{config.data.hf_path} split {split!r}; columns: {", ".join(columns)}')
 
 
-def tasks(config) -> list[sources.Task]:
+def tasks(config) -> list[Task]:
   datasets = _datasets()
   result = []
   for split, role in splits(config):
     dataset = load(config)[split]
     _check_column(config, dataset, split)
     if isinstance(dataset, datasets.IterableDataset) or config.data.max_docs:
-      result.append(sources.Task('hf', role=role, split=split))
+      result.append(Task('hf', role=role, split=split))
       continue
     num_shards = max(1, min(len(dataset), math.ceil(dataset.data.nbytes / TASK_BYTES)))
-    result += [sources.Task('hf', role=role, split=split, shard=i, num_shards=num_shards,
+    result += [Task('hf', role=role, split=split, shard=i, num_shards=num_shards,
                             size=dataset.data.nbytes // num_shards) for i in range(num_shards)]
   return result
 
 
-def documents(config, task: sources.Task) -> Iterator[sources.Document]:
+def documents(config, task: Task) -> Iterator[Document]:
   """The rows of the task's split (its row range when not streamed) as documents keyed 'split:row'."""
   datasets = _datasets()
   dataset = load(config)[task.split]
@@ -122,9 +122,9 @@ def documents(config, task: sources.Task) -> Iterator[sources.Document]:
     if text is None:
       continue
     if not isinstance(text, str):
-      raise sources.SourceError(f'{config.data.hf_path} split {task.split!r} row {start + offset}: '
+      raise SourceError(f'{config.data.hf_path} split {task.split!r} row {start + offset}: '
                                 f'config.data.text_field {field!r} is a {type(text).__name__}, not text')
-    yield sources.Document(f'{task.split}:{start + offset}', text)
+    yield Document(f'{task.split}:{start + offset}', text)
 
 
 def input_fingerprint(config) -> dict:

@@ -38,7 +38,8 @@ import sysconfig
 import unicodedata
 from typing import Iterator
 from llm_jax.data import cleaning
-from llm_jax.errors import UserError
+from llm_jax.data import hf_source
+from llm_jax.data.documents import Document, SourceError, Task  # noqa: F401 (sources.Document etc. for callers)
 
 ROLES = ('train', 'validation')
 _STDLIB_SKIPPED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__', 'test', 'tests', 'idle_test'})
@@ -46,18 +47,6 @@ _TEXT_SUFFIXES = ('.txt', '.md')
 # C0/C1 control characters except tab and newline (carriage returns are turned into newlines first).
 _CONTROL_CHARS = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
 _LEADING_BLANK_LINES = re.compile(r'\A(?:[ \t]*\n)+')
-
-
-class SourceError(UserError, ValueError):
-  """The configured source cannot be read; the message names the field or file."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-  key: str  # where it comes from: a relative path, 'path:line', or 'split:index'
-  text: str  # decoded, not yet cleaned
-  replaced: int = 0  # bytes that were not UTF-8 and became U+FFFD
-  role: str = ''  # 'train' or 'validation' once the source has assigned it
 
 
 def clean(text: str) -> str:
@@ -272,25 +261,11 @@ def _tfds_documents(config, role: str) -> Iterator[Document]:
 TASK_BYTES = 1 << 20  # input bytes per preparation task of a file source (tasks are the unit of parallelism)
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """A piece of the source that one preparation task reads; the list of tasks does not depend on the number of
-  workers, so neither does the output."""
-  kind: str  # 'files' | 'tfds' | 'hf'
-  files: tuple = ()  # files: (key, path) pairs, in listing order
-  role: str = ''  # tfds / hf: the role of a given split; '' = each document's role by the hash of its key
-  split: str = ''  # hf: the split's name
-  shard: int = 0  # hf: rows [shard, shard+1) * len / num_shards of the split
-  num_shards: int = 1
-  size: int = 0  # input bytes, as far as known before reading (0 = unknown)
-
-
 def has_given_splits(config) -> bool:
   """Whether the source defines its validation split itself (TFDS, a dataset with both splits)."""
   if config.data.source == 'tfds':
     return True
   if config.data.source == 'hf_datasets':
-    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
     return hf_source.has_given_splits(config)
   return False
 
@@ -302,7 +277,6 @@ def document_tasks(config, skipped: collections.Counter | None = None) -> list[T
   if source == 'tfds':
     return [Task('tfds')]  # one task reads both splits: TFDS reads in parallel itself
   if source == 'hf_datasets':
-    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
     return hf_source.tasks(config)
   if source not in ('stdlib', 'text_files'):
     raise SourceError(f'config.data.source: {source!r} has no document reader in sources.py')
@@ -332,7 +306,6 @@ def task_documents(config, task: Task, skipped: collections.Counter) -> Iterator
         yield dataclasses.replace(doc, role=role)
     return
   if task.kind == 'hf':
-    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
     documents = hf_source.documents(config, task)
   else:
     documents = file_documents(config, list(task.files), skipped)
@@ -367,7 +340,6 @@ def input_fingerprint(config) -> dict:
             'data_dir': builder.data_dir, 'splits': [tfds_split_name(config, r) for r in ROLES],
             'text_key': config.data.tfds_text_key}
   if config.data.source == 'hf_datasets':
-    from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
     return hf_source.input_fingerprint(config)
   files = []
   for key, path in file_listing(config):
