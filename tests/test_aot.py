@@ -14,6 +14,7 @@ import sys
 import jax
 import pytest
 
+from llm_jax import config as config_lib
 from llm_jax import dry_run
 from llm_jax import hlo_analysis
 from llm_jax import targets
@@ -23,10 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _preset(name, **overrides):
-  spec = importlib.util.spec_from_file_location(f'preset_{name}', ROOT / 'experiments' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  """experiments/<name>.py on the synthetic source, with section__field=value overrides."""
+  config = config_lib.load_experiment(name)
   config.data.source = 'synthetic'
   for dotted, value in overrides.items():
     section, field = dotted.split('__')
