@@ -108,10 +108,12 @@ class Runtime:
   config: Any
   workdir: str
   devices: list | None = None
+  validated: bool = False  # the caller already ran config.validate for these devices (train_and_evaluate does)
 
   def __post_init__(self):
     devices = list(self.devices if self.devices is not None else jax.devices())
-    config_lib.validate(self.config, len(devices))
+    if not self.validated:
+      config_lib.validate(self.config, len(devices))
     self.mesh = sharding.make_mesh(self.config, devices)
     self.rules = sharding.rules_of(self.config)
     # Kernels are chosen for the mesh's devices, which an ahead-of-time compile takes from a target, not the host.
