@@ -7,7 +7,8 @@ FLOPs convention (the one MaxText, PaLM and the peer benchmark use): per trained
 
 N_matmul counts every weight that takes part in a matmul: the blocks' projections and the output projection
 (lm_head, or the tied embedding used as one); the input embedding is a gather and is not counted, nor are the
-norm scales. The attention term is QK^T and PV: 2 matmuls * 2 FLOPs * seq * d_model per token and layer in the
+norm scales. A mixture of experts counts its active weights (router, the k experts a token is routed to, the
+shared expert): the FLOPs a token costs, not the parameters the model stores (total_params). The attention term is QK^T and PV: 2 matmuls * 2 FLOPs * seq * d_model per token and layer in the
 forward pass, times 3 for forward + backward, halved when causal. Rematerialised recomputation is NOT counted:
 MFU measures useful work, so remat lowers it honestly.
 """
@@ -53,23 +54,37 @@ def peak_flops_per_device(device_kind: str | None = None) -> float | None:
   return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
+def _ffn_params(m, experts: int) -> int:
+  """One layer's FFN weights with `experts` routed experts counted: the SwiGLU, or the router, the experts and
+  a gated shared expert (ffn=moe)."""
+  if m.get('ffn', 'dense') != 'moe':
+    return 3 * m.d_model * m.ffn_dim
+  shared = 3 * m.d_model * m.shared_expert_ffn_dim + m.d_model if m.shared_expert_ffn_dim else 0  # + its gate
+  return m.d_model * m.num_experts + experts * 3 * m.d_model * (m.expert_ffn_dim or m.ffn_dim) + shared
+
+
 def matmul_params(model_config) -> int:
-  """Weights used in matmuls (see the module docstring), from the config alone."""
+  """Weights used in matmuls (see the module docstring), from the config alone. A mixture of experts counts the
+  weights each token multiplies: the router, its experts_per_token experts and the shared expert."""
   m = model_config
   head_dim = m.d_model // m.num_heads
   attention = m.d_model * head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o; k, v
-  mlp = 3 * m.d_model * m.ffn_dim
+  mlp = _ffn_params(m, m.get('experts_per_token', 0))
   return m.num_layers * (attention + mlp) + m.vocab_size * m.d_model  # + output projection
 
 
 def total_params(model_config) -> int:
-  """All parameters: matmul weights, the input embedding (unless tied), the norm scales and q/k/v biases."""
+  """All parameters: matmul weights (every expert), the input embedding (unless tied), the norm scales, q/k/v
+  biases and q/k norms."""
   m = model_config
   embedding = 0 if m.tie_embeddings else m.vocab_size * m.d_model
   norms = (2 * m.num_layers + 1) * m.d_model
   head_dim = m.d_model // m.num_heads
   biases = m.num_layers * (m.num_heads + 2 * m.num_kv_heads) * head_dim if m.qkv_bias else 0
-  return matmul_params(m) + embedding + norms + biases
+  qk_norms = m.num_layers * (m.num_heads + m.num_kv_heads) * head_dim if m.get('qk_norm', False) else 0
+  idle_experts = m.num_layers * (_ffn_params(m, m.num_experts) - _ffn_params(m, m.experts_per_token)) \
+      if m.get('ffn', 'dense') == 'moe' else 0
+  return matmul_params(m) + embedding + norms + biases + qk_norms + idle_experts
 
 
 def flops_per_token(model_config, seq_len: int) -> float:

@@ -82,10 +82,13 @@ class Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class TensorMap:
-  """A family's tensors: outside the layers, in every layer, and the q/k/v biases when config.model.qkv_bias."""
+  """A family's tensors: outside the layers, in every layer, the q/k/v biases when config.model.qkv_bias, and
+  per expert (a mixture of experts: HF names with '{j}' for the expert, our leaf [E,...] filled one expert at a
+  time, `Slot.expert`)."""
   model: tuple[Tensor, ...]
   layer: tuple[Tensor, ...]
   qkv_bias: tuple[Tensor, ...] = ()
+  experts: tuple[Tensor, ...] = ()
 
 
 LLAMA_TENSORS = TensorMap(
@@ -113,21 +116,51 @@ LLAMA_TENSORS = TensorMap(
 )
 
 
+ATTENTION_TENSORS = tuple(t for t in LLAMA_TENSORS.layer if t.ours[0] != 'mlp')  # norms and attention
+
+
+def moe_tensors(block: str, experts: dict[str, str], extra: tuple[Tensor, ...] = ()) -> TensorMap:
+  """A mixture of experts' map: LLaMA's attention and norms, the router `{block}.gate` [E,D] -> mlp/router [D,E],
+  per expert `{block}.experts.{j}.<name>` [F,D] or [D,F] -> one [D,F] / [F,D] slice of mlp/<ours> [E,...] for
+  experts = {ours: HF name}, and the family's `extra` tensors (a shared expert, q/k norms)."""
+  prefix = 'model.layers.{i}.' + block
+  return dataclasses.replace(
+      LLAMA_TENSORS,
+      layer=ATTENTION_TENSORS + (Tensor(prefix + '.gate.weight', ('mlp', 'router', 'kernel'), Linear()),) + extra,
+      experts=tuple(Tensor(prefix + '.experts.{j}.' + hf + '.weight', ('mlp', ours), Linear())
+                    for ours, hf in experts.items()))
+
+
+def moe_expressed(shared: bool, qk_norm: bool, norm_topk: bool | None = None) -> Callable[[Any], bool]:
+  """expresses_ffn of a mixture-of-experts family: ffn=moe with (or without) a shared expert and q/k norms, and
+  when the family cannot state it, the one router normalisation it uses."""
+  def expresses(model) -> bool:
+    return (model.get('ffn', 'dense') == 'moe' and bool(model.get('shared_expert_ffn_dim', 0)) == shared
+            and bool(model.get('qk_norm', False)) == qk_norm
+            and (norm_topk is None or bool(model.get('router_norm_topk', True)) == norm_topk))
+  return expresses
+
+
 @dataclasses.dataclass(frozen=True)
 class Slot:
-  """One HF tensor and where it lives in our params: `path`, and for scanned layers the index on axis 0."""
+  """One HF tensor and where it lives in our params: `path`, for scanned layers the index on axis 0, and for a
+  per-expert tensor the expert's index on the next axis."""
   hf: str
   path: tuple[str, ...]
   layer: int | None
   transform: Same | Linear | Flat
+  expert: int | None = None
+
+  def _index(self) -> tuple[int, ...]:
+    return tuple(i for i in (self.layer, self.expert) if i is not None)
 
   def view(self, params) -> Any:
     leaf = _get(params, self.path)
-    return leaf if self.layer is None else leaf[self.layer]
+    index = self._index()
+    return leaf[index] if index else leaf
 
   def shape(self, abstract) -> tuple[int, ...]:
-    shape = tuple(_get(abstract, self.path).shape)
-    return shape if self.layer is None else shape[1:]
+    return tuple(_get(abstract, self.path).shape)[len(self._index()):]
 
 
 def _get(tree, path):
@@ -142,11 +175,12 @@ def plan(tensors: TensorMap, model_config) -> list[Slot]:
            if not (model_config.tie_embeddings and t.ours[0] == 'lm_head')]
   layer_tensors = tensors.layer + (tensors.qkv_bias if model_config.qkv_bias else ())
   for i in range(model_config.num_layers):
+    prefix, layer = (('layers',), i) if model_config.scan_layers else ((f'layers_{i}',), None)
     for t in layer_tensors:
-      if model_config.scan_layers:
-        slots.append(Slot(t.hf.format(i=i), ('layers',) + t.ours, i, t.transform))
-      else:
-        slots.append(Slot(t.hf.format(i=i), (f'layers_{i}',) + t.ours, None, t.transform))
+      slots.append(Slot(t.hf.format(i=i), prefix + t.ours, layer, t.transform))
+    for j in range(model_config.num_experts if tensors.experts else 0):
+      for t in tensors.experts:
+        slots.append(Slot(t.hf.format(i=i, j=j), prefix + t.ours, layer, t.transform, expert=j))
   return slots
 
 
@@ -216,6 +250,15 @@ def no_fields(model, window: int | None) -> dict:
   return {}
 
 
+def no_import_fields(hf: dict) -> dict:
+  return {}
+
+
+def dense_only(model) -> bool:
+  """A LLaMA-like family: the dense SwiGLU and plain q/k."""
+  return model.get('ffn', 'dense') == 'dense' and not model.get('qk_norm', False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """A Hugging Face architecture llm_jax computes exactly, and what it can express.
@@ -231,9 +274,12 @@ class Family:
   must_be: tuple[tuple[str, Any], ...] = ()  # HF fields that must hold these values (if present), else refused
   window: Callable[[dict, Callable], int] = no_window
   export_fields: Callable[[Any, int | None], dict] = no_fields
+  import_fields: Callable[[dict], dict] = no_import_fields  # its own config.model fields (the experts)
+  expresses_ffn: Callable[[Any], bool] = dense_only  # whether its FFN and attention extras are the model's
 
   def expresses(self, model) -> bool:
-    return self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
+    return (self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
+            and self.expresses_ffn(model))
 
   def model_fields(self, hf: dict) -> dict[str, Any]:
     """config.model fields of the model a (checked) HF config of this family describes."""
@@ -253,6 +299,7 @@ class Family:
     for key, ours in ROPE_FIELDS.items():
       if key in rope and fields['rope_scaling'] != 'none':
         fields[ours] = type(config_lib.get_config().model[ours])(rope[key])
+    fields.update(self.import_fields(hf))
     return fields
 
   def hf_config(self, model, dtype: str, token_ids: dict[str, int | None]) -> dict:

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.model.layers import Projection, Rope, apply_rope
+from llm_jax.model.layers import Projection, RMSNorm, Rope, apply_rope
 from llm_jax.model.partitioning import active, constrain
 
 
@@ -384,6 +384,8 @@ class SelfAttention(nn.Module):
   lora_alpha: float = 16.0
   qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
   window: int = 0  # sliding window in tokens (0 = attend to the whole causal context)
+  qk_norm: bool = False  # RMSNorm of q and k over all their heads at once, before RoPE (OLMoE)
+  norm_eps: float = 1e-5  # qk_norm's epsilon
   platform: str = ''  # platform the step compiles for ('tpu', 'gpu', 'cpu'; '' = the default backend)
 
   def _proj(self, name, features, axes, in_dims=1):
@@ -400,6 +402,8 @@ class SelfAttention(nn.Module):
     q = self._proj('q', (n, head_dim), ('embed', 'heads', 'head_dim'))(x)  # [B,T,N,H]
     k = self._proj('k', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)  # [B,T,K,H]
     v = self._proj('v', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)
+    if self.qk_norm:
+      q, k = self._norm_heads(q, 'q_norm'), self._norm_heads(k, 'k_norm')
     q = constrain(apply_rope(q, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_heads', None))
     k = constrain(apply_rope(k, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_kv_heads', None))
     v = constrain(v, ('act_batch', 'act_seq', 'act_kv_heads', None))
@@ -419,6 +423,11 @@ class SelfAttention(nn.Module):
       out = KERNELS[kernel](q, k, v, mask_info)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
+
+  def _norm_heads(self, x, name):
+    """RMSNorm over the flattened [N*H] of x [B,T,N,H] (one scale per head and channel), as OLMoE's q_norm."""
+    flat = x.reshape(x.shape[:2] + (-1,))
+    return RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name=name)(flat).reshape(x.shape)
 
   def _update_cache(self, k, v, segment_ids):
     """Writes this call's keys/values [B,T,K,H] at the cache index and returns the whole cache.

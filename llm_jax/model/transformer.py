@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.model.attention import SelfAttention
-from llm_jax.model.layers import RMSNorm, Rope, SwiGLU
+from llm_jax.model.layers import RMSNorm, Rope
+from llm_jax.model.moe import AUX_COLLECTION, FFN_KINDS, LOAD_COLLECTION
 from llm_jax.model.partitioning import constrain
 
 # Names tagged with checkpoint_name in the blocks.
@@ -65,6 +66,16 @@ class TransformerConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   qkv_bias: bool = False
+  qk_norm: bool = False
+  ffn: str = 'dense'
+  num_experts: int = 0
+  experts_per_token: int = 2
+  expert_ffn_dim: int = 0
+  shared_expert_ffn_dim: int = 0
+  router_norm_topk: bool = True
+  router_aux_loss_coef: float = 0.0
+  router_z_loss_coef: float = 0.0
+  moe_compute: str = 'ragged'
   sliding_window: int = 0
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
@@ -105,7 +116,7 @@ class TransformerConfig:
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)), the FFN of model.ffn (moe.FFN_KINDS)."""
   cfg: TransformerConfig
   decode: bool = False
 
@@ -119,10 +130,11 @@ class Block(nn.Module):
     x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope, kernel=cfg.attention,
                           causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
-                          window=cfg.sliding_window, platform=cfg.platform, name='attn',
+                          window=cfg.sliding_window, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                          platform=cfg.platform, name='attn',
                           **lora)(h, segment_ids, positions, self.decode)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
-    x = x + SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, name='mlp', **lora)(h)
+    x = x + FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
     return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
 
 
@@ -169,7 +181,9 @@ class Transformer(nn.Module):
       block_cls = ScannedBlock
       if remat:
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
-      stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
+      # the sown collections (auxiliary losses, expert load) stack per layer like the parameters
+      stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0, AUX_COLLECTION: 0, LOAD_COLLECTION: 0},
+                      split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(cfg, self.decode, name='layers')(x, segment_ids, positions)

@@ -1,0 +1,220 @@
+"""The feed-forward layer of a block, chosen by config.model.ffn: the dense SwiGLU, or a mixture of experts.
+
+    FFN_KINDS      ffn name -> builder of the block's FFN (the choices of config.model.ffn)
+    EXPERT_COMPUTE moe_compute name -> how the chosen experts are evaluated (config.model.moe_compute)
+
+A mixture of experts (`MoE`): a float32 router picks `experts_per_token` of `num_experts` SwiGLU experts per
+token; the output is the routing-weighted sum of their outputs, plus an optional shared expert that every token
+uses, gated by sigmoid(x . w) (Qwen2-MoE). Router semantics, all computed in float32 (as transformers does):
+
+    probs = softmax(x . W_router)              over all experts
+    weights, experts = top_k(probs, k)
+    weights /= sum(weights)                    when router_norm_topk (Mixtral always; Qwen2-MoE and OLMoE: the HF
+                                               config's norm_topk_prob)
+
+Compute is dropless: every (token, expert) assignment is evaluated, none is dropped for capacity.
+  ragged  the N*k assignments sorted by expert, each expert's run multiplied by its weights with
+          `jax.lax.ragged_dot` (grouped matmuls): k/E of the dense work.
+  dense   the reference: every expert on every token (einsums), combined with a one-hot [N,E] weight matrix.
+          E/k times the work; the tests compare ragged against it.
+
+Auxiliary losses go out through the objectives' door (`sow('aux_loss', ...)`, llm_jax.objectives.base), each a
+sum over the batch's real tokens (segment id > 0) so that the step's division by its token count makes it a mean,
+and divided by num_layers so the terms of all layers add up to their mean over layers:
+
+    moe_balance  router_aux_loss_coef * E * sum_i f_i * P_i   (Switch Transformer eq. 4-6, HF's normalisation:
+                 f_i = top-k assignments to expert i per token (sums to k), P_i = mean router probability of i;
+                 perfectly balanced routing gives k). HF pools f and P over layers before the product; we take
+                 the product per layer, then the mean over layers (the Switch form).
+    router_z     router_z_loss_coef * mean over tokens of logsumexp(router logits)^2 (ST-MoE).
+
+The per-layer expert load (f_i / k, the share of assignments each expert gets) is sown to the 'moe_load'
+collection, read by `expert_load` (nothing is stored when that collection is not mutable).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llm_jax.errors import ConfigError
+from llm_jax.model.layers import Projection, SwiGLU
+from llm_jax.model.partitioning import constrain
+
+AUX_COLLECTION = 'aux_loss'  # = llm_jax.objectives.base.AUX_COLLECTION (model/ imports no objectives; tested)
+LOAD_COLLECTION = 'moe_load'
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+
+def route(logits: jax.Array, k: int, norm_topk: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """float32 router logits [N,E] -> (weights [N,k], experts [N,k] int32, probs [N,E])."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weights, experts = jax.lax.top_k(probs, k)
+  if norm_topk:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, experts.astype(jnp.int32), probs
+
+
+def balance_terms(logits, probs, experts, real) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(E * sum_i f_i P_i, mean logsumexp^2, load f_i / k [E]) over the real tokens (`real` [N] float32)."""
+  num_experts, k = probs.shape[-1], experts.shape[-1]
+  count = jnp.maximum(jnp.sum(real), 1.0)
+  assigned = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=1)  # [N,E], rows sum to k
+  f = jnp.sum(assigned * real[:, None], axis=0) / count
+  p = jnp.sum(probs * real[:, None], axis=0) / count
+  z = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * real) / count
+  return num_experts * jnp.sum(f * p), z, f / k
+
+
+# ------------------------------------------------------------------------------------- expert computation
+
+
+def ragged_experts(x, experts, weights, gate, up, down):
+  """Dropless grouped matmuls. x [N,D], experts/weights [N,k], gate/up [E,D,F], down [E,F,D] -> [N,D] float32."""
+  n, k = experts.shape
+  flat = experts.reshape(-1)  # [N*k] assignment a = token a // k
+  order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)  # [E] rows of each group
+  xs = x[order // k]  # [N*k, D]
+  h = nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+  ys = jax.lax.ragged_dot(h, down, sizes)  # [N*k, D], sorted
+  ys = ys[jnp.argsort(order)].reshape(n, k, -1)  # back to token order: a gather, no scatter in the gradient
+  # the combine is elementwise (not a dot): FLOPs count weights in matmuls (llm_jax.metrics)
+  return jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1)
+
+
+def dense_experts(x, experts, weights, gate, up, down):
+  """The reference: every expert on every token, combined by a one-hot [N,E] matrix of the routing weights."""
+  combine = jnp.sum(jax.nn.one_hot(experts, gate.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)
+  h = nn.silu(jnp.einsum('ND,EDF->NEF', x, gate)) * jnp.einsum('ND,EDF->NEF', x, up)
+  ys = jnp.einsum('NEF,EFD->NED', h, down)
+  return jnp.sum(ys.astype(jnp.float32) * combine[..., None], axis=1)
+
+
+EXPERT_COMPUTE: dict[str, Callable] = {'ragged': ragged_experts, 'dense': dense_experts}
+
+
+# ----------------------------------------------------------------------------------------------- the layer
+
+
+class MoE(nn.Module):
+  """x [B,T,D] -> [B,T,D]: routed SwiGLU experts (+ a gated shared expert); see the module docstring."""
+  num_experts: int
+  experts_per_token: int
+  expert_ffn_dim: int
+  shared_ffn_dim: int = 0  # 0 = no shared expert
+  norm_topk: bool = True
+  aux_loss_coef: float = 0.0
+  z_loss_coef: float = 0.0
+  compute: str = 'ragged'
+  num_layers: int = 1  # the auxiliary terms are divided by it (their sum over layers is the mean)
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  init_std: float = 0.02
+
+  def _experts_param(self, name, shape, axes):
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes)
+    return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    e, f = self.num_experts, self.expert_ffn_dim
+    flat = x.reshape(b * t, d)
+    # the router in float32: a bfloat16 softmax would reorder near-tied experts
+    logits = Projection((e,), ('embed', 'expert_router'), dtype=jnp.float32, param_dtype=self.param_dtype,
+                        init_std=self.init_std, name='router')(flat)
+    weights, experts, probs = route(logits, self.experts_per_token, self.norm_topk)
+    self._sow_terms(logits, probs, experts, segment_ids.reshape(-1))
+
+    gate = self._experts_param('gate', (e, d, f), ('expert', 'embed', 'expert_mlp'))
+    up = self._experts_param('up', (e, d, f), ('expert', 'embed', 'expert_mlp'))
+    down = self._experts_param('down', (e, f, d), ('expert', 'expert_mlp', 'embed'))
+    y = EXPERT_COMPUTE[self.compute](flat.astype(self.dtype), experts, weights, gate, up, down)
+    if self.shared_ffn_dim:
+      shared = SwiGLU(self.shared_ffn_dim, self.dtype, self.param_dtype, self.init_std, name='shared')(flat)
+      shared_gate = Projection((1,), ('embed', None), dtype=jnp.float32, param_dtype=self.param_dtype,
+                               init_std=self.init_std, name='shared_gate')(flat)
+      y = y + jax.nn.sigmoid(shared_gate) * shared.astype(jnp.float32)
+    y = checkpoint_name(y.astype(self.dtype).reshape(b, t, d), 'mlp_out')
+    return constrain(y, ('act_batch', 'act_seq', 'act_embed'))
+
+  def _sow_terms(self, logits, probs, experts, segment_ids):
+    real = (segment_ids > 0).astype(jnp.float32)
+    balance, z, load = balance_terms(logits, probs, experts, real)
+    tokens = jnp.sum(real)  # a sum over the tokens, as the door expects (the step divides by its count)
+    if self.aux_loss_coef:
+      self.sow(AUX_COLLECTION, 'moe_balance', self.aux_loss_coef * balance * tokens / self.num_layers)
+    if self.z_loss_coef:
+      self.sow(AUX_COLLECTION, 'router_z', self.z_loss_coef * z * tokens / self.num_layers)
+    self.sow(LOAD_COLLECTION, 'load', load)
+
+
+# ------------------------------------------------------------------------------------------- the registry
+
+
+def dense_ffn(cfg, dtype, param_dtype, lora: dict) -> Callable:
+  """The LLaMA SwiGLU (the parameter tree and numbers of every model before MoE)."""
+  mlp = SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, name='mlp', **lora)
+  return lambda h, segment_ids: mlp(h)
+
+
+def moe_ffn(cfg, dtype, param_dtype, lora: dict) -> Callable:
+  del lora  # adapters on experts are refused by check_config
+  return MoE(cfg.num_experts, cfg.experts_per_token, cfg.expert_ffn_dim or cfg.ffn_dim,
+             shared_ffn_dim=cfg.shared_expert_ffn_dim, norm_topk=cfg.router_norm_topk,
+             aux_loss_coef=cfg.router_aux_loss_coef, z_loss_coef=cfg.router_z_loss_coef, compute=cfg.moe_compute,
+             num_layers=cfg.num_layers, dtype=dtype, param_dtype=param_dtype, init_std=cfg.init_std, name='mlp')
+
+
+FFN_KINDS: dict[str, Callable] = {'dense': dense_ffn, 'moe': moe_ffn}
+
+
+def expert_load(model, params, batch: dict) -> jax.Array:
+  """[num_layers, num_experts]: the share of top-k assignments each expert got, per layer, on this batch."""
+  _, state = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                         mutable=[LOAD_COLLECTION])
+  leaves = jax.tree.leaves(state.get(LOAD_COLLECTION, {}))
+  if not leaves:
+    return jnp.zeros((0, 0), jnp.float32)
+  return jnp.concatenate([jnp.reshape(leaf, (-1, leaf.shape[-1])) for leaf in leaves], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def check_config(config) -> None:
+  """The config.model fields of a mixture of experts; ConfigError naming the first bad one."""
+  m = config.model
+
+  def fail(field, message):
+    raise ConfigError(f'config.{field}: {message}')
+
+  if m.ffn not in FFN_KINDS:
+    fail('model.ffn', f'unknown value {m.ffn!r}; expected one of {", ".join(FFN_KINDS)}')
+  if m.moe_compute not in EXPERT_COMPUTE:
+    fail('model.moe_compute', f'unknown value {m.moe_compute!r}; expected one of {", ".join(EXPERT_COMPUTE)}')
+  if m.ffn != 'moe':
+    return
+  if m.num_experts < 2:
+    fail('model.num_experts', f'model.ffn=moe needs at least 2 experts, got {m.num_experts}')
+  if not 1 <= m.experts_per_token <= m.num_experts:
+    fail('model.experts_per_token', f'must be in [1, num_experts={m.num_experts}], got {m.experts_per_token}')
+  for name in ('expert_ffn_dim', 'shared_expert_ffn_dim'):
+    if m[name] < 0:
+      fail(f'model.{name}', f'must be >= 0, got {m[name]}')
+  for name in ('router_aux_loss_coef', 'router_z_loss_coef'):
+    if m[name] < 0:
+      fail(f'model.{name}', f'must be >= 0 (0 = off), got {m[name]}')
+  lora = config.get('lora')
+  if lora is not None and lora.rank:
+    mlp_targets = sorted({t.strip() for t in lora.targets.split(',')} & {'gate', 'up', 'down'})
+    if mlp_targets:
+      fail('lora.targets', f'{",".join(mlp_targets)}: adapters on experts are not implemented; with model.ffn=moe '
+           'use attention targets (q,k,v,o)')

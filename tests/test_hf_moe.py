@@ -1,0 +1,153 @@
+"""Mixtral, Qwen2-MoE and OLMoE against transformers: tiny random models (torch, CPU, float32) converted in and out.
+
+Each family with what sets it apart: Mixtral's renormalised top-2 of 4 experts and a sliding window (8), Qwen2-MoE's
+un-normalised top-2 (norm_topk_prob false), q/k/v biases drawn at random and the sigmoid-gated shared expert,
+OLMoE's q/k RMSNorm over all heads and top-2 of 8 experts. Logits at 40 tokens within 1e-4 (float32), a negative
+control that the family's router normalisation matters, round-trip tensors identical, the export loaded by
+AutoModelForCausalLM, and greedy KV-cache generation token for token against transformers' `generate`.
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+from safetensors.numpy import load_file  # noqa: E402
+
+from llm_jax import checkpoint, config as config_lib, convert, decoding, train  # noqa: E402
+
+torch.set_num_threads(1)
+TOL = 1e-4
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
+            num_experts_per_tok=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+# name -> (config class, model class, overrides, config.model fields the import must set, a negative control)
+CASES = {
+    'mixtral': ('MixtralConfig', 'MixtralForCausalLM', dict(num_local_experts=4, sliding_window=8),
+                dict(ffn='moe', num_experts=4, expert_ffn_dim=48, router_norm_topk=True, sliding_window=8),
+                dict(router_norm_topk=False)),
+    'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM',
+                  dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                       norm_topk_prob=False),
+                  dict(ffn='moe', num_experts=4, expert_ffn_dim=32, shared_expert_ffn_dim=40, router_norm_topk=False,
+                       qkv_bias=True),
+                  dict(router_norm_topk=True)),
+    'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM', dict(num_experts=8, norm_topk_prob=False),
+              dict(ffn='moe', num_experts=8, expert_ffn_dim=48, router_norm_topk=False, qk_norm=True),
+              dict(router_norm_topk=True)),
+}
+
+
+def build(name, directory):
+  config_cls, model_cls, overrides, _, _ = CASES[name]
+  torch.manual_seed(0)
+  model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**BASE, **overrides})).eval()
+  with torch.no_grad():
+    for param_name, param in model.named_parameters():
+      if param_name.endswith('.bias'):
+        param.normal_(0.0, 0.5)
+      elif param_name.endswith('norm.weight'):  # q/k norms at 1 would not show a wrong layout
+        param.uniform_(0.5, 1.5)
+  model.save_pretrained(directory)
+  return model
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      root = tmp_path_factory.mktemp(name)
+      hf_dir, workdir = str(root / 'hf'), str(root / 'work')
+      model = build(name, hf_dir)
+      config = convert.from_hf(hf_dir, workdir, dtype='float32')
+      params, _ = checkpoint.load_params(workdir, train.abstract_params(config))
+      cache[name] = (hf_dir, model, workdir, config, params)
+    return cache[name]
+  return get
+
+
+def tokens(seed=0, shape=(2, 40)):
+  return np.random.default_rng(seed).integers(0, BASE['vocab_size'], shape)
+
+
+def hf_logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.numpy()
+
+
+def our_logits(config, params, ids):
+  return np.asarray(train.create_model(config).apply({'params': params}, jnp.asarray(ids)))
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_logits_match_transformers(imported, name):
+  _, model, workdir, config, params = imported(name)
+  for field, value in CASES[name][3].items():
+    assert config.model[field] == value, field
+  ids = tokens()
+  expected = hf_logits(model, ids)
+  diff = np.max(np.abs(our_logits(config, params, ids) - expected))
+  print(f'{name}: max abs logits difference {diff:.2e}')
+  assert diff <= TOL
+  other = config_lib.load_workdir_config(workdir)
+  other.model.update(CASES[name][4])
+  assert np.max(np.abs(our_logits(other, params, ids) - expected)) > 1e-2, f'{CASES[name][4]} does not matter here'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(CASES))
+def test_round_trip_gives_identical_tensors_and_loads_in_transformers(imported, tmp_path, name):
+  hf_dir, model, workdir, _, _ = imported(name)
+  out = str(tmp_path / 'out')
+  convert.to_hf(workdir, out)
+  source, exported = load_file(os.path.join(hf_dir, 'model.safetensors')), load_file(os.path.join(out, 'model.safetensors'))
+  assert sorted(source) == sorted(exported)
+  for key, value in source.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f)['architectures'] == [model.__class__.__name__]
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = tokens(1)
+  assert np.max(np.abs(hf_logits(reloaded, ids) - hf_logits(model, ids))) <= TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(CASES))
+def test_greedy_generation_matches_transformers(imported, name):
+  """KV-cache decoding from prompts of 13 and 9 tokens (left-padded together) for 16 tokens."""
+  _, model, _, config, params = imported(name)
+  prompts = [tokens(5, (13,)).tolist(), tokens(6, (9,)).tolist()]
+  ours = decoding.generate(train.create_model(config).cfg, params, prompts, 16)
+  for prompt, row in zip(prompts, ours):
+    with torch.no_grad():
+      out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    assert row == out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize('name,edit,field', [
+    ('qwen2_moe', {'decoder_sparse_step': 2}, 'decoder_sparse_step'),
+    ('qwen2_moe', {'mlp_only_layers': [1]}, 'mlp_only_layers'),
+    ('olmoe', {'clip_qkv': 8.0}, 'clip_qkv'),
+])
+def test_unsupported_fields_are_refused_by_name(imported, tmp_path, name, edit, field):
+  with open(os.path.join(imported(name)[0], 'config.json')) as f:
+    hf = json.load(f)
+  hf.update(edit)
+  (tmp_path / 'config.json').write_text(json.dumps(hf))
+  with pytest.raises(convert.ConversionError, match=f'config.json: {field}'):
+    convert.from_hf(str(tmp_path), str(tmp_path / 'work'))
+
+
+def test_dense_families_do_not_express_a_mixture_of_experts(imported):
+  from llm_jax import families
+  config = imported('mixtral')[3]
+  assert families.export_family(config.model).model_type == 'mixtral'
+  config.model.ffn = 'dense'
+  assert families.export_family(config.model).model_type == 'mistral'

@@ -1,0 +1,234 @@
+"""Mixture of experts (llm_jax/model/moe.py): the router and the experts against a per-token numpy loop, the
+dropless ragged_dot path against the dense one-hot reference (outputs and gradients, float32, 1e-5), the
+balance and z losses through the objective's door, the config checks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import config as config_lib
+from llm_jax import objectives
+from llm_jax.model import moe
+from llm_jax.model.transformer import Transformer, TransformerConfig
+
+TOL = 1e-5  # float32: the two paths sum the same products in different orders
+
+
+def _config(**model):
+  c = config_lib.get_config()
+  c.model.update(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48, max_seq_len=32,
+                 dtype='float32', ffn='moe', num_experts=4, experts_per_token=2, expert_ffn_dim=24)
+  c.model.update(**model)
+  c.data.seq_len = 16
+  return c
+
+
+def _batch(seed=1, batch=2, seq=16):
+  tokens = jax.random.randint(jax.random.key(seed), (batch, seq), 0, 64)
+  segments = jnp.ones_like(tokens).at[1, -3:].set(0)  # padding at the end of row 1
+  positions = jnp.broadcast_to(jnp.arange(seq), tokens.shape)
+  return dict(inputs=tokens, targets=jnp.roll(tokens, -1, axis=1), segment_ids=segments, positions=positions,
+              loss_mask=(segments > 0).astype(jnp.float32))
+
+
+def _model(c, **overrides):
+  cfg = dataclasses.replace(TransformerConfig.from_config(c), **overrides)
+  return Transformer(cfg)
+
+
+def _numpy_moe(x, p, k, norm_topk, shared=None):
+  """Token by token, expert by expert: softmax router, top-k, optional renormalisation, SwiGLU experts."""
+  silu = lambda v: v / (1 + np.exp(-v))
+  out = np.zeros_like(x)
+  for n, row in enumerate(x):
+    logits = row @ p['router']['kernel']
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    chosen = np.argsort(-probs)[:k]
+    weights = probs[chosen] / (probs[chosen].sum() if norm_topk else 1.0)
+    for e, w in zip(chosen, weights):
+      out[n] += w * ((silu(row @ p['gate'][e]) * (row @ p['up'][e])) @ p['down'][e])
+    if shared is not None:
+      s = shared
+      gate = 1 / (1 + np.exp(-(row @ p['shared_gate']['kernel'])))
+      out[n] += gate * ((silu(row @ s['gate']['kernel']) * (row @ s['up']['kernel'])) @ s['down']['kernel'])
+  return out
+
+
+@pytest.mark.parametrize('compute', ['ragged', 'dense'])
+@pytest.mark.parametrize('norm_topk,shared', [(True, 0), (False, 16)])
+def test_moe_layer_equals_a_per_token_loop(compute, norm_topk, shared):
+  layer = moe.MoE(num_experts=4, experts_per_token=2, expert_ffn_dim=24, shared_ffn_dim=shared, norm_topk=norm_topk,
+                  compute=compute)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  segments = jnp.ones((2, 8), jnp.int32)
+  params = jax.tree.map(lambda v: v * 20, layer.init(jax.random.key(1), x, segments)['params'])  # sharp routing
+  got = layer.apply({'params': params}, x, segments)
+  p = jax.tree.map(np.asarray, nn_unbox(params))
+  want = _numpy_moe(np.asarray(x).reshape(16, 32), p, 2, norm_topk, p.get('shared'))
+  np.testing.assert_allclose(np.asarray(got).reshape(16, 32), want, rtol=1e-4, atol=TOL * np.abs(want).max())
+
+
+def nn_unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+@pytest.mark.slow
+def test_ragged_equals_dense_reference_loss_and_gradients():
+  c = _config(shared_expert_ffn_dim=16, router_z_loss_coef=1e-3)
+  objective = objectives.make(c)
+  batch = _batch()
+  ragged, dense = _model(c), _model(c, moe_compute='dense')
+  params = nn_unbox(ragged.init(jax.random.key(0), batch['inputs'])['params'])
+
+  def value(model):
+    return jax.jit(jax.value_and_grad(lambda p: objective.loss(model, p, batch).total))(params)
+
+  (loss_r, grad_r), (loss_d, grad_d) = value(ragged), value(dense)
+  np.testing.assert_allclose(loss_r, loss_d, rtol=TOL)
+  for a, b in zip(jax.tree.leaves(grad_r), jax.tree.leaves(grad_d)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=TOL * float(np.abs(b).max()))
+
+
+def test_balance_loss_formula_and_its_balanced_value():
+  c = _config(scan_layers=False)
+  model, batch = _model(c), _batch()
+  params = nn_unbox(model.init(jax.random.key(0), batch['inputs'])['params'])
+  out = objectives.make(c).loss(model, params, batch)
+  tokens = float(jnp.sum(batch['segment_ids'] > 0))
+  # by hand from the routers' own logits: E * sum_i f_i P_i over the real tokens, mean over layers, times coef
+  captured = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                         capture_intermediates=lambda mdl, _: mdl.name == 'router', mutable=['intermediates'])[1]
+  x = [np.asarray(captured['intermediates'][f'layers_{i}']['mlp']['router']['__call__'][0]) for i in range(2)]
+  real = np.asarray(batch['segment_ids']).reshape(-1) > 0
+  terms = []
+  for logits in x:  # [L, N, E]
+    logits = logits[real]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1)[:, :2]
+    f = np.array([(top == e).sum() for e in range(4)]) / len(logits)
+    terms.append(4 * np.sum(f * probs.mean(0)))
+  np.testing.assert_allclose(out.metrics['aux/moe_balance'] / tokens, 0.01 * np.mean(terms), rtol=1e-5)
+  # the door adds it to the differentiated total
+  np.testing.assert_allclose(out.total, out.metrics['loss'] + out.metrics['aux/moe_balance'], rtol=1e-6)
+  # a router that cannot tell experts apart (zero weights: uniform probabilities) gives exactly k
+  r, _, load = moe.balance_terms(jnp.zeros((6, 4)), jnp.full((6, 4), 0.25), jnp.array([[0, 1], [2, 3]] * 3),
+                                 jnp.ones(6))
+  assert float(r) == pytest.approx(2.0) and np.allclose(load, 0.25)
+
+
+@pytest.mark.slow
+def test_scanned_and_unrolled_moe_give_the_same_loss_and_aux_terms():
+  c = _config(router_z_loss_coef=1e-3)
+  batch = _batch()
+  scanned, unrolled = _model(c), _model(c, scan_layers=False)
+  params = nn_unbox(scanned.init(jax.random.key(0), batch['inputs'])['params'])
+  layers = params.pop('layers')
+  unrolled_params = dict(params, **{f'layers_{i}': jax.tree.map(lambda v, i=i: v[i], layers) for i in range(2)})
+  params['layers'] = layers
+  objective = objectives.make(c)
+  a, b = objective.loss(scanned, params, batch), objective.loss(unrolled, unrolled_params, batch)
+  for name in ('loss', 'aux/moe_balance', 'aux/router_z'):
+    np.testing.assert_allclose(a.metrics[name], b.metrics[name], rtol=1e-5)
+  load = moe.expert_load(scanned, params, batch)
+  assert load.shape == (2, 4) and np.allclose(np.sum(load, axis=1), 1.0, atol=1e-6)
+
+
+def test_dense_models_sow_nothing():
+  c = _config(ffn='dense')
+  model, batch = _model(c), _batch()
+  params = nn_unbox(model.init(jax.random.key(0), batch['inputs'])['params'])
+  assert 'router' not in params['layers']['mlp']
+  _, terms = objectives.apply_with_aux(model, params, batch)
+  assert terms == {}
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('ffn', 'sparse', 'config.model.ffn: unknown value'),
+    ('num_experts', 1, 'config.model.num_experts'),
+    ('experts_per_token', 5, 'config.model.experts_per_token'),
+    ('moe_compute', 'fused', 'config.model.moe_compute'),
+    ('router_aux_loss_coef', -1.0, 'config.model.router_aux_loss_coef'),
+])
+def test_config_errors_name_the_field(field, value, message):
+  c = _config(**{field: value})
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c, 1)
+
+
+def test_lora_on_experts_is_refused_but_attention_adapters_work():
+  c = _config()
+  c.lora.rank, c.lora.targets = 4, 'q,gate'
+  with pytest.raises(config_lib.ConfigError, match='config.lora.targets: gate'):
+    config_lib.validate(c, 1)
+  c.lora.targets = 'q,v'
+  config_lib.validate(c, 1)
+  model, batch = _model(c), _batch()
+  params = nn_unbox(model.init(jax.random.key(0), batch['inputs'])['params'])
+  assert 'lora_a' in params['layers']['attn']['q']
+
+
+def test_aux_collection_name_is_the_objectives():
+  assert moe.AUX_COLLECTION == objectives.AUX_COLLECTION
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 * multiply-adds of every dot_general and ragged_dot_general in a jaxpr (scan bodies x length). A ragged dot
+  whose output gains the group axis (the experts' weight gradient) does each group's rows once: / groups."""
+  import math
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in ('dot_general', 'ragged_dot_general'):
+      numbers = eqn.params['ragged_dot_dimension_numbers'].dot_dimension_numbers if name != 'dot_general' else \
+          eqn.params['dimension_numbers']
+      lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+      macs = math.prod(out) * math.prod(lhs[d] for d in numbers[0][0])
+      if name == 'ragged_dot_general' and not eqn.params['ragged_dot_dimension_numbers'].rhs_group_dimensions:
+        macs //= eqn.invars[2].aval.shape[0]
+      total += 2 * macs
+      continue
+    multiplier = eqn.params.get('length', 1) if name == 'scan' else 1
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        if hasattr(sub, 'eqns'):
+          total += multiplier * _dot_flops(sub)
+        elif hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
+          total += multiplier * _dot_flops(sub.jaxpr)
+  return total
+
+
+@pytest.mark.parametrize('shared', [0, 16])
+def test_flops_per_token_counts_the_active_experts(shared):
+  """6 * active matmul weights + attention = the dots of the traced gradient (ragged path: k experts a token).
+  The dense reference runs all E experts: the same formula with E in place of k. The xla kernel computes the whole
+  causal score matrix, which the formula halves (as tests/test_flops.py): 6 * L * D * T more in the count."""
+  from llm_jax import metrics, train
+  c = _config(shared_expert_ffn_dim=shared, attention='xla', num_experts=8, experts_per_token=2)
+  c.model.max_seq_len = c.data.seq_len = 16
+  b, t = 2, 16
+
+  def counted(config):
+    model = train.create_model(config)
+    params = train.abstract_params(config, model)
+    ints = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    batch = dict(inputs=ints, targets=ints, segment_ids=ints, positions=ints,
+                 loss_mask=jax.ShapeDtypeStruct((b, t), jnp.float32))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: train.loss_sum(p, x, model)))(params, batch)
+    return _dot_flops(jaxpr.jaxpr) / (b * t)
+
+  full_attention = 6 * c.model.num_layers * c.model.d_model * t
+  assert counted(c) == metrics.flops_per_token(c.model, t) + full_attention
+  dense = c.copy_and_resolve_references()
+  dense.model.moe_compute = 'dense'
+  every_expert = c.copy_and_resolve_references()
+  every_expert.model.experts_per_token = 8
+  assert counted(dense) == metrics.flops_per_token(every_expert.model, t) + full_attention
+  # stored parameters: every expert, counted from the parameter tree
+  stored = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(train.abstract_params(c)))
+  assert metrics.total_params(c.model) == stored
