@@ -332,6 +332,36 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, reference=reference)
 
 
+def _precompute_reference(trainer: Trainer, state: TrainState) -> None:
+  """config.dpo.precompute_ref: the reference's log-probs of every pair, computed once from the run's starting
+  point (this state's parameters at step 0; on a resume init_from or the fresh initialisation again, and only
+  when the stored ones are missing or keyed to another reference or other pairs) and stored beside the prepared
+  data (llm_jax.data.preference.store_reference); the batches then carry them and the state holds no reference."""
+  from llm_jax.data import preference as preference_data  # pylint: disable=g-import-not-at-top  (dpo runs only)
+  config = trainer.config
+  source = config.train.init_from
+  reference = dict(init_from=storage.absolute(source) if source else None,
+                   step=checkpoint.latest_step(source) if source else None,
+                   seed=None if source else config.train.seed, model=config.model.to_dict())
+  start: list = []
+
+  def forward(rows):
+    if not start:
+      start.append(state.params if int(state.step) == 0 else
+                   _initial_params(trainer) if source else trainer.fresh_state().params)
+    index, count = trainer.data_slice
+    per = rows['inputs'].shape[0] // count  # this process's rows of the global chunk, as `put` expects
+    mine = {k: v[index * per:(index + 1) * per] for k, v in rows.items()}
+    return trainer.token_logprobs(start[0], mine['inputs'], mine['targets'], mine['segment_ids'],
+                                  mine['positions'])[0]
+
+  done = preference_data.store_reference(config, trainer.workdir, reference, forward,
+                                         write=jax.process_index() == 0)
+  _sync_processes('llm_jax_reference_logps')
+  print('reference log-probs (config.dpo.precompute_ref): ' +
+        ', '.join(f'{split} {how}' for split, how in done.items()), flush=True)
+
+
 def _initial_params(trainer: Trainer):
   """The parameters of config.train.init_from's latest intact checkpoint (LoRA: plus fresh zero-B adapters)."""
   config, workdir = trainer.config, trainer.workdir
@@ -382,6 +412,8 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
   preemption = Preemption().install()
   try:
     state = _restore_or_init(trainer, manager)
+    if trainer.objective.reference_kind() == 'precomputed':
+      _precompute_reference(trainer, state)
     # Only now, and only when this run trains: a refused resume, or a run with nothing left to do, leaves the
     # workdir's config.json describing the run that made its checkpoints.
     if is_writer and int(state.step) < config.train.steps:

@@ -29,13 +29,16 @@ pure function of (seed, k) (llm_jax.data.sft.SFTData, whose machinery this reuse
 Splits: a dataset's given eval split, else a held-out share of pairs (config.data.validation_fraction) chosen by
 a stable hash of each pair's key (file:line, or split:row): a pair is never split. `open_split(...,
 with_reference=True)` adds `ref_logps` to the batch (llm_jax.objectives.preference then uses it instead of a
-reference forward), read from <prepared dir>/reference_logps/<split>.npy.
+reference forward), read from <prepared dir>/reference_logps/<split>.npz, which `store_reference` writes in one
+pass before training (make_iterator adds it whenever config.dpo.precompute_ref applies).
 
 Errors a user can cause are `PreferenceDataError`s naming file:line (or dataset row) and the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from typing import Iterator, Sequence
@@ -314,10 +317,38 @@ def load_pairs(config, tokenizer) -> tuple[dict[str, list[Pair]], dict]:
   return _CACHE[key]
 
 
+def uses_stored_reference(config) -> bool:
+  """config.dpo.precompute_ref with a loss that has a reference (simpo has none)."""
+  return config.model.objective == 'dpo' and bool(config.dpo.precompute_ref) and config.dpo.loss_type != 'simpo'
+
+
 def reference_file(config, workdir: str | None, role: str) -> str:
-  """Where precomputed reference log-probs of a split live (config.dpo.precompute_ref)."""
+  """Where precomputed reference log-probs of a split live (config.dpo.precompute_ref): beside the prepared data."""
   directory = config.data.prepared_dir or storage.join(workdir or '.', 'data')
-  return storage.join(directory, 'reference_logps', f'{role}.npy')
+  return storage.join(directory, 'reference_logps', f'{role}.npz')
+
+
+def pairs_key(pairs: Sequence[Pair]) -> str:
+  """sha256 of the pairs' tokens in order (prompt, chosen, rejected each with its length): any change of the
+  records, the tokenizer, seq_len or truncation changes it."""
+  digest = hashlib.sha256()
+  for pair in pairs:
+    for ids in (pair.prompt, pair.chosen, pair.rejected):
+      digest.update(np.int64(ids.size).tobytes())
+      digest.update(np.ascontiguousarray(ids, np.int32).tobytes())
+  return digest.hexdigest()
+
+
+def reference_key(reference: dict) -> str:
+  """sha256 of the reference's description (its checkpoint and step, or seed, and the model fields)."""
+  return hashlib.sha256(json.dumps(reference, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_stored(path: str) -> dict | None:
+  if not storage.exists(path):
+    return None
+  with np.load(io.BytesIO(storage.read_bytes(path))) as stored:
+    return {k: stored[k] for k in stored.files}
 
 
 def attach_reference(pairs: Sequence[Pair], flat: np.ndarray) -> None:
@@ -332,6 +363,50 @@ def attach_reference(pairs: Sequence[Pair], flat: np.ndarray) -> None:
   if offset != flat.size:
     raise PreferenceDataError(f'{flat.size} stored reference log-probs for {offset} targets: the pairs changed '
                               f'since they were computed; delete reference_logps/ to recompute')
+
+
+def store_reference(config, workdir: str | None, reference: dict, forward, write: bool = True) -> dict[str, str]:
+  """config.dpo.precompute_ref: the reference log-probs of every target of each split's pairs, in one pass.
+
+  `reference` describes the reference model (keyed with the pairs' tokens: a stored file of another reference or
+  other pairs is recomputed, never reused); `forward(rows)` maps packed rows [R,T] (R = data.global_batch_size,
+  padding rows at the end of the last chunk) to log p_ref(target) [R,T] without gradient; it is only called when
+  a split must be (re)computed. The pairs are packed in their own order, so the flat array of a split is every
+  pair's chosen then rejected targets (`attach_reference`). Each split is one .npz (log-probs and both keys),
+  written atomically (temporary name, then rename) by the process with `write`. Returns {split: 'computed' |
+  'reused'}.
+  """
+  tokenizer = _tokenizer(config, workdir)
+  pairs_by_role, _ = load_pairs(config, tokenizer)
+  ref_key = reference_key(reference)
+  pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
+  chunk = config.data.global_batch_size
+  done = {}
+  for role, pairs in pairs_by_role.items():
+    path, data_key = reference_file(config, workdir, role), pairs_key(pairs)
+    stored = _read_stored(path)
+    if stored is not None and str(stored['pairs_key']) == data_key and str(stored['reference_key']) == ref_key:
+      done[role] = 'reused'
+      continue
+    rows = pack(pairs, config.data.seq_len, pad_id)
+    count = rows['inputs'].shape[0]
+    parts = []
+    for first in range(0, count, chunk):
+      part = {k: rows[k][first:first + chunk] for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+      real = part['inputs'].shape[0]
+      if real < chunk:  # padding rows (segment 0) fill the last chunk
+        part = {k: np.concatenate([v, np.full((chunk - real,) + v.shape[1:], pad_id if k in ('inputs', 'targets')
+                                              else 0, v.dtype)]) for k, v in part.items()}
+      logps = np.asarray(forward(part), np.float32)[:real]
+      parts.append(logps[part['segment_ids'][:real] > 0])  # row-major: pair by pair, chosen then rejected
+    flat = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+    attach_reference([Pair(p.prompt, p.chosen, p.rejected, p.where, p.truncated) for p in pairs], flat)  # sizes
+    if write:
+      buffer = io.BytesIO()
+      np.savez(buffer, logps=flat, pairs_key=np.asarray(data_key), reference_key=np.asarray(ref_key))
+      storage.write_bytes(path, buffer.getvalue())
+    done[role] = 'computed'
+  return done
 
 
 def _tokenizer(config, workdir):
@@ -353,11 +428,16 @@ def open_split(config, split: str = 'train', workdir: str | None = None, with_re
   role = _role(config, split)
   pairs_by_role, stats = load_pairs(config, tokenizer)
   pairs = [Pair(p.prompt, p.chosen, p.rejected, p.where, p.truncated) for p in pairs_by_role[role]]
-  if with_reference:  # reference log-probs computed once and stored (the pass that writes them is not built yet)
+  if with_reference:  # reference log-probs computed once and stored (store_reference, run by training)
     path = reference_file(config, workdir, role)
-    if not storage.exists(path):
-      raise PreferenceDataError(f'{path}: missing; no reference log-probs were stored for this split')
-    attach_reference(pairs, np.load(path))
+    stored = _read_stored(path)
+    if stored is None:
+      raise PreferenceDataError(f'{path}: missing; config.dpo.precompute_ref reads the reference log-probs that '
+                                f'training computes before its first step')
+    if str(stored['pairs_key']) != pairs_key(pairs_by_role[role]):
+      raise PreferenceDataError(f'{path}: computed for other pairs (the records, tokenizer or data.seq_len '
+                                f'changed); a training run recomputes it')
+    attach_reference(pairs, stored['logps'])
   pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
   return PreferenceData(pairs, config.data.seq_len, config.data.global_batch_size, config.data.seed,
                         _SPLIT_IDS[role], pad_id, stats)
@@ -366,7 +446,7 @@ def open_split(config, split: str = 'train', workdir: str | None = None, with_re
 def make_iterator(config, split: str = 'train', start_step: int = 0, process_index: int = 0,
                   process_count: int = 1, workdir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Batches start_step, start_step+1, ... of `split` (this process's rows), endless. No TensorFlow."""
-  split_data = open_split(config, split, workdir)
+  split_data = open_split(config, split, workdir, with_reference=uses_stored_reference(config))
   step = start_step
   while True:
     yield split_data.batch(step, process_index, process_count)

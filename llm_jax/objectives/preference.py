@@ -21,7 +21,9 @@ higher; logps/chosen and logps/rejected the policy's pi_c and pi_r.
 
 The reference is the policy's starting point: a frozen copy of the initial parameters in the TrainState
 (`reference_kind() == 'copy'`), or, in a LoRA run, the base weights with the adapters off ('lora_base'), read from
-the trained parameters so that no second copy is held.
+the trained parameters so that no second copy is held; with config.dpo.precompute_ref ('precomputed') its
+log-probabilities come with the batch (`ref_logps`, computed once from the starting point by training) and no
+reference is held at all.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class DPO(base.Objective):
   def reference_kind(self):
     if self.config.dpo.loss_type == 'simpo':
       return None
+    if self.config.dpo.precompute_ref:  # the batches carry ref_logps (llm_jax.data.preference.store_reference)
+      return 'precomputed'
     return 'lora_base' if self.config.lora.rank else 'copy'
 
   def _valid(self, batch):
@@ -104,6 +108,9 @@ class DPO(base.Objective):
     kind = self.reference_kind()
     if kind is None:
       return None
+    if kind == 'precomputed':
+      raise ValueError('config.dpo.precompute_ref: the batch has no ref_logps (the preference source adds them '
+                       'from the reference_logps/ that training stores before its first step)')
     if kind == 'lora_base':  # the same weights with the adapters off: a rank-0 model on the base tree
       model = Transformer(dataclasses.replace(model.cfg, lora_rank=0, lora_targets=()), decode=model.decode)
       reference = lora_lib.split(params)[0]
