@@ -109,7 +109,7 @@ def test_7b_shaped_two_layers_pick_splash_on_v5e_8_with_auto():
                    data__global_batch_size=8, mesh__data=1, mesh__fsdp=-1, model__remat='full')
   result, _ = _report(config, 'v5e-8')
   assert result['config']['attention'] == 'auto' and result['attention_kernels'] == ['splash']
-  assert result['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
+  assert {axis: size for axis, size in result['mesh'].items() if size > 1} == {'fsdp': 8}
   assert result['collectives']['all-gather']['count'] >= 2 * 7  # FSDP gathers each layer's 7 weight matrices
   # Full remat recomputes the blocks' forward: between 1 and 4/3 of the model's matmuls (the head is not redone).
   assert 1.1 < result['compiled_matmul_flops_per_device'] / result['model_matmul_flops_per_device'] < 1.34
