@@ -1,8 +1,9 @@
 """DPO on the tiny model (experiments/tiny.py) with pairs made from the embedded stdlib corpus: six lines of code
-are the prompt, the next three the chosen completion, the same three with their words shuffled the rejected one
-(config.data.source=preference_stdlib, llm_jax/data/preference.py). The reference is the init_from checkpoint.
+are the prompt, the next three the chosen completion, the same three lightly corrupted the rejected one (in
+the first line two neighbouring words swapped; config.data.source=preference_stdlib, llm_jax/data/preference.py). The
+reference is the init_from checkpoint.
 
-    python -m llm_jax.main --config=experiments/tiny.py --workdir=/tmp/tiny
+    python -m llm_jax.main --config=experiments/tiny.py --workdir=/tmp/tiny --config.train.steps=200
     python -m llm_jax.main --config=experiments/dpo_tiny.py --workdir=/tmp/dpo_tiny --config.train.init_from=/tmp/tiny
 
 The tokenizer is the init_from run's. Validation reward accuracy and margin (eval_rewards/accuracies,
@@ -29,7 +30,7 @@ def get_config():
   c.train.warmup_steps = 10
   c.train.weight_decay = 0.0
   c.train.log_every = 10
-  c.eval.every = 25
+  c.eval.every = 10
   c.eval.steps = 8
   c.checkpoint.every = 150
   return c

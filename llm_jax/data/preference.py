@@ -192,11 +192,23 @@ def _hf_records(config) -> Iterator[tuple[object, str, str]]:
 STDLIB_PROMPT_LINES, STDLIB_COMPLETION_LINES = 6, 3  # a window of code: its head is the prompt, the rest the pair
 
 
+def _swap_adjacent_words(line: str, rng) -> str:
+  """`line` with one pair of neighbouring, different words swapped, among its first five words (so that it
+  survives the truncation of long pairs); the same line when there is none."""
+  words = line.split(' ')
+  spots = [i for i in range(min(len(words) - 1, 4)) if words[i] and words[i + 1] and words[i] != words[i + 1]]
+  if not spots:
+    return line
+  i = spots[int(rng.integers(len(spots)))]
+  words[i], words[i + 1] = words[i + 1], words[i]
+  return ' '.join(words)
+
+
 def _stdlib_records(config) -> Iterator[tuple[object, str, str]]:
   """Pairs made from the embedded corpus (the interpreter's stdlib, as the stdlib text source): in each window
   of nine non-blank lines of a file, the first six are the prompt, the next three the chosen completion, and the
-  same three lines with their words shuffled the rejected one (a seeded shuffle of each window's key)."""
-  import hashlib  # pylint: disable=g-import-not-at-top
+  same three lines lightly corrupted the rejected one: two neighbouring words of the first line that has them
+  swapped (a seeded choice of each window's key), so that the two differ in a few tokens only."""
   size = STDLIB_PROMPT_LINES + STDLIB_COMPLETION_LINES
   made = 0
   for key, path in sources.stdlib_files():
@@ -206,14 +218,18 @@ def _stdlib_records(config) -> Iterator[tuple[object, str, str]]:
     lines = [line for line in data.decode('utf-8', 'replace').splitlines() if line.strip()]
     for start in range(0, len(lines) - size + 1, size):
       window = lines[start:start + size]
-      completion = '\n'.join(window[STDLIB_PROMPT_LINES:])
-      words = completion.split(' ')
       seed = int.from_bytes(hashlib.sha256(f'{key}:{start}'.encode()).digest()[:8], 'big')
-      shuffled = ' '.join(np.random.default_rng(seed).permutation(words))
-      if shuffled == completion:
+      rng = np.random.default_rng(seed)
+      chosen = window[STDLIB_PROMPT_LINES:]
+      rejected = list(chosen)
+      for i, line in enumerate(chosen):  # one swap, in the first line that has two words to swap
+        rejected[i] = _swap_adjacent_words(line, rng)
+        if rejected[i] != line:
+          break
+      else:
         continue
-      yield (dict(prompt='\n'.join(window[:STDLIB_PROMPT_LINES]) + '\n', chosen=completion, rejected=shuffled),
-             f'stdlib/{key}:{start + 1}', '')
+      yield (dict(prompt='\n'.join(window[:STDLIB_PROMPT_LINES]) + '\n', chosen='\n'.join(chosen),
+                  rejected='\n'.join(rejected)), f'stdlib/{key}:{start + 1}', '')
       made += 1
       if config.data.max_docs and made >= config.data.max_docs:
         return
