@@ -30,7 +30,7 @@ WANDB_MODES = ('online', 'offline', 'disabled')
 DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'hf_datasets', 'mixture', 'sft_jsonl', 'preference_jsonl',
                 'preference_hf', 'preference_stdlib')
 PREFERENCE_SOURCES = ('preference_jsonl', 'preference_hf', 'preference_stdlib')  # the sources of pairs, which objective=dpo trains on
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data, expert and fsdp
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
@@ -54,8 +54,11 @@ DEFAULT_RULES = (
     ('layers', None),
     ('norm', None),
     ('lora_rank', None),
+    ('expert', 'expert'),  # experts of a mixture: expert parallelism
+    ('expert_mlp', 'tensor'),
+    ('expert_router', None),
     # activations
-    ('act_batch', ('data', 'fsdp')),
+    ('act_batch', ('data', 'expert', 'fsdp')),
     ('act_seq', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),
@@ -188,6 +191,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel mesh axis size (-1 = all devices the other axes leave).
+  c.mesh.expert = 1  # Expert-parallel axis size: the experts of model.ffn=moe split over it (rule 'expert'); like data, it also splits the batch.
   c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size: parameters and optimizer state sharded over it.
   c.mesh.tensor = 1  # Tensor-parallel axis size: heads, MLP and vocabulary sharded over it.
   c.mesh.rules = DEFAULT_RULES  # Logical-axis rules: (logical name, mesh axis or tuple of axes or None).
@@ -223,7 +227,7 @@ def _choice(config, section: str, name: str, choices):
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """Sizes of ('data', 'fsdp', 'tensor'), with a single -1 replaced by the devices the others leave."""
+  """Sizes of MESH_AXES, with a single -1 replaced by the devices the others leave."""
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
@@ -237,14 +241,14 @@ def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
       _fail(f'mesh.{free[0]}', f'the other axes use {fixed} devices, which does not divide the {num_devices} available')
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    _fail('mesh', f'data*fsdp*tensor = {sizes["data"]}*{sizes["fsdp"]}*{sizes["tensor"]} = {fixed} '
+    _fail('mesh', f'{"*".join(MESH_AXES)} = {"*".join(str(sizes[a]) for a in MESH_AXES)} = {fixed} '
           f'but {num_devices} devices are available')
   return sizes
 
 
 # Logical parameter axis -> the config.model field giving its size.
 _SHARDED_DIMS = {'vocab': 'vocab_size', 'embed': 'd_model', 'mlp': 'ffn_dim', 'heads': 'num_heads',
-                 'kv_heads': 'num_kv_heads'}
+                 'kv_heads': 'num_kv_heads', 'expert': 'num_experts', 'expert_mlp': 'expert_ffn_dim'}
 
 
 def _check_sharded_dims(config, mesh: dict[str, int]) -> None:
@@ -381,10 +385,10 @@ def validate(config, num_devices: int) -> dict[str, int]:
   if config.checkpoint.keep <= 0:
     _fail('checkpoint.keep', f'must be positive, got {config.checkpoint.keep}')
   mesh = resolve_mesh_shape(config.mesh, num_devices)
-  batch_shards = mesh['data'] * mesh['fsdp']
+  batch_shards = mesh['data'] * mesh['expert'] * mesh['fsdp']
   if d.global_batch_size % (batch_shards * t.grad_accum_steps):
-    _fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*fsdp*grad_accum_steps = '
-          f'{mesh["data"]}*{mesh["fsdp"]}*{t.grad_accum_steps} = {batch_shards * t.grad_accum_steps}')
+    _fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*expert*fsdp*grad_accum_steps = '
+          f'{mesh["data"]}*{mesh["expert"]}*{mesh["fsdp"]}*{t.grad_accum_steps} = {batch_shards * t.grad_accum_steps}')
   known_axes = {rule[0] for rule in config.mesh.rules}
   for rule in config.mesh.rules:
     targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -163,8 +164,8 @@ class Runtime:
 
   @property
   def row_multiple(self) -> int:
-    """Rows of a scoring batch must be a multiple of this (the mesh's data * fsdp)."""
-    return self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    """Rows of a scoring batch must be a multiple of this (the mesh's data * expert * fsdp: the batch axes)."""
+    return math.prod(self.mesh.shape[axis] for axis in sharding.BATCH_AXES)
 
   def token_logprobs(self, params, inputs, targets, segment_ids=None, positions=None):
     """Host arrays [B,T] (B a multiple of row_multiple) -> numpy (log p(target), is argmax) [B,T]. One process

@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules, batch placement and the multi-process start.
 
-The mesh has axes ('data', 'fsdp', 'tensor') sized by config.mesh. Every parameter carries logical axis names
-(from nn.with_logical_partitioning); config.mesh.rules maps them to mesh axes. State is created shape-first:
+The mesh has axes config.MESH_AXES = ('data', 'expert', 'fsdp', 'tensor') sized by config.mesh. Every parameter
+carries logical axis names (from nn.with_logical_partitioning); config.mesh.rules maps them to mesh axes. State is created shape-first:
 `jax.eval_shape` gives the boxed abstract tree, `logical_shardings` a NamedSharding per leaf, and the Trainer
 runs the initialiser under jit with those out_shardings, so the full state never lands on one device.
 """
@@ -17,11 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llm_jax import config as config_lib
 
-BATCH_AXES = ('data', 'fsdp')  # the global batch is split over these mesh axes
+BATCH_AXES = ('data', 'expert', 'fsdp')  # the global batch is split over these mesh axes (= rule act_batch)
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes)."""
+  """A config.MESH_AXES mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.resolve_mesh_shape(config.mesh, len(devices))
   sizes = [shape[axis] for axis in config_lib.MESH_AXES]

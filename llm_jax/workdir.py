@@ -8,10 +8,10 @@ trained on. `inference_config` keeps everything that fixes the model and the dat
 
   train.grad_accum_steps   1 (nothing is accumulated when scoring)
   eval.task_file           '' (the training loop's task file need not exist any more; evaluate takes --task_file)
-  mesh                     the run's mesh when it fits the devices here, else data=-1 fsdp=1 tensor=1
+  mesh                     the run's mesh when it fits the devices here, else data=-1 expert=fsdp=tensor=1
                            (parameters replicated, batches split over every device)
-  data.global_batch_size   unchanged when data*fsdp of that mesh divides it; else the largest multiple of
-                           data*fsdp not above it (at least data*fsdp). Perplexity (evaluate) is then measured on
+  data.global_batch_size   unchanged when data*expert*fsdp of that mesh divides it; else the largest multiple
+                           of it not above it (at least data*expert*fsdp). Perplexity (evaluate) is then measured on
                            batches of that size, so its batches hold other rows than the run's eval batches.
 
 A LoRA workdir loads with its adapters: the parameter tree has the lora_a/lora_b leaves and the model config
@@ -75,9 +75,9 @@ def inference_config(config, num_devices: int):
   try:
     mesh = config_lib.resolve_mesh_shape(config.mesh, num_devices)
   except config_lib.ConfigError:
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    config.mesh.data, config.mesh.expert, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1, 1
     mesh = config_lib.resolve_mesh_shape(config.mesh, num_devices)
-  shards = mesh['data'] * mesh['fsdp']
+  shards = mesh['data'] * mesh['expert'] * mesh['fsdp']
   batch = config.data.global_batch_size
   if batch % shards:
     config.data.global_batch_size = max(shards, batch // shards * shards)
