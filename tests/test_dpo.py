@@ -1,5 +1,7 @@
 """DPO, IPO, robust DPO and SimPO (llm_jax.objectives.preference) against TRL on small random transformers models
-converted with llm_jax.convert, and the preference data source (llm_jax.data.preference).
+converted with llm_jax.convert; the preference sources (llm_jax.data.preference: JSONL, Hugging Face datasets,
+the stdlib pairs); training: a stopped and resumed run, config.dpo.precompute_ref (keyed, stored reference
+log-probs, no reference in the state) and LoRA (the base is the reference, no second copy).
 
 Parity: the same preference pairs give the same loss, rewards and gradient norm as TRL's losses on the HF model:
 DPOTrainer._compute_loss (sigmoid, ipo, robust) and the experimental CPOTrainer's SimPO (cpo_loss on its
@@ -132,8 +134,7 @@ def ours(config, params, reference, pair_list, seq_len=48):
   return float(loss), {k: float(v) for k, v in metrics.items()}, float(optax.global_norm(grads)), int(count)
 
 
-CASES = [('llama', 'sigmoid', 0.0), ('llama', 'ipo', 0.0), ('llama', 'robust', 0.2), ('llama', 'simpo', 0.1),
-         ('qwen2', 'sigmoid', 0.0)]
+CASES = [('llama', 'sigmoid', 0.0), ('llama', 'ipo', 0.0), ('qwen2', 'robust', 0.2), ('qwen2', 'simpo', 0.1)]  # each loss once, each family twice
 
 
 @pytest.fixture(scope='module')
@@ -253,3 +254,217 @@ def test_malformed_rows_are_one_line_naming_file_and_line(tmp_path, tokenizer_fi
   from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   with pytest.raises(preference.PreferenceDataError, match=f'^{path}:3: .*{message}'):
     preference.read_pairs(c, tokenizer_lib.load(tokenizer_file))
+
+
+def test_hf_datasets_plain_and_chat_with_given_or_held_out_splits(tmp_path, tokenizer_file):
+  datasets = pytest.importorskip('datasets')
+  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load(tokenizer_file)
+  plain = dict(prompt=['the quick brown', 'jumps over'] * 10, chosen=[' fox', ' the lazy dog'] * 10,
+               rejected=[' dog', ' a b c'] * 10)
+  datasets.Dataset.from_dict(plain).save_to_disk(str(tmp_path / 'plain'))  # one split: pairs held out by hash
+  message = lambda role, text: [dict(role=role, content=text)]
+  chat = lambda n: datasets.Dataset.from_dict(dict(prompt=[message('user', 'a b c')] * n,
+                                                   chosen=[message('assistant', 'd e')] * n,
+                                                   rejected=[message('assistant', 'g f')] * n))
+  datasets.DatasetDict(train=chat(6), validation=chat(3)).save_to_disk(str(tmp_path / 'chat'))
+  c = preference_config(tmp_path / 'unused', tokenizer_file, seq_len=64)
+  c.data.update(source='preference_hf', hf_path=str(tmp_path / 'plain'), paths='')
+  split, stats = preference.read_pairs(c, tok)
+  assert stats['train'] + stats['validation'] == 20 and stats['validation'] > 0
+  assert not {p.where for p in split['train']} & {p.where for p in split['validation']}
+  first = next(p for s in split.values() for p in s if p.where == f'{tmp_path}/plain[train][0]')
+  assert first.prompt.tolist() == tok.encode('the quick brown')
+  assert first.chosen.tolist() == tok.encode(' fox') + [tok.eos_id]
+  assert first.rejected.tolist() == tok.encode(' dog') + [tok.eos_id]
+
+  c.data.hf_path = str(tmp_path / 'chat')
+  split, stats = preference.read_pairs(c, tok)
+  assert (stats['train'], stats['validation']) == (6, 3)  # the dataset's own splits
+  assert split['validation'][0].where == f'{tmp_path}/chat[validation][0]'
+  header = tok.encode('<|assistant|>\n')
+  pair = split['train'][0]
+  assert pair.prompt.tolist()[-len(header):] == header  # the prompt ends with the assistant header
+  assert pair.chosen.tolist() != pair.rejected.tolist()
+  rows = preference.pack(split['train'], c.data.seq_len, 0)
+  assert (rows['loss_mask'] * (rows['segment_ids'] == 0)).sum() == 0
+
+  bad = dict(plain, rejected=list(plain['rejected']))
+  bad['rejected'][3] = '  '
+  datasets.Dataset.from_dict(bad).save_to_disk(str(tmp_path / 'bad'))
+  c.data.hf_path = str(tmp_path / 'bad')
+  with pytest.raises(preference.PreferenceDataError, match=rf'^{tmp_path}/bad\[train\]\[3\]: empty "rejected"'):
+    preference.read_pairs(c, tok)
+
+
+# --- training: resume, precomputed reference, LoRA ------------------------------------------------------------------
+
+WORDS = 'the quick brown fox jumps over lazy dog a b c d e f g'.split()
+
+
+def varied_records(n=40, seed=0):
+  rng = np.random.default_rng(seed)
+  text = lambda lo, hi: ' '.join(rng.choice(WORDS, int(rng.integers(lo, hi))))
+  return [dict(prompt=text(2, 5), chosen=' ' + text(1, 4), rejected=' ' + text(1, 4)) for _ in range(n)]
+
+
+def training_config(tmp_path, tokenizer_file, **sections):
+  c = preference_config(write(tmp_path / 'pairs.jsonl', varied_records()), tokenizer_file)
+  c.model.update(d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=32, dtype='float32',
+                 attention='xla')
+  c.data.update(global_batch_size=4, validation_fraction=0.25)
+  c.dpo.beta = 0.5
+  c.train.update(steps=4, learning_rate=3e-3, warmup_steps=1, log_every=1)
+  c.eval.update(every=2, steps=2)
+  c.checkpoint.update(every=0, keep=3)  # the interrupted run saves where it stops
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  for section, values in sections.items():
+    c[section].update(values)
+  return c
+
+
+def rows_of(workdir):
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r for r in rows if 'loss' in r}, {r['step']: r for r in rows if 'eval_loss' in r}
+
+
+def run_interrupted(config, workdir, monkeypatch, resumed_config, at=2):
+  """A run stopped after `at` steps (through the path SIGTERM takes), then resumed to the end with resumed_config."""
+  calls = {'n': 0}
+
+  def preempt(self, step):
+    calls['n'] += 1
+    return calls['n'] == at
+
+  with monkeypatch.context() as m:
+    m.setattr(train.Preemption, 'reached', preempt)
+    assert train.train_and_evaluate(config, workdir, jax.devices()[:1])['preempted']
+  assert checkpoint.latest_step(workdir) == at
+  train.train_and_evaluate(resumed_config, workdir, jax.devices()[:1])
+
+
+PAIR_KEYS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies', 'grad_norm')
+EVAL_KEYS = ('eval_loss', 'eval_rewards/chosen', 'eval_rewards/rejected', 'eval_rewards/margins',
+             'eval_rewards/accuracies')
+PRECOMPUTE_RTOL, PRECOMPUTE_ATOL = 1e-5, 1e-6  # float32; the pass packs the pairs into other rows than the batches
+
+
+def test_a_stopped_run_resumed_with_a_precomputed_reference_gives_the_uninterrupted_metrics(
+    tmp_path, tokenizer_file, monkeypatch, capsys):
+  """A DPO run (reference: a frozen copy of the fresh initialisation) stopped at step 2 and resumed gives the
+  uninterrupted run's rows. The resume turns config.dpo.precompute_ref on (the reference is never checkpointed, so
+  the checkpoint is the same): it finds no stored log-probs and computes them from the starting point, not from
+  the trained parameters, and its rows equal the per-step reference's within 1e-5 relative (1e-6 absolute)."""
+  config = training_config(tmp_path, tokenizer_file)
+  precomputed = config.copy_and_resolve_references()
+  precomputed.dpo.precompute_ref = True
+  trainer = train.Trainer(precomputed, str(tmp_path / 'unused'), jax.devices()[:1])
+  assert trainer.objective.reference_kind() == 'precomputed' and not trainer.keeps_reference
+  assert trainer.abstract_state().reference is None  # no reference copy in the state
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(config, straight, jax.devices()[:1])
+  capsys.readouterr()
+  run_interrupted(config, resumed, monkeypatch, precomputed)
+  assert 'reference log-probs (config.dpo.precompute_ref): train computed, validation computed' in (
+      capsys.readouterr().out)  # reused when valid: test_stored_reference_is_keyed_...
+  stored = np.load(preference.reference_file(config, resumed, 'train'))['logps']
+  assert stored.size and (stored < 0).all()
+  (a, a_eval), (b, b_eval) = rows_of(straight), rows_of(resumed)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4] and sorted(a_eval) == sorted(b_eval) == [2, 4]
+  np.testing.assert_allclose(a[1]['loss'], np.log(2), rtol=1e-6)  # step 0: the policy is the reference
+  assert a[1]['rewards/margins'] == 0 and a[4]['rewards/margins'] != 0  # then the policy moves
+  for key in PAIR_KEYS:
+    assert a[2][key] == b[2][key], key  # before the stop: the same run
+  worst = 0.0
+  for step, key in [(s, k) for s in (3, 4) for k in PAIR_KEYS] + [(4, k) for k in EVAL_KEYS]:
+    x, y = (a_eval[step][key], b_eval[step][key]) if key.startswith('eval_') else (a[step][key], b[step][key])
+    worst = max(worst, abs(x - y) / max(abs(x), 1e-6))
+    np.testing.assert_allclose(y, x, rtol=PRECOMPUTE_RTOL, atol=PRECOMPUTE_ATOL, err_msg=f'step {step} {key}')
+  print(f'resumed with precompute_ref vs uninterrupted: largest relative difference {worst:.1e}')
+
+
+def test_stored_reference_is_keyed_by_reference_and_pairs_and_written_atomically(tmp_path, tokenizer_file):
+  config = training_config(tmp_path, tokenizer_file, dpo=dict(precompute_ref=True))
+  workdir = str(tmp_path / 'w')
+  calls = []
+
+  def forward(rows):  # a stand-in reference: the log-prob of a target is -(its token id + position) / 100
+    calls.append(rows['inputs'].shape)
+    return -(rows['targets'] + rows['positions']) / 100.0
+
+  ref = dict(init_from='/runs/a', step=10)
+  assert preference.store_reference(config, workdir, ref, forward) == dict(train='computed', validation='computed')
+  assert {shape for shape in calls} == {(4, config.data.seq_len)}  # global batches, the last padded
+  assert sorted(os.listdir(os.path.join(workdir, 'data', 'reference_logps'))) == ['train.npz', 'validation.npz']
+  calls.clear()
+  assert preference.store_reference(config, workdir, ref, forward) == dict(train='reused', validation='reused')
+  assert not calls
+  assert preference.store_reference(config, workdir, dict(ref, step=20), forward)['train'] == 'computed'
+  split = preference.open_split(config, 'train', workdir, with_reference=True)
+  batch = split.batch(0)
+  mask = batch['segment_ids'] > 0
+  np.testing.assert_allclose(batch['ref_logps'][mask],
+                             (-(batch['targets'] + batch['positions']) / 100.0)[mask], rtol=1e-6)
+  write(tmp_path / 'pairs.jsonl', varied_records(seed=1))  # other pairs: never read back silently
+  with pytest.raises(preference.PreferenceDataError, match='train.npz: computed for other pairs'):
+    preference.open_split(config, 'train', workdir, with_reference=True)
+  assert preference.store_reference(config, workdir, dict(ref, step=20), forward)['train'] == 'computed'
+
+
+def test_dpo_with_lora_starts_at_ln2_with_the_base_as_reference_and_no_copy(tmp_path, tokenizer_file):
+  """The reference of a LoRA run is the base with the adapters off, read from the trained parameters: the state
+  holds one copy of the base weights (no reference, optimizer moments of the adapters only), the loss at the start
+  (B = 0) is ln 2, and once the adapters move the reference is still the base."""
+  from llm_jax.model import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  config = training_config(tmp_path, tokenizer_file, lora=dict(rank=2))
+  trainer = train.Trainer(config, str(tmp_path / 'w'), jax.devices()[:1])
+  assert trainer.objective.reference_kind() == 'lora_base' and not trainer.keeps_reference
+  state = trainer.abstract_state()  # shapes only
+  assert state.reference is None
+  base, adapters = lora_lib.split(state.params)
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert size(base) == size(train.abstract_params(training_config(tmp_path, tokenizer_file)))
+  assert size(state) == size(base) + size(adapters) + size(state.opt_state) + 1  # + step: no second base
+  assert size(state.opt_state) < 3 * size(adapters) + 8  # moments of the adapters only
+
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  params = jax.jit(lambda key: nn.unbox(train.init_params_fn(config, trainer.model)(key)))(jax.random.key(0))
+  batch = {k: jnp.asarray(v) for k, v in next(trainer.iterator('train', 0)).items()}
+  objective, rank0 = trainer.objective, train.create_model(training_config(tmp_path, tokenizer_file))
+  logprobs = lambda model, p: objectives.base.target_logprobs(
+      model.apply({'params': p}, batch['inputs'], batch['segment_ids'], batch['positions']), batch['targets'])
+
+  @jax.jit
+  def both(p):  # the objective's metrics, and the same sums against the base model (rank 0 on the base weights)
+    independent = objective.pair_sums_of(logprobs(trainer.model, p), logprobs(rank0, lora_lib.split(p)[0]), batch)
+    return objective.loss(trainer.model, p, batch).metrics, independent
+
+  count = float(objective.count(batch))
+  start, _ = both(params)
+  np.testing.assert_allclose(float(start['loss']) / count, np.log(2), rtol=1e-6)  # B = 0: the policy is the base
+  assert float(start['rewards/margins']) == 0
+  base_params, adapter_params = lora_lib.split(params)
+  after, expected = both(lora_lib.combine(base_params, jax.tree.map(lambda x: x + 0.3, adapter_params)))
+  assert float(after['rewards/margins']) != 0  # the adapters moved: the reference stayed the base
+  for key in ('loss', 'rewards/chosen', 'rewards/rejected'):
+    np.testing.assert_allclose(float(after[key]), float(expected[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_stdlib_pairs_differ_by_two_neighbouring_words_of_the_first_line_that_has_them():
+  from llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.get_config()
+  c.data.max_docs = 50
+  records = list(preference._stdlib_records(c))  # pylint: disable=protected-access
+  assert len(records) == 50 and len({where for _, where, _ in records}) == 50
+  for record, where, _ in records:
+    assert record['prompt'].count('\n') == preference.STDLIB_PROMPT_LINES
+    chosen, rejected = record['chosen'].split('\n'), record['rejected'].split('\n')
+    assert len(chosen) == len(rejected) == preference.STDLIB_COMPLETION_LINES
+    changed = [i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b]
+    assert len(changed) == 1, where  # one line, the first that has two different neighbouring words
+    a, b = chosen[changed[0]].split(' '), rejected[changed[0]].split(' ')
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    assert len(diff) == 2 and diff[1] == diff[0] + 1 and diff[1] <= 4, where
+    assert (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]]) and sorted(a) == sorted(b)

@@ -3,6 +3,8 @@ give bit-for-bit the losses, gradient norms and parameters of the step before ob
 here verbatim as the reference (as tests/test_lean_step.py keeps the step before it); the eval sums equal the
 old eval step's; the registry of names is config's list of choices; auxiliary terms the model sows reach the loss."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -205,14 +207,14 @@ def test_sown_auxiliary_terms_join_the_loss_and_the_metrics():
   config = tiny_config()
   model = SowingModel()
   batch = batch_of('synthetic', tiny_config(model=dict(vocab_size=16)), 0)
-  params = model.init(jax.random.key(0), batch['inputs'])['params']
+  params = jax.jit(lambda key: model.init(key, batch['inputs'])['params'])(jax.random.key(0))  # jitted: one compile
   objective = objectives.make(config)
-  out = objective.loss(model, params, batch)
+  total, metrics = jax.jit(lambda p: dataclasses.astuple(objective.loss(model, p, batch)))(params)
   x = params['Embed_0']['embedding'][batch['inputs']]
-  np.testing.assert_allclose(out.metrics['aux/balance'], 0.5 * jnp.sum(jnp.square(x)), rtol=1e-6)
-  np.testing.assert_allclose(out.total, out.metrics['loss'] + out.metrics['aux/balance'], rtol=1e-6)
-  grad = jax.grad(lambda p: objective.loss(model, p, batch).total)(params)
-  plain = jax.grad(lambda p: loss_sum(p, batch, model))(params)
+  np.testing.assert_allclose(metrics['aux/balance'], 0.5 * jnp.sum(jnp.square(x)), rtol=1e-6)
+  np.testing.assert_allclose(total, metrics['loss'] + metrics['aux/balance'], rtol=1e-6)
+  grad = jax.jit(jax.grad(lambda p: objective.loss(model, p, batch).total))(params)
+  plain = jax.jit(jax.grad(lambda p: loss_sum(p, batch, model)))(params)
   # the term's gradient, 2 * 0.5 * x per use of an embedding row, is added to the cross-entropy's
   expected = plain['Embed_0']['embedding'] + jnp.zeros_like(plain['Embed_0']['embedding']).at[
       batch['inputs'].reshape(-1)].add(x.reshape(-1, 8))
