@@ -6,7 +6,8 @@ synchronised with `jax.block_until_ready` on the new state and metrics. Prints o
 
   tokens_per_s, mfu (null where the device peak is unknown, e.g. CPU), step_time_s {median, mean, min, max},
   peak_memory_gb (device.memory_stats() peak, null where the backend has none, e.g. CPU), params (eval_shape
-  count), flops_per_token (metrics.flops_per_token), device_kind, num_devices, input mode, config summary.
+  count: every expert of a mixture), active_matmul_params (the weights a token multiplies: metrics.matmul_params,
+  k experts of a mixture), flops_per_token (metrics.flops_per_token), device_kind, num_devices, input mode, config summary.
 
 Input modes (`--input`), so host data time can be kept out of the figure or measured:
   pregenerated  (default) `--num_batches` distinct batches are generated and put on the devices before timing,
@@ -184,6 +185,7 @@ def run(config, steps: int = 20, warmup: int = 3, input_mode: str = 'pregenerate
                        max=max(times)),
       peak_memory_gb=_peak_memory_gb(trainer.mesh.devices.flat),
       params=params,
+      active_matmul_params=metrics_lib.matmul_params(config.model),
       flops_per_token=flops_per_token,
       device_kind=device_kind,
       platform=trainer.mesh.devices.flat[0].platform,

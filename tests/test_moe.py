@@ -232,3 +232,13 @@ def test_flops_per_token_counts_the_active_experts(shared):
   # stored parameters: every expert, counted from the parameter tree
   stored = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(train.abstract_params(c)))
   assert metrics.total_params(c.model) == stored
+
+
+def test_presets_moe_tiny_matches_tiny_per_token_and_mixtral_has_its_size():
+  from llm_jax import metrics
+  tiny, sparse = config_lib.load_experiment('tiny').model, config_lib.load_experiment('moe_tiny').model
+  router = sparse.num_layers * sparse.d_model * sparse.num_experts
+  assert metrics.matmul_params(sparse) - metrics.matmul_params(tiny) == router  # same active FFN weights
+  mixtral = config_lib.load_experiment('mixtral_8x7b')
+  assert metrics.total_params(mixtral.model) == 46_702_792_704  # Mixtral-8x7B's published count
+  assert config_lib.validate(mixtral, 32) == {'data': 1, 'expert': 8, 'fsdp': 4, 'tensor': 1}  # v5p-64: 32 chips
