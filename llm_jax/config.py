@@ -207,7 +207,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.simpo_gamma = 0.5  # loss_type=simpo: the target reward margin gamma (TRL's simpo_gamma).
   c.dpo.max_prompt_length = 0  # A pair whose two sequences exceed data.seq_len + 2 tokens keeps the last this-many prompt tokens first, then cuts both completions (TRL's order); 0 = data.seq_len // 4.
   c.dpo.precompute_ref = False  # Compute the reference's log-probabilities of every pair once, before the first step (no gradient), and store them beside the prepared data (reference_logps/<split>.npz, keyed by the reference and the pairs); the batches carry them, so no reference copy is held and no reference forward runs per step. Ignored by simpo.
-  c.dpo.precompute_ref = False  # Compute the reference's log-probabilities of every pair once, before the first step (no gradient), and store them beside the prepared data (reference_logps/<split>.npz, keyed by the reference and the pairs); the batches carry them, so no reference copy is held and no reference forward runs per step. Ignored by simpo.
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA rank (0 = no adapters, train all parameters).
