@@ -18,7 +18,7 @@ from llm_jax.errors import ConfigError, UserError  # noqa: F401 (ConfigError: co
 
 # Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
 ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
-REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out', 'minimal_with_context')
+REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out', 'minimal', 'minimal_with_context')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')  # = llm_jax.optim.DECAYS
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the model's projections (tests/test_house.py)
 WSD_SHAPES = ('linear', 'cosine', 'sqrt')
@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.logits_dtype = 'float32'  # Dtype of the output logits fed to the loss.
   c.model.attention = 'auto'  # Attention kernel: auto | xla | cudnn | splash. auto: cudnn on GPU, splash on TPU, else xla.
   c.model.max_segments_per_row = 8  # cuDNN attention: runs of segment ids (documents, padding) per row the packed layout has room for; rows with more fall back to the dense mask at run time; 0 = always the dense mask.
-  c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out | minimal_with_context (projections, attention output and its softmax statistics kept; not mlp_out).
+  c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out | minimal (projections and mlp_out kept, as MaxText's: the TPU choice) | minimal_with_context (projections, attention output and its cuDNN softmax statistics kept; not mlp_out: the GPU choice).
   c.model.scan_layers = True  # Stack the blocks with nn.scan (faster compile) instead of unrolling them.
   c.model.objective = 'clm'  # Training objective: clm (causal LM; SFT on sft_jsonl) | mlm (masked LM, bidirectional attention) | dpo (preference pairs of preference_jsonl / preference_hf: DPO, IPO, SimPO; config.dpo).
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.

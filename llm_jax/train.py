@@ -406,7 +406,7 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
     if config.eval[field] and not (config.data.tokenizer_path or _tokenizer_fingerprint(workdir)):
       raise config_lib.ConfigError(f'config.eval.{field}: generation and harness tasks need a tokenizer, and '
                                    f'neither config.data.tokenizer_path nor the workdir has one')
-  trainer = Trainer(config, workdir, devices)
+  trainer = Trainer(config, workdir, devices, validated=True)  # validated above, before any work
   manager = checkpoint.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
   writer = None
   preemption = Preemption().install()

@@ -42,8 +42,9 @@ def _inputs(seed, batch, heads, kv_heads):
 
 
 def _fake_mesh(fsdp, tensor):
-  devices = np.asarray(jax.devices()[:fsdp * tensor]).reshape(1, fsdp, tensor)
-  return Mesh(devices, config_lib.MESH_AXES)
+  sizes = {'fsdp': fsdp, 'tensor': tensor}
+  shape = [sizes.get(axis, 1) for axis in config_lib.MESH_AXES]
+  return Mesh(np.asarray(jax.devices()[:fsdp * tensor]).reshape(shape), config_lib.MESH_AXES)
 
 
 def _value_and_grads(kernel, q, k, v, mask_info, cotangent, mesh):

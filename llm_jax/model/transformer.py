@@ -45,6 +45,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     'save_attention_out': jax.checkpoint_policies.save_only_these_names('attention_out', 'out_proj'),
     # As MaxText's minimal_with_context: the projections and the attention output with its softmax statistics;
     # not mlp_out, which no backward op reads (the down projection's input is recomputed from gate and up).
+    # As MaxText's minimal: the projections and mlp_out, not the attention output (the splash backward reads the
+    # kernel's own residuals, which no name reaches, so on TPU keeping the output saves no work).
+    'minimal': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj', 'out_proj', 'mlp_gate', 'mlp_up', 'mlp_out'),
     'minimal_with_context': save_names_and_attention_kernel(
         'query_proj', 'key_proj', 'value_proj', 'attention_out', 'out_proj', 'mlp_gate', 'mlp_up'),
 }
