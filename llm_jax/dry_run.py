@@ -127,6 +127,7 @@ def analyze(config, devices=None, target: str | None = None) -> dict[str, Any]:
       num_devices=num_devices,
       mesh=dict(trainer.mesh.shape),
       params=params,
+      active_matmul_params=metrics_lib.matmul_params(config.model),  # a mixture of experts: what a token multiplies
       params_gb_per_device=_per_device_bytes(state.params) / GIB,
       opt_state_gb_per_device=_per_device_bytes(state.opt_state) / GIB,
       batch_gb_per_device=_per_device_bytes(batch) / GIB,
@@ -205,7 +206,7 @@ def format_report(r: dict[str, Any]) -> str:
       f'dry run: {r["config"]["num_layers"]} layers, d_model {r["config"]["d_model"]}, seq {r["config"]["seq_len"]}, '
       f'global batch {r["config"]["global_batch_size"]}, mesh {r["mesh"]} on {where}{r["num_devices"]} x '
       f'{r["device_kind"]} ({r["platform"]})',
-      f'parameters (eval_shape): {r["params"]:,}',
+      f'parameters (eval_shape): {r["params"]:,}; matmul weights a token uses: {r["active_matmul_params"]:,}',
       f'state per device: params {r["params_gb_per_device"]:.3f} GiB, optimizer {r["opt_state_gb_per_device"]:.3f} '
       f'GiB; batch {r["batch_gb_per_device"] * 1024:.2f} MiB',
       'compiled train step, memory per device (GiB):',

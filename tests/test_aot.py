@@ -87,6 +87,7 @@ def test_tiny_with_splash_compiles_for_v5e_8():
   """The failure this fixes: a Mosaic kernel under automatic partitioning ('wrap the call in a shard_map')."""
   result, text = _report(_preset('tiny', model__attention='splash'), 'v5e-8')
   assert result['target'] == 'v5e-8' and result['platform'] == 'tpu' and result['num_devices'] == 8
+  assert 0 < result['active_matmul_params'] < result['params']  # dense: matmul weights, less norms (embedding)
   assert result['attention_kernels'] == ['splash']
   assert result['fits'] is True and 'fits v5e-8: yes' in text
   # Attention runs inside the kernel, so the compiled matmuls are exactly the model's 6N per token (no remat).
