@@ -169,16 +169,12 @@ def make_pair(tokenizer, record, where: str, seq_len: int, max_prompt: int) -> P
 # --- reading -------------------------------------------------------------------------------------------------------
 
 def _jsonl_records(config) -> Iterator[tuple[object, str]]:
-  for path in sft._files(config.data.paths, 'data.paths'):  # pylint: disable=protected-access
-    with open(path, encoding='utf-8', errors='replace') as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f'{path}:{number}'
-        try:
-          yield json.loads(line), where
-        except json.JSONDecodeError as e:
-          raise PreferenceDataError(f'{where}: not valid JSON ({e.msg} at column {e.colno})') from None
+  for path in sft.jsonl_files(config.data.paths, 'data.paths'):
+    for line, where in sft.jsonl_lines(path):
+      try:
+        yield json.loads(line), where
+      except json.JSONDecodeError as e:
+        raise PreferenceDataError(f'{where}: not valid JSON ({e.msg} at column {e.colno})') from None
 
 
 def _hf_records(config) -> Iterator[tuple[object, str, str]]:
@@ -317,7 +313,7 @@ def _role(config, split: str) -> str:
 def _input_key(config) -> tuple:
   d = config.data
   if d.source == 'preference_jsonl':
-    files = sft._files(d.paths, 'data.paths')  # pylint: disable=protected-access
+    files = sft.jsonl_files(d.paths, 'data.paths')
     return tuple((f, os.path.getmtime(f), os.path.getsize(f)) for f in files)
   if d.source == 'preference_stdlib':
     return (d.max_docs,)

@@ -156,7 +156,16 @@ def fit(tokens: np.ndarray, loss: np.ndarray, max_tokens: int, policy: str, wher
   return tokens[keep], loss[keep]
 
 
-def _files(globs: str, field: str) -> list[str]:
+def jsonl_lines(path: str):
+  """(line, 'path:number') of every non-blank line of a JSONL file: what SFT and preference records are read
+  from, with the place an error message names."""
+  with open(path, encoding='utf-8', errors='replace') as f:
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        yield line, f'{path}:{number}'
+
+
+def jsonl_files(globs: str, field: str) -> list[str]:
   patterns = [p.strip() for p in globs.split(',') if p.strip()]
   if not patterns:
     raise SFTDataError(f'config.{field}: no files given (comma-separated globs of .jsonl files)')
@@ -173,23 +182,19 @@ def read_examples(files: Sequence[str], tokenizer, seq_len: int, policy: str) ->
   """Every record of `files`, rendered and fitted to seq_len+1 tokens; stats count truncated/dropped ones."""
   examples, stats = [], dict(records=0, truncated=0, dropped=0)
   for path in files:
-    with open(path, encoding='utf-8', errors='replace') as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f'{path}:{number}'
-        try:
-          tokens, loss = render(tokenizer, parse_record(line, where))
-        except UserError as e:  # a chat template that cannot render this record
-          raise SFTDataError(f'{where}: {e}') from None
-        tokens, loss = np.asarray(tokens, np.int32), np.asarray(loss, bool)
-        stats['records'] += 1
-        fitted = fit(tokens, loss, seq_len + 1, policy, where)
-        if fitted is None:
-          stats['dropped'] += 1
-          continue
-        stats['truncated'] += int(fitted[0].size < tokens.size)
-        examples.append(Example(fitted[0], fitted[1], where))
+    for line, where in jsonl_lines(path):
+      try:
+        tokens, loss = render(tokenizer, parse_record(line, where))
+      except UserError as e:  # a chat template that cannot render this record
+        raise SFTDataError(f'{where}: {e}') from None
+      tokens, loss = np.asarray(tokens, np.int32), np.asarray(loss, bool)
+      stats['records'] += 1
+      fitted = fit(tokens, loss, seq_len + 1, policy, where)
+      if fitted is None:
+        stats['dropped'] += 1
+        continue
+      stats['truncated'] += int(fitted[0].size < tokens.size)
+      examples.append(Example(fitted[0], fitted[1], where))
   if not examples:
     raise SFTDataError(f'config.data.paths: no usable records in {", ".join(files)} ({stats})')
   return examples, stats
@@ -280,11 +285,11 @@ _CACHE: dict[tuple, tuple[list[Example], dict]] = {}
 
 def _split_files(config, split: str) -> tuple[list[str], int]:
   if split in ('train', config.data.train_split):
-    return _files(config.data.paths, 'data.paths'), _SPLIT_IDS['train']
+    return jsonl_files(config.data.paths, 'data.paths'), _SPLIT_IDS['train']
   if split in ('validation', 'eval', config.data.eval_split):
     if config.data.sft_eval_paths:
-      return _files(config.data.sft_eval_paths, 'data.sft_eval_paths'), _SPLIT_IDS['validation']
-    return _files(config.data.paths, 'data.paths'), _SPLIT_IDS['validation']
+      return jsonl_files(config.data.sft_eval_paths, 'data.sft_eval_paths'), _SPLIT_IDS['validation']
+    return jsonl_files(config.data.paths, 'data.paths'), _SPLIT_IDS['validation']
   raise ConfigError(f'unknown split {split!r}; expected train or validation')
 
 
