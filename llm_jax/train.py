@@ -50,6 +50,7 @@ from llm_jax import storage
 from llm_jax import tasks
 from llm_jax import tracking
 from llm_jax.model import lora as lora_lib
+from llm_jax.model import moe
 # re-exported: the model-building functions live with the inference runtime, which the Trainer builds on
 from llm_jax.runtime import abstract_params, create_model, init_params_fn, make_eval_step, token_losses  # noqa: F401
 from llm_jax.errors import UserError
@@ -269,6 +270,14 @@ class Trainer(runtime_lib.Runtime):
                               donate_argnums=(0,), compiler_options=self.compiler_options)
     # Global norm of the parameters, for log steps only (the step itself does not spend a pass on it).
     self.param_norm = jax.jit(optax.tree.norm, out_shardings=sharding.replicated(self.mesh))
+    # A mixture of experts: the share of top-k assignments each expert gets, per layer, on a batch; log steps only
+    # (one forward pass of the last batch, like param_norm: the step spends nothing on it). None when dense.
+    self.expert_load = None
+    if self.config.model.ffn == 'moe':
+      def load(params, batch):
+        with runtime_lib.sharding_context(self.mesh, self.rules):
+          return moe.expert_load(self.model, params, batch)
+      self.expert_load = jax.jit(load, out_shardings=sharding.replicated(self.mesh))
     # '/'-joined names of the parameter leaves, in the order of the step's grad_squared_norms.
     self.param_names = [jax.tree_util.keystr(path, simple=True, separator='/')
                         for path, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_state.params))]
@@ -498,6 +507,11 @@ class LogMetrics(Hook):
       loop.last[name] = float(values[name])
     for name in sorted(k for k in values if k.startswith('aux/')):  # terms the model sows (objectives.base)
       loop.last[name] = float(values[name])
+    if loop.trainer.expert_load is not None:
+      # [num_layers][num_experts], each row sums to 1 (balanced: 1/num_experts each; a starved expert: 0)
+      load = np.asarray(loop.trainer.expert_load(loop.state.params, loop.last_batch))
+      loop.last['expert_load'] = np.round(load, 4).tolist()
+      loop.last['expert_load_min'], loop.last['expert_load_max'] = float(load.min()), float(load.max())
     if self._nonfinite_skip:
       loop.last['skipped_steps'] = loop.monitor.skipped_total
     loop.writer.write(loop.last)
@@ -649,6 +663,7 @@ class Loop:
     self._flops_per_token = metrics_lib.flops_per_token(self.config.model, self.config.data.seq_len)
     self._pending = None  # (step index, metrics) of a step whose non-finite flag is not checked yet
     self._index, self._metrics = None, None  # the last step's index (0-based batch number) and metrics
+    self.last_batch: dict = {}  # the last step's batch (on device)
     self._interval_start, self._interval_steps = None, 0
     self._stopped = None
 
@@ -684,6 +699,7 @@ class Loop:
     for index in range(start, self.total_steps):
       batch = self.trainer.put(next(iterator))
       self.state, self._metrics = self.trainer.train_step(self.state, batch)
+      self.last_batch = batch  # the batch the metrics are of (LogMetrics' expert load reads it)
       self.require_finite()  # the previous step's flag, read while this step runs
       self._index, self._pending = index, (index, self._metrics)
       if self._interval_start is None:  # the first step includes compilation: time from its end

@@ -3,6 +3,8 @@ dropless ragged_dot path against the dense one-hot reference (outputs and gradie
 balance and z losses through the objective's door, the config checks."""
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +244,33 @@ def test_presets_moe_tiny_matches_tiny_per_token_and_mixtral_has_its_size():
   mixtral = config_lib.load_experiment('mixtral_8x7b')
   assert metrics.total_params(mixtral.model) == 46_702_792_704  # Mixtral-8x7B's published count
   assert config_lib.validate(mixtral, 32) == {'data': 1, 'expert': 8, 'fsdp': 4, 'tensor': 1}  # v5p-64: 32 chips
+
+
+def test_log_steps_carry_the_per_layer_expert_load(tmp_path):
+  """A training run's train rows: expert_load [num_layers][num_experts] of the logged step's batch, rows summing
+  to 1, equal to moe.expert_load recomputed (unjitted) on that step's parameters and batch by a hook."""
+  from llm_jax import train  # the loop; this file otherwise tests the model alone
+  c = _config(attention='xla')
+  c.data.update(source='synthetic', global_batch_size=8)
+  c.train.update(steps=4, learning_rate=1e-2, warmup_steps=1, log_every=2)
+  c.eval.update(every=0, steps=1)
+  c.checkpoint.update(every=0)
+  c.mesh.update(data=-1, fsdp=1, tensor=1)
+  seen = {}
+
+  def recompute(loop, step):
+    model = _model(c)
+    seen[step] = np.asarray(moe.expert_load(model, jax.device_get(loop.state.params), jax.device_get(loop.last_batch)))
+
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir, devices=jax.devices()[:1], hooks=[train.every(2, recompute)])
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_rows = [r for r in rows if 'loss' in r]
+  assert [r['step'] for r in train_rows] == [2, 4] and sorted(seen) == [2, 4]
+  for row in train_rows:
+    load = np.array(row['expert_load'])
+    assert load.shape == (2, 4)
+    np.testing.assert_allclose(load.sum(axis=1), 1.0, atol=1e-3)  # rounded to 4 digits in the row
+    np.testing.assert_allclose(load, seen[row['step']], atol=1e-4)
+    assert row['expert_load_min'] == pytest.approx(seen[row['step']].min(), abs=1e-6)
+    assert row['expert_load_max'] == pytest.approx(seen[row['step']].max(), abs=1e-6)
