@@ -1,8 +1,9 @@
-"""Base configuration and its validation.
+"""Base configuration, and the checks of the run's own fields.
 
 Every field is declared here once, with a comment on the same line; presets in experiments/ start from
-`get_config()` and change only what differs. `validate()` rejects an inconsistent config before anything
-compiles, with a message that names the field.
+`get_config()` and change only what differs. `llm_jax.validation.validate()` rejects an inconsistent config before
+anything compiles, with a message that names the field: each part checks its own fields, this module the run's
+(`check_run`).
 
 The inline comments are the configuration reference: docs/configuration.md is generated from them
 (`python -m llm_jax.config_docs`), and a test fails when a field has no comment.
@@ -10,26 +11,24 @@ The inline comments are the configuration reference: docs/configuration.md is ge
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
 
 import ml_collections
-from llm_jax.errors import ConfigError, UserError  # noqa: F401 (ConfigError: config.ConfigError for callers)
+from llm_jax import storage  # the path layer: it imports only the error types
+from llm_jax.errors import ConfigError, UserError, check_choice, fail  # noqa: F401 (ConfigError: config.ConfigError for callers)
 
-# Names the config may use; each maps to one implementation chosen once (no string dispatch in the model).
-ATTENTION_KINDS = ('auto', 'xla', 'cudnn', 'splash')
-REMAT_POLICIES = ('none', 'full', 'save_matmuls', 'save_attention_out', 'minimal', 'minimal_with_context')
-SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')  # = llm_jax.optim.DECAYS
-LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')  # the model's projections (tests/test_house.py)
-WSD_SHAPES = ('linear', 'cosine', 'sqrt')
-OBJECTIVES = ('clm', 'mlm', 'dpo')  # = llm_jax.objectives.names() (tested; config imports no objective)
-DPO_LOSS_TYPES = ('sigmoid', 'robust', 'ipo', 'simpo')  # = llm_jax.objectives.preference.LOSS_TYPES (tested)
-DTYPES = ('float32', 'bfloat16', 'float16')
-NONFINITE_POLICIES = ('stop', 'skip')
-WANDB_MODES = ('online', 'offline', 'disabled')
-DATA_SOURCES = ('synthetic', 'stdlib', 'text_files', 'tfds', 'hf_datasets', 'mixture', 'sft_jsonl', 'preference_jsonl',
-                'preference_hf', 'preference_stdlib')
-PREFERENCE_SOURCES = ('preference_jsonl', 'preference_hf', 'preference_stdlib')  # the sources of pairs, which objective=dpo trains on
+# The choices of most fields are declared where they are implemented, and each part checks its own fields
+# (llm_jax.validation.validate calls them all; tests/test_house.py checks each field's comment lists its registry):
+#   model.attention, dtype, rope_scaling, remat, ffn, moe_compute; lora.targets   llm_jax.model.check_config
+#   model.objective, dpo.*                                                      llm_jax.objectives.check_config
+#   data.*                                                                      llm_jax.data.check_config
+#   train.schedule, wsd_*, moments_dtype, learning_rate, warmup_steps           llm_jax.optim.check_config
+# This module checks the run itself: the mesh and its rules, batch sizes, the loop's cadences (check_run).
+NONFINITE_POLICIES = ('stop', 'skip')  # the training loop's (train.py) answers to a non-finite step
+WANDB_MODES = ('online', 'offline', 'disabled')  # wandb.init's modes
 MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data, expert and fsdp
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
@@ -39,7 +38,6 @@ SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_head
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
                    'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window', 'experts_per_token',
                    'router_norm_topk')
-ROPE_SCALINGS = ('none', 'linear', 'llama3')  # = llm_jax.model.layers.ROPE_SCALINGS (config imports no model)
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
 # apart. Turning FSDP into tensor parallelism is an edit of this table (or of config.mesh sizes).
@@ -215,32 +213,22 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _fail(field: str, message: str):
-  raise ConfigError(f'config.{field}: {message}')
-
-
-def _choice(config, section: str, name: str, choices):
-  value = config[section][name]
-  if value not in choices:
-    _fail(f'{section}.{name}', f'unknown value {value!r}; expected one of {", ".join(choices)}')
-
-
 def resolve_mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   """Sizes of MESH_AXES, with a single -1 replaced by the devices the others leave."""
   sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
-    _fail(f'mesh.{free[1]}', f'only one mesh axis may be -1, got {free}')
+    fail(f'mesh.{free[1]}', f'only one mesh axis may be -1, got {free}')
   for axis, size in sizes.items():
     if size == 0 or size < -1:
-      _fail(f'mesh.{axis}', f'must be a positive size or -1, got {size}')
+      fail(f'mesh.{axis}', f'must be a positive size or -1, got {size}')
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if num_devices % fixed:
-      _fail(f'mesh.{free[0]}', f'the other axes use {fixed} devices, which does not divide the {num_devices} available')
+      fail(f'mesh.{free[0]}', f'the other axes use {fixed} devices, which does not divide the {num_devices} available')
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
-    _fail('mesh', f'{"*".join(MESH_AXES)} = {"*".join(str(sizes[a]) for a in MESH_AXES)} = {fixed} '
+    fail('mesh', f'{"*".join(MESH_AXES)} = {"*".join(str(sizes[a]) for a in MESH_AXES)} = {fixed} '
           f'but {num_devices} devices are available')
   return sizes
 
@@ -258,175 +246,50 @@ def _check_sharded_dims(config, mesh: dict[str, int]) -> None:
     targets = tuple(targets) if isinstance(targets, (tuple, list)) else (targets,)
     shards = math.prod(mesh[t] for t in targets if t is not None)
     if config.model[field] % shards:
-      _fail(f'model.{field}', f'{config.model[field]} does not split over mesh axes {"*".join(targets)} = '
+      fail(f'model.{field}', f'{config.model[field]} does not split over mesh axes {"*".join(targets)} = '
             f'{shards} devices (rule {axis!r} -> {targets}); change the mesh sizes or config.mesh.rules')
 
 
-def _check_data_preparation(d) -> None:
-  import re
-  from llm_jax.data.cleaning import FILTER_NAMES  # pylint: disable=g-import-not-at-top
-  try:
-    re.compile(d.document_separator, re.MULTILINE)
-  except re.error as e:
-    _fail('data.document_separator', f'{d.document_separator!r} is not a regular expression ({e})')
-  if d.filters != 'auto':
-    for name in filter(None, (n.strip() for n in d.filters.split(','))):
-      if name not in FILTER_NAMES:
-        _fail('data.filters', f'unknown filter {name!r}; expected some of {", ".join(FILTER_NAMES)} (or auto, '
-              f'or \'\')')
-  if not 0.0 < d.near_dedup_threshold <= 1.0:
-    _fail('data.near_dedup_threshold', f'must be in (0, 1], got {d.near_dedup_threshold}')
-  from llm_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-  try:
-    tokenizer.parse_coverage(d.tokenizer_character_coverage)
-  except tokenizer.TokenizerError as e:
-    raise ConfigError(str(e)) from None
-  if d.prepare_workers < 0:
-    _fail('data.prepare_workers', f'must be >= 0 (0 = the machine\'s cores), got {d.prepare_workers}')
-  if not 0.0 < d.validation_fraction < 1.0:
-    _fail('data.validation_fraction', f'must be between 0 and 1, got {d.validation_fraction}')
-  if d.source == 'hf_datasets' and not d.hf_path:
-    _fail('data.hf_path', 'empty; name a dataset (hub name, local folder, json/parquet/text loader or a '
-          'save_to_disk folder)')
-  if d.source == 'mixture':
-    from llm_jax.data import mixture  # pylint: disable=g-import-not-at-top
-    mixture.parse(d.mixture)
-
-
-def _check_dpo(config) -> None:
-  """objective=dpo trains on pairs, and pairs only train dpo; the loss fields must make sense."""
-  m, d, p = config.model, config.data, config.dpo
-  if (m.objective == 'dpo') != (d.source in PREFERENCE_SOURCES):
-    if m.objective == 'dpo':
-      _fail('data.source', f'{d.source!r}: model.objective=dpo trains on preference pairs: use '
-            f'{" or ".join(PREFERENCE_SOURCES)}')
-    _fail('model.objective', f'{m.objective!r}: data.source={d.source} yields preference pairs, which '
-          f'model.objective=dpo trains on')
-  if m.objective != 'dpo':
-    return
-  _choice(config, 'dpo', 'loss_type', DPO_LOSS_TYPES)
-  if p.beta <= 0:
-    _fail('dpo.beta', f'must be positive, got {p.beta}')
-  limit = 0.5 if p.loss_type == 'robust' else 1.0
-  if not 0.0 <= p.label_smoothing < limit:
-    _fail('dpo.label_smoothing', f'must be in [0, {limit}) for loss_type={p.loss_type}, got {p.label_smoothing}')
-  if p.max_prompt_length < 0 or 2 * p.max_prompt_length >= d.seq_len:
-    _fail('dpo.max_prompt_length', f'must be in [0, data.seq_len/2) = [0, {d.seq_len / 2:g}) (0 = seq_len // 4), '
-          f'got {p.max_prompt_length}')
-  if d.source == 'preference_hf' and not d.hf_path:
-    _fail('data.hf_path', 'empty; name the dataset of prompt/chosen/rejected rows')
-
-
-def validate(config, num_devices: int) -> dict[str, int]:
-  """Raises ConfigError naming the first inconsistent field; returns the resolved mesh shape."""
-  m, d, t = config.model, config.data, config.train
-  for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'max_seq_len'):
-    if m[name] <= 0:
-      _fail(f'model.{name}', f'must be positive, got {m[name]}')
-  if m.d_model % m.num_heads:
-    _fail('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model}')
-  if m.num_heads % m.num_kv_heads:
-    _fail('model.num_kv_heads', f'{m.num_kv_heads} kv heads do not divide num_heads={m.num_heads}')
-  if (m.d_model // m.num_heads) % 2:
-    _fail('model.num_heads', f'head_dim = d_model/num_heads = {m.d_model // m.num_heads} must be even for RoPE')
-  for name in ('dtype', 'param_dtype', 'logits_dtype'):
-    _choice(config, 'model', name, DTYPES)
-  _choice(config, 'model', 'attention', ATTENTION_KINDS)
-  _choice(config, 'model', 'rope_scaling', ROPE_SCALINGS)
-  if m.rope_scaling != 'none' and m.rope_scaling_factor <= 0:
-    _fail('model.rope_scaling_factor', f'must be positive, got {m.rope_scaling_factor}')
-  if m.rope_scaling == 'llama3':
-    if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
-      _fail('model.rope_high_freq_factor', f'llama3 scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor, '
-            f'got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}')
-    if m.rope_original_max_len <= 0:
-      _fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
-  if m.sliding_window < 0:
-    _fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
-  _choice(config, 'model', 'remat', REMAT_POLICIES)
-  if not 0 <= m.max_segments_per_row <= m.max_seq_len:
-    _fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
-  _choice(config, 'model', 'objective', OBJECTIVES)
-  from llm_jax.model import moe  # pylint: disable=g-import-not-at-top (model.ffn and the experts' fields)
-  moe.check_config(config)
-  _choice(config, 'data', 'source', DATA_SOURCES)
-  _choice(config, 'train', 'schedule', SCHEDULES)
-  _choice(config, 'train', 'nonfinite', NONFINITE_POLICIES)
-  _choice(config, 'tracking', 'wandb_mode', WANDB_MODES)
+def check_run(config, num_devices: int) -> dict[str, int]:
+  """The run's own fields (mesh and rules, batch, loop cadences, checkpoints, evaluation, XLA, tracking);
+  ConfigError naming the first bad one. Returns the resolved mesh shape. The parts' fields are checked by the
+  parts (see the top of this module); llm_jax.validation.validate runs them all."""
+  d, t = config.data, config.train
+  check_choice('train.nonfinite', t.nonfinite, NONFINITE_POLICIES)
+  check_choice('tracking.wandb_mode', config.tracking.wandb_mode, WANDB_MODES)
   if config.eval.harness_limit < 0:
-    _fail('eval.harness_limit', f'must be >= 0 (0 = all documents), got {config.eval.harness_limit}')
-  if t.moments_dtype not in ('float32', 'bfloat16'):
-    _fail('train.moments_dtype', f'unknown value {t.moments_dtype!r}; expected float32 or bfloat16')
-  if d.seq_len <= 0:
-    _fail('data.seq_len', f'must be positive, got {d.seq_len}')
-  if d.seq_len > m.max_seq_len:
-    _fail('data.seq_len', f'{d.seq_len} is longer than model.max_seq_len={m.max_seq_len}')
+    fail('eval.harness_limit', f'must be >= 0 (0 = all documents), got {config.eval.harness_limit}')
   if t.steps <= 0:
-    _fail('train.steps', f'must be positive, got {t.steps}')
-  if t.warmup_steps < 0:
-    _fail('train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
-  if t.schedule == 'wsd':
-    _choice(config, 'train', 'wsd_decay_shape', WSD_SHAPES)
-    if not 0.0 <= t.wsd_decay_fraction <= 1.0:
-      _fail('train.wsd_decay_fraction', f'must be in [0, 1], got {t.wsd_decay_fraction}')
-    decay_steps = int(round(t.wsd_decay_fraction * t.steps))
-    if t.warmup_steps + decay_steps > t.steps:
-      _fail('train.wsd_decay_fraction', f'warmup_steps={t.warmup_steps} plus the decay phase '
-            f'({t.wsd_decay_fraction} * {t.steps} = {decay_steps} steps) exceed train.steps={t.steps}')
+    fail('train.steps', f'must be positive, got {t.steps}')
   if t.z_loss < 0:
-    _fail('train.z_loss', f'must be >= 0, got {t.z_loss}')
-  if t.learning_rate <= 0:
-    _fail('train.learning_rate', f'must be positive, got {t.learning_rate}')
+    fail('train.z_loss', f'must be >= 0, got {t.z_loss}')
   if t.grad_accum_steps <= 0:
-    _fail('train.grad_accum_steps', f'must be positive, got {t.grad_accum_steps}')
+    fail('train.grad_accum_steps', f'must be positive, got {t.grad_accum_steps}')
   if t.log_every <= 0:
-    _fail('train.log_every', f'must be positive, got {t.log_every}')
+    fail('train.log_every', f'must be positive, got {t.log_every}')
   if config.checkpoint.keep <= 0:
-    _fail('checkpoint.keep', f'must be positive, got {config.checkpoint.keep}')
+    fail('checkpoint.keep', f'must be positive, got {config.checkpoint.keep}')
   mesh = resolve_mesh_shape(config.mesh, num_devices)
   batch_shards = mesh['data'] * mesh['expert'] * mesh['fsdp']
   if d.global_batch_size % (batch_shards * t.grad_accum_steps):
-    _fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*expert*fsdp*grad_accum_steps = '
-          f'{mesh["data"]}*{mesh["expert"]}*{mesh["fsdp"]}*{t.grad_accum_steps} = {batch_shards * t.grad_accum_steps}')
+    fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*expert*fsdp*grad_accum_steps = '
+         f'{mesh["data"]}*{mesh["expert"]}*{mesh["fsdp"]}*{t.grad_accum_steps} = {batch_shards * t.grad_accum_steps}')
   known_axes = {rule[0] for rule in config.mesh.rules}
   for rule in config.mesh.rules:
     targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     for target in targets:
       if target is not None and target not in MESH_AXES:
-        _fail('mesh.rules', f'rule {tuple(rule)} names mesh axis {target!r}; mesh axes are {MESH_AXES}')
+        fail('mesh.rules', f'rule {tuple(rule)} names mesh axis {target!r}; mesh axes are {MESH_AXES}')
   for needed in ('embed', 'vocab', 'act_batch'):
     if needed not in known_axes:
-      _fail('mesh.rules', f'no rule for logical axis {needed!r}')
+      fail('mesh.rules', f'no rule for logical axis {needed!r}')
   _check_sharded_dims(config, mesh)
   if config.eval.every < 0 or config.checkpoint.every < 0:
-    _fail('eval.every' if config.eval.every < 0 else 'checkpoint.every', 'must be >= 0 (0 = only at the end)')
+    fail('eval.every' if config.eval.every < 0 else 'checkpoint.every', 'must be >= 0 (0 = only at the end)')
   if config.eval.steps <= 0:
-    _fail('eval.steps', f'must be positive, got {config.eval.steps}')
-  if config.eval.task_file:
-    if m.objective == 'mlm':
-      _fail('eval.task_file', 'generation tasks need a causal model (model.objective=clm or dpo)')
-    from llm_jax import storage  # pylint: disable=g-import-not-at-top
-    if not storage.exists(config.eval.task_file):
-      _fail('eval.task_file', f'{config.eval.task_file}: no such file')
-  if m.objective == 'mlm' and not 0 <= m.mask_token_id < m.vocab_size:
-    _fail('model.mask_token_id', f'{m.mask_token_id} is not an id of the vocabulary [0, {m.vocab_size})')
-  if not 0.0 < d.mask_prob < 1.0:
-    _fail('data.mask_prob', f'must be in (0, 1), got {d.mask_prob}')
-  _check_data_preparation(d)
-  _check_dpo(config)
-  if d.sft_truncation not in ('truncate', 'drop', 'error'):
-    _fail('data.sft_truncation', f'unknown value {d.sft_truncation!r}; expected one of truncate, drop, error')
+    fail('eval.steps', f'must be positive, got {config.eval.steps}')
   if not 0.0 <= config.xla.gpu_memory_fraction <= 1.0:
-    _fail('xla.gpu_memory_fraction', f'must be in [0, 1] (0 = JAX default), got {config.xla.gpu_memory_fraction}')
-  from llm_jax import profiling, xla_options  # both raise ConfigError naming their field
-  xla_options.parse_options(config.xla.options)
-  profiling.parse_steps(t.profile_steps)
-  if config.lora.rank < 0:
-    _fail('lora.rank', f'must be >= 0, got {config.lora.rank}')
-  if config.lora.rank:
-    for target in filter(None, config.lora.targets.split(',')):
-      if target.strip() not in LORA_TARGETS:
-        _fail('lora.targets', f'unknown projection {target!r}; expected some of {",".join(LORA_TARGETS)}')
+    fail('xla.gpu_memory_fraction', f'must be in [0, 1] (0 = JAX default), got {config.xla.gpu_memory_fraction}')
   return mesh
 
 
@@ -435,8 +298,6 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
   Used by generate, evaluate, convert and resume; raises FileNotFoundError naming the file when it is missing.
   """
-  import json
-  from llm_jax import storage
   path = storage.join(workdir, 'config.json')
   storage.check_readable(workdir)
   if not storage.isdir(workdir):
@@ -458,8 +319,6 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_experiment(name_or_path: str) -> ml_collections.ConfigDict:
   """get_config() of a preset: 'tiny' (experiments/tiny.py in this checkout) or a path to any config file."""
-  import importlib.util
-  import os
   path = name_or_path
   if not path.endswith('.py'):
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', f'{path}.py')

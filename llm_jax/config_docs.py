@@ -17,6 +17,8 @@ import io
 import os
 import sys
 import tokenize
+from llm_jax import cli
+from llm_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_PATH = os.path.join(REPO, 'llm_jax', 'config.py')
@@ -115,8 +117,9 @@ def render(fields: list[Field]) -> str:
       '',
       'Every field is declared once in `llm_jax/config.py`; presets in `experiments/` change only what differs, and '
       'any field can be overridden on the command line: `--config.<section>.<field>=value` (configs are locked, so '
-      'a misspelt name fails). `config.validate()` rejects an inconsistent config before anything compiles, naming '
-      'the field. A run writes its full config to `<workdir>/config.json`.',
+      'a misspelt name fails). `llm_jax.validation.validate()` rejects an inconsistent config before anything '
+      'compiles, naming the field: each part checks the fields it implements, against its registry of names. A run '
+      'writes its full config to `<workdir>/config.json`.',
       '',
       'Sections: ' + ', '.join(f'[`{s}`](#{s})' for s in sections) + '.',
   ]
@@ -136,7 +139,6 @@ def generate(config_path: str = CONFIG_PATH) -> str:
     source = f.read()
   fields = parse(source, os.path.relpath(config_path, REPO))
   if os.path.abspath(config_path) == os.path.abspath(CONFIG_PATH):
-    from llm_jax import config as config_lib
     check_covers(fields, config_lib.get_config())
   return render(fields)
 
@@ -168,7 +170,6 @@ def with_rules_table(text: str, rules, path: str = 'docs/architecture.md') -> st
 
 def outputs() -> dict[str, str]:
   """path -> the text it should have: the configuration reference and architecture.md with a current table."""
-  from llm_jax import config as config_lib
   with open(ARCHITECTURE_PATH) as f:
     architecture = f.read()
   return {DOC_PATH: generate(), ARCHITECTURE_PATH: with_rules_table(architecture, config_lib.DEFAULT_RULES)}
@@ -213,7 +214,6 @@ def _main() -> None:
     except ConfigDocsError as e:
       sys.exit(f'error: {e}')
 
-  from llm_jax import cli
   cli.run(main)
 
 

@@ -66,9 +66,14 @@ from safetensors import safe_open
 from llm_jax import checkpoint
 from llm_jax import storage
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax.families import FAMILIES, ConversionError, Slot, check_plan_covers, check_supported, export_family, \
     model_fields_from_hf, plan
 from llm_jax.model import lora
+from llm_jax import cli
+from llm_jax import objectives
+from llm_jax import runtime
+from llm_jax.data import tokenizer as tokenizer_lib
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -211,13 +216,11 @@ def _shards(specs, max_shard_bytes: int) -> list[list]:
 
 
 def _abstract_params(config):
-  from llm_jax import runtime  # the inference layer has it: a conversion needs no optimizer or train step
   return runtime.abstract_params(config)
 
 
 def _install_tokenizer(source: str, workdir: str):
   """Copies a tokenizer (all its files) into the workdir with its fingerprint; returns it."""
-  from llm_jax.data import tokenizer as tokenizer_lib
   return tokenizer_lib.bind_to_workdir(source, workdir)
 
 
@@ -256,7 +259,7 @@ def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str =
   config.model.update(scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype)
   config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
   try:
-    config_lib.validate(config, 1)
+    validation.validate(config, 1)
   except config_lib.ConfigError as e:
     raise ConversionError(f'{hf_dir}/config.json describes a model llm_jax cannot build: {e}') from e
 
@@ -308,12 +311,10 @@ def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str,
 
 
 def _workdir_tokenizer(workdir: str):
-  from llm_jax.data import tokenizer as tokenizer_lib
   return tokenizer_lib.load_from_workdir(workdir) if tokenizer_lib.workdir_tokenizer(workdir) else None
 
 
 def _check_exportable(config) -> None:
-  from llm_jax import objectives  # pylint: disable=g-import-not-at-top
   if not objectives.REGISTRY[config.model.objective].causal:
     raise ConversionError(f'config.model.objective={config.model.objective!r}: only causal LMs (clm, dpo) export '
                           f'as {", ".join(f.architecture for f in FAMILIES.values())}')
@@ -334,7 +335,6 @@ def _token_ids(tokenizer, meta: dict) -> dict[str, Any]:
 
 def _export_tokenizer(tokenizer, hf_dir: str, max_len: int) -> list[str]:
   """The tokenizer's files in the export, and a tokenizer_config.json for a tokenizer.json that has none."""
-  from llm_jax.data import tokenizer as tokenizer_lib
   written = tokenizer_lib.copy_files(tokenizer, hf_dir)
   if tokenizer.kind == 'hf' and tokenizer_lib.HF_CONFIG_FILE not in written:
     names = dict(bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
@@ -412,7 +412,6 @@ def _main():
   """The command line. Flags are defined here, not at import, so that tests can import every job together."""
   from absl import app, flags
 
-  from llm_jax import cli
 
   hf_dir = flags.DEFINE_string('hf_dir', None, 'Hugging Face checkpoint directory (config.json + safetensors).')
   workdir = flags.DEFINE_string('workdir', None, 'llm_jax workdir (from_hf: created; to_hf: read).')

@@ -26,3 +26,14 @@ def exit_on_user_error():
     yield
   except (UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
+
+
+def fail(field: str, message: str):
+  """Raises ConfigError for `config.<field>`: the one message shape every part's config check uses."""
+  raise ConfigError(f'config.{field}: {message}')
+
+
+def check_choice(field: str, value, choices) -> None:
+  """`value` of config.<field> must be one of `choices` (a part's registry: its keys are the names)."""
+  if value not in choices:
+    fail(field, f'unknown value {value!r}; expected one of {", ".join(choices)}')

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm_jax.errors import check_choice, fail
+
 
 WSD_SHAPES = {  # progress p in [0, 1] of the decay phase -> fraction of (peak - end) still left
     'linear': lambda p: 1.0 - p,
@@ -74,6 +76,28 @@ def make_schedule(train_config) -> optax.Schedule:
   schedule = decay if warmup == 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
   return lambda step: schedule(step + 1) if warmup else schedule(step)
+
+
+MOMENTS_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # config.train.moments_dtype
+
+
+def check_config(train_config) -> None:
+  """config.train's optimizer and schedule fields; ConfigError naming the first bad one."""
+  t = train_config
+  check_choice('train.schedule', t.schedule, DECAYS)
+  check_choice('train.moments_dtype', t.moments_dtype, MOMENTS_DTYPES)
+  if t.learning_rate <= 0:
+    fail('train.learning_rate', f'must be positive, got {t.learning_rate}')
+  if t.warmup_steps < 0:
+    fail('train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
+  if t.schedule == 'wsd':
+    check_choice('train.wsd_decay_shape', t.wsd_decay_shape, WSD_SHAPES)
+    if not 0.0 <= t.wsd_decay_fraction <= 1.0:
+      fail('train.wsd_decay_fraction', f'must be in [0, 1], got {t.wsd_decay_fraction}')
+    decay_steps = wsd_decay_steps(t)
+    if t.warmup_steps + decay_steps > t.steps:
+      fail('train.wsd_decay_fraction', f'warmup_steps={t.warmup_steps} plus the decay phase '
+           f'({t.wsd_decay_fraction} * {t.steps} = {decay_steps} steps) exceed train.steps={t.steps}')
 
 
 NO_DECAY = ('scale', 'bias')  # leaf names of norm scales and biases
@@ -160,7 +184,7 @@ def make_optimizer(train_config, trainable_mask=None) -> optax.GradientTransform
   if train_config.grad_clip > 0:
     parts.append(clip_by_global_norm(train_config.grad_clip))
   parts += [
-      scale_by_adam(train_config.beta1, train_config.beta2, train_config.eps, train_config.moments_dtype),
+      scale_by_adam(train_config.beta1, train_config.beta2, train_config.eps, MOMENTS_DTYPES[train_config.moments_dtype]),
       optax.add_decayed_weights(train_config.weight_decay, mask=decay_mask),
   ]  # the learning rate is applied by the train step (module docstring)
   return optax.chain(*parts)

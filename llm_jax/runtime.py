@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax import data
 from llm_jax import decoding
 from llm_jax import objectives
@@ -114,7 +114,7 @@ class Runtime:
   def __post_init__(self):
     devices = list(self.devices if self.devices is not None else jax.devices())
     if not self.validated:
-      config_lib.validate(self.config, len(devices))
+      validation.validate(self.config, len(devices))
     self.mesh = sharding.make_mesh(self.config, devices)
     self.rules = sharding.rules_of(self.config)
     # Kernels are chosen for the mesh's devices, which an ahead-of-time compile takes from a target, not the host.

@@ -39,6 +39,7 @@ import optax
 
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax import data
 from llm_jax import metrics as metrics_lib
 from llm_jax import objectives
@@ -54,6 +55,7 @@ from llm_jax.model import moe
 # re-exported: the model-building functions live with the inference runtime, which the Trainer builds on
 from llm_jax.runtime import abstract_params, create_model, init_params_fn, make_eval_step, token_losses  # noqa: F401
 from llm_jax.errors import UserError
+from llm_jax.data import preference as preference_data
 
 
 @flax.struct.dataclass
@@ -346,7 +348,6 @@ def _precompute_reference(trainer: Trainer, state: TrainState) -> None:
   point (this state's parameters at step 0; on a resume init_from or the fresh initialisation again, and only
   when the stored ones are missing or keyed to another reference or other pairs) and stored beside the prepared
   data (llm_jax.data.preference.store_reference); the batches then carry them and the state holds no reference."""
-  from llm_jax.data import preference as preference_data  # pylint: disable=g-import-not-at-top  (dpo runs only)
   config = trainer.config
   source = config.train.init_from
   reference = dict(init_from=storage.absolute(source) if source else None,
@@ -403,7 +404,7 @@ def train_and_evaluate(config, workdir: str, devices=None, hooks: Sequence[Hook]
   `hooks` run after the built-in ones (default_hooks) at every step where they are due.
   """
   workdir = _check_workdir_path(workdir)
-  config_lib.validate(config, len(devices) if devices is not None else jax.device_count())  # before any work
+  validation.validate(config, len(devices) if devices is not None else jax.device_count())  # before any work
   is_writer = jax.process_index() == 0
   if is_writer:
     checkpoint.check_writable(workdir)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import validation
 
 EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'experiments', '*.py')))
 
@@ -14,7 +15,7 @@ EXPERIMENTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '..', 'ex
 def test_every_experiment_loads_and_validates(path):
   config = config_lib.load_experiment(path)
   devices = config.data.global_batch_size  # any count the batch divides works with mesh.data = -1
-  config_lib.validate(config, devices)
+  validation.validate(config, devices)
 
 
 def test_presets_required_by_other_parts_exist():
@@ -72,7 +73,7 @@ def test_bad_config_is_rejected_naming_the_field(field, break_it):
   config = _base()
   break_it(config)
   with pytest.raises(config_lib.ConfigError, match=rf'^config\.{field}[: ]'):
-    config_lib.validate(config, num_devices=8)
+    validation.validate(config, num_devices=8)
 
 
 def test_locked_config_rejects_unknown_field():
@@ -85,4 +86,4 @@ def test_locked_config_rejects_unknown_field():
 def test_mesh_minus_one_takes_remaining_devices():
   config = _base()
   config.mesh.update(data=-1, fsdp=2, tensor=2)
-  assert config_lib.validate(config, 8) == {'data': 2, 'expert': 1, 'fsdp': 2, 'tensor': 2}
+  assert validation.validate(config, 8) == {'data': 2, 'expert': 1, 'fsdp': 2, 'tensor': 2}

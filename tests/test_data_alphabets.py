@@ -192,13 +192,14 @@ def test_a_space_always_has_a_piece():
 
 def test_coverage_field_is_validated():
   from llm_jax import config as config_lib
+  from llm_jax import validation
   c = config_lib.get_config()
   c.data.tokenizer_character_coverage = '0.98'
-  config_lib.validate(c, 1)
+  validation.validate(c, 1)
   for bad in ('most', '0', '1.5'):
     c.data.tokenizer_character_coverage = bad
     with pytest.raises(config_lib.ConfigError, match=r'config\.data\.tokenizer_character_coverage: .*auto'):
-      config_lib.validate(c, 1)
+      validation.validate(c, 1)
 
 
 # --- terminal escape sequences -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax.data import pipeline
 from llm_jax.data import preparation
 from llm_jax.data import preparation_tasks
@@ -98,7 +99,7 @@ def test_separator_splits_files_and_a_small_folder_cuts_at_a_document_boundary(t
 def test_bad_separator_is_one_error_naming_the_field(tmp_path):
   config = make_config(str(tmp_path), document_separator='(unclosed')
   with pytest.raises(config_lib.ConfigError, match=r'config\.data\.document_separator: .*not a regular'):
-    config_lib.validate(config, 1)
+    validation.validate(config, 1)
   (tmp_path / 'a.txt').write_text('some text here for a document')
   with pytest.raises(sources.SourceError, match=r'config\.data\.document_separator'):
     preparation.prepare(config, str(tmp_path / 'work'), progress=False)

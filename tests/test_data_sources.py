@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax import data
 from llm_jax.data import mixture
 from llm_jax.data import preparation
@@ -52,7 +53,7 @@ def test_local_files_through_load_dataset(tmp_path, texts, loader, streaming):
     files = str(tmp_path / 'rows.jsonl')
   config = hf_config(hf_path=loader, hf_data_files=files, hf_streaming=streaming, text_field='body',
                      validation_fraction=0.1)
-  config_lib.validate(config, 1)
+  validation.validate(config, 1)
   index = preparation.prepare(config, str(tmp_path / 'work'), progress=False)
   kept = kept_texts(str(tmp_path / 'work'), index)
   assert sorted(kept['train'] + kept['validation']) == sorted(texts)  # every row once, no split overlap
@@ -92,7 +93,7 @@ def test_mixture_shares_purity_slices_and_errors(tmp_path):
   b = _prepared(tmp_path, 'b', given, 15, 2)
   config = make_config('', mixture=f'{a}:0.7,{b}:0.3')
   config.data.source = 'mixture'
-  config_lib.validate(config, 1)
+  validation.validate(config, 1)
   mixed = mixture.open_mixture(config, 'train')
   batches = [mixed.batch(k) for k in range(1000)]
   rows = np.concatenate([batch['source'] for batch in batches])
@@ -126,7 +127,7 @@ def test_mixture_shares_purity_slices_and_errors(tmp_path):
                         (f'{a}:-1', 'not a positive number'), (a, 'not PREPARED_DIR:WEIGHT'), ('', 'empty')]:
     config.data.mixture = spec
     with pytest.raises(config_lib.ConfigError, match=r'config\.data\.mixture: .*' + message):
-      config_lib.validate(config, 1)
+      validation.validate(config, 1)
 
 
 def test_mixture_quotas_are_exact_per_block():

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax import decoding, generate, train
 from llm_jax import workdir as workdir_lib
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -118,7 +119,7 @@ def test_load_on_devices_that_do_not_divide_the_run_batch(workdir):
   assert fitted.eval.task_file == ''
   fitted = workdir_lib.inference_config(config, 3)  # mesh does not fit: replicated, batch split over 3
   assert (fitted.data.global_batch_size, fitted.mesh.data, fitted.mesh.fsdp) == (12, -1, 1)
-  config_lib.validate(fitted, 3)
+  validation.validate(fitted, 3)
   assert config.data.global_batch_size == 12  # the run's config is not changed
 
 

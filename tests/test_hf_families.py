@@ -22,6 +22,7 @@ transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file  # noqa: E402
 
 from llm_jax import checkpoint, config as config_lib, convert, decoding, train  # noqa: E402
+from llm_jax import validation
 
 torch.set_num_threads(1)
 TOL = 1e-4
@@ -180,11 +181,11 @@ def test_config_refuses_bad_values():
   config = config_lib.get_config()
   config.model.rope_scaling = 'yarn'
   with pytest.raises(config_lib.ConfigError, match='model.rope_scaling'):
-    config_lib.validate(config, 1)
+    validation.validate(config, 1)
   config = config_lib.get_config()
   config.model.sliding_window = -1
   with pytest.raises(config_lib.ConfigError, match='model.sliding_window'):
-    config_lib.validate(config, 1)
+    validation.validate(config, 1)
 
 
 @pytest.mark.parametrize('causal', [True, False])
@@ -222,7 +223,7 @@ def test_llama3_presets_have_the_released_shapes(preset, hf_count):
   import flax.linen as nn
   from llm_jax import metrics
   config = config_lib.load_experiment(preset)
-  config_lib.validate(config, 8)
+  validation.validate(config, 8)
   shapes = jax.eval_shape(lambda r: nn.unbox(train.create_model(config).init(r, jnp.zeros((1, 8), jnp.int32))),
                           jax.random.key(0))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax import optim
 
 
@@ -36,7 +37,7 @@ def wsd_by_hand(step, steps=100, peak=1e-3, warmup=10, end_ratio=0.1, fraction=0
 @pytest.mark.parametrize('warmup', [0, 10])
 def test_wsd_matches_the_hand_computation(shape, warmup):
   c = train_config(wsd_decay_shape=shape, warmup_steps=warmup)
-  config_lib.validate(c, 1)
+  validation.validate(c, 1)
   schedule = optim.make_schedule(c.train)
   got = np.array([float(schedule(s)) for s in range(100)])
   want = np.array([wsd_by_hand(s, warmup=warmup, shape=shape) for s in range(100)])
@@ -48,8 +49,8 @@ def test_wsd_matches_the_hand_computation(shape, warmup):
 
 def test_wsd_fields_are_validated():
   with pytest.raises(config_lib.ConfigError, match='train.wsd_decay_fraction'):
-    config_lib.validate(train_config(wsd_decay_fraction=0.95), 1)
+    validation.validate(train_config(wsd_decay_fraction=0.95), 1)
   with pytest.raises(config_lib.ConfigError, match='train.wsd_decay_shape'):
-    config_lib.validate(train_config(wsd_decay_shape='exp'), 1)
+    validation.validate(train_config(wsd_decay_shape='exp'), 1)
   with pytest.raises(config_lib.ConfigError, match='train.z_loss'):
-    config_lib.validate(train_config(z_loss=-1.0), 1)
+    validation.validate(train_config(z_loss=-1.0), 1)

@@ -8,6 +8,7 @@ import pytest
 
 from llm_jax import benchmark
 from llm_jax import config as config_lib
+from llm_jax import validation
 from llm_jax import profiling
 from llm_jax import train
 from llm_jax import xla_options
@@ -33,9 +34,9 @@ def test_parse_options_takes_xla_flags_syntax_and_names_the_field():
       'xla_gpu_enable_latency_hiding_scheduler': True, 'xla_gpu_enable_triton_gemm': False,
       'xla_gpu_enable_command_buffer': 'FUSION,CUBLAS', 'xla_x': ''}
   with pytest.raises(config_lib.ConfigError, match='config.xla.options'):
-    config_lib.validate(tiny_config(xla=dict(options='latency_hiding')), 1)
+    validation.validate(tiny_config(xla=dict(options='latency_hiding')), 1)
   with pytest.raises(config_lib.ConfigError, match='config.train.profile_steps'):
-    config_lib.validate(tiny_config(train=dict(profile_steps='8,5')), 1)
+    validation.validate(tiny_config(train=dict(profile_steps='8,5')), 1)
   with pytest.raises(config_lib.ConfigError, match='step 1 compiles'):
     profiling.parse_steps('1,2')
   assert profiling.parse_steps('5,8') == (5, 8) and profiling.parse_steps('3') == (3, 3)

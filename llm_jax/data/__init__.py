@@ -12,14 +12,16 @@ processes. Sources are imported lazily: the synthetic source needs no TensorFlow
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Iterator
 
 import numpy as np
-from llm_jax.errors import ConfigError
+from llm_jax.data import cleaning, pipeline, sft, tokenizer
+from llm_jax.errors import ConfigError, check_choice, fail
 
 # source name -> module implementing `make_iterator(config, split, start_step, process_index, process_count,
 # workdir)` and `prepare(config, workdir)`.
-_SOURCES = {
+SOURCES = {
     'synthetic': 'llm_jax.data.synthetic',
     'stdlib': 'llm_jax.data.pipeline',
     'text_files': 'llm_jax.data.pipeline',
@@ -32,14 +34,53 @@ _SOURCES = {
     'preference_stdlib': 'llm_jax.data.preference',
 }
 
+PAIR_SOURCES = tuple(name for name, module in SOURCES.items() if module == 'llm_jax.data.preference')  # yield
+# preference pairs (chosen, rejected), which the preference objectives train on
+
 Batch = dict[str, np.ndarray]
+
+
+def check_config(config) -> None:
+  """config.data's fields (and their bounds by config.model.max_seq_len); ConfigError naming the first bad one.
+  Checked before anything is read or prepared."""
+  d = config.data
+  check_choice('data.source', d.source, SOURCES)
+  pipeline.check_seq_len(config)
+  if not 0.0 < d.mask_prob < 1.0:
+    fail('data.mask_prob', f'must be in (0, 1), got {d.mask_prob}')
+  try:
+    re.compile(d.document_separator, re.MULTILINE)
+  except re.error as e:
+    fail('data.document_separator', f'{d.document_separator!r} is not a regular expression ({e})')
+  if d.filters != 'auto':
+    for name in filter(None, (n.strip() for n in d.filters.split(','))):
+      if name not in cleaning.FILTER_NAMES:
+        fail('data.filters', f'unknown filter {name!r}; expected some of {", ".join(cleaning.FILTER_NAMES)} (or '
+             f'auto, or \'\')')
+  if not 0.0 < d.near_dedup_threshold <= 1.0:
+    fail('data.near_dedup_threshold', f'must be in (0, 1], got {d.near_dedup_threshold}')
+  try:
+    tokenizer.parse_coverage(d.tokenizer_character_coverage)
+  except tokenizer.TokenizerError as e:
+    raise ConfigError(str(e)) from None
+  if d.prepare_workers < 0:
+    fail('data.prepare_workers', f'must be >= 0 (0 = the machine\'s cores), got {d.prepare_workers}')
+  if not 0.0 < d.validation_fraction < 1.0:
+    fail('data.validation_fraction', f'must be between 0 and 1, got {d.validation_fraction}')
+  if d.source in ('hf_datasets', 'preference_hf') and not d.hf_path:
+    fail('data.hf_path', 'empty; name a dataset (hub name, local folder, json/parquet/text loader or a '
+         'save_to_disk folder)' if d.source == 'hf_datasets' else 'empty; name the dataset of prompt/chosen/rejected '
+         'rows')
+  if d.source == 'mixture':
+    from llm_jax.data import mixture  # pylint: disable=g-import-not-at-top (source modules load lazily, as above)
+    mixture.parse(d.mixture)
+  check_choice('data.sft_truncation', d.sft_truncation, sft.TRUNCATIONS)
 
 
 def _source_module(config):
   name = config.data.source
-  if name not in _SOURCES:
-    raise ConfigError(f'config.data.source: unknown source {name!r}; expected one of {", ".join(_SOURCES)}')
-  return importlib.import_module(_SOURCES[name])
+  check_choice('data.source', name, SOURCES)
+  return importlib.import_module(SOURCES[name])
 
 
 def prepare(config, workdir: str | None = None) -> None:

@@ -53,6 +53,7 @@ from llm_jax import storage
 from llm_jax.errors import ConfigError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
+from llm_jax.data import chat_template
 
 ROLES = ('system', 'user', 'assistant')
 _SPLIT_IDS = {'train': 0, 'validation': 1}
@@ -113,7 +114,6 @@ def render(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
   """Tokens of a chat under the tokenizer's own chat template when it has one (llm_jax.data.chat_template: loss
   on the assistant spans as rendered), else the built-in template above; and which of them count in the loss."""
   if getattr(tokenizer, 'chat_template', None):
-    from llm_jax.data import chat_template
     return chat_template.tokens_and_loss(tokenizer, messages)
   tokens, loss = [], []
 
@@ -133,10 +133,12 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
   """Tokens a generation starts from for a single-turn prompt: user turn + assistant header (the tokenizer's chat
   template when it has one)."""
   if getattr(tokenizer, 'chat_template', None):
-    from llm_jax.data import chat_template
     return chat_template.prompt_tokens(tokenizer, [dict(role='user', content=prompt)])
   tokens, _ = render(tokenizer, [dict(role='user', content=prompt)])
   return tokens + tokenizer.encode('<|assistant|>\n')
+
+
+TRUNCATIONS = ('truncate', 'drop', 'error')  # config.data.sft_truncation: the policies `fit` implements
 
 
 def fit(tokens: np.ndarray, loss: np.ndarray, max_tokens: int, policy: str, where: str):

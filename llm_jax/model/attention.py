@@ -332,6 +332,8 @@ def _axis_index(axes):
 
 
 KERNELS: dict[str, Callable] = {'xla': xla_attention, 'cudnn': cudnn_attention, 'splash': splash_attention}
+CHOICES = ('auto', *KERNELS)  # config.model.attention: a kernel, or auto (choose_kernel)
+PROJECTIONS = ('q', 'k', 'v', 'o')  # the attention's projections, by name (LoRA targets)
 
 
 def cudnn_supported(head_dim: int, dtype) -> bool:

@@ -138,6 +138,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.A
   return rotated.astype(x.dtype)
 
 
+SWIGLU_PROJECTIONS = ('gate', 'up', 'down')  # SwiGLU's projections, by name (LoRA targets)
+
+
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x)): the LLaMA MLP."""
   ffn_dim: int

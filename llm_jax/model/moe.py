@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.errors import ConfigError
-from llm_jax.model.layers import Projection, SwiGLU
+from llm_jax.errors import check_choice, fail
+from llm_jax.model.layers import SWIGLU_PROJECTIONS, Projection, SwiGLU
 from llm_jax.model.partitioning import constrain
 
 AUX_COLLECTION = 'aux_loss'  # = llm_jax.objectives.base.AUX_COLLECTION (model/ imports no objectives; tested)
@@ -192,14 +192,8 @@ def expert_load(model, params, batch: dict) -> jax.Array:
 def check_config(config) -> None:
   """The config.model fields of a mixture of experts; ConfigError naming the first bad one."""
   m = config.model
-
-  def fail(field, message):
-    raise ConfigError(f'config.{field}: {message}')
-
-  if m.ffn not in FFN_KINDS:
-    fail('model.ffn', f'unknown value {m.ffn!r}; expected one of {", ".join(FFN_KINDS)}')
-  if m.moe_compute not in EXPERT_COMPUTE:
-    fail('model.moe_compute', f'unknown value {m.moe_compute!r}; expected one of {", ".join(EXPERT_COMPUTE)}')
+  check_choice('model.ffn', m.ffn, FFN_KINDS)
+  check_choice('model.moe_compute', m.moe_compute, EXPERT_COMPUTE)
   if m.ffn != 'moe':
     return
   if m.num_experts < 2:
@@ -214,7 +208,7 @@ def check_config(config) -> None:
       fail(f'model.{name}', f'must be >= 0 (0 = off), got {m[name]}')
   lora = config.get('lora')
   if lora is not None and lora.rank:
-    mlp_targets = sorted({t.strip() for t in lora.targets.split(',')} & {'gate', 'up', 'down'})
+    mlp_targets = sorted({t.strip() for t in lora.targets.split(',')} & set(SWIGLU_PROJECTIONS))
     if mlp_targets:
       fail('lora.targets', f'{",".join(mlp_targets)}: adapters on experts are not implemented; with model.ffn=moe '
            'use attention targets (q,k,v,o)')

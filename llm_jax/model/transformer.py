@@ -13,8 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.errors import check_choice, fail
+from llm_jax.model import moe
+from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
+from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
 from llm_jax.model.attention import SelfAttention
-from llm_jax.model.layers import RMSNorm, Rope
+from llm_jax.model.layers import ROPE_SCALINGS, SWIGLU_PROJECTIONS, RMSNorm, Rope
 from llm_jax.model.moe import AUX_COLLECTION, FFN_KINDS, LOAD_COLLECTION
 from llm_jax.model.partitioning import constrain
 
@@ -117,6 +121,51 @@ class TransformerConfig:
     return Rope(theta=self.rope_theta, scaling=self.rope_scaling, factor=self.rope_scaling_factor,
                 low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
                 original_max_len=self.rope_original_max_len)
+
+
+DTYPES = ('float32', 'bfloat16', 'float16')  # config.model.dtype, param_dtype and logits_dtype
+LORA_TARGETS = ATTENTION_PROJECTIONS + SWIGLU_PROJECTIONS  # config.lora.targets: every projection by its name
+
+
+def check_config(config) -> None:
+  """The config.model fields the model reads (and config.lora's targets); ConfigError naming the first bad one.
+  Shapes against the mesh are checked by config.check_run, the objective's fields by objectives.check_config."""
+  m = config.model
+  for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'max_seq_len'):
+    if m[name] <= 0:
+      fail(f'model.{name}', f'must be positive, got {m[name]}')
+  if m.d_model % m.num_heads:
+    fail('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model}')
+  if m.num_heads % m.num_kv_heads:
+    fail('model.num_kv_heads', f'{m.num_kv_heads} kv heads do not divide num_heads={m.num_heads}')
+  if (m.d_model // m.num_heads) % 2:
+    fail('model.num_heads', f'head_dim = d_model/num_heads = {m.d_model // m.num_heads} must be even for RoPE')
+  for name in ('dtype', 'param_dtype', 'logits_dtype'):
+    check_choice(f'model.{name}', m[name], DTYPES)
+  check_choice('model.attention', m.attention, ATTENTION_CHOICES)
+  check_choice('model.rope_scaling', m.rope_scaling, ROPE_SCALINGS)
+  if m.rope_scaling != 'none' and m.rope_scaling_factor <= 0:
+    fail('model.rope_scaling_factor', f'must be positive, got {m.rope_scaling_factor}')
+  if m.rope_scaling == 'llama3':
+    if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+      fail('model.rope_high_freq_factor', f'llama3 scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor, '
+           f'got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}')
+    if m.rope_original_max_len <= 0:
+      fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
+  if m.sliding_window < 0:
+    fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
+  check_choice('model.remat', m.remat, REMAT_POLICIES)
+  if not 0 <= m.max_segments_per_row <= m.max_seq_len:
+    fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
+  moe.check_config(config)
+  lora = config.get('lora')
+  if lora is not None:
+    if lora.rank < 0:
+      fail('lora.rank', f'must be >= 0, got {lora.rank}')
+    if lora.rank:
+      for target in filter(None, lora.targets.split(',')):
+        if target.strip() not in LORA_TARGETS:
+          fail('lora.targets', f'unknown projection {target!r}; expected some of {",".join(LORA_TARGETS)}')
 
 
 class Block(nn.Module):

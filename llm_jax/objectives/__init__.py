@@ -7,15 +7,22 @@ else decides what is differentiated.
 
   make(config)                      the run's objective (config.model.objective)
   prepare_batch(config, batch, step)   make(config).prepare(batch, step)
-  names()                           registered names (= config.OBJECTIVES, tested)
+  names()                           registered names (the choices of config.model.objective)
+  check_config(config)              the objective's name and the fields it reads (ConfigError naming the field)
 """
 
 from __future__ import annotations
 
+from llm_jax.errors import check_choice
 from llm_jax.objectives.base import AUX_COLLECTION, EVAL_STEP, Loss, Objective, apply_with_aux  # noqa: F401
 from llm_jax.objectives.lm import MLM_STREAM, mlm_key, mlm_mask, token_losses  # noqa: F401
 from llm_jax.objectives import preference  # noqa: F401  (registers dpo)
 from llm_jax.objectives.registry import REGISTRY, names  # noqa: F401
+
+
+def check_config(config) -> None:
+  check_choice('model.objective', config.model.objective, REGISTRY)
+  REGISTRY[config.model.objective].check_config(config)
 
 
 def make(config) -> Objective:

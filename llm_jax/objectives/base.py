@@ -45,9 +45,15 @@ class Objective:
   name: ClassVar[str] = ''
   causal: ClassVar[bool] = True  # attention mask of the model it trains (mlm: bidirectional)
   train_metrics: ClassVar[tuple[str, ...]] = ()  # metrics written to train rows next to loss and grad_norm
+  trains_on_pairs: ClassVar[bool] = False  # its batches are preference pairs (data.PAIR_SOURCES), else text
 
   def __init__(self, config):
     self.config = config
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    """The fields this objective reads; ConfigError naming the first bad one. Called before anything is built."""
+    del config
 
   def reference_kind(self) -> str | None:
     """None | 'copy' | 'lora_base': the frozen reference this objective needs under its config."""

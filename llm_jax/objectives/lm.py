@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llm_jax.errors import fail
 from llm_jax.objectives import base
 from llm_jax.objectives.registry import register
 
@@ -100,6 +101,12 @@ class MaskedLM(CausalLM):
   """BERT's masked LM (module docstring): bidirectional attention, the loss on the selected positions."""
   name = 'mlm'
   causal = False
+
+  @classmethod
+  def check_config(cls, config):
+    m = config.model
+    if not 0 <= m.mask_token_id < m.vocab_size:
+      fail('model.mask_token_id', f'{m.mask_token_id} is not an id of the vocabulary [0, {m.vocab_size})')
 
   def prepare(self, batch, step):
     config = self.config

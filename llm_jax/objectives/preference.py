@@ -33,6 +33,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from llm_jax.errors import check_choice, fail
 from llm_jax.model import Transformer
 from llm_jax.model import lora as lora_lib
 from llm_jax.objectives import base
@@ -84,6 +85,20 @@ class DPO(base.Objective):
   """Direct preference optimisation and its kin (config.dpo.loss_type) on preference pairs."""
   name = 'dpo'
   train_metrics = PAIR_METRICS[1:]
+  trains_on_pairs = True
+
+  @classmethod
+  def check_config(cls, config):
+    d, p = config.data, config.dpo
+    check_choice('dpo.loss_type', p.loss_type, LOSS_TYPES)
+    if p.beta <= 0:
+      fail('dpo.beta', f'must be positive, got {p.beta}')
+    limit = 0.5 if p.loss_type == 'robust' else 1.0
+    if not 0.0 <= p.label_smoothing < limit:
+      fail('dpo.label_smoothing', f'must be in [0, {limit}) for loss_type={p.loss_type}, got {p.label_smoothing}')
+    if p.max_prompt_length < 0 or 2 * p.max_prompt_length >= d.seq_len:
+      fail('dpo.max_prompt_length', f'must be in [0, data.seq_len/2) = [0, {d.seq_len / 2:g}) (0 = seq_len // 4), '
+           f'got {p.max_prompt_length}')
 
   def reference_kind(self):
     if self.config.dpo.loss_type == 'simpo':

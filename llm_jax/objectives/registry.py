@@ -1,5 +1,5 @@
-"""Objective names -> their classes. Each class registers itself where it is implemented (`@register`);
-config.OBJECTIVES, the documented choices of config.model.objective, is tested equal to `names()`."""
+"""Objective names -> their classes. Each class registers itself where it is implemented (`@register`); these
+names are the choices of config.model.objective (its comment is tested to list exactly `names()`)."""
 
 from __future__ import annotations
 
