@@ -145,9 +145,7 @@ class Mixture:
 def open_mixture(config, split: str = 'train', workdir: str | None = None) -> Mixture:
   """The mixture of the sources' `split` splits, after checking the config and the workdir's tokenizer."""
   role = pipeline._role(config, split)  # pylint: disable=protected-access
-  if config.data.seq_len > config.model.max_seq_len:
-    raise ConfigError(f'config.data.seq_len: {config.data.seq_len} is longer than '
-                      f'model.max_seq_len={config.model.max_seq_len}')
+  pipeline.check_seq_len(config)
   sources = _load(config)
   directory, _, index = sources[0]
   tokenizer = tokenizer_lib.load(storage.join(directory, index['tokenizer']['file']))

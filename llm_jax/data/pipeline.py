@@ -186,7 +186,10 @@ def _role(config, split: str) -> str:
                    f'{config.data.train_split!r}, config.data.eval_split={config.data.eval_split!r})')
 
 
-def _check_seq_len(config) -> None:
+def check_seq_len(config) -> None:
+  """data.seq_len must be positive and fit the model (data.check_config; also before a split is opened)."""
+  if config.data.seq_len <= 0:
+    raise ConfigError(f'config.data.seq_len: must be positive, got {config.data.seq_len}')
   if config.data.seq_len > config.model.max_seq_len:
     raise ConfigError(f'config.data.seq_len: {config.data.seq_len} is longer than '
                       f'model.max_seq_len={config.model.max_seq_len}')
@@ -194,7 +197,7 @@ def _check_seq_len(config) -> None:
 
 def open_split(config, split: str = 'train', workdir: str | None = None) -> PackedSplit:
   """The prepared split as a `PackedSplit`, after checking the config and the workdir's tokenizer against it."""
-  _check_seq_len(config)
+  check_seq_len(config)
   role = _role(config, split)
   directory = preparation.output_dir(config, workdir)
   index = preparation.load_index(directory)

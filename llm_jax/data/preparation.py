@@ -314,11 +314,7 @@ class _ShardWriter:
 
 
 def _source_description(config) -> str:
-  d = config.data
-  if d.source == 'stdlib':
-    return 'the stdlib'
-  field = {'text_files': 'paths', 'tfds': 'tfds_name', 'hf_datasets': 'hf_path'}.get(d.source)
-  return f'config.data.{field}={d[field]!r}' if field else d.source
+  return sources.reader(config).describe(config)
 
 
 AUTO_PARALLEL_BYTES = 64 << 20  # prepare_workers=0 runs tasks in one process below this much input

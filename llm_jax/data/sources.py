@@ -36,7 +36,7 @@ import os
 import re
 import sysconfig
 import unicodedata
-from typing import Iterator
+from typing import Callable, Iterator
 from llm_jax.data import cleaning
 from llm_jax.data import hf_source
 from llm_jax.data.documents import Document, SourceError, Task  # noqa: F401 (sources.Document etc. for callers)
@@ -261,25 +261,8 @@ def _tfds_documents(config, role: str) -> Iterator[Document]:
 TASK_BYTES = 1 << 20  # input bytes per preparation task of a file source (tasks are the unit of parallelism)
 
 
-def has_given_splits(config) -> bool:
-  """Whether the source defines its validation split itself (TFDS, a dataset with both splits)."""
-  if config.data.source == 'tfds':
-    return True
-  if config.data.source == 'hf_datasets':
-    return hf_source.has_given_splits(config)
-  return False
-
-
-def document_tasks(config, skipped: collections.Counter | None = None) -> list[Task]:
-  """The source cut into tasks, in stream order: files grouped to about TASK_BYTES each (a single task when
-  config.data.max_docs is set), one task for TFDS, row ranges of a Hugging Face dataset's splits."""
-  source = config.data.source
-  if source == 'tfds':
-    return [Task('tfds')]  # one task reads both splits: TFDS reads in parallel itself
-  if source == 'hf_datasets':
-    return hf_source.tasks(config)
-  if source not in ('stdlib', 'text_files'):
-    raise SourceError(f'config.data.source: {source!r} has no document reader in sources.py')
+def _file_tasks(config, skipped: collections.Counter | None) -> list[Task]:
+  """Files grouped to about TASK_BYTES each, in the listing's order (a single task when max_docs is set)."""
   files = file_listing(config, skipped)
   if config.data.max_docs:
     return [Task('files', files=tuple(files))]  # stops once max_docs of each role are read
@@ -296,6 +279,68 @@ def document_tasks(config, skipped: collections.Counter | None = None) -> list[T
   if group:
     tasks.append(Task('files', files=tuple(group), size=size))
   return tasks
+
+
+def _file_fingerprint(config) -> dict:
+  files = []
+  for key, path in file_listing(config):
+    try:
+      stat = os.stat(path)
+    except OSError:
+      continue  # vanished since the listing: preparation skips it too
+    files.append([key, stat.st_size, stat.st_mtime_ns])
+  return {'files': files, 'text_field': config.data.text_field,
+          'document_separator': config.data.document_separator}
+
+
+def _tfds_fingerprint(config) -> dict:
+  builder = _tfds_builder(config)
+  return {'tfds_name': config.data.tfds_name, 'version': str(builder.info.version),
+          'data_dir': builder.data_dir, 'splits': [tfds_split_name(config, r) for r in ROLES],
+          'text_key': config.data.tfds_text_key}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+  """How one text source is read: cut into tasks, fingerprinted without reading, and named in messages."""
+  tasks: Callable  # (config, skipped counter or None) -> [Task] in stream order
+  fingerprint: Callable  # config -> what identifies the inputs (names, sizes, versions), JSON-able
+  describe: Callable  # config -> the source as an error message names it
+  given_splits: Callable = lambda config: False  # config -> the source defines its validation split itself
+
+
+_FILES = dict(tasks=_file_tasks, fingerprint=_file_fingerprint)
+# config.data.source -> its reader: the text sources that preparation.py cleans, tokenizes and holds out from.
+READERS = {
+    'stdlib': Reader(**_FILES, describe=lambda config: 'the stdlib'),
+    'text_files': Reader(**_FILES, describe=lambda config: f'config.data.paths={config.data.paths!r}'),
+    # one task reads both splits: TFDS reads in parallel itself
+    'tfds': Reader(tasks=lambda config, skipped: [Task('tfds')], fingerprint=_tfds_fingerprint,
+                   describe=lambda config: f'config.data.tfds_name={config.data.tfds_name!r}',
+                   given_splits=lambda config: True),
+    'hf_datasets': Reader(tasks=lambda config, skipped: hf_source.tasks(config),
+                          fingerprint=hf_source.input_fingerprint,
+                          describe=lambda config: f'config.data.hf_path={config.data.hf_path!r}',
+                          given_splits=hf_source.has_given_splits),
+}
+
+
+def reader(config) -> Reader:
+  source = config.data.source
+  if source not in READERS:
+    raise SourceError(f'config.data.source: {source!r} has no document reader in sources.py')
+  return READERS[source]
+
+
+def has_given_splits(config) -> bool:
+  """Whether the source defines its validation split itself (TFDS, a dataset with both splits)."""
+  return reader(config).given_splits(config)
+
+
+def document_tasks(config, skipped: collections.Counter | None = None) -> list[Task]:
+  """The source cut into tasks, in stream order: files grouped to about TASK_BYTES each (a single task when
+  config.data.max_docs is set), one task for TFDS, row ranges of a Hugging Face dataset's splits."""
+  return reader(config).tasks(config, skipped)
 
 
 def task_documents(config, task: Task, skipped: collections.Counter) -> Iterator[Document]:
@@ -334,19 +379,4 @@ def read_documents(config, role: str | None = None) -> Iterator[Document]:
 def input_fingerprint(config) -> dict:
   """What identifies the source's inputs without reading them: file names, sizes and mtimes, the TFDS
   dataset's name, version and location, or the Hugging Face dataset's fingerprints."""
-  if config.data.source == 'tfds':
-    builder = _tfds_builder(config)
-    return {'tfds_name': config.data.tfds_name, 'version': str(builder.info.version),
-            'data_dir': builder.data_dir, 'splits': [tfds_split_name(config, r) for r in ROLES],
-            'text_key': config.data.tfds_text_key}
-  if config.data.source == 'hf_datasets':
-    return hf_source.input_fingerprint(config)
-  files = []
-  for key, path in file_listing(config):
-    try:
-      stat = os.stat(path)
-    except OSError:
-      continue  # vanished since the listing: preparation skips it too
-    files.append([key, stat.st_size, stat.st_mtime_ns])
-  return {'files': files, 'text_field': config.data.text_field,
-          'document_separator': config.data.document_separator}
+  return reader(config).fingerprint(config)
