@@ -24,6 +24,8 @@ from typing import Any
 from llm_jax import config as config_lib
 from llm_jax import storage
 from llm_jax.errors import UserError
+from llm_jax import cli
+from llm_jax import text_metrics
 
 
 class OutputError(UserError, OSError):
@@ -101,7 +103,6 @@ def perplexity(loaded, split: str, num_batches: int) -> dict[str, Any]:
 def tasks(loaded, task_file: str) -> dict[str, Any]:
   """Greedy completions of the task file's prompts (through the chat template when the run fine-tuned on
   sft_jsonl), scored against the references; includes a few samples."""
-  from llm_jax import text_metrics
   e = loaded.config.eval
   records = text_metrics.read_tasks(task_file, e.task_max_examples)
   completions = loaded.complete([r['prompt'] for r in records], e.max_new_tokens)
@@ -148,7 +149,6 @@ def _main():
   from absl import app, flags
   from ml_collections import config_flags
 
-  from llm_jax import cli
 
   workdir = flags.DEFINE_string('workdir', None, 'Training workdir whose checkpoint is evaluated.')
   config = cli.define_config_dict('config', config_lib.get_config(), 'Overrides of the workdir\'s config, '

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import sys
 from typing import Sequence
+from llm_jax import cli
+from llm_jax import storage
 
 
 def read_prompts(path: str) -> list[str]:
   """One prompt per non-blank line; a literal backslash-n in a line becomes a newline."""
   try:
-    from llm_jax import storage  # pylint: disable=g-import-not-at-top
     lines = storage.read_text(path).splitlines()
   except OSError as e:
     raise FileNotFoundError(f'--prompts_file {path}: cannot read it ({e.strerror or e})') from None
@@ -50,7 +51,6 @@ def _main():
   """The command line. Flags are defined here, not at import, so that tests can import every job together."""
   from absl import app, flags
 
-  from llm_jax import cli
 
   workdir = flags.DEFINE_string('workdir', None, 'Training workdir: its newest intact checkpoint and tokenizer are used; '
                                 'nothing is written to it (a read-only workdir works).')

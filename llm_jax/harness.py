@@ -36,6 +36,11 @@ from lm_eval.api.registry import register_model
 
 from llm_jax import decoding
 from llm_jax.errors import UserError
+from llm_jax import objectives
+from llm_jax import storage
+from llm_jax import workdir as workdir_lib
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.errors import exit_on_user_error
 
 LENGTH_BUCKET = 16  # scoring batches are right-padded to a multiple of this many tokens
 
@@ -59,12 +64,10 @@ class LlmJaxLM(TemplateLM):
     if loaded is None:
       if not workdir:
         raise HarnessError('llm_jax harness: pass workdir=<a training workdir>')
-      from llm_jax import workdir as workdir_lib
       loaded = workdir_lib.load_workdir(workdir, step=None if step in (None, '') else int(step), devices=devices)
     if loaded.tokenizer is None:
       raise HarnessError('llm_jax harness: the workdir has no tokenizer (a run on data.source=synthetic cannot read '
                          'text)')
-    from llm_jax import objectives  # pylint: disable=g-import-not-at-top
     if not objectives.REGISTRY[loaded.config.model.objective].causal:
       raise HarnessError(f'config.model.objective={loaded.config.model.objective!r}: the harness scores causal (clm) '
                          f'models only')
@@ -200,8 +203,6 @@ def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 def loop_row(runtime, params, workdir: str, step: int) -> dict[str, Any]:
   """The training loop's harness row (config.eval.harness_tasks on the current parameters): {step, harness/...}."""
-  from llm_jax import workdir as workdir_lib
-  from llm_jax.data import tokenizer as tokenizer_lib
   e = runtime.config.eval
   loaded = workdir_lib.LoadedModel(runtime=runtime, params=params, tokenizer=tokenizer_lib.load_from_workdir(workdir),
                                    step=step)
@@ -217,7 +218,6 @@ def run(workdir: str, tasks: Sequence[str], include_path: str | None = None, num
   lm = LlmJaxLM(workdir=workdir, step=step, batch_size=batch_size, devices=devices)
   output = evaluate(lm, tasks, include_path, num_fewshot, limit, log_samples=bool(output_path))
   if output_path:
-    from llm_jax import storage
     storage.write_json(output_path, json.loads(json.dumps(output, default=str)))
   return output
 
@@ -225,7 +225,6 @@ def run(workdir: str, tasks: Sequence[str], include_path: str | None = None, num
 def _main():
   from absl import app, flags
 
-  from llm_jax.errors import exit_on_user_error
   workdir = flags.DEFINE_string('workdir', None, 'Training workdir: its latest checkpoint and tokenizer are scored.')
   tasks = flags.DEFINE_list('tasks', None, 'lm_eval task names, comma-separated (e.g. hellaswag,arc_easy).')
   include_path = flags.DEFINE_string('include_path', None, 'Directory of extra task YAMLs (local tasks).')

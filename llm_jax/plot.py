@@ -17,6 +17,7 @@ import json
 from typing import Any, Sequence
 from llm_jax import storage
 from llm_jax.errors import UserError
+from llm_jax import cli
 
 PANELS = (  # (title, y label, [(metric key, line style suffix), ...])
     ('Loss', 'loss', (('loss', 'train'), ('eval_loss', 'eval'))),
@@ -124,7 +125,6 @@ def _main() -> None:
   """Flags are defined only when run as a program, so importing this module (the notebook, tests) defines none."""
   from absl import app, flags
 
-  from llm_jax import cli
   workdirs = flags.DEFINE_multi_string('workdir', None, 'Run directory holding metrics.jsonl; repeat to overlay runs.')
   labels = flags.DEFINE_multi_string('label', None, 'Legend label per --workdir, in order (default: its basename).')
   out = flags.DEFINE_string('out', 'metrics.png', 'Output image (.png, .svg or .pdf), written atomically.')

@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 from llm_jax import decoding
 from llm_jax.model import TransformerConfig
+from llm_jax import text_metrics
+from llm_jax.data import sft
+from llm_jax.data import tokenizer as tokenizer_lib
 
 CHAT_SOURCES = ('sft_jsonl',)  # data sources whose examples are rendered with the chat template
 
@@ -31,7 +34,6 @@ def prompt_encoder(config, tokenizer: Any, chat: bool | None = None) -> Callable
     chat = uses_chat_template(config)
   if not chat:
     return tokenizer.encode
-  from llm_jax.data import sft  # pylint: disable=g-import-not-at-top
   return functools.partial(sft.encode_prompt, tokenizer)
 
 
@@ -42,8 +44,6 @@ def generation_tasks(config, params, workdir: str, step: int, writer) -> dict[st
   config.eval.log_samples samples (metrics.jsonl row `task_samples`, TensorBoard text `samples/i`). Needs the
   workdir's tokenizer; prompts go through `prompt_encoder` (the chat template on sft_jsonl runs). Returns the row.
   """
-  from llm_jax import text_metrics  # pylint: disable=g-import-not-at-top
-  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   e = config.eval
   records = text_metrics.read_tasks(e.task_file, e.task_max_examples)
   tokenizer = tokenizer_lib.load_from_workdir(workdir)

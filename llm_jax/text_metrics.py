@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 from llm_jax.errors import UserError
+from llm_jax import storage
 
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL')
 
@@ -59,7 +60,6 @@ def read_tasks(path: str, max_records: int = 0) -> list[dict[str, str]]:
   Raises TaskFileError naming the file, and the line of the first bad record.
   """
   try:
-    from llm_jax import storage  # pylint: disable=g-import-not-at-top
     lines = storage.read_text(path).replace('\r\n', '\n').split('\n')  # as readlines: only newlines split
   except OSError as e:
     raise TaskFileError(f'task file {path}: cannot read it ({e.strerror or e})') from None

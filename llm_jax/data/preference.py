@@ -51,6 +51,7 @@ from llm_jax.data import sft
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
+from llm_jax.data import hf_source
 
 _SPLIT_IDS = {'train': 0, 'validation': 1}
 FIELDS = ('prompt', 'chosen', 'rejected')
@@ -178,7 +179,6 @@ def _jsonl_records(config) -> Iterator[tuple[object, str]]:
 
 
 def _hf_records(config) -> Iterator[tuple[object, str, str]]:
-  from llm_jax.data import hf_source  # pylint: disable=g-import-not-at-top
   loaded = hf_source.load(config)
   for split, role in hf_source.splits(config):
     for row, record in enumerate(loaded[split]):
