@@ -3,6 +3,13 @@
 The model names its activations ('act_batch', 'act_seq', 'act_embed', ...) and calls `constrain`; outside an
 `activation_sharding(mesh, rules)` context (a plain CPU forward, a unit test) that is a no-op. Parameters carry
 their names through `nn.with_logical_partitioning`; both use the same rules table (config.mesh.rules).
+
+Why not flax's `nn.logical_axis_rules` + `nn.with_logical_constraint` (tried, issue 21): flax 0.12 applies the
+constraint only under an abstract mesh (`jax.sharding.get_abstract_mesh()`). `jax.set_mesh` is refused inside
+`jax.jit`, where this context is entered (the step is being traced), and under `use_abstract_mesh` a Pallas
+kernel's shard_map gets only the abstract mesh: splash then failed to run on fake CPU devices ("No registered
+implementation for untyped custom call to xla.sdy.GlobalToLocalShape for Host", tests/test_splash.py). The
+concrete mesh this context holds is what shard_map needs; `nn.logical_to_mesh_axes` does the rules' work.
 """
 
 from __future__ import annotations
