@@ -185,8 +185,9 @@ def summary(config) -> dict[str, Any]:
               ffn_dim=m.ffn_dim, vocab_size=m.vocab_size, seq_len=d.seq_len, global_batch_size=d.global_batch_size,
               grad_accum_steps=t.grad_accum_steps, dtype=m.dtype, param_dtype=m.param_dtype,
               logits_dtype=m.logits_dtype, moments_dtype=t.moments_dtype, attention=m.attention, remat=m.remat,
-              scan_layers=m.scan_layers, mesh=dict(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                                                   tensor=config.mesh.tensor))
+              scan_layers=m.scan_layers, ffn=m.ffn, moe_compute=m.moe_compute,
+              mesh=dict(data=config.mesh.data, expert=config.mesh.expert, fsdp=config.mesh.fsdp,
+                        tensor=config.mesh.tensor))
 
 
 def format_report(r: dict[str, Any]) -> str:

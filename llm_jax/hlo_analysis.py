@@ -5,7 +5,10 @@ layer's FLOPs, and for some targets (a deviceless GPU compile) it returns nothin
 module from its entry computation instead, multiplying every loop body by its trip count:
 
   matmul FLOPs   2 * output elements * contracted size of every dot and convolution, including the recompute
-                 that remat adds (fused kernels such as splash or cuDNN attention are opaque: not counted)
+                 that remat adds (fused kernels such as splash or cuDNN attention are opaque: not counted),
+                 and TPU's grouped-matmul kernels of jax.lax.ragged_dot (Mosaic calls with a ragged_dot_tiling)
+                 at the compiler's own estimate: 2 * rows * contracted * columns of the whole (padded) operand,
+                 an upper bound where a kernel skips the tiles past the groups' rows
   attention      which kernels the step runs: 'splash' (a Mosaic call of the splash kernel), 'cudnn' (cuDNN
                  fused attention on q, k, v alone), 'cudnn_packed' (with packed lengths and offsets),
                  'cudnn_bias' (with a bias operand: a dense mask), or 'dense' (no attention kernel: XLA's einsums)
@@ -231,6 +234,18 @@ def _convolution_flops(inst: _Instruction, types: dict) -> float:
   return 2.0 * non_spatial * taps * kernel[kernel_labels.index('i')]
 
 
+_COST_FLOPS = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
+
+
+def _ragged_dot_flops(inst: _Instruction) -> float:
+  """The compiler's FLOP estimate of a TPU ragged_dot kernel (forward or input gradient; the weight gradient is a
+  convolution), 0 for any other custom call."""
+  if 'ragged_dot_tiling' not in inst.attributes:
+    return 0.0
+  flops = _COST_FLOPS.search(inst.attributes)
+  return float(flops.group(1)) if flops else 0.0
+
+
 def _attention_kernel(inst: _Instruction) -> str | None:
   target = re.search(r'custom_call_target="([^"]+)"', inst.attributes)
   target = target.group(1) if target else ''
@@ -303,6 +318,7 @@ def analyze_text(text: str) -> StepStats:
       elif op == 'convolution':
         stats.matmul_flops += _convolution_flops(inst, types)
       elif op == 'custom-call':
+        stats.matmul_flops += _ragged_dot_flops(inst)
         kernel = _attention_kernel(inst)
         if kernel:
           stats.attention_kernels.add(kernel)

@@ -145,3 +145,17 @@ def test_matmul_count_is_the_same_scanned_or_unrolled_and_agrees_with_xla():
   assert counts[True][1] < 0.8 * counts[True][0]  # XLA's figure misses a scanned layer
   assert 0.95 < counts[False][0] / counts[False][1] <= 1.0
   assert jax.device_count() == 8
+
+
+def test_tpu_ragged_dot_kernels_count_as_their_padded_matmuls():
+  """TPU runs jax.lax.ragged_dot as a Mosaic grouped-matmul kernel (a custom call, not a dot): the HLO walk counts
+  it at the compiler's estimate, 2 * rows * contracted * columns of the whole operand (an upper bound: the kernel
+  skips tiles past the groups' rows)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  one = NamedSharding(Mesh(np.array(targets.get('v5p-8').devices()[:1]), ('x',)), PartitionSpec())
+  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+          for shape, dtype in (((1024, 256), jnp.bfloat16), ((4, 256, 512), jnp.bfloat16), ((4,), jnp.int32))]
+  compiled = jax.jit(jax.lax.ragged_dot).lower(*args).compile()
+  assert hlo_analysis.analyze(compiled)['matmul_flops'] == 2 * 1024 * 256 * 512

@@ -1,19 +1,83 @@
-"""Expert parallelism on 8 fake CPU devices (tests/conftest.py): a mixture-of-experts model trained on the meshes
-expert 4 x fsdp 2 and expert 2 x data 2 x tensor 2 gives the single-device losses, gradient norms and parameters
-within float32 tolerance: losses, gradient norms and balance terms of 3 steps to rtol 1e-5, and every gradient of the
-first step to rtol 1e-4 (atol 1e-6 * its largest entry: sums in another order), with the experts' weights split
-over the expert axis."""
+"""Expert parallelism on 8 fake CPU devices (tests/conftest.py), on the meshes expert 4 x fsdp 2 and
+expert 2 x data 2 x tensor 2, both running the shard_map token dispatch (moe.expert_parallel_experts):
+
+- the layer: the shard_map path gives the single-device ragged path's output and gradients (input, routing
+  weights, gate, up, down) in float32 to rtol 1e-5, atol 1e-6 * the largest entry (sums in another order); with
+  each shard told the wrong first expert (a mutation) it does not;
+- the model: training gives the single-device losses, gradient norms and parameters within float32 tolerance:
+  losses, gradient norms and balance terms of 3 steps to rtol 1e-5, and every gradient of the first step to
+  rtol 1e-4 (atol 1e-6 * its largest entry), with the experts' weights split over the expert axis."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
 from llm_jax import runtime, train
 from llm_jax.data import synthetic
+from llm_jax.model import moe, partitioning
 
 pytestmark = pytest.mark.slow  # three short trainings with their compiles
+
+MESHES = [dict(expert=4, fsdp=2), dict(expert=2, data=2, tensor=2)]
+
+
+def make_mesh(**sizes):
+  shape = [sizes.get(axis, 1) for axis in config_lib.MESH_AXES]
+  return Mesh(np.array(jax.devices()).reshape(shape), config_lib.MESH_AXES)
+
+
+def layer_case(tokens=64, d=16, f=24, num_experts=4, k=2):
+  """Random float32 inputs of ragged_experts with real top-k routing."""
+  keys = jax.random.split(jax.random.key(0), 6)
+  x = jax.random.normal(keys[0], (tokens, d))
+  weights, experts, _ = moe.route(jax.random.normal(keys[1], (tokens, num_experts)), k, norm_topk=True)
+  gate, up = (0.3 * jax.random.normal(key, (num_experts, d, f)) for key in keys[2:4])
+  down = 0.3 * jax.random.normal(keys[4], (num_experts, f, d))
+  probe = jax.random.normal(keys[5], (tokens, d))  # the loss <y, probe> reaches every output entry
+  return experts, probe, (x, weights, gate, up, down)
+
+
+def layer_value_and_grads(mesh, experts, probe, args):
+  """ragged_experts' output and the gradients of <output, probe>, traced under the mesh (None: one device)."""
+
+  def loss(x, weights, gate, up, down):
+    y = moe.ragged_experts(x, experts, weights, gate, up, down)
+    return jnp.sum(y * probe), y
+
+  def run(*args):
+    if mesh is None:
+      return jax.grad(loss, argnums=range(5), has_aux=True)(*args)
+    with partitioning.activation_sharding(mesh, config_lib.DEFAULT_RULES):
+      return jax.grad(loss, argnums=range(5), has_aux=True)(*args)
+
+  grads, y = jax.jit(run)(*args)
+  return jax.device_get(y), jax.device_get(grads)
+
+
+def assert_close(actual, expected, name=''):
+  np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6 * float(np.abs(expected).max()), err_msg=name)
+
+
+@pytest.mark.parametrize('mesh', MESHES, ids=str)
+def test_shard_map_dispatch_gives_the_single_device_layer(mesh, monkeypatch):
+  experts, probe, args = layer_case()
+  y_ref, grads_ref = layer_value_and_grads(None, experts, probe, args)
+  calls = []
+  dispatch = moe.expert_parallel_experts
+  monkeypatch.setattr(moe, 'expert_parallel_experts', lambda *a: calls.append(1) or dispatch(*a))
+  y, grads = layer_value_and_grads(make_mesh(**mesh), experts, probe, args)
+  assert calls, 'the mesh did not take the shard_map path'
+  assert_close(y, y_ref)
+  for name, g, g_ref in zip(('x', 'weights', 'gate', 'up', 'down'), grads, grads_ref):
+    assert_close(g, g_ref, name)
+  # a mutation the comparison must catch: every shard believes it holds the first experts
+  monkeypatch.setattr(moe, '_first_local_expert', lambda axes, count: 0)
+  y_wrong, _ = layer_value_and_grads(make_mesh(**mesh), experts, probe, args)
+  assert not np.allclose(y_wrong, y_ref, rtol=1e-5, atol=1e-6 * float(np.abs(y_ref).max()))
 
 
 def moe_config(**mesh):
@@ -49,11 +113,15 @@ def run(config, devices, steps=3):
   return np.array(rows), gradients, state
 
 
-@pytest.mark.parametrize('mesh', [dict(expert=4, fsdp=2), dict(expert=2, data=2, tensor=2)])
-def test_expert_parallel_meshes_give_the_single_device_run(mesh):
+@pytest.mark.parametrize('mesh', MESHES, ids=str)
+def test_expert_parallel_meshes_give_the_single_device_run(mesh, monkeypatch):
   assert len(jax.devices()) == 8, 'tests/conftest.py sets 8 fake CPU devices'
   reference, ref_grads, _ = run(moe_config(), jax.devices()[:1])
+  calls = []
+  dispatch = moe.expert_parallel_experts
+  monkeypatch.setattr(moe, 'expert_parallel_experts', lambda *a: calls.append(1) or dispatch(*a))
   rows, grads, state = run(moe_config(**mesh), jax.devices())
+  assert calls, 'the mesh did not take the shard_map token dispatch'
   np.testing.assert_allclose(rows, reference, rtol=1e-5, err_msg=str(mesh))
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()))

@@ -18,6 +18,20 @@ Compute is dropless: every (token, expert) assignment is evaluated, none is drop
   dense   the reference: every expert on every token (einsums), combined with a one-hot [N,E] weight matrix.
           E/k times the work; the tests compare ragged against it.
 
+Expert parallelism (ragged, under a mesh whose 'expert' axes split the experts; `expert_parallel_experts`):
+XLA's partitioner does not turn a sharded ragged_dot into a dispatch (Mixtral on v5p-64 compiled to 19 x the
+active matmuls), so the experts run inside shard_map, Megatron's "allgather" dispatcher: the tokens and their
+routing are all-gathered over the expert axes, each device runs its own experts' grouped matmuls on the tokens
+routed to them, and a psum_scatter brings each token's sum back to its device. Chosen over an all-to-all because
+a dropless dispatch must be static-shaped for the worst case (every token of the group on one device's experts):
+  - jax.lax.ragged_all_to_all moves only the routed rows, but its receive buffer has that worst-case size all the
+    same, and XLA:CPU does not implement it (jax 0.10.2), so the 8-fake-device tests could not run it;
+  - a static all_to_all sends a worst-case block to every peer: with one expert per device (Mixtral) that is as
+    many bytes as the all-gather.
+Both leave the local grouped matmul on the same worst-case buffer of M * min(k, local experts) rows; TPU's
+ragged_dot kernel skips the tiles past the routed rows, its weight gradient (a convolution) does not. Measured
+on Mixtral 8x7B / v5p-64 in docs/moe.md.
+
 Auxiliary losses go out through the objectives' door (`sow('aux_loss', ...)`, llm_jax.objectives.base), each a
 sum over the batch's real tokens (segment id > 0) so that the step's division by its token count makes it a mean,
 and divided by num_layers so the terms of all layers add up to their mean over layers:
@@ -34,16 +48,18 @@ collection, read by `expert_load` (nothing is stored when that collection is not
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from llm_jax.errors import check_choice, fail
 from llm_jax.model.layers import SWIGLU_PROJECTIONS, Projection, SwiGLU
-from llm_jax.model.partitioning import constrain
+from llm_jax.model.partitioning import active, constrain
 
 AUX_COLLECTION = 'aux_loss'  # = llm_jax.objectives.base.AUX_COLLECTION (model/ imports no objectives; tested)
 LOAD_COLLECTION = 'moe_load'
@@ -76,7 +92,13 @@ def balance_terms(logits, probs, experts, real) -> tuple[jax.Array, jax.Array, j
 
 
 def ragged_experts(x, experts, weights, gate, up, down):
-  """Dropless grouped matmuls. x [N,D], experts/weights [N,k], gate/up [E,D,F], down [E,F,D] -> [N,D] float32."""
+  """Dropless grouped matmuls. x [N,D], experts/weights [N,k], gate/up [E,D,F], down [E,F,D] -> [N,D] float32.
+
+  Under a mesh whose expert axis splits the experts (the step's `activation_sharding` context), the experts run
+  inside shard_map: `expert_parallel_experts`. Otherwise (no mesh, expert axis 1) all of them run here."""
+  context = active()
+  if context is not None and _expert_parallel_fits(context, x.shape[0], gate.shape[0]):
+    return expert_parallel_experts(x, experts, weights, gate, up, down, *context)
   n, k = experts.shape
   flat = experts.reshape(-1)  # [N*k] assignment a = token a // k
   order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
@@ -87,6 +109,85 @@ def ragged_experts(x, experts, weights, gate, up, down):
   ys = ys[jnp.argsort(order)].reshape(n, k, -1)  # back to token order: a gather, no scatter in the gradient
   # the combine is elementwise (not a dot): FLOPs count weights in matmuls (llm_jax.metrics)
   return jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1)
+
+
+def _expert_parallel_axes(rules):
+  """(batch axes, expert axes, embed axes, expert_mlp axes) of the rules table: mesh axis tuples, () for none."""
+  def axes(name):
+    spec = nn.logical_to_mesh_axes((name,), rules)[0]
+    return () if spec is None else spec if isinstance(spec, tuple) else (spec,)
+  return axes('act_batch'), axes('expert'), axes('embed'), axes('expert_mlp')
+
+
+def _expert_parallel_fits(context, tokens: int, num_experts: int) -> bool:
+  """Whether the shard_map dispatch applies: the experts split over more than one device, over mesh axes that
+  also split the tokens (so a gather over them brings every token to every expert), and whole shards."""
+  mesh, rules = context
+  batch, expert, _, _ = _expert_parallel_axes(rules)
+  ep = math.prod(mesh.shape[a] for a in expert)
+  shards = math.prod(mesh.shape[a] for a in batch)
+  return ep > 1 and set(expert) <= set(batch) and tokens % shards == 0 and num_experts % ep == 0
+
+
+def _first_local_expert(expert_axes, local_experts: int):
+  """The global index of this device's first expert, inside shard_map (its shard along the expert axes)."""
+  return jax.lax.axis_index(expert_axes) * local_experts
+
+
+def _local_experts(x, experts, weights, gate, up, down, first):
+  """The contributions of experts first .. first+e-1 (gate/up [e,D,F], down [e,F,D]) to each of the tokens
+  x [M,D] (routed to experts/weights [M,k]) -> [M,D] float32; zero from experts held elsewhere.
+
+  A token picks an expert at most once, so at most M * min(k, e) assignments are local: the grouped matmuls run on
+  that many rows (dropless, static-shaped), the local ones first, grouped by expert; rows past them are zero."""
+  m, k = experts.shape
+  local_count = gate.shape[0]
+  local = experts.reshape(-1) - first
+  mine = (local >= 0) & (local < local_count)
+  key = jnp.where(mine, local, local_count)  # the experts held elsewhere sort last, as one group
+  order = jnp.argsort(key, stable=True)  # [M*k]
+  sizes = jnp.bincount(key, length=local_count + 1)[:local_count].astype(jnp.int32)
+  rows = m * min(k, local_count)
+  xs = x[order[:rows] // k]  # [rows, D]
+  h = nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+  ys = jax.lax.ragged_dot(h, down, sizes)  # [rows, D]; rows past sum(sizes) are zero
+  ys = jnp.pad(ys, ((0, m * k - rows), (0, 0)))[jnp.argsort(order)].reshape(m, k, -1)  # token order (a gather)
+  weights = jnp.where(mine.reshape(m, k), weights, 0.0)
+  return jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1)
+
+
+def expert_parallel_experts(x, experts, weights, gate, up, down, mesh, rules):
+  """`ragged_experts` over a mesh, inside shard_map (Megatron's "allgather" token dispatcher):
+
+    1. FSDP: each device all-gathers its experts' weights over the mesh axes of 'embed' (their transpose
+       reduce-scatters the gradients back);
+    2. dispatch: the tokens with their routing are all-gathered over the expert axes, so each device sees every
+       token of its group of expert shards, and runs its own experts on the ones routed there (`_local_experts`);
+    3. combine: a psum_scatter over the expert axes sums each token's contributions and hands every device back
+       its own tokens; a psum over the 'expert_mlp' axes (tensor) sums the partial products of the split FFN width.
+
+  Each assignment is computed once, by the device that holds its expert: the same function as the single-device
+  path, up to the order of float32 sums."""
+  batch, expert, embed, mlp = _expert_parallel_axes(rules)
+  local_count = gate.shape[0] // math.prod(mesh.shape[a] for a in expert)
+  sized = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)  # collectives over size-1 axes are no-ops
+  embed, mlp = sized(embed), sized(mlp)
+  token_spec = P(batch or None, None)
+  w_in = P(expert, embed or None, mlp or None)
+  w_out = P(expert, mlp or None, embed or None)
+
+  def body(x, experts, weights, gate, up, down):
+    if embed:
+      gate, up = (jax.lax.all_gather(w, embed, axis=1, tiled=True) for w in (gate, up))
+      down = jax.lax.all_gather(down, embed, axis=2, tiled=True)
+    x, experts, weights = (jax.lax.all_gather(a, expert, axis=0, tiled=True) for a in (x, experts, weights))
+    y = _local_experts(x, experts, weights, gate, up, down, _first_local_expert(expert, local_count))
+    y = jax.lax.psum_scatter(y, expert, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(y, mlp) if mlp else y
+
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w_in, w_in, w_out),
+                          out_specs=token_spec)
+  return sharded(x, experts, weights, gate, up, down)
 
 
 def dense_experts(x, experts, weights, gate, up, down):
