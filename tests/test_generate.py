@@ -13,8 +13,9 @@ from llm_jax import validation
 from llm_jax import decoding, generate, train
 from llm_jax import workdir as workdir_lib
 from llm_jax.data import tokenizer as tokenizer_lib
+import helpers
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ['the quick brown fox jumps over the lazy dog', 'def main(argv):\n  return 0',
           'a model must be used with the tokenizer it was trained with'] * 20
 
@@ -26,14 +27,11 @@ def write_tokenizer(path, corpus=CORPUS, vocab_size=320):
 
 
 def tiny_config(vocab_size=320, **eval_fields):
-  c = config_lib.get_config()
-  c.model.update(vocab_size=vocab_size, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64,
-                 max_seq_len=64, dtype='float32')
-  c.data.update(source='synthetic', seq_len=32, global_batch_size=4)
-  c.train.update(steps=4, warmup_steps=1, log_every=2)
-  c.eval.update(dict(dict(every=0, steps=1), **eval_fields))
-  c.checkpoint.update(every=0, async_save=False)
-  return c
+  # attention and learning_rate: get_config()'s, as this file always had them.
+  return helpers.tiny_config(model=dict(vocab_size=vocab_size, max_seq_len=64, attention='auto'),
+                             data=dict(seq_len=32, global_batch_size=4),
+                             train=dict(steps=4, learning_rate=3e-4, warmup_steps=1, log_every=2),
+                             eval={'steps': 1, **eval_fields}, checkpoint=dict(async_save=False))
 
 
 def trained_workdir(root, **eval_fields):

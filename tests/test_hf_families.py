@@ -21,14 +21,11 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file  # noqa: E402
 
-from llm_jax import checkpoint, config as config_lib, convert, decoding, train  # noqa: E402
-from llm_jax import validation
+from llm_jax import config as config_lib, convert, decoding, train  # noqa: E402
+from llm_jax import validation  # noqa: E402
+import hf_compare  # noqa: E402
+from hf_compare import TOL, hf_logits, our_logits, tokens  # noqa: E402
 
-torch.set_num_threads(1)
-TOL = 1e-4
-BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
-            bos_token_id=None, eos_token_id=None, pad_token_id=None)
 LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=50000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
 # name -> (config class, model class, overrides, the config.model fields the import must set, a field edit that
@@ -50,46 +47,7 @@ CASES = {
 }
 
 
-def build(name, directory):
-  config_cls, model_cls, overrides, _, _ = CASES[name]
-  torch.manual_seed(0)
-  model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**BASE, **overrides})).eval()
-  with torch.no_grad():
-    for param_name, param in model.named_parameters():
-      if param_name.endswith('.bias'):
-        param.normal_(0.0, 0.5)
-  model.save_pretrained(directory)
-  return model
-
-
-@pytest.fixture(scope='module')
-def imported(tmp_path_factory):
-  """name -> (HF dir, transformers model, workdir, config, params), built once per case on first use."""
-  cache = {}
-
-  def get(name):
-    if name not in cache:
-      root = tmp_path_factory.mktemp(name.replace('.', '_'))
-      hf_dir, workdir = str(root / 'hf'), str(root / 'work')
-      model = build(name, hf_dir)
-      config = convert.from_hf(hf_dir, workdir, dtype='float32')
-      params, _ = checkpoint.load_params(workdir, train.abstract_params(config))
-      cache[name] = (hf_dir, model, workdir, config, params)
-    return cache[name]
-  return get
-
-
-def tokens(seed=0, shape=(2, 40)):
-  return np.random.default_rng(seed).integers(0, BASE['vocab_size'], shape)
-
-
-def hf_logits(model, ids):
-  with torch.no_grad():
-    return model(torch.tensor(ids)).logits.numpy()
-
-
-def our_logits(config, params, ids):
-  return np.asarray(train.create_model(config).apply({'params': params}, jnp.asarray(ids)))
+imported = hf_compare.imported_fixture(CASES, hf_compare.BASE)
 
 
 @pytest.mark.parametrize('name', list(CASES))

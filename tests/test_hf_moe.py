@@ -10,7 +10,6 @@ AutoModelForCausalLM, and greedy KV-cache generation token for token against tra
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,13 +17,11 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 from safetensors.numpy import load_file  # noqa: E402
 
-from llm_jax import checkpoint, config as config_lib, convert, decoding, train  # noqa: E402
+from llm_jax import config as config_lib, convert, decoding, train  # noqa: E402
+import hf_compare  # noqa: E402
+from hf_compare import TOL, hf_logits, our_logits, tokens  # noqa: E402
 
-torch.set_num_threads(1)
-TOL = 1e-4
-BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1,
-            num_experts_per_tok=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+BASE = dict(hf_compare.BASE, intermediate_size=48, num_experts_per_tok=2)
 # name -> (config class, model class, overrides, config.model fields the import must set, a negative control)
 CASES = {
     'mixtral': ('MixtralConfig', 'MixtralForCausalLM', dict(num_local_experts=4, sliding_window=8),
@@ -42,47 +39,7 @@ CASES = {
 }
 
 
-def build(name, directory):
-  config_cls, model_cls, overrides, _, _ = CASES[name]
-  torch.manual_seed(0)
-  model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**BASE, **overrides})).eval()
-  with torch.no_grad():
-    for param_name, param in model.named_parameters():
-      if param_name.endswith('.bias'):
-        param.normal_(0.0, 0.5)
-      elif param_name.endswith('norm.weight'):  # q/k norms at 1 would not show a wrong layout
-        param.uniform_(0.5, 1.5)
-  model.save_pretrained(directory)
-  return model
-
-
-@pytest.fixture(scope='module')
-def imported(tmp_path_factory):
-  cache = {}
-
-  def get(name):
-    if name not in cache:
-      root = tmp_path_factory.mktemp(name)
-      hf_dir, workdir = str(root / 'hf'), str(root / 'work')
-      model = build(name, hf_dir)
-      config = convert.from_hf(hf_dir, workdir, dtype='float32')
-      params, _ = checkpoint.load_params(workdir, train.abstract_params(config))
-      cache[name] = (hf_dir, model, workdir, config, params)
-    return cache[name]
-  return get
-
-
-def tokens(seed=0, shape=(2, 40)):
-  return np.random.default_rng(seed).integers(0, BASE['vocab_size'], shape)
-
-
-def hf_logits(model, ids):
-  with torch.no_grad():
-    return model(torch.tensor(ids)).logits.numpy()
-
-
-def our_logits(config, params, ids):
-  return np.asarray(train.create_model(config).apply({'params': params}, jnp.asarray(ids)))
+imported = hf_compare.imported_fixture(CASES, BASE, random_norms=True)
 
 
 @pytest.mark.parametrize('name', list(CASES))

@@ -7,23 +7,17 @@ import numpy as np
 import optax
 import pytest
 
-from llm_jax import config as config_lib
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import train
 from llm_jax.data import synthetic
 from llm_jax.model import lora as lora_lib
+import helpers
 
 
-def tiny_config(**sections):
-  c = config_lib.get_config()
-  c.model.update(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=32,
-                 dtype='float32', attention='xla')
-  c.data.update(source='synthetic', seq_len=16, global_batch_size=8)
-  c.train.update(steps=5, learning_rate=1e-2, warmup_steps=2)
-  for section, values in sections.items():
-    c[section].update(values)
-  return c
+# log_every, eval and checkpoint.every: get_config()'s, as this file always had them (its steps run by hand).
+tiny_config = helpers.tiny_config_with(train=dict(log_every=10), eval=dict(every=500, steps=10),
+                                       checkpoint=dict(every=500))
 
 
 def old_optimizer(train_config, trainable_mask=None):

@@ -10,35 +10,19 @@ import numpy as np
 import pytest
 
 from llm_jax import checkpoint
-from llm_jax import config as config_lib
 from llm_jax import data
 from llm_jax import lora_io
 from llm_jax import train
 from llm_jax.model import lora
+import helpers
 
 
 def tiny_config(rank=4, targets='q,k,v,o,gate,up,down', scan=True):
-  c = config_lib.get_config()
-  c.model.vocab_size = 64
-  c.model.d_model = 32
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.ffn_dim = 64
-  c.model.max_seq_len = 32
-  c.model.dtype = 'float32'
-  c.model.scan_layers = scan
-  c.data.seq_len = 16
-  c.data.global_batch_size = 4
-  c.train.steps = 3
-  c.train.warmup_steps = 0
-  c.train.learning_rate = 1e-2
-  c.lora.rank = rank
-  c.lora.alpha = 8.0
-  c.lora.targets = targets
-  c.checkpoint.async_save = False
-  c.eval.steps = 1
-  return c
+  # attention, log_every, eval.every and checkpoint.every: get_config()'s, as this file always had them.
+  return helpers.tiny_config(model=dict(attention='auto', scan_layers=scan), data=dict(global_batch_size=4),
+                             train=dict(steps=3, warmup_steps=0, log_every=10), eval=dict(every=500, steps=1),
+                             checkpoint=dict(every=500, async_save=False),
+                             lora=dict(rank=rank, alpha=8.0, targets=targets))
 
 
 def _one_device():

@@ -17,9 +17,7 @@ import pytest
 
 from llm_jax import checkpoint
 from llm_jax import train
-from test_train import tiny_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, tiny_config
 SMALL_RUN = ['--config.data.source=synthetic', '--config.model.vocab_size=64', '--config.model.d_model=32',
              '--config.model.num_layers=2', '--config.model.ffn_dim=64', '--config.data.seq_len=16',
              '--config.data.global_batch_size=8', '--config.train.log_every=1', '--config.eval.every=0',
@@ -117,7 +115,7 @@ _KILL_DURING_SAVE = textwrap.dedent('''
     import jax
     from llm_jax import checkpoint, train
     sys.path.insert(0, {tests!r})
-    from test_train import tiny_config
+    from helpers import tiny_config
 
     original_save = checkpoint.save
 

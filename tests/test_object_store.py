@@ -28,7 +28,7 @@ from llm_jax import train
 from llm_jax.data import pipeline
 from llm_jax.data import preparation
 from llm_jax.data import tokenizer as tokenizer_lib
-from test_train import tiny_config
+from helpers import tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

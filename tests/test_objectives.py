@@ -23,17 +23,12 @@ from llm_jax.data import sft
 from llm_jax.data import synthetic
 from llm_jax.model import lora as lora_lib
 from llm_jax.objectives import preference
+import helpers
 
 
-def tiny_config(**sections):
-  c = config_lib.get_config()
-  c.model.update(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=32,
-                 dtype='float32', attention='xla')
-  c.data.update(source='synthetic', seq_len=16, global_batch_size=8)
-  c.train.update(steps=5, learning_rate=1e-2, warmup_steps=2, grad_clip=0.05)
-  for section, values in sections.items():
-    c[section].update(values)
-  return c
+# log_every, eval and checkpoint.every: get_config()'s, as this file always had them (its steps run by hand).
+tiny_config = helpers.tiny_config_with(model=dict(num_layers=1), train=dict(grad_clip=0.05, log_every=10),
+                                       eval=dict(every=500, steps=10), checkpoint=dict(every=500))
 
 
 # --- the step before objectives owned their loss (train.py at 0622b7a), verbatim ----------------------------------

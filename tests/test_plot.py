@@ -1,29 +1,20 @@
 """llm_jax.plot on a real metrics.jsonl from a short training run: the PNG exists, panels and lines as expected."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from llm_jax import config as config_lib
 from llm_jax import plot
 from llm_jax import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+from helpers import REPO
 
 
 def tiny_config(steps=10):
-  c = config_lib.get_config()
-  c.model.update(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=32,
-                 dtype='float32', attention='xla')
-  c.data.update(source='synthetic', seq_len=16, global_batch_size=8)
-  c.train.update(steps=steps, learning_rate=1e-2, warmup_steps=3, log_every=2)
-  c.eval.update(every=5, steps=2)
-  c.checkpoint.update(every=0, keep=1, async_save=False)
-  c.mesh.update(data=-1, fsdp=1, tensor=1)
-  return c
+  return helpers.tiny_config(train=dict(steps=steps, warmup_steps=3, log_every=2), eval=dict(every=5),
+                             checkpoint=dict(keep=1, async_save=False))
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from llm_jax import train
-from test_train import REPO, tiny_config
+from helpers import REPO, tiny_config
 
 pytest.importorskip('wandb')
 
@@ -80,7 +80,7 @@ def test_a_run_without_tracking_imports_neither_wandb_nor_lm_eval(tmp_path):
   code = f'''
 import sys, jax
 sys.path.insert(0, {os.path.join(REPO, "tests")!r})
-from test_train import tiny_config
+from helpers import tiny_config
 import llm_jax.train
 llm_jax.train.train_and_evaluate(tiny_config(train=dict(steps=2)), {str(tmp_path / "run")!r}, jax.devices()[:1])
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("wandb", "lm_eval")))

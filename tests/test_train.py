@@ -16,22 +16,7 @@ from llm_jax import checkpoint
 from llm_jax import config as config_lib
 from llm_jax import train
 from llm_jax.data import synthetic
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**sections):
-  c = config_lib.get_config()
-  c.model.update(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=32,
-                 dtype='float32', attention='xla')
-  c.data.update(source='synthetic', seq_len=16, global_batch_size=8)
-  c.train.update(steps=5, learning_rate=1e-2, warmup_steps=2, log_every=1)
-  c.eval.update(every=0, steps=2)
-  c.checkpoint.update(every=0, keep=3)
-  c.mesh.update(data=-1, fsdp=1, tensor=1)
-  for section, values in sections.items():
-    c[section].update(values)
-  return c
+from helpers import REPO, tiny_config
 
 
 def run_steps(config, devices, steps=5, workdir='/tmp/unused'):
@@ -224,7 +209,7 @@ import jax
 import llm_jax.model, llm_jax.train
 assert 'tensorflow' not in sys.modules, 'importing llm_jax.train imported tensorflow'
 sys.path.insert(0, {os.path.dirname(__file__)!r})
-from test_train import tiny_config
+from helpers import tiny_config
 llm_jax.train.train_and_evaluate(tiny_config(train=dict(steps=2)), {str(tmp_path / "run")!r}, jax.devices()[:1])
 assert 'tensorflow' not in sys.modules, 'training on the synthetic source imported tensorflow'
 print('no tensorflow')

@@ -13,19 +13,11 @@ from llm_jax import profiling
 from llm_jax import train
 from llm_jax import xla_options
 from llm_jax.data import synthetic
+import helpers
 
 
-def tiny_config(**sections):
-  c = config_lib.get_config()
-  c.model.update(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=64, max_seq_len=32,
-                 dtype='float32', attention='xla')
-  c.data.update(source='synthetic', seq_len=16, global_batch_size=4)
-  c.train.update(steps=4, learning_rate=1e-2, warmup_steps=1, log_every=2)
-  c.eval.update(every=0, steps=1)
-  c.checkpoint.update(every=0)
-  for section, values in sections.items():
-    c[section].update(values)
-  return c
+tiny_config = helpers.tiny_config_with(model=dict(num_layers=1), data=dict(global_batch_size=4),
+                                       train=dict(steps=4, warmup_steps=1, log_every=2), eval=dict(steps=1))
 
 
 def test_parse_options_takes_xla_flags_syntax_and_names_the_field():
