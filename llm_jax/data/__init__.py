@@ -67,10 +67,11 @@ def check_config(config) -> None:
     fail('data.prepare_workers', f'must be >= 0 (0 = the machine\'s cores), got {d.prepare_workers}')
   if not 0.0 < d.validation_fraction < 1.0:
     fail('data.validation_fraction', f'must be between 0 and 1, got {d.validation_fraction}')
-  if d.source in ('hf_datasets', 'preference_hf') and not d.hf_path:
+  if d.source == 'hf_datasets' and not d.hf_path:
     fail('data.hf_path', 'empty; name a dataset (hub name, local folder, json/parquet/text loader or a '
-         'save_to_disk folder)' if d.source == 'hf_datasets' else 'empty; name the dataset of prompt/chosen/rejected '
-         'rows')
+         'save_to_disk folder)')
+  if d.source == 'preference_hf' and not d.hf_path:
+    fail('data.hf_path', 'empty; name the dataset of prompt/chosen/rejected rows')
   if d.source == 'mixture':
     from llm_jax.data import mixture  # pylint: disable=g-import-not-at-top (source modules load lazily, as above)
     mixture.parse(d.mixture)

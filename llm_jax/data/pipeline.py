@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from llm_jax import storage
-from llm_jax.errors import ConfigError
+from llm_jax.errors import ConfigError, fail
 from llm_jax.data import preparation
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -189,10 +189,9 @@ def _role(config, split: str) -> str:
 def check_seq_len(config) -> None:
   """data.seq_len must be positive and fit the model (data.check_config; also before a split is opened)."""
   if config.data.seq_len <= 0:
-    raise ConfigError(f'config.data.seq_len: must be positive, got {config.data.seq_len}')
+    fail('data.seq_len', f'must be positive, got {config.data.seq_len}')
   if config.data.seq_len > config.model.max_seq_len:
-    raise ConfigError(f'config.data.seq_len: {config.data.seq_len} is longer than '
-                      f'model.max_seq_len={config.model.max_seq_len}')
+    fail('data.seq_len', f'{config.data.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}')
 
 
 def open_split(config, split: str = 'train', workdir: str | None = None) -> PackedSplit:
