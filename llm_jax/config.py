@@ -135,6 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer_path = ''  # Tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory with one; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Kind of a trained tokenizer: bpe | unigram (SentencePiece, tokenizer.model) | byte_bpe (byte-level BPE with Hugging Face tokenizers, tokenizer.json).
   c.data.tokenizer_character_coverage = 'auto'  # bpe / unigram: share of the sample's characters that get pieces of their own (SentencePiece character_coverage), the rest spelled as UTF-8 bytes; a number in (0, 1] as text, e.g. '0.98', or 'auto' = 0.9995 where the vocabulary has room for those characters, else lowered until the most frequent characters fill the vocabulary (large alphabets: Chinese, Japanese, Korean).
+  c.data.add_bos = 'tokenizer'  # BOS at the start of every model input (pre-training documents, generation prompts, harness requests, the built-in SFT template, plain-text preference prompts): tokenizer (what the tokenizer itself adds, as transformers does by default: a Hugging Face tokenizer.json's post-processor, e.g. Llama 3.x, Llama 2 and Mistral imports; nothing for SentencePiece models and the tokenizers preparation trains) | always | never.
   c.data.prepared_dir = ''  # Where prepared token shards go; '' = <workdir>/data.
   c.data.min_doc_chars = 16  # Documents shorter than this (after cleaning) are dropped.
   c.data.max_docs = 0  # Read at most this many documents per split (0 = all); for quick experiments.

@@ -19,7 +19,10 @@ the checkpoint of step 0, and the tokenizer beside the HF files with its fingerp
 one, as transformers' AutoTokenizer prefers it, else the SentencePiece `tokenizer.model`.
 The data source stays `synthetic` (a checkpoint carries no data: pick a source before training); when a tokenizer
 is imported, `data.tokenizer_path` points at the workdir's copy, so text sources tokenise with the model's own
-tokenizer instead of training a new one. Export writes `config.json` and safetensors that
+tokenizer instead of training a new one. Whether the model's inputs start with BOS follows the imported tokenizer
+as transformers' does by default: a tokenizer.json's post-processor says it (Llama 3.x, Llama 2, Mistral: BOS;
+llm_jax.data.tokenizer reads it from the workdir's copy), and a tokenizer.model alone is given data.add_bos=always
+when tokenizer_config.json has add_bos_token true. Export writes `config.json` and safetensors that
 `transformers.AutoModelForCausalLM.from_pretrained` loads, plus the workdir's tokenizer files; a tokenizer.json
 without a tokenizer_config.json (one preparation trained) gets one (PreTrainedTokenizerFast, its special tokens),
 so `AutoTokenizer.from_pretrained` loads the export too. A LoRA
@@ -233,6 +236,18 @@ def _hf_tokenizer_file(hf_dir: str) -> str | None:
   return None
 
 
+def _hf_adds_bos(hf_dir: str) -> bool:
+  """tokenizer_config.json's add_bos_token (a tokenizer.model without a tokenizer.json: Llama 2 / Mistral)."""
+  path = os.path.join(hf_dir, tokenizer_lib.HF_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return False
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f).get('add_bos_token') is True
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def write_workdir(config, params, workdir: str, meta: dict) -> None:
   """config.json and `params` as the checkpoint of step 0: a workdir like one training makes."""
   storage.makedirs(workdir)
@@ -281,6 +296,8 @@ def from_hf(hf_dir: str, workdir: str, *, scan_layers: bool = True, dtype: str =
     tokenizer = _install_tokenizer(tokenizer_path, workdir)
     fingerprint = tokenizer.fingerprint
     config.data.tokenizer_path = storage.join(storage.absolute(workdir), tokenizer.file_name)
+    if tokenizer.kind == 'sentencepiece' and _hf_adds_bos(hf_dir):
+      config.data.add_bos = 'always'  # a SentencePiece model file carries no such setting: the config records it
   meta = dict(model=config.model.to_dict(), tokenizer_fingerprint=fingerprint,
               converted_from=os.path.abspath(hf_dir), hf_config=hf)
   write_workdir(config, params, workdir, meta)

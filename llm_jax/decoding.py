@@ -187,10 +187,11 @@ def complete(cfg: TransformerConfig, params, tokenizer: Any, texts: Sequence[str
   """Completions of `texts` (the generated text only, without the prompt and the EOS), `batch_size` at a time.
 
   `tokenizer` needs encode, decode, eos_id, pad_id and vocab_size (llm_jax.data.tokenizer.Tokenizer).
-  `encode` turns a text into the prompt tokens (default `tokenizer.encode`); a fine-tuned model is prompted
-  through its chat template instead (llm_jax.tasks.prompt_encoder).
+  `encode` turns a text into the prompt tokens (default `tokenizer.encode_prompt`: BOS first where the tokenizer
+  adds one, when the tokenizer has it, else `tokenizer.encode`); a fine-tuned model is prompted through its chat
+  template instead (llm_jax.tasks.prompt_encoder).
   """
-  encode = encode or tokenizer.encode
+  encode = encode or getattr(tokenizer, 'encode_prompt', tokenizer.encode)
   check_prompts(texts, cfg.max_seq_len)
   ids = [list(encode(text)) for text in texts]
   check_prompts(ids, cfg.max_seq_len)

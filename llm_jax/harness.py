@@ -8,14 +8,21 @@ given). `LlmJaxLM` is an `lm_eval.api.model.LM` (a TemplateLM), registered in lm
 `llm_jax` when this module is imported, so `lm_eval.simple_evaluate(model='llm_jax', model_args='workdir=W')`
 works too. lm_eval is imported here only: `import llm_jax.train` never needs it (pip extra `eval`).
 
-It follows the conventions of lm_eval's own `hf` backend, so the same checkpoint exported with
-`python -m llm_jax.convert to_hf` scores the same there:
+It follows the conventions of lm_eval's own `hf` backend (with its default add_bos_token=None: the tokenizer's
+own behaviour), so the same checkpoint exported with `python -m llm_jax.convert to_hf` scores the same there:
 
+  tok_encode             a text as the tokenizer makes model input (`encode_input`: BOS first where the tokenizer
+                         adds one, config.data.add_bos), as transformers' tokenizer(text); plain pieces with
+                         add_special_tokens=False, or when the text already starts with the prefix token's text
+  prefix token           BOS where the tokenizer adds one (what lm_eval uses: the tokenizer's BOS), else EOS (the
+                         document boundary llm_jax trains with; a SentencePiece run has a BOS piece it never
+                         trained on, so pass prefix_token_id=<eos id> to hf to compare)
   loglikelihood          context and continuation are encoded together and split at the context's tokens;
-                         an empty context is conditioned on the prefix token, EOS (the document boundary llm_jax
-                         trains with: pass prefix_token_id=<eos id> to hf to compare); inputs keep their last
+                         an empty context is conditioned on the prefix token; inputs keep their last
                          max_length = model.max_seq_len tokens; is_greedy = every continuation token is the argmax
-  loglikelihood_rolling  lm_eval's disjoint rolling windows of max_length tokens after the prefix token
+  loglikelihood_rolling  lm_eval's disjoint rolling windows of max_length tokens of tok_encode(document) after
+                         the prefix token (as lm_eval does, a BOS-adding tokenizer's document then starts with BOS
+                         too, and its first window scores BOS after BOS)
   generate_until         greedy KV-cache decoding (llm_jax.decoding) of at most max_gen_toks tokens (256 unless
                          the task says), ending at EOS, cut at the first stop sequence (`until`); the context
                          keeps its last max_length - max_gen_toks tokens; do_sample/temperature sample instead
@@ -83,9 +90,19 @@ class LlmJaxLM(TemplateLM):
   def eot_token_id(self) -> int:
     return self.tokenizer_.eos_id
 
+  @property
+  def prefix_token_id(self) -> int:
+    """What an empty context and each rolling window are conditioned on: BOS where the tokenizer adds one."""
+    return self.tokenizer_.input_prefix[-1] if self.tokenizer_.add_bos else self.tokenizer_.eos_id
+
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-    del add_special_tokens, kwargs  # llm_jax's tokenizer adds no BOS/EOS
-    return self.tokenizer_.encode(string)
+    """`string` as model input (lm_eval hf's tok_encode with add_bos_token unset): what the tokenizer adds around a
+    text unless add_special_tokens=False or the text already starts with the prefix token's text."""
+    del kwargs
+    if add_special_tokens is None:
+      prefix = self.tokenizer_.bos_token if self.tokenizer_.add_bos else self.tokenizer_.eos_token
+      add_special_tokens = not (prefix and string.startswith(prefix))
+    return self.tokenizer_.encode_input(string) if add_special_tokens else self.tokenizer_.encode(string)
 
   def tok_decode(self, tokens: Sequence[int]) -> str:
     return self.tokenizer_.decode([t for t in tokens if t != self.eot_token_id])
@@ -204,8 +221,8 @@ def scalar_metrics(results: dict[str, Any]) -> dict[str, float]:
 def loop_row(runtime, params, workdir: str, step: int) -> dict[str, Any]:
   """The training loop's harness row (config.eval.harness_tasks on the current parameters): {step, harness/...}."""
   e = runtime.config.eval
-  loaded = workdir_lib.LoadedModel(runtime=runtime, params=params, tokenizer=tokenizer_lib.load_from_workdir(workdir),
-                                   step=step)
+  tokenizer = tokenizer_lib.load_from_workdir(workdir, runtime.config.data.add_bos)
+  loaded = workdir_lib.LoadedModel(runtime=runtime, params=params, tokenizer=tokenizer, step=step)
   tasks = [t.strip() for t in e.harness_tasks.split(',') if t.strip()]
   output = evaluate(LlmJaxLM(loaded=loaded), tasks, e.harness_include_path or None, limit=e.harness_limit or None)
   return dict(step=step, **scalar_metrics(output))

@@ -1,7 +1,8 @@
 """Generation tasks: prompts -> greedy completions -> BLEU/ROUGE, for the training loop and for evaluate.
 
   prompt_encoder(config, tokenizer, chat=None)   text -> prompt tokens: the SFT chat template for a run on
-                                                 data.source=sft_jsonl (or when chat=True), plain encode otherwise
+                                                 data.source=sft_jsonl (or when chat=True), otherwise the text
+                                                 after BOS where the tokenizer adds one (tokenizer.encode_prompt)
   generation_tasks(config, params, workdir, step, writer)   the training loop's hook (eval.task_file)
 
 A model fine-tuned on sft_jsonl learnt to answer after `<|user|>\\n{prompt}\\n<|assistant|>\\n`
@@ -33,7 +34,7 @@ def prompt_encoder(config, tokenizer: Any, chat: bool | None = None) -> Callable
   if chat is None:
     chat = uses_chat_template(config)
   if not chat:
-    return tokenizer.encode
+    return tokenizer.encode_prompt
   return functools.partial(sft.encode_prompt, tokenizer)
 
 
@@ -46,7 +47,7 @@ def generation_tasks(config, params, workdir: str, step: int, writer) -> dict[st
   """
   e = config.eval
   records = text_metrics.read_tasks(e.task_file, e.task_max_examples)
-  tokenizer = tokenizer_lib.load_from_workdir(workdir)
+  tokenizer = tokenizer_lib.load_from_workdir(workdir, config.data.add_bos)
   completions = decoding.complete(TransformerConfig.from_config(config), params, tokenizer,
                                   [r['prompt'] for r in records], e.max_new_tokens,
                                   encode=prompt_encoder(config, tokenizer))

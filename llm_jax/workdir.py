@@ -103,7 +103,8 @@ def load_workdir(workdir: str, config=None, step: int | None = None, tokenizer_p
   path = tokenizer_path or tokenizer_lib.workdir_tokenizer(workdir) or storage.join(workdir,
                                                                                      tokenizer_lib.WORKDIR_MODEL)
   if storage.exists(path):
-    tokenizer = tokenizer_lib.load_from_workdir(workdir) if not tokenizer_path else tokenizer_lib.load(path)
+    tokenizer = (tokenizer_lib.load_from_workdir(workdir, config.data.add_bos) if not tokenizer_path else
+                 tokenizer_lib.load(path, config.data.add_bos))
     tokenizer_lib.check_vocab(config, tokenizer)
   elif need_tokenizer or tokenizer_path:
     raise FileNotFoundError(f'{path}: no tokenizer (a run on data.source=synthetic has none); pass a tokenizer '

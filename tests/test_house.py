@@ -17,7 +17,7 @@ from llm_jax import data
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import validation
-from llm_jax.data import cleaning, sft
+from llm_jax.data import cleaning, sft, tokenizer as tokenizer_lib
 from llm_jax.model import attention, layers, moe, transformer
 from llm_jax.objectives import preference
 from llm_jax.model import TransformerConfig, Transformer
@@ -164,6 +164,7 @@ REGISTRIES = {
     'dpo.loss_type': preference.LOSS_TYPES,
     'data.source': data.SOURCES,
     'data.sft_truncation': sft.TRUNCATIONS,
+    'data.add_bos': tokenizer_lib.ADD_BOS_SETTINGS,
     'data.filters': cleaning.FILTER_NAMES,
     'train.schedule': optim.DECAYS,
     'train.wsd_decay_shape': optim.WSD_SHAPES,

@@ -9,8 +9,8 @@ Hugging Face dataset config.data.hf_path:
   {"prompt": [{"role": "user", "content": "..."}, ...],
    "chosen": [{"role": "assistant", "content": "..."}], "rejected": [{"role": "assistant", ...}]}   chat
 
-Tokens. Plain text: the prompt and each completion are encoded on their own and EOS ends each completion (as
-TRL adds it). Chat: prompt + completion is rendered as one conversation by the tokenizer's chat template (or the
+Tokens. Plain text: the prompt and each completion are encoded on their own, the prompt after BOS where the
+tokenizer adds one (`encode_prompt`, config.data.add_bos) and EOS ends each completion (as TRL adds them). Chat: prompt + completion is rendered as one conversation by the tokenizer's chat template (or the
 built-in template of llm_jax.data.sft), and the completion is its assistant span with the end-of-turn token;
 the prompt is everything before it (so it ends with the assistant header).
 
@@ -134,8 +134,8 @@ def _chat_tokens(tokenizer, prompt: list, completion: list, where: str) -> tuple
 def tokenize(tokenizer, record: dict, where: str) -> tuple[list[int], list[int], list[int]]:
   """(prompt, chosen, rejected) token ids of a parsed record (module docstring)."""
   if isinstance(record['prompt'], str):
-    encode = lambda text: list(tokenizer.encode(text))
-    return encode(record['prompt']), encode(record['chosen']) + [tokenizer.eos_id], \
+    encode = lambda text: list(tokenizer.encode(text))  # the prompt starts the input: BOS where the model expects it
+    return tokenizer.encode_prompt(record['prompt']), encode(record['chosen']) + [tokenizer.eos_id], \
         encode(record['rejected']) + [tokenizer.eos_id]
   prompt, chosen = _chat_tokens(tokenizer, record['prompt'], record['chosen'], where)
   prompt_r, rejected = _chat_tokens(tokenizer, record['prompt'], record['rejected'], where)
@@ -322,7 +322,7 @@ def _input_key(config) -> tuple:
 
 def load_pairs(config, tokenizer) -> tuple[dict[str, list[Pair]], dict]:
   """Both splits' pairs, cached per (inputs, tokenizer, seq_len, max prompt, validation share)."""
-  key = (config.data.source, _input_key(config), tokenizer.fingerprint, config.data.seq_len,
+  key = (config.data.source, _input_key(config), tokenizer.fingerprint, tokenizer.input_prefix, config.data.seq_len,
          config.dpo.max_prompt_length, config.data.validation_fraction)
   if key not in _CACHE:
     _CACHE[key] = read_pairs(config, tokenizer)

@@ -84,12 +84,17 @@ def fingerprint(config) -> str:
   if d.tokenizer_path:
     if not tokenizer_lib.tokenizer_file(d.tokenizer_path):
       raise PrepareError(f'config.data.tokenizer_path: {d.tokenizer_path}: no such tokenizer file')
-    tokenizer = {'sha256': tokenizer_lib.load(d.tokenizer_path).fingerprint}
+    given = tokenizer_lib.load(d.tokenizer_path, d.add_bos)
+    tokenizer = {'sha256': given.fingerprint}
+    starts_with_bos = given.add_bos
   else:
     tokenizer = {'train_vocab_size': config.model.vocab_size, 'type': d.tokenizer_type,
                  'sample_chars': tokenizer_sample_chars(config.model.vocab_size)}
     if d.tokenizer_type in tokenizer_lib.SENTENCEPIECE_TYPES:
       tokenizer['character_coverage'] = d.tokenizer_character_coverage
+    starts_with_bos = d.add_bos == 'always'  # a trained tokenizer adds no BOS of its own
+  if starts_with_bos:  # only then: the fingerprints of data prepared before the setting existed stay the same
+    tokenizer['documents_start_with_bos'] = True
   description = {
       'format_version': FORMAT_VERSION, 'source': d.source, 'inputs': sources.input_fingerprint(config),
       'min_doc_chars': d.min_doc_chars, 'max_docs': d.max_docs,
@@ -277,7 +282,7 @@ def _obtain_tokenizer(config, staging: str) -> tuple[tokenizer_lib.Tokenizer, di
                   'sample_characters': trained.sample_characters, 'character_pieces': trained.character_pieces,
                   'sample_byte_share': trained.sample_byte_share,
                   'pieces_for_default_coverage': trained.pieces_for_default}
-  tokenizer = tokenizer_lib.load(staging)
+  tokenizer = tokenizer_lib.load(staging, config.data.add_bos)
   if tokenizer.eos_id < 0:
     raise tokenizer_lib.TokenizerError(f'config.data.tokenizer_path: {config.data.tokenizer_path} has no EOS '
                                        f'piece; the token stream needs one to separate documents')
@@ -364,7 +369,7 @@ def _write_prepared(config, staging: str, expected_fingerprint: str, progress: b
       'token_dtype': dtype.newbyteorder('<').str,
       'tokenizer': {'file': tokenizer.file_name, 'fingerprint': tokenizer.fingerprint, 'vocab_size': tokenizer.vocab_size,
                     'pad_id': tokenizer.pad_id, 'eos_id': tokenizer.eos_id, 'bos_id': tokenizer.bos_id,
-                    'unk_id': tokenizer.unk_id, **training},
+                    'unk_id': tokenizer.unk_id, 'documents_start_with_bos': tokenizer.add_bos, **training},
       'filters': list(cleaning.filter_names(config)),
       'near_dedup': bool(config.data.near_dedup),
       'validation_holdout': holdout,

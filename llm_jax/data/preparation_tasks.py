@@ -63,7 +63,8 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def _run_task(config, index, task, tokenizer_path, work, threads, on_documents):
-  tokenizer = tokenizer_lib.load(tokenizer_path)
+  tokenizer = tokenizer_lib.load(tokenizer_path, config.data.add_bos)
+  prefix = np.asarray(tokenizer.input_prefix, np.uint32)  # BOS before each document where the model expects one
   # Characters spelled as bytes (SentencePiece byte fallback); a byte-level tokenizer spells everything so.
   byte_starts = tokenizer.byte_fallback_starts() if hasattr(tokenizer, 'byte_fallback_starts') else None
   filters = cleaning.Filters(cleaning.filter_names(config))
@@ -77,7 +78,7 @@ def _run_task(config, index, task, tokenizer_path, work, threads, on_documents):
 
     def flush():
       for ids, role in zip(tokenizer.encode_batch(batch, num_threads=threads), batch_roles):
-        ids = np.asarray(ids, np.uint32)
+        ids = np.concatenate([prefix, np.asarray(ids, np.uint32)])
         out.write(ids.tobytes())
         lengths.append(len(ids))
         if byte_starts is not None:

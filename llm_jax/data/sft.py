@@ -121,6 +121,8 @@ def render(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
     tokens.extend(ids)
     loss.extend([counts] * len(ids))
 
+  add(getattr(tokenizer, 'input_prefix', ()), False)  # BOS where the tokenizer adds one (a chat template writes its own)
+
   for message in messages:
     is_answer = message['role'] == 'assistant'
     add(tokenizer.encode(f'<|{message["role"]}|>\n'), False)
@@ -299,6 +301,7 @@ def load_examples(config, split: str, tokenizer) -> tuple[list[Example], dict]:
   """The split's examples, cached per (files and their mtimes, tokenizer, seq_len, truncation policy)."""
   files, _ = _split_files(config, split)
   key = (tuple((f, os.path.getmtime(f), os.path.getsize(f)) for f in files), tokenizer.fingerprint,
+         tokenizer.input_prefix,
          config.data.seq_len, config.data.sft_truncation)
   if key not in _CACHE:
     _CACHE[key] = read_examples(files, tokenizer, config.data.seq_len, config.data.sft_truncation)
@@ -306,7 +309,7 @@ def load_examples(config, split: str, tokenizer) -> tuple[list[Example], dict]:
 
 
 def _tokenizer(config, workdir):
-  tokenizer = tokenizer_lib.load(tokenizer_path(config, workdir))
+  tokenizer = tokenizer_lib.load(tokenizer_path(config, workdir), config.data.add_bos)
   tokenizer_lib.check_vocab(config, tokenizer)
   if tokenizer.eos_id < 0:
     raise SFTDataError(f'config.data.tokenizer_path: {tokenizer.path} has no EOS piece; responses end with EOS')

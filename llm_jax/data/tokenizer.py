@@ -11,6 +11,23 @@ transformers' fast tokenizers do with add_special_tokens=False), `encode_batch`,
 dropped), `vocab_size`, pad/eos/bos/unk ids (-1 when the tokenizer has none), `fingerprint`, `files` and
 `chat_template` (the Jinja template, or None: SentencePiece never has one).
 
+Text as model input. `encode` gives the pieces of a text only; what the model is given adds what the tokenizer
+adds around a text (transformers' `tokenizer(text)`, add_special_tokens=True, the default there):
+
+  encode_input(text)   input_prefix + encode(text) + input_suffix: a whole input (a document, a scored text)
+  encode_prompt(text)  input_prefix + encode(text): a prompt the model continues (no EOS after it)
+  input_prefix         ids before every input: [bos_id] where the tokenizer adds BOS, else empty
+  input_suffix         ids after a whole input: [eos_id] where it adds EOS (rare: no Llama, Mistral or Qwen)
+  add_bos, add_eos     whether they are non-empty
+
+Every path that turns text into model input uses these (pre-training documents, generation prompts, the
+harness, the built-in SFT template, plain-text preference prompts), so this module is the one place that decides.
+A Hugging Face tokenizer.json adds what its post-processor adds for one sequence (a TemplateProcessing with
+`<|begin_of_text|>` in Llama 3.x, `<s>` in Llama 2 and Mistral; transformers 5 follows the post-processor too,
+and tokenizer_config.json's add_bos_token agrees with it in those releases). A SentencePiece model file and the
+tokenizers preparation trains add nothing (documents are separated by EOS only). `load(path, add_bos=...)`
+(config.data.add_bos, ADD_BOS_SETTINGS) keeps that ('tokenizer') or overrides the BOS: 'always' or 'never'.
+
 Reserved ids, the same for every tokenizer this module trains:
 
   pad = 0   '<pad>'  never produced by `encode`; padding rows of a batch (segment id 0) use it
@@ -70,6 +87,7 @@ RESERVED_PIECES = len(SPECIAL_TOKENS) + 256  # the reserved and byte pieces befo
 DEFAULT_COVERAGE = 0.9995  # character_coverage 'auto' keeps when the vocabulary allows it
 SENTENCEPIECE_MIN_COVERAGE = 0.98  # SentencePiece refuses a lower character_coverage (see the module docstring)
 MAX_SENTENCE_BYTES = 1 << 14  # longer sample lines are skipped by SentencePiece's trainer (max_sentence_length)
+ADD_BOS_SETTINGS = ('tokenizer', 'always', 'never')  # config.data.add_bos: what `load` does with input_prefix
 
 
 class TokenizerError(UserError, ValueError):
@@ -85,8 +103,44 @@ def file_fingerprint(path: str) -> str:
   return digest.hexdigest()
 
 
-class Tokenizer:
-  """A loaded SentencePiece model. Use `load(path)` to make one."""
+class _ModelInput:
+  """What both backends add around a text given to the model (module docstring, "Text as model input")."""
+  input_prefix: tuple[int, ...] = ()  # ids before every model input (BOS where the tokenizer adds it)
+  input_suffix: tuple[int, ...] = ()  # ids after a whole model input (EOS where the tokenizer adds it)
+
+  @property
+  def add_bos(self) -> bool:
+    return bool(self.input_prefix)
+
+  @property
+  def add_eos(self) -> bool:
+    return bool(self.input_suffix)
+
+  def encode_input(self, text: str) -> list[int]:
+    """The ids of `text` as a whole model input: input_prefix + encode(text) + input_suffix (what transformers'
+    `tokenizer(text)` gives)."""
+    return [*self.input_prefix, *self.encode(text), *self.input_suffix]
+
+  def encode_prompt(self, text: str) -> list[int]:
+    """The ids of a prompt the model continues: input_prefix + encode(text) (no EOS: the model continues it)."""
+    return [*self.input_prefix, *self.encode(text)]
+
+  def apply_add_bos(self, setting: str, field: str = 'config.data.add_bos'):
+    """Sets input_prefix by `setting` (ADD_BOS_SETTINGS): 'tokenizer' keeps the tokenizer's own, 'always' is
+    [bos_id], 'never' empty. Returns self."""
+    if setting not in ADD_BOS_SETTINGS:
+      raise TokenizerError(f'{field}: unknown value {setting!r}; expected one of {", ".join(ADD_BOS_SETTINGS)}')
+    if setting == 'always':
+      if self.bos_id < 0:
+        raise TokenizerError(f'{field}: always, but tokenizer {self.path or "<in memory>"} has no BOS token')
+      self.input_prefix = (self.bos_id,)
+    elif setting == 'never':
+      self.input_prefix = ()
+    return self
+
+
+class Tokenizer(_ModelInput):
+  """A loaded SentencePiece model (adds no BOS/EOS of its own). Use `load(path)` to make one."""
   kind = 'sentencepiece'
   file_name = SENTENCEPIECE_FILE  # its name in a workdir or prepared directory
   chat_template = None
@@ -163,9 +217,9 @@ _PAD_NAMES = ('<pad>', '<|pad|>', '<|finetune_right_pad_id|>')
 _UNK_NAMES = ('<unk>',)
 
 
-class HFTokenizer:
+class HFTokenizer(_ModelInput):
   """A Hugging Face `tokenizers` tokenizer (tokenizer.json), with tokenizer_config.json / chat_template.jinja
-  beside it when present. Use `load(path)` to make one."""
+  beside it when present; it adds around an input what its post-processor adds. Use `load(path)` to make one."""
   kind = 'hf'
   file_name = HF_FILE
 
@@ -201,6 +255,16 @@ class HFTokenizer:
     if HF_TEMPLATE_FILE in self.files:
       with open(self.files[HF_TEMPLATE_FILE], encoding='utf-8') as f:
         self.chat_template = f.read()
+    self.input_prefix, self.input_suffix = self._added_around()
+
+  def _added_around(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(ids before, ids after) that the post-processor adds to one sequence (add_special_tokens=True)."""
+    plain = self._tok.encode('a', add_special_tokens=False).ids
+    full = self._tok.encode('a', add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+      if full[start:start + len(plain)] == plain:
+        return tuple(full[:start]), tuple(full[start + len(plain):])
+    return (), ()  # not expected: a post-processor that changes the text's own ids; add nothing
 
   def _special(self, key: str, names: Sequence[str]) -> str | None:
     if key in self.config:
@@ -235,7 +299,7 @@ class HFTokenizer:
 
   def __repr__(self):
     return (f'HFTokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.fingerprint[:12]}, '
-            f'chat_template={"yes" if self.chat_template else "no"})')
+            f'chat_template={"yes" if self.chat_template else "no"}, add_bos={self.add_bos}, add_eos={self.add_eos})')
 
 
 def tokenizer_file(path: str) -> str | None:
@@ -261,9 +325,14 @@ def _local_copy(path: str) -> str:
   return os.path.join(directory, storage.basename(path))
 
 
-def load(path: str) -> Tokenizer | HFTokenizer:
+def load(path: str, add_bos: str = 'tokenizer') -> Tokenizer | HFTokenizer:
   """Loads a tokenizer: a SentencePiece model file, a tokenizer.json, or a directory holding one. The error
-  names the file when it is missing or not a tokenizer."""
+  names the file when it is missing or not a tokenizer. `add_bos` (config.data.add_bos, ADD_BOS_SETTINGS): the
+  tokenizer's own BOS behaviour, or 'always' / 'never' (see `_ModelInput.apply_add_bos`)."""
+  return _load(path).apply_add_bos(add_bos)
+
+
+def _load(path: str) -> Tokenizer | HFTokenizer:
   found = tokenizer_file(path)
   if storage.isdir(path) and found is None:
     raise TokenizerError(f'tokenizer {path}: the directory has neither {SENTENCEPIECE_FILE} nor {HF_FILE}')
@@ -560,9 +629,10 @@ def copy_files(tokenizer: Tokenizer | HFTokenizer, directory: str) -> list[str]:
   return list(tokenizer.files)
 
 
-def load_from_workdir(workdir: str) -> Tokenizer | HFTokenizer:
-  """The workdir's tokenizer, checked against its recorded fingerprint."""
-  tokenizer = load(workdir_tokenizer(workdir) or storage.join(workdir, WORKDIR_MODEL))
+def load_from_workdir(workdir: str, add_bos: str = 'tokenizer') -> Tokenizer | HFTokenizer:
+  """The workdir's tokenizer, checked against its recorded fingerprint; `add_bos` as in `load` (pass the
+  workdir's config.data.add_bos)."""
+  tokenizer = load(workdir_tokenizer(workdir) or storage.join(workdir, WORKDIR_MODEL), add_bos)
   fingerprint_path = storage.join(workdir, WORKDIR_FINGERPRINT)
   if storage.exists(fingerprint_path):
     check_fingerprint(tokenizer, storage.read_text(fingerprint_path).strip(), fingerprint_path)
