@@ -51,20 +51,12 @@ def apply_overrides(config, overrides: dict[str, Any]):
 
 
 def token_byte_lengths(tokenizer):
-  """[V] int64: UTF-8 bytes each token id spells (byte pieces <0xNN> 1, control and unknown pieces 0).
+  """[V] int64: UTF-8 bytes each token id spells (byte pieces 1, BOS, EOS and other special tokens 0), from the
+  tokenizer (SentencePiece or Hugging Face: `token_byte_lengths` of llm_jax.data.tokenizer).
 
   Counting per piece, rather than decoding the targets, stays exact where a window cuts a multi-byte character.
   """
-  import numpy as np
-  import sentencepiece as spm
-  sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(tokenizer.path))
-  lengths = np.zeros(sp.vocab_size(), np.int64)
-  for i in range(sp.vocab_size()):
-    if sp.is_byte(i):
-      lengths[i] = 1
-    elif not (sp.is_control(i) or sp.is_unknown(i)):
-      lengths[i] = len(sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))  # U+2581 stands for a space
-  return lengths
+  return tokenizer.token_byte_lengths()
 
 
 def global_sum(value: int) -> int:

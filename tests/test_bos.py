@@ -113,6 +113,10 @@ def test_import_adds_what_transformers_adds(imported, name):
     assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids, text
   assert tokenizer_lib.load_from_workdir(workdir, 'never').encode_input('x') == theirs('x').input_ids[1:]
   assert config_lib.load_workdir_config(workdir).data.add_bos == 'tokenizer'  # the tokenizer.json says it
+  lengths = evaluate.token_byte_lengths(ours)  # bits per byte: BOS spells no byte
+  for text in TEXTS:
+    dummy_prefix = int(name != 'llama3')  # Metaspace (Llama 2, Mistral) writes a space before the first word
+    assert int(lengths[ours.encode_input(text)].sum()) == len(text.encode('utf-8')) + dummy_prefix, text
 
 
 def test_own_tokenizers_keep_adding_nothing_unless_told(tmp_path):
@@ -201,7 +205,7 @@ def test_pretraining_documents_and_perplexity_equal_transformers(imported, tmp_p
   stream = split.stream.read_rows(np.array([0]), split.stream.num_tokens)[0]
   expected_docs = {tuple(tok(d).input_ids + [tok.eos_token_id]) for d in docs}
   ends = np.flatnonzero(stream == tok.eos_token_id)
-  assert ends.size >= 3 and ends[-1] == stream.size - 1
+  assert ends.size >= 3 and ends[-1] == stream.size - 1 and stream[0] == tok.bos_token_id
   found = [tuple(int(t) for t in stream[a + 1:b + 1]) for a, b in zip(np.r_[-1, ends[:-1]], ends)]
   assert all(d in expected_docs for d in found)
   result = evaluate.run(run, split='validation', devices=jax.devices()[:1])['perplexity']
@@ -229,3 +233,36 @@ def _batches(config, workdir, n):
   import itertools
   from llm_jax import data
   return list(itertools.islice(data.make_iterator(config, 'validation', 0, workdir=workdir), n))
+
+
+@pytest.mark.parametrize('name', ['llama3', pytest.param('mistral', marks=pytest.mark.slow)])
+def test_harness_equals_lm_eval_hf_backend_with_its_defaults(imported, name):
+  """The same requests (tests/test_harness.py's multiple choice, rolling documents, generation prompts, and an
+  empty context) to `llm_jax` on the imported workdir and to lm_eval's own `hf` backend (HFLM) on the original
+  folder with its defaults (the tokenizer's BOS; prefix token = BOS): every log-likelihood within 1e-4 relative,
+  the same is_greedy flags and generations. The control: without the BOS (add_bos=never) every rolling
+  log-likelihood differs."""
+  from lm_eval.api.instance import Instance
+  from lm_eval.models.huggingface import HFLM
+  from llm_jax import harness
+  from test_harness import PROMPTS, QUESTIONS, TEXTS as DOCUMENTS
+  hf_dir, _, tok, workdir = imported(name)
+  ours = harness.LlmJaxLM(workdir=workdir, batch_size=4, devices=jax.devices()[:1])
+  theirs = HFLM(pretrained=hf_dir, dtype='float32', device='cpu', max_length=ours.max_length, batch_size=4)
+  assert ours.prefix_token_id == theirs.prefix_token_id == tok.bos_token_id
+  pairs = [(q, c) for q, choices, _ in QUESTIONS for c in choices] + [('', ' the quick fox')]
+  choice = [Instance('loglikelihood', {}, pair, i) for i, pair in enumerate(pairs)]
+  rolling = [Instance('loglikelihood_rolling', {}, (text,), i) for i, text in enumerate(DOCUMENTS)]
+  until = dict(until=['\n'], max_gen_toks=6, do_sample=False)
+  generation = [Instance('generate_until', {}, (p, until), i) for i, p in enumerate(PROMPTS)]
+  expected, got = theirs.loglikelihood(choice), ours.loglikelihood(choice)
+  np.testing.assert_allclose([g[0] for g in got], [e[0] for e in expected], rtol=1e-4)
+  assert [g[1] for g in got] == [e[1] for e in expected]
+  expected_rolling = np.array(theirs.loglikelihood_rolling(rolling), np.float64)
+  np.testing.assert_allclose(ours.loglikelihood_rolling(rolling), expected_rolling, rtol=1e-4)
+  assert ours.generate_until(generation) == theirs.generate_until(generation)
+  loaded = ours.loaded
+  without = workdir_lib.LoadedModel(runtime=loaded.runtime, params=loaded.params, step=loaded.step,
+                                    tokenizer=tokenizer_lib.load_from_workdir(workdir, 'never'))
+  control = np.array(harness.LlmJaxLM(loaded=without, batch_size=4).loglikelihood_rolling(rolling))
+  assert np.all(np.abs(control - expected_rolling) > 1e-3 * np.abs(expected_rolling))

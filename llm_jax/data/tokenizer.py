@@ -32,7 +32,7 @@ Reserved ids, the same for every tokenizer this module trains:
 
   pad = 0   '<pad>'  never produced by `encode`; padding rows of a batch (segment id 0) use it
   eos = 1   '</s>'   ends every document in the token stream (`doc EOS doc EOS ...`)
-  bos = 2   '<s>'    reserved; the data pipeline does not insert it
+  bos = 2   '<s>'    reserved; the data pipeline inserts it only with config.data.add_bos=always
   unk = 3   '<unk>'  never produced in practice: byte fallback spells unseen characters as UTF-8 bytes
 
 followed by the 256 byte pieces '<0x00>'..'<0xFF>' and then the learned pieces. Trained tokenizers are lossless
@@ -168,6 +168,18 @@ class Tokenizer(_ModelInput):
     """Text of `ids`; pad, eos and bos ids are dropped."""
     return self._sp.decode([int(i) for i in ids])
 
+  def token_byte_lengths(self):
+    """[vocab_size] int64 numpy array: UTF-8 bytes each id spells (byte pieces 1, control and unknown pieces 0, a
+    U+2581 a space). Bits per byte divide by their sum over the scored targets."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    lengths = np.zeros(self.vocab_size, np.int64)
+    for i in range(self.vocab_size):
+      if self._sp.is_byte(i):
+        lengths[i] = 1
+      elif not (self._sp.is_control(i) or self._sp.is_unknown(i)):
+        lengths[i] = len(self._sp.id_to_piece(i).replace(SPACE, ' ').encode('utf-8'))
+    return lengths
+
   def byte_fallback_starts(self):
     """[vocab_size] bool numpy array: True for the byte pieces that begin a character (an ASCII byte or a UTF-8
     lead byte, not a continuation byte 0x80-0xBF). Their count in `encode(text)` is the number of characters of
@@ -288,6 +300,28 @@ class HFTokenizer(_ModelInput):
     """`encode` of each text (the library parallelises over its own thread pool; num_threads is unused)."""
     del num_threads
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def token_byte_lengths(self):
+    """[vocab_size] int64 numpy array: UTF-8 bytes each id spells. Special tokens (BOS, EOS, chat markers) 0; a
+    byte-level vocabulary (its decoder is ByteLevel: Llama 3, Qwen2, GPT-2) one byte per character of the token;
+    otherwise (SentencePiece-style: Llama 2, Mistral) a byte piece <0xNN> 1, U+2581 a space (a dummy prefix space
+    the Metaspace pre-tokenizer adds is counted too)."""
+    import json  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    special = {i for i, token in self._tok.get_added_tokens_decoder().items() if token.special}
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(self._tok.to_str()).get('decoder'))
+    lengths = np.zeros(self.vocab_size, np.int64)
+    for i in range(self.vocab_size):
+      token = self._tok.id_to_token(i)
+      if token is None or i in special:
+        continue
+      if byte_level:
+        lengths[i] = len(token)  # each character stands for one byte
+      elif re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', token):
+        lengths[i] = 1
+      else:
+        lengths[i] = len(token.replace(SPACE, ' ').encode('utf-8'))
+    return lengths
 
   def decode_token(self, token_id: int) -> str | None:
     """The token string of one id (None for -1)."""
