@@ -327,8 +327,8 @@ def _check_tensors(weights: HFWeights, slots: list[Slot], abstract, hf_dir: str,
                           + '; refusing to drop weights')
 
 
-def _workdir_tokenizer(workdir: str):
-  return tokenizer_lib.load_from_workdir(workdir) if tokenizer_lib.workdir_tokenizer(workdir) else None
+def _workdir_tokenizer(workdir: str, add_bos: str = 'tokenizer'):
+  return tokenizer_lib.load_from_workdir(workdir, add_bos) if tokenizer_lib.workdir_tokenizer(workdir) else None
 
 
 def _check_exportable(config) -> None:
@@ -360,6 +360,11 @@ def _export_tokenizer(tokenizer, hf_dir: str, max_len: int) -> list[str]:
                      clean_up_tokenization_spaces=False, **{k: v for k, v in names.items() if v is not None})
     if tokenizer.chat_template:
       hf_config['chat_template'] = tokenizer.chat_template
+    storage.write_json(os.path.join(hf_dir, tokenizer_lib.HF_CONFIG_FILE), hf_config)
+    written.append(tokenizer_lib.HF_CONFIG_FILE)
+  if tokenizer.kind == 'sentencepiece' and tokenizer.add_bos:  # data.add_bos=always: transformers adds it too
+    hf_config = dict(tokenizer_class='LlamaTokenizer', add_bos_token=True, add_eos_token=False,
+                     bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, model_max_length=max_len)
     storage.write_json(os.path.join(hf_dir, tokenizer_lib.HF_CONFIG_FILE), hf_config)
     written.append(tokenizer_lib.HF_CONFIG_FILE)
   return written
@@ -413,7 +418,7 @@ def to_hf(workdir: str, hf_dir: str, *, hf_dtype: str | None = None,
     storage.write_json(os.path.join(hf_dir, INDEX_FILE),
                                  dict(metadata=dict(total_size=total), weight_map=weight_map))
     written.append(INDEX_FILE)
-  tokenizer = _workdir_tokenizer(workdir)
+  tokenizer = _workdir_tokenizer(workdir, config.data.add_bos)
   hf_config = family.hf_config(config.model, hf_dtype, _token_ids(tokenizer, meta))
   storage.write_json(os.path.join(hf_dir, 'config.json'), hf_config)
   written.append('config.json')

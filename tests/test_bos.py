@@ -146,6 +146,9 @@ def test_sentencepiece_only_import_records_add_bos_in_the_config(tmp_path):
   assert config.data.add_bos == 'always'
   loaded = workdir_lib.load_workdir(str(tmp_path / 'work'), devices=jax.devices()[:1])
   assert loaded.tokenizer.kind == 'sentencepiece' and loaded.prompt_encoder()('the fox')[0] == tokenizer_lib.BOS_ID
+  convert.to_hf(str(tmp_path / 'work'), str(tmp_path / 'export'))  # and the export says so to transformers
+  exported = transformers.AutoTokenizer.from_pretrained(str(tmp_path / 'export'))
+  assert exported('the fox').input_ids[0] == tokenizer_lib.BOS_ID
   sentencepiece_dir(hf_dir, add_bos=False)
   assert convert.from_hf(hf_dir, str(tmp_path / 'work2'), dtype='float32').data.add_bos == 'tokenizer'
 
