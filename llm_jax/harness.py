@@ -23,7 +23,7 @@ own behaviour), so the same checkpoint exported with `python -m llm_jax.convert 
   loglikelihood_rolling  lm_eval's disjoint rolling windows of max_length tokens of tok_encode(document) after
                          the prefix token (as lm_eval does, a BOS-adding tokenizer's document then starts with BOS
                          too, and its first window scores BOS after BOS)
-  generate_until         greedy KV-cache decoding (llm_jax.decoding) of at most max_gen_toks tokens (256 unless
+  generate_until         greedy decoding on the serving engine (llm_jax.serving) of at most max_gen_toks tokens (256 unless
                          the task says), ending at EOS, cut at the first stop sequence (`until`); the context
                          keeps its last max_length - max_gen_toks tokens; do_sample/temperature sample instead
 
@@ -41,7 +41,7 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from llm_jax import decoding
+from llm_jax import serving
 from llm_jax.errors import UserError
 from llm_jax import objectives
 from llm_jax import storage
@@ -174,19 +174,19 @@ class LlmJaxLM(TemplateLM):
       if max_gen_toks >= self.max_length:
         raise HarnessError(f'max_gen_toks={max_gen_toks} leaves no room for a context in max_length='
                            f'{self.max_length} (model.max_seq_len)')
-      sampling = decoding.Sampling(temperature=float(kwargs.get('temperature') or 0.0) if kwargs.get('do_sample')
-                                   else 0.0, top_k=int(kwargs.get('top_k') or 0),
-                                   top_p=float(kwargs.get('top_p') or 1.0))
+      sampling = serving.SamplingParams(temperature=float(kwargs.get('temperature') or 0.0) if kwargs.get('do_sample')
+                                        else 0.0, top_k=int(kwargs.get('top_k') or 0),
+                                        top_p=float(kwargs.get('top_p') or 1.0), seed=0)
       contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen_toks):] or [self.prefix_token_id]
                   for i in indices]
-      for start in range(0, len(indices), self.batch_size):
-        new = self.runtime.generate(self.params, contexts[start:start + self.batch_size], max_gen_toks, sampling,
-                                    seed=start, eos_id=self.eot_token_id, pad_id=self.tokenizer_.pad_id,
-                                    vocab_limit=self.tokenizer_.vocab_size)
-        for i, tokens in zip(indices[start:start + self.batch_size], new):
-          text = model_utils.postprocess_generated_text(self.tok_decode(tokens), until, None)
-          results[i] = text
-          self.cache_hook.add_partial('generate_until', requests[i].args, text)
+      # one engine for the whole group: continuous batching keeps its rows full whatever the lengths
+      new = serving.generate_ids(self.runtime.model_config, self.params, contexts, max_gen_toks, sampling,
+                                 eos_id=self.eot_token_id, vocab_limit=self.tokenizer_.vocab_size,
+                                 mesh=self.runtime.mesh, rules=self.runtime.rules)
+      for i, tokens in zip(indices, new):
+        text = model_utils.postprocess_generated_text(self.tok_decode(tokens), until, None)
+        results[i] = text
+        self.cache_hook.add_partial('generate_until', requests[i].args, text)
     return results
 
 

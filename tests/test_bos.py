@@ -22,7 +22,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 tokenizers = pytest.importorskip('tokenizers')
 
-from llm_jax import config as config_lib, convert, decoding, evaluate, workdir as workdir_lib  # noqa: E402
+from llm_jax import config as config_lib, convert, evaluate, workdir as workdir_lib  # noqa: E402
 from llm_jax.data import preference, sft, tokenizer as tokenizer_lib  # noqa: E402
 
 torch.set_num_threads(1)
@@ -155,12 +155,13 @@ def test_sentencepiece_only_import_records_add_bos_in_the_config(tmp_path):
 
 @pytest.mark.parametrize('name', list(CASES))
 def test_greedy_generation_equals_transformers_default(imported, name):
-  """generate's path (LoadedModel.complete, raw prompts) against model.generate(**tokenizer(prompt)), greedy; the
-  control: transformers without the BOS continues otherwise for some prompt."""
+  """generate's path (generate.run: the serving engine, raw prompts) against model.generate(**tokenizer(prompt)),
+  greedy; the control: transformers without the BOS continues otherwise for some prompt. A text prompt sent to the
+  engine itself is encoded the same way."""
+  from llm_jax import generate, serving
   _, model, tok, workdir = imported(name)
-  loaded = workdir_lib.load_workdir(workdir, devices=jax.devices()[:1])
   prompts = ['the quick brown', 'def main(', 'a model must', 'alpha']
-  ours = loaded.complete(prompts, 10, decoding.Sampling(temperature=0.0))
+  ours = generate.run(workdir, prompts, max_new_tokens=10, temperature=0.0, devices=jax.devices()[:1])
 
   def theirs(prompt, add_special_tokens=True):
     ids = tok(prompt, return_tensors='pt', add_special_tokens=add_special_tokens).input_ids
@@ -170,6 +171,10 @@ def test_greedy_generation_equals_transformers_default(imported, name):
 
   assert ours == [theirs(p) for p in prompts]
   assert ours != [theirs(p, add_special_tokens=False) for p in prompts]
+  if name == 'llama3':
+    engine = serving.Engine.from_workdir(workdir)
+    request = engine.add_request('the quick brown', serving.SamplingParams(max_tokens=1, temperature=0.0))
+    assert engine._requests[request].prompt == tok('the quick brown').input_ids  # pylint: disable=protected-access
 
 
 def test_chat_free_fine_tuning_prompts_start_with_bos(imported):
