@@ -197,7 +197,8 @@ class Engine:
     if isinstance(prompt, str):
       if self.tokenizer is None:
         raise RequestError('prompt', 'this model has no tokenizer: send token ids')
-      prompt = self.tokenizer.encode_prompt(prompt)  # as model input: BOS first where the tokenizer adds one
+      # as model input: BOS first where the tokenizer adds one (llm_jax.data.tokenizer); a bare encode otherwise
+      prompt = getattr(self.tokenizer, 'encode_prompt', self.tokenizer.encode)(prompt)
     prompt = [int(t) for t in prompt]
     if not prompt:
       raise RequestError('prompt', 'is empty')
