@@ -427,10 +427,12 @@ def _forward_and_sample(model, rules, mesh, params, pool, tokens, positions, val
   context = activation_sharding(mesh, rules) if mesh is not None else _nothing()
   with context:
     pages = PageTable(table, page_size, num_pages)
+    # every position's logits only when the prompt's logprobs are asked for; else the last token's alone
+    logits_at = None if prompt_logprobs >= 0 else last[:, None]
     logits, variables = model.apply({'params': params, 'cache': pool}, tokens, valid.astype(jnp.int32),
-                                    positions, pages, mutable=['cache'])
+                                    positions, pages, logits_at, mutable=['cache'])
   logits = logits.astype(jnp.float32)
-  final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B,V]
+  final = logits[:, 0] if logits_at is not None else jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   token, logprob, top_ids, top_logprobs = sample_rows(final, settings, counts, vocab_limit, num_logprobs,
                                                       sampled, filtered)
   out = dict(tokens=token, logprob=logprob, top_ids=top_ids, top_logprobs=top_logprobs)
