@@ -189,6 +189,7 @@ def test_chat_free_fine_tuning_prompts_start_with_bos(imported):
   assert tok.bos_token_id not in chosen + rejected
 
 
+@pytest.mark.slow  # 22-34 s on the shared 2 cores: prepare, evaluate and a transformers forward per segment
 def test_pretraining_documents_and_perplexity_equal_transformers(imported, tmp_path):
   """Data prepared with the imported tokenizer: every document of the stream is transformers' tokenizer(doc)
   followed by EOS; evaluate's loss over the batches equals transformers' log-likelihood of the same segments
