@@ -119,13 +119,14 @@ def _full_forward_greedy(cfg, params, prompt, steps):
   return tokens[len(prompt):]
 
 
+@pytest.mark.slow  # 47-52 s on the 2 shared cores at load 13 (several of the engine's step shapes compile)
 def test_engine_greedy_on_the_interleaved_pool_equals_the_full_forward():
   """Chunked prefill (max_chunk 4 < the prompts), a sliding window shorter than the prompts, a second request
-  that takes the first's two full prompt pages from the prefix cache."""
+  that takes the first's full prompt page from the prefix cache."""
   from llm_jax.serving.engine import Engine, EngineConfig
   from llm_jax.serving.sampling import SamplingParams
   cfg, params = _tiny_model(window=5)
-  engine = Engine(cfg, params, config=EngineConfig(page_size=4, num_pages=16, max_seqs=2, max_chunk=4,
+  engine = Engine(cfg, params, config=EngineConfig(page_size=8, num_pages=8, max_seqs=2, max_chunk=4,
                                                    max_prefill_tokens=4, attention='auto'))
   assert engine.attention == 'xla'
   rng = np.random.default_rng(0)

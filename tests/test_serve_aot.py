@@ -38,3 +38,19 @@ def test_the_job_refuses_ragged_where_it_cannot_run():
   assert run.returncode == 1, run.stderr[-2000:]
   lines = [line for line in run.stderr.splitlines() if line.startswith('error:')]
   assert len(lines) == 1 and 'engine.attention' in lines[0], run.stderr[-2000:]
+
+
+def test_ragged_needs_heads_that_split_alike_over_the_mesh():
+  import dataclasses
+  from llm_jax import sharding, targets
+  from llm_jax.model import TransformerConfig
+  from llm_jax.serving.engine import RequestError, paged_kernel
+  config = _config()
+  mesh = sharding.make_mesh(config, targets.get('v5e-4').devices())  # tensor 4
+  rules = sharding.rules_of(config)
+  model = TransformerConfig.from_config(config)
+  assert paged_kernel('auto', model, 'tpu', mesh, rules) == 'ragged'
+  two_kv_heads = dataclasses.replace(model, num_kv_heads=2)
+  assert paged_kernel('auto', two_kv_heads, 'tpu', mesh, rules) == 'xla'
+  with pytest.raises(RequestError, match='engine.attention: ragged needs the 8 query and 2 kv heads'):
+    paged_kernel('ragged', two_kv_heads, 'tpu', mesh, rules)

@@ -63,7 +63,7 @@ def analyze(config, target: str | None = None, devices=None, rows: int = 32, pre
   model_config = dataclasses.replace(TransformerConfig.from_config(config), scan_layers=False, remat='none',
                                      attention='xla', platform=platform)
   max_model_len = min(max_model_len or config.data.seq_len, model_config.max_seq_len)
-  kernel = engine_lib.paged_kernel(attention_name, model_config, platform)
+  kernel = engine_lib.paged_kernel(attention_name, model_config, platform, mesh, engine_rules)
   params = runtime.abstract_params(config, Transformer(model_config), mesh)
   model = Transformer(model_config, decode=True)
   pages_per_seq = -(-max_model_len // page_size)

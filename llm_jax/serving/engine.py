@@ -16,7 +16,10 @@ two of pages), so a long-running server compiles a fixed, small set of functions
 The model runs with unrolled layers (`set_params` unstacks a scanned model's parameters once): the pool is one
 array per layer, donated to each call and updated in place, where a scan over layers would copy the whole pool
 every step. Under a mesh, the pool is split over the kv heads like the attention (tensor parallelism) and rows
-are not split: a decode batch is a handful of rows.
+are not split: a decode batch is a handful of rows. The pool of a layer is one array [num_pages, page_size, 2K, H]
+(keys and values interleaved over the heads); the kernel that attends over it (EngineConfig.attention:
+model.attention.PAGED_KERNELS) is chosen once, for the platform of the engine's devices: jax's Pallas ragged
+paged attention on TPU, the xla gather elsewhere.
 """
 
 from __future__ import annotations
@@ -135,7 +138,7 @@ class Engine:
     self.rules = tuple((name, None if name == 'act_batch' else axes) for name, axes in rules)
     self.set_params(params)
     self.platform = attention.platform_of(jax.devices() if mesh is None else mesh.devices.flat)
-    self.attention = paged_kernel(config.attention, self.model_config, self.platform)
+    self.attention = paged_kernel(config.attention, self.model_config, self.platform, mesh, self.rules)
     num_pages = config.num_pages or self._auto_pages()
     self.pool = PagePool(num_pages, config.page_size, config.prefix_caching)
     self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
@@ -408,9 +411,20 @@ def _axes(entry) -> tuple:
   return entry if isinstance(entry, tuple) else (entry,)
 
 
-def paged_kernel(name: str, model_config: TransformerConfig, platform: str) -> str:
-  """EngineConfig.attention resolved once for the platform the engine runs on (or compiles for)."""
+def paged_kernel(name: str, model_config: TransformerConfig, platform: str, mesh=None, rules=()) -> str:
+  """EngineConfig.attention resolved once for the platform the engine runs on (or compiles for), and the mesh:
+  the ragged kernel runs per device on whole heads, so its query and kv heads must split alike."""
   kernel = attention.choose_paged_kernel(name, model_config.head_dim, platform)
+  if kernel == 'ragged' and mesh is not None:
+    heads = nn.logical_to_mesh_axes(('act_heads',), rules)[0]
+    shards = math.prod(mesh.shape[a] for a in _axes(heads))
+    if (heads != nn.logical_to_mesh_axes(('act_kv_heads',), rules)[0] or model_config.num_heads % shards
+        or model_config.num_kv_heads % shards):
+      if name == 'auto':
+        return 'xla'
+      raise RequestError('engine.attention', f'ragged needs the {model_config.num_heads} query and '
+                         f'{model_config.num_kv_heads} kv heads split alike over the mesh ({shards} shards of '
+                         f'{heads}); use auto or xla')
   if kernel == 'ragged' and platform != 'tpu':
     raise RequestError('engine.attention', f'ragged is a Pallas TPU kernel; this engine runs on {platform} '
                        '(use auto or xla)')
