@@ -9,6 +9,7 @@ get_batch_logps, average log-probs, cpo_alpha = 0), float32 on CPU, within RTOL 
 log-probs are sums over completions of float32 log-softmaxes computed in a different order.
 """
 
+import glob
 import os
 import tempfile
 import types
@@ -25,6 +26,7 @@ trl = pytest.importorskip('trl')
 
 from llm_jax import checkpoint, convert, objectives, train  # noqa: E402
 from llm_jax.data import preference  # noqa: E402
+from llm_jax.objectives import preference as preference_objective  # noqa: E402
 
 torch.set_num_threads(1)
 RTOL, ATOL = 1e-5, 1e-6
@@ -226,18 +228,39 @@ def test_pairs_plain_and_chat_are_masked_packed_and_split_by_pair(tmp_path, toke
   assert chat.prompt.tolist()[-len(tok.encode('<|assistant|>\n')):] == tok.encode('<|assistant|>\n')
 
 
-def test_long_pairs_are_truncated_prompt_first_and_counted(tmp_path, tokenizer_file):
+def test_long_pairs_are_truncated_per_sequence_prompt_first_and_counted(tmp_path, tokenizer_file, capsys):
+  """Each sequence (prompt + one completion) gets dpo.max_length tokens, as TRL's max_length: the prompt keeps
+  its end first (dpo.max_prompt_length), then the completions their beginning; the summary counts both."""
+  fit = lambda prompt, chosen, rejected: preference.fit(prompt, chosen, rejected, 17, 8)
+  assert fit(list(range(5)), [1] * 12, [2] * 3) == (list(range(5)), [1] * 12, [2] * 3, '')  # 17 tokens: whole
+  assert fit(list(range(40)), [1, 2, 3], [4, 5]) == (list(range(32, 40)), [1, 2, 3], [4, 5], 'prompt')
+  assert fit(list(range(40)), list(range(30)), [4, 5]) == (list(range(32, 40)), list(range(9)), [4, 5],
+                                                           'prompt+completion')  # 17 - 8 = 9 each
+  assert fit(list(range(6)), list(range(30)), [4]) == (list(range(6)), list(range(11)), [4], 'completion')
   long_prompt = ' '.join(['the quick brown fox'] * 10)
-  c = preference_config(write(tmp_path / 'p.jsonl', [dict(prompt=long_prompt, chosen='jumps over', rejected='a b')] * 12),
-                        tokenizer_file)
-  prompt, chosen, rejected, cut = preference.fit(list(range(40)), [1, 2, 3], [4, 5], c.data.seq_len, 8)
-  assert cut and prompt == list(range(32, 40)) and chosen == [1, 2, 3] and rejected == [4, 5]
-  prompt, chosen, rejected, cut = preference.fit(list(range(40)), list(range(30)), [4, 5], c.data.seq_len, 8)
-  assert prompt == list(range(32, 40)) and chosen == list(range(9)) and rejected == [4, 5]  # (34 - 16) // 2 = 9
+  records = ([dict(prompt=long_prompt, chosen='a b', rejected='c')] * 12 + [dict(prompt='a b', chosen=' c', rejected=' d')] * 6
+             + [dict(prompt='a b', chosen=long_prompt, rejected=' d')] * 6)
+  c = preference_config(write(tmp_path / 'p.jsonl', records), tokenizer_file)
+  assert preference.lengths(c) == (17, 8)  # data.seq_len // 2 + 1: two sequences fill a row of 32 positions
   from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   split, stats = preference.read_pairs(c, tokenizer_lib.load(tokenizer_file))
-  assert stats['truncated'] == 12
-  assert all(p.positions <= c.data.seq_len for s in split.values() for p in s)
+  assert (stats['truncated'], stats['truncated_prompt'], stats['truncated_completion']) == (18, 12, 6)
+  pairs = [p for s in split.values() for p in s]
+  assert all(p.prompt.size + max(p.chosen.size, p.rejected.size) <= 17 and p.positions <= 32 for p in pairs)
+  capsys.readouterr()
+  preference.prepare(c)
+  assert capsys.readouterr().out == preference.summary(stats) + '\n'
+  assert preference.summary(stats) == (
+      f'preference pairs: {stats["train"]} train, {stats["validation"]} validation; 18 of 24 truncated to '
+      f'dpo.max_length=17 tokens a sequence (12 with the prompt cut to its last dpo.max_prompt_length=8 tokens, 6 '
+      f'with the completions cut)')
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  for field, value, message in [('max_length', 18, r'must be in \[0, 17\]'),
+                                ('max_prompt_length', 17, r'must be in \[0, dpo.max_length\) = \[0, 17\)')]:
+    bad = c.copy_and_resolve_references()
+    bad.dpo[field] = value
+    with pytest.raises(preference.ConfigError, match=rf'^config\.dpo\.{field}: {message}'):
+      validation.validate(bad, 1)
 
 
 @pytest.mark.parametrize('line,message', [
@@ -245,7 +268,10 @@ def test_long_pairs_are_truncated_prompt_first_and_counted(tmp_path, tokenizer_f
     ('{"prompt": "a", "chosen": "b", "rejected": 3}', 'field "rejected" must be a string'),
     ('not json', 'not valid JSON'),
     ('{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}], '
-     '"rejected": [{"role": "assistant", "content": "c"}]}', '"chosen" must be one assistant message'),
+     '"rejected": [{"role": "assistant", "content": "c"}]}', '"chosen" must start with an assistant message'),
+    ('{"chosen": "same", "rejected": "same"}', '"chosen" and "rejected" are the same'),
+    ('{"chosen": "x y", "rejected": [{"role": "assistant", "content": "c"}]}', 'both be texts or both lists'),
+    ('{"chosen": "abc", "rejected": "xbc"}', 'no prompt'),
 ])
 def test_malformed_rows_are_one_line_naming_file_and_line(tmp_path, tokenizer_file, line, message):
   good = '{"prompt": "a b", "chosen": "c", "rejected": "d"}'
@@ -369,8 +395,8 @@ def test_a_stopped_run_resumed_with_a_precomputed_reference_gives_the_uninterrup
   run_interrupted(config, resumed, monkeypatch, precomputed)
   assert 'reference log-probs (config.dpo.precompute_ref): train computed, validation computed' in (
       capsys.readouterr().out)  # reused when valid: test_stored_reference_is_keyed_...
-  stored = np.load(preference.reference_file(config, resumed, 'train'))['logps']
-  assert stored.size and (stored < 0).all()
+  stored = [np.load(path) for path in sorted(glob.glob(os.path.join(preference.reference_dir(config, resumed), '*')))]
+  assert [s.shape[1] for s in stored] == [2, 2] and all((s < 0).all() for s in stored)  # train, validation
   (a, a_eval), (b, b_eval) = rows_of(straight), rows_of(resumed)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4] and sorted(a_eval) == sorted(b_eval) == [4]
   np.testing.assert_allclose(a[1]['loss'], np.log(2), rtol=1e-6)  # step 0: the policy is the reference
@@ -395,20 +421,29 @@ def test_stored_reference_is_keyed_by_reference_and_pairs_and_written_atomically
     return -(rows['targets'] + rows['positions']) / 100.0
 
   ref = dict(init_from='/runs/a', step=10)
+  stored = lambda: sorted(os.listdir(preference.reference_dir(config, workdir)))
   assert preference.store_reference(config, workdir, ref, forward) == dict(train='computed', validation='computed')
   assert {shape for shape in calls} == {(4, config.data.seq_len)}  # global batches, the last padded
-  assert sorted(os.listdir(os.path.join(workdir, 'data', 'reference_logps'))) == ['train.npz', 'validation.npz']
+  first = stored()
+  assert [name.split('-')[0] for name in first] == ['train', 'validation'] and all(n.endswith('.npy') for n in first)
+  sums = np.load(os.path.join(preference.reference_dir(config, workdir), first[0]))
+  assert sums.shape == (len(preference.open_split(config, 'train', workdir).examples), 2)  # two numbers a pair
   calls.clear()
   assert preference.store_reference(config, workdir, ref, forward) == dict(train='reused', validation='reused')
   assert not calls
   assert preference.store_reference(config, workdir, dict(ref, step=20), forward)['train'] == 'computed'
+  assert len(stored()) == 2 and not set(stored()) & set(first)  # the other reference's files are gone
   split = preference.open_split(config, 'train', workdir, with_reference=True)
-  batch = split.batch(0)
-  mask = batch['segment_ids'] > 0
-  np.testing.assert_allclose(batch['ref_logps'][mask],
-                             (-(batch['targets'] + batch['positions']) / 100.0)[mask], rtol=1e-6)
+  assert isinstance(split.reference, np.memmap)  # read per batch, never loaded whole
+  for step in range(3):  # each batch's sums are the stand-in's log-probs summed over its pairs' completions
+    batch = split.batch(step)
+    expected = preference_objective.pair_sums(-(batch['targets'] + batch['positions']) / 100.0 * batch['loss_mask'],
+                                              batch['segment_ids'])
+    np.testing.assert_allclose(batch['ref_chosen'], expected[0], rtol=1e-6)
+    np.testing.assert_allclose(batch['ref_rejected'], expected[1], rtol=1e-6)
+    assert (batch['ref_chosen'] < 0).sum() == (expected[0] < 0).sum() > 0
   write(tmp_path / 'pairs.jsonl', varied_records(seed=1))  # other pairs: never read back silently
-  with pytest.raises(preference.PreferenceDataError, match='train.npz: computed for other pairs'):
+  with pytest.raises(preference.PreferenceDataError, match=r'train-\*.npy: computed for other pairs'):
     preference.open_split(config, 'train', workdir, with_reference=True)
   assert preference.store_reference(config, workdir, dict(ref, step=20), forward)['train'] == 'computed'
 
@@ -438,7 +473,9 @@ def test_dpo_with_lora_starts_at_ln2_with_the_base_as_reference_and_no_copy(tmp_
 
   @jax.jit
   def both(p):  # the objective's metrics, and the same sums against the base model (rank 0 on the base weights)
-    independent = objective.pair_sums_of(logprobs(trainer.model, p), logprobs(rank0, lora_lib.split(p)[0]), batch)
+    base_sums = preference_objective.pair_sums(logprobs(rank0, lora_lib.split(p)[0]) * batch['loss_mask'],
+                                               batch['segment_ids'])
+    independent = objective.pair_sums_of(logprobs(trainer.model, p), base_sums, batch)
     return objective.loss(trainer.model, p, batch).metrics, independent
 
   count = float(objective.count(batch))
