@@ -505,3 +505,146 @@ def test_stdlib_pairs_differ_by_two_neighbouring_words_of_the_first_line_that_ha
     diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
     assert len(diff) == 2 and diff[1] == diff[0] + 1 and diff[1] <= 4, where
     assert (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]]) and sorted(a) == sorted(b)
+
+
+# --- record formats: TRL's maybe_extract_prompt, column mapping ------------------------------------------------------
+
+def _m(role, text):
+  return dict(role=role, content=text)
+
+
+FORMAT_RECORDS = [
+    # implicit prompt, conversations (Anthropic HH / trl-lib/ultrafeedback_binarized as messages)
+    dict(chosen=[_m('user', 'a b c'), _m('assistant', 'd e')], rejected=[_m('user', 'a b c'), _m('assistant', 'g f')]),
+    # implicit prompt, multi-turn: the earlier assistant turn belongs to the prompt
+    dict(chosen=[_m('user', 'a'), _m('assistant', 'b c'), _m('user', 'd'), _m('assistant', 'e f')],
+         rejected=[_m('user', 'a'), _m('assistant', 'b c'), _m('user', 'd'), _m('assistant', 'g')]),
+    # implicit prompt, plain text (Anthropic HH as text): the space before the split goes to the completions
+    dict(chosen='\n\nHuman: the quick brown fox\n\nAssistant: jumps over', rejected='\n\nHuman: the quick brown '
+         'fox\n\nAssistant: a b c'),
+    dict(chosen='the quick brown fox jumps', rejected='the quick brown dog'),
+    # one completion a prefix of the other: TRL's loop ends one item short
+    dict(chosen='the quick brown fox', rejected='the quick brown fox jumps'),
+    # a text prompt beside whole conversations (HuggingFaceH4/ultrafeedback_binarized): taken from them
+    dict(prompt='a b c', chosen=[_m('user', 'a b c'), _m('assistant', 'd e')],
+         rejected=[_m('user', 'a b c'), _m('assistant', 'g f')]),
+    # explicit prompts of the completions' kind: kept
+    dict(prompt='the quick', chosen=' brown', rejected=' lazy'),
+    dict(prompt=[_m('user', 'a b')], chosen=[_m('assistant', 'c')], rejected=[_m('assistant', 'd')]),
+]
+
+
+def test_records_parse_as_trls_maybe_extract_prompt(tmp_path, tokenizer_file):
+  """Implicit prompts (text and conversations), text prompts beside conversations and explicit prompts give the
+  prompt, chosen and rejected of TRL's maybe_extract_prompt (trl is the reference), and then tokens: the prompt's
+  tokens then each completion's, the completion of a multi-turn chat being its last assistant turn."""
+  from trl.data_utils import maybe_extract_prompt  # pylint: disable=g-import-not-at-top
+  for i, record in enumerate(FORMAT_RECORDS):
+    expected = maybe_extract_prompt(dict(record))
+    assert preference.normalize(dict(record), f'record {i}') == {k: expected[k] for k in preference.FIELDS}, i
+  c = preference_config(write(tmp_path / 'p.jsonl', FORMAT_RECORDS * 3), tokenizer_file, seq_len=128)
+  from llm_jax.data import sft, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load(tokenizer_file)
+  split, stats = preference.read_pairs(c, tok)
+  assert stats['records'] == 3 * len(FORMAT_RECORDS) and stats['truncated'] == 0
+  by_line = {int(p.where.rsplit(':', 1)[1]): p for s in split.values() for p in s}
+  multi = by_line[2]  # the multi-turn chat: rendered whole, the completion is the last assistant turn and its end
+  tokens, loss = sft.render(tok, FORMAT_RECORDS[1]['chosen'])
+  spans = [i for i, counts in enumerate(loss) if counts and not (i and loss[i - 1])]  # assistant spans' starts
+  end = len(loss) - loss[::-1].index(True)
+  assert len(spans) == 2 and multi.prompt.tolist() == tokens[:spans[1]] and multi.chosen.tolist() == tokens[spans[1]:end]
+  last_turn = spans[1]
+  assert sum(loss[:last_turn]) > 0  # the prompt holds an assistant turn too
+  text = by_line[3]  # plain text: prompt up to the split, completions from the space before it, EOS after
+  assert text.prompt.tolist() == tok.encode('\n\nHuman: the quick brown fox\n\nAssistant:')
+  assert text.chosen.tolist() == tok.encode(' jumps over') + [tok.eos_id]
+  with_prompt = by_line[6]  # the text prompt beside conversations: the user turn of the conversations
+  assert with_prompt.prompt.tolist() == by_line[1].prompt.tolist()
+  # a text prompt beside assistant-only conversations (TRL would keep an empty prompt): the user message
+  lone = dict(prompt='a b c', chosen=[_m('assistant', 'd e')], rejected=[_m('assistant', 'g f')])
+  assert preference.normalize(lone, 'x') == dict(prompt=[_m('user', 'a b c')], chosen=lone['chosen'],
+                                                 rejected=lone['rejected'])
+
+
+def test_column_mapping_for_hf_datasets(tmp_path, tokenizer_file):
+  """data.preference_columns maps a dataset's own column names (here HH-style implicit prompts under other
+  names); a missing column names the column and the row, a bad spec is a ConfigError naming the field."""
+  datasets = pytest.importorskip('datasets')
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load(tokenizer_file)
+  rows = dict(good=['the quick brown fox'] * 10, bad=['the quick brown dog'] * 10, prompt=['ignored'] * 10)
+  datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / 'hh'))
+  c = preference_config(tmp_path / 'unused', tokenizer_file, seq_len=64)
+  c.data.update(source='preference_hf', hf_path=str(tmp_path / 'hh'), paths='',
+                preference_columns='chosen=good, rejected=bad')
+  validation.validate(c, 1)
+  split, stats = preference.read_pairs(c, tok)
+  assert stats['records'] == 10
+  pair = split['train'][0]  # the prompt column is a text like the completions: TRL keeps it (maybe_extract_prompt)
+  assert pair.prompt.tolist() == tok.encode('ignored')
+  assert pair.chosen.tolist() == tok.encode('the quick brown fox') + [tok.eos_id]
+  c.data.preference_columns = 'chosen=good,rejected=bad,prompt=question'
+  with pytest.raises(preference.PreferenceDataError, match=r'\[train\]\[0\]: no column "question" \(data.preference_'
+                     r'columns maps prompt=question\); the record has good, bad, prompt'):
+    preference.read_pairs(c, tok)
+  for spec in ('chosen:good', 'answer=good', 'chosen=good,chosen=bad'):
+    c.data.preference_columns = spec
+    with pytest.raises(preference.ConfigError, match=r'^config\.data\.preference_columns: '):
+      validation.validate(c, 1)
+
+
+# --- cDPO, the reference's dtype -------------------------------------------------------------------------------------
+
+def test_cdpo_is_the_label_smoothed_sigmoid_of_trl_and_sigmoid_takes_no_smoothing(models):
+  """cDPO with share e of flipped labels is (1-e) times TRL's sigmoid loss plus e times TRL's sigmoid loss on the
+  pairs with chosen and rejected swapped (TRL's sigmoid itself no longer reads label_smoothing, trl 1.16);
+  loss_type=sigmoid with label_smoothing > 0 is refused, naming the field."""
+  policy, reference, config, params, ref_params = models('llama')
+  config = config.copy_and_resolve_references()
+  config.model.objective = 'dpo'
+  config.data.source = 'preference_jsonl'
+  config.dpo.update(beta=0.5, loss_type='cdpo', label_smoothing=0.2)
+  pair_list = pairs()
+  swapped = [preference.Pair(p.prompt, p.rejected, p.chosen, p.where, '') for p in pair_list]
+  straight = trl_dpo(policy, reference, trl_batch(pair_list), 'sigmoid', 0.5, 0.0)
+  flipped = trl_dpo(policy, reference, trl_batch(swapped), 'sigmoid', 0.5, 0.0)
+  loss, metrics, _, _ = ours(config, params, ref_params, pair_list)
+  expected = 0.8 * straight[0] + 0.2 * flipped[0]
+  print(f'cdpo: loss {loss:.6f}, TRL (1-e) sigmoid + e sigmoid(swapped) {expected:.6f}')
+  np.testing.assert_allclose(loss, expected, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(metrics['rewards/margins'], straight[1]['rewards/margins'], rtol=RTOL, atol=ATOL)
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  config.dpo.loss_type = 'sigmoid'
+  with pytest.raises(preference.ConfigError, match=r'^config\.dpo\.label_smoothing: 0.2 with loss_type=sigmoid: '
+                     r'.*loss_type=cdpo'):
+    validation.validate(config, 1)
+
+
+def test_the_reference_copy_is_held_in_the_compute_dtype_and_gives_the_same_forward(tmp_path, tokenizer_file):
+  """dpo.reference_dtype=compute (default): the frozen copy in the train state is bfloat16 where the model computes
+  in bfloat16 (every matrix, here with MoE experts, a shared expert, q/k norms and scanned layers) and float32
+  where it computes in float32 whatever the compute dtype (norm scales, router, shared-expert gate), so its logits
+  equal those of the float32 parameters exactly; reference_dtype=param keeps float32."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from llm_jax import optim  # pylint: disable=g-import-not-at-top
+  config = training_config(tmp_path, tokenizer_file)
+  config.model.update(dtype='bfloat16', ffn='moe', num_experts=4, experts_per_token=2, expert_ffn_dim=16,
+                      shared_expert_ffn_dim=16, qk_norm=True, scan_layers=True, num_layers=2)
+  model = train.create_model(config)
+  held = lambda c: jax.eval_shape(train.state_init_fn(c, model, optim.make_optimizer(c.train)),
+                                  jax.random.key(0)).reference
+  dtypes = {jax.tree_util.keystr(path, simple=True, separator='/'): leaf.dtype
+            for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(held(config)))}
+  kept = {name for name, dtype in dtypes.items() if dtype == jnp.float32}
+  assert all(name.endswith('/scale') or '/router/' in name or '/shared_gate/' in name for name in kept)
+  assert {'q_norm', 'final_norm', 'router', 'shared_gate'} <= {part for name in kept for part in name.split('/')}
+  assert {dtypes[name] for name in dtypes.keys() - kept} == {jnp.dtype(jnp.bfloat16)}
+  params = jax.jit(lambda key: nn.unbox(train.init_params_fn(config, model)(key)))(jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 2, config.model.vocab_size)
+  forward = jax.jit(lambda p: model.apply({'params': p}, tokens, jnp.ones_like(tokens),
+                                          jnp.broadcast_to(jnp.arange(16), tokens.shape)))
+  reference = objectives.make(config).reference_params(params)
+  np.testing.assert_array_equal(np.asarray(forward(reference)), np.asarray(forward(params)))
+  config.dpo.reference_dtype = 'param'
+  assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(held(config)))} == {jnp.dtype(jnp.float32)}
