@@ -348,10 +348,10 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
 
 def _precompute_reference(trainer: Trainer, state: TrainState) -> None:
   """config.dpo.precompute_ref: the reference's summed completion log-probs of every pair (chosen, rejected),
-  computed once from the run's starting
-  point (this state's parameters at step 0; on a resume init_from or the fresh initialisation again, and only
-  when the stored ones are missing or keyed to another reference or other pairs) and stored beside the prepared
-  data (llm_jax.data.preference.store_reference); the batches then carry them and the state holds no reference."""
+  computed once from the run's starting point (this state's parameters at step 0; on a resume init_from or the
+  fresh initialisation again, and only when the stored ones are missing or keyed to another reference or other
+  pairs) and stored beside the prepared data (llm_jax.data.preference.store_reference); the batches then carry
+  them and the state holds no reference."""
   config = trainer.config
   source = config.train.init_from
   reference = dict(init_from=storage.absolute(source) if source else None,

@@ -238,7 +238,8 @@ def test_long_pairs_are_truncated_per_sequence_prompt_first_and_counted(tmp_path
                                                            'prompt+completion')  # 17 - 8 = 9 each
   assert fit(list(range(6)), list(range(30)), [4]) == (list(range(6)), list(range(11)), [4], 'completion')
   long_prompt = ' '.join(['the quick brown fox'] * 10)
-  records = ([dict(prompt=long_prompt, chosen='a b', rejected='c')] * 12 + [dict(prompt='a b', chosen=' c', rejected=' d')] * 6
+  records = ([dict(prompt=long_prompt, chosen='a b', rejected='c')] * 12
+             + [dict(prompt='a b', chosen=' c', rejected=' d')] * 6
              + [dict(prompt='a b', chosen=long_prompt, rejected=' d')] * 6)
   c = preference_config(write(tmp_path / 'p.jsonl', records), tokenizer_file)
   assert preference.lengths(c) == (17, 8)  # data.seq_len // 2 + 1: two sequences fill a row of 32 positions
@@ -552,9 +553,8 @@ def test_records_parse_as_trls_maybe_extract_prompt(tmp_path, tokenizer_file):
   tokens, loss = sft.render(tok, FORMAT_RECORDS[1]['chosen'])
   spans = [i for i, counts in enumerate(loss) if counts and not (i and loss[i - 1])]  # assistant spans' starts
   end = len(loss) - loss[::-1].index(True)
-  assert len(spans) == 2 and multi.prompt.tolist() == tokens[:spans[1]] and multi.chosen.tolist() == tokens[spans[1]:end]
-  last_turn = spans[1]
-  assert sum(loss[:last_turn]) > 0  # the prompt holds an assistant turn too
+  assert len(spans) == 2 and sum(loss[:spans[1]]) > 0  # the prompt holds an assistant turn too
+  assert multi.prompt.tolist() == tokens[:spans[1]] and multi.chosen.tolist() == tokens[spans[1]:end]
   text = by_line[3]  # plain text: prompt up to the split, completions from the space before it, EOS after
   assert text.prompt.tolist() == tok.encode('\n\nHuman: the quick brown fox\n\nAssistant:')
   assert text.chosen.tolist() == tok.encode(' jumps over') + [tok.eos_id]

@@ -26,9 +26,9 @@ token with the end-of-turn token; the prompt is everything before it (so it ends
 Length, per sequence as TRL's max_length: prompt + chosen and prompt + rejected each have at most
 L = config.dpo.max_length tokens (0 = data.seq_len // 2 + 1, the most two sequences of a row can have: a sequence
 of n tokens gives n-1 targets; and at most model.max_seq_len, which bounds one sequence, not the row of pairs,
-since positions restart at 0 for each sequence). A longer pair is truncated in the order of TRL's `max_prompt_length`: first the
-prompt keeps its last config.dpo.max_prompt_length tokens (0 = L // 2), then, if still too long, each completion
-keeps its first L - prompt tokens. Pairs whose prompt or completions were cut are counted (stats, printed by
+since positions restart at 0 for each sequence). A longer pair is truncated in the order of TRL's
+`max_prompt_length`: first the prompt keeps its last config.dpo.max_prompt_length tokens (0 = L // 2), then, if
+still too long, each completion keeps its first L - prompt tokens. Pairs whose prompt or completions were cut are counted (stats, printed by
 prepare).
 
 Rows. Pairs are packed greedily into rows of seq_len in the order `default_rng([seed, split_id, epoch])

@@ -2,8 +2,8 @@
 
 Batch (llm_jax.data.preference): rows of packed pairs. Pair k of a row is segments 2k-1 (the prompt and the chosen
 completion) and 2k (the prompt and the rejected one), so a pair never crosses rows and attention never crosses
-sequences. `loss_mask` is 1 on the targets that are completion tokens: the prompt is masked out. Optional `ref_chosen` and
-`ref_rejected` [B, T//2] hold the reference's summed completion log-probs of each pair (slot k: pair k of the
+sequences. `loss_mask` is 1 on the targets that are completion tokens: the prompt is masked out. Optional
+`ref_chosen` and `ref_rejected` [B, T//2] hold the reference's summed completion log-probs of each pair (slot k: pair k of the
 row, as `pair_sums` lays them out), precomputed in one pass (config.dpo.precompute_ref); without them they are
 computed here, from the frozen reference, without gradient.
 
@@ -19,8 +19,8 @@ b = config.dpo.beta, e = config.dpo.label_smoothing, g = config.dpo.simpo_gamma,
 
 TRL's sigmoid loss no longer reads label_smoothing (trl 1.16: only robust, exo_pair and the aot losses do),
 so cDPO, which older TRL computed as sigmoid with label_smoothing > 0, has its own name here and sigmoid takes no
-label_smoothing. The loss of a step is the mean over its pairs. Rewards (TRL's metrics): b h_c and b h_r (simpo: b pi_c/n_c and
-b pi_r/n_r); rewards/margins their difference, rewards/accuracies the share of pairs whose chosen reward is the
+label_smoothing. The loss of a step is the mean over its pairs. Rewards (TRL's metrics): b h_c and b h_r (simpo:
+b pi_c/n_c and b pi_r/n_r); rewards/margins their difference, rewards/accuracies the share of pairs whose chosen reward is the
 higher; logps/chosen and logps/rejected the policy's pi_c and pi_r.
 
 The reference is the policy's starting point: a frozen copy of the initial parameters in the TrainState
@@ -105,7 +105,7 @@ class DPO(base.Objective):
 
   @classmethod
   def check_config(cls, config):
-    d, p = config.data, config.dpo
+    p = config.dpo
     check_choice('dpo.loss_type', p.loss_type, LOSS_TYPES)
     if p.beta <= 0:
       fail('dpo.beta', f'must be positive, got {p.beta}')
