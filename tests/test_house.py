@@ -163,6 +163,7 @@ REGISTRIES = {
     'model.moe_compute': moe.EXPERT_COMPUTE,
     'model.objective': objectives.REGISTRY,
     'dpo.loss_type': preference.LOSS_TYPES,
+    'dpo.reference_dtype': preference.REFERENCE_DTYPES,
     'data.source': data.SOURCES,
     'data.sft_truncation': sft.TRUNCATIONS,
     'data.filters': cleaning.FILTER_NAMES,
@@ -176,6 +177,7 @@ REGISTRIES = {
 # What else a field's check needs to be reached (the wsd shape is read only by schedule=wsd, ...).
 _CONTEXT = {'train.wsd_decay_shape': {'train.schedule': 'wsd'},
             'dpo.loss_type': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
+            'dpo.reference_dtype': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
             'lora.targets': {'lora.rank': 4}}
 
 
