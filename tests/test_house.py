@@ -23,7 +23,7 @@ from llm_jax.objectives import preference
 from llm_jax.model import TransformerConfig, Transformer
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'llm_jax'
-JOBS = ('main', 'benchmark', 'dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs')
+JOBS = ('main', 'benchmark', 'dry_run', 'serve_dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs')
 # The import direction of docs/architecture.md, bottom first: a module imports only from its own layer or below
 # (arrows inside a layer are allowed, cycles never). Packages count by their top-level name.
 LAYERS = (
@@ -163,6 +163,7 @@ REGISTRIES = {
     'model.moe_compute': moe.EXPERT_COMPUTE,
     'model.objective': objectives.REGISTRY,
     'dpo.loss_type': preference.LOSS_TYPES,
+    'dpo.reference_dtype': preference.REFERENCE_DTYPES,
     'data.source': data.SOURCES,
     'data.sft_truncation': sft.TRUNCATIONS,
     'data.add_bos': tokenizer_lib.ADD_BOS_SETTINGS,
@@ -177,6 +178,7 @@ REGISTRIES = {
 # What else a field's check needs to be reached (the wsd shape is read only by schedule=wsd, ...).
 _CONTEXT = {'train.wsd_decay_shape': {'train.schedule': 'wsd'},
             'dpo.loss_type': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
+            'dpo.reference_dtype': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
             'lora.targets': {'lora.rank': 4}}
 
 
