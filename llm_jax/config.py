@@ -29,6 +29,7 @@ from llm_jax.errors import ConfigError, UserError, check_choice, fail  # noqa: F
 # This module checks the run itself: the mesh and its rules, batch sizes, the loop's cadences (check_run).
 NONFINITE_POLICIES = ('stop', 'skip')  # the training loop's (train.py) answers to a non-finite step
 WANDB_MODES = ('online', 'offline', 'disabled')  # wandb.init's modes
+INIT_FROM_ADAPTERS = ('merge', 'keep')  # what train.py's init_from does with the LoRA adapters of its source
 MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data, expert and fsdp
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
@@ -160,7 +161,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.moments_dtype = 'float32'  # Dtype of both AdamW moments: float32 | bfloat16 (halves optimizer memory).
   c.train.log_every = 10  # Write a metrics row (metrics.jsonl, TensorBoard, stdout) every this many steps.
   c.train.seed = 0  # Seed of parameter initialisation and of dropout-free model randomness.
-  c.train.init_from = ''  # Workdir whose latest checkpoint initialises the parameters of a fresh run.
+  c.train.init_from = ''  # Workdir whose latest checkpoint initialises the parameters of a fresh run: any run of ours (pre-training, SFT, DPO, LoRA or not) or an imported model.
+  c.train.init_from_adapters = 'merge'  # init_from a LoRA run: merge (its adapters folded into the weights, W + A.B.alpha/rank; a LoRA run then adds fresh adapters) | keep (this LoRA run continues from them: same lora.rank, alpha and targets; a DPO run then holds a copy of that starting point as its reference). A source without adapters loads as it is either way.
   c.train.nonfinite = 'stop'  # On NaN/Inf loss or gradients: stop (raise, naming the step) | skip (drop the update).
   c.train.max_nonfinite_skips = 5  # nonfinite=skip: stop after this many skipped steps in a row.
   c.train.profile_steps = ''  # 'FIRST,LAST' (1-based step numbers, FIRST >= 2, e.g. '5,8'): write a jax.profiler trace of those steps to <workdir>/profile/ (TensorBoard, Perfetto); '' = none.
@@ -257,6 +259,10 @@ def check_run(config, num_devices: int) -> dict[str, int]:
   d, t = config.data, config.train
   check_choice('train.nonfinite', t.nonfinite, NONFINITE_POLICIES)
   check_choice('tracking.wandb_mode', config.tracking.wandb_mode, WANDB_MODES)
+  check_choice('train.init_from_adapters', t.init_from_adapters, INIT_FROM_ADAPTERS)
+  if t.init_from_adapters == 'keep' and not config.lora.rank:
+    fail('train.init_from_adapters', 'keep continues the adapters of a LoRA run, so it needs lora.rank > 0 (the '
+         "source's rank); use merge to fold them into the weights of a run without LoRA")
   if config.eval.harness_limit < 0:
     fail('eval.harness_limit', f'must be >= 0 (0 = all documents), got {config.eval.harness_limit}')
   if t.steps <= 0:
