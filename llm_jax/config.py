@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | preference_jsonl (prompt/chosen/rejected JSONL) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
+  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | sft_stdlib (instruction records made from the stdlib corpus: six lines of code asked, the next three answered) | preference_jsonl (prompt/chosen/rejected JSONL) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
@@ -132,7 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_text_key = 'text'  # tfds: feature holding the text.
   c.data.train_split = 'train'  # Split used for training.
   c.data.eval_split = 'validation'  # Split used for evaluation.
-  c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets / preference_jsonl / preference_hf without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
+  c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets / sft_stdlib / preference_jsonl / preference_hf without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
   c.data.tokenizer_path = ''  # Tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory with one; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Kind of a trained tokenizer: bpe | unigram (SentencePiece, tokenizer.model) | byte_bpe (byte-level BPE with Hugging Face tokenizers, tokenizer.json).
   c.data.tokenizer_character_coverage = 'auto'  # bpe / unigram: share of the sample's characters that get pieces of their own (SentencePiece character_coverage), the rest spelled as UTF-8 bytes; a number in (0, 1] as text, e.g. '0.98', or 'auto' = 0.9995 where the vocabulary has room for those characters, else lowered until the most frequent characters fill the vocabulary (large alphabets: Chinese, Japanese, Korean).
@@ -141,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_docs = 0  # Read at most this many documents per split (0 = all); for quick experiments.
   c.data.mask_prob = 0.15  # mlm: fraction of tokens selected for prediction (80% [MASK], 10% random, 10% kept).
   c.data.sft_eval_paths = ''  # sft_jsonl: comma-separated globs of the eval records ('' = evaluate on the training records).
-  c.data.sft_truncation = 'truncate'  # sft_jsonl: a record longer than seq_len+1 tokens: truncate (drop the oldest context first) | drop | error.
+  c.data.sft_truncation = 'truncate'  # sft_jsonl / sft_stdlib: a record longer than seq_len+1 tokens: truncate (drop the oldest context first) | drop | error.
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps to train for.
