@@ -354,7 +354,8 @@ def _precompute_reference(trainer: Trainer, state: TrainState) -> None:
   source = config.train.init_from
   reference = dict(init_from=storage.absolute(source) if source else None,
                    step=checkpoint.latest_step(source) if source else None,
-                   seed=None if source else config.train.seed, model=config.model.to_dict())
+                   seed=None if source else config.train.seed, model=config.model.to_dict(),
+                   adapters=config.train.init_from_adapters if source else None)  # merged or kept: other starts
   start: list = []
 
   def forward(rows):

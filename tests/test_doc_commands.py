@@ -3,8 +3,8 @@
 1. Each `python -m llm_jax...` line of a shell block (continuations joined) is checked statically: the module
    exists, every flag is one that job defines, the config file exists, and every `--config.a.b=v` override names a
    field of that config and its value parses as the field's type.
-2. COVERAGE maps each command (by a pattern) to the test that runs that job with that preset on tiny settings, or
-   says why it cannot run here (hardware, a bucket, the user's own data or weights, a download). A command no entry
+2. COVERAGE maps each command (by a pattern) to the test that runs that job with that preset on tiny settings
+   (smaller steps, documents or model; some swap the corpus for the synthetic source), or says why it cannot run here (hardware, a bucket, the user's own data or weights, a download). A command no entry
    matches fails the test, and so does an entry that matches no command: a new command in the docs gets a line.
 3. test_finetune_chain_runs_as_written runs the fine-tuning chain of docs/finetune.md and the README with the
    commands read from the markdown (their workdirs replaced by temporary ones, a few steps appended): pre-train ->
@@ -147,13 +147,16 @@ COVERAGE = [  # (pattern searched in the command, the test that runs it or why n
     (r'main --config=experiments/sft_tiny\.py --workdir=/tmp/sft_(mine|full) .*my_data', NOT_RUN + "the user's JSONL "
      'records (my_data/): the sft_jsonl source is run by test_sft.py::test_instruction_set_learnt_by_greedy_generation, '
      'this preset by the chain'),
-    (r'main --config=experiments/tiny\.py --workdir=(W|/tmp/llm_jax_tiny|/tmp/tiny_short|/tmp/synth|/tmp/moe_run_tiny)'
-     r'( --config\.data\.source=synthetic| --config\.train\.steps=\d+( --config\.data\.max_docs=\d+)?)?$',
+    (r'main --config=experiments/tiny\.py --workdir=(W|/tmp/llm_jax_tiny|/tmp/tiny_short)'
+     r'( --config\.train\.steps=\d+( --config\.data\.max_docs=\d+)?)?$', CHAIN),  # tiny on the stdlib corpus
+    (r'main --config=experiments/tiny\.py --workdir=(/tmp/synth --config\.data\.source=synthetic|/tmp/moe_run_tiny)$',
      'test_train.py::test_sigterm_saves_and_exits_zero_then_resumes'),
     (r'main --config=experiments/tiny\.py --workdir=W --config\.train\.profile_steps=5,8',
      'test_xla_and_profile.py::test_profile_steps_write_a_trace_in_training_and_the_benchmark'),
-    (r'main --config=experiments/(mlm|moe)_tiny\.py --workdir=\S+$',
-     'test_config.py::test_every_experiment_loads_and_validates'),
+    (r'main --config=experiments/mlm_tiny\.py --workdir=\S+$',
+     'test_mlm.py::test_mlm_loss_falls_well_below_unigram_baseline'),  # its model on the stdlib corpus, 300 steps
+    (r'main --config=experiments/moe_tiny\.py --workdir=\S+$',  # (the preset itself: test_config.py, test_moe.py::
+     'test_moe.py::test_log_steps_carry_the_per_layer_expert_load'),  # test_presets_moe_tiny_matches_tiny_per_token...)
     (r'data\.prepare --config=experiments/tiny\.py --workdir=(W|/tmp/llm_jax_tiny)$',
      'test_data_prepare.py::test_command_line'),
     (r'generate --workdir=/tmp/llm_jax_tiny --(prompt|prompts_file)=', 'test_generate.py::test_cli_prints_completions'),
@@ -237,11 +240,13 @@ def test_finetune_chain_runs_as_written(tmp_path):
   out = run(as_written(sft, {'W2': w['sft'], 'W': w['tiny']}, '--config.train.steps=4', *TINY))
   assert f'initialised parameters from {w["tiny"]}' in out
   assert json.load(open(os.path.join(w['sft'], 'config.json')))['lora']['rank'] == 8  # the preset's LoRA
-  dpo = doc_command('README.md', 'experiments/dpo_tiny.py --workdir=W5')
-  for name, rank in (('dpo_lora', 8), ('dpo_full', 0)):
-    out = run(as_written(dpo, {'W5': w[name], 'W': w['sft']}, f'--config.lora.rank={rank}', '--config.train.steps=2',
-                         '--config.train.log_every=1', *TINY))
+  dpo_lora = doc_command('docs/finetune.md', 'experiments/dpo_tiny.py --workdir=/tmp/dpo_lora')
+  dpo_full = doc_command('README.md', 'experiments/dpo_tiny.py --workdir=W5')
+  for name, argv in (('dpo_lora', as_written(dpo_lora, {'/tmp/dpo_lora': w['dpo_lora'], '/tmp/sft_tiny': w['sft']})),
+                     ('dpo_full', as_written(dpo_full, {'W5': w['dpo_full'], 'W': w['sft']}))):
+    out = run(argv + ['--config.train.steps=2', '--config.train.log_every=1', *TINY])
     assert f'initialised parameters from {w["sft"]} (step 4, its rank-8 adapters merged into the weights)' in out
+    assert json.load(open(os.path.join(w[name], 'config.json')))['lora']['rank'] == (8 if name == 'dpo_lora' else 0)
     rows = [json.loads(line) for line in open(os.path.join(w[name], 'metrics.jsonl'))]
     first = next(r for r in rows if 'loss' in r)
     # step 1: the policy is the reference (the SFT model, merged), so every reward is 0 and the loss ln 2
@@ -250,16 +255,16 @@ def test_finetune_chain_runs_as_written(tmp_path):
                              '--max_new_tokens=4'))
   assert generated.strip()
   evaluated = run(as_written(doc_command('README.md', 'llm_jax.evaluate --workdir=W'), {'W': w['sft']}))
-  assert 'eval_loss' in evaluated
-  run(as_written(doc_command('docs/finetune.md', 'convert to_hf --workdir=/runs/llama31_8b_dpo'),
-                 {'/runs/llama31_8b_dpo': w['dpo_lora'], '/models/llama31_8b_dpo': w['hf']}))
+  assert json.loads(evaluated)['perplexity']['perplexity'] > 1  # the SFT run's validation records (sft_stdlib)
+  run(as_written(doc_command('docs/finetune.md', 'convert to_hf --workdir=/tmp/dpo_lora'),
+                 {'/tmp/dpo_lora': w['dpo_lora'], '/tmp/dpo_lora_hf': w['hf']}))
 
   from llm_jax import decoding
   from llm_jax import workdir as workdir_lib
   loaded = workdir_lib.load_workdir(w['dpo_lora'], need_tokenizer=True)
   prompt = loaded.tokenizer.encode('def main(')
   ours = decoding.generate(loaded.model_config, loaded.params, [prompt], 8)[0]
-  model = transformers.AutoModelForCausalLM.from_pretrained(w['hf'], torch_dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_pretrained(w['hf'], dtype=torch.float32)
   tokenizer = transformers.AutoTokenizer.from_pretrained(w['hf'])
   with torch.no_grad():
     theirs = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
