@@ -10,9 +10,10 @@ over the vocabulary; every request generates exactly its output length (ignore_e
 models have the config's shape and random weights (speed is what is measured, not text). Systems:
 
   engine        llm_jax.serving.Engine in this process, max_seqs = concurrency; requests all arrive at t=0, or
-                at --request_rate per second (Poisson) when given
+                at --request_rate per second (Poisson) when given. The workload runs once untimed first: the
+                engine compiles each bucketed shape once in its life, and the timed pass measures serving
   server        the same requests to a running `python -m llm_jax.serve` at --url (/v1/completions, token-id
-                prompts, streamed), at most `concurrency` in flight
+                prompts, streamed), at most `concurrency` in flight; likewise warmed up by one untimed pass
   transformers  LlamaForCausalLM.generate in arrival order, `concurrency` requests a batch, left-padded, each
                 batch generating its longest output (greedy)
 
@@ -65,9 +66,9 @@ def run_engine(cfg, params, prompts, outputs, concurrency, rate, seed):
   pages = concurrency * -(-longest // 16) + 1
   engine = Engine(cfg, params, config=EngineConfig(max_seqs=concurrency, num_pages=pages,
                                                    max_queue=len(prompts) + 1), eos_id=-1)
-  # warm-up: compile the decode and prefill shapes this workload meets
-  engine.generate(prompts[:concurrency], [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)] *
-                  min(concurrency, len(prompts)))
+  # warm-up: the whole workload once, untimed, so every bucketed shape it meets is compiled (a server compiles
+  # each shape once in its life; a timed first pass would measure the compiler)
+  engine.generate(prompts, [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in outputs])
   arrivals = np.zeros(len(prompts)) if not rate else np.cumsum(np.random.default_rng(seed).exponential(
       1.0 / rate, len(prompts)))
   start = time.perf_counter()
@@ -125,7 +126,7 @@ async def _server(url, model, prompts, outputs, concurrency):
 def run_server(url, prompts, outputs, concurrency):
   import httpx
   model = httpx.get(f'{url}/v1/models').json()['data'][0]['id']
-  asyncio.run(_server(url, model, prompts[:concurrency], [4] * concurrency, concurrency))  # warm-up
+  asyncio.run(_server(url, model, prompts, outputs, concurrency))  # warm-up: compiles the workload's shapes
   wall, ttfts, tpots = asyncio.run(_server(url, model, prompts, outputs, concurrency))
   return report('llm_jax-server', sum(outputs), wall, ttfts, tpots, concurrency=concurrency)
 

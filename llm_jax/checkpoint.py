@@ -16,7 +16,9 @@ protocols; a directory without it was copied or synced half-way). Loaders go thr
 tries the newest step, and on damage warns in one line naming the step and why, then tries the next older one.
 Each array is read once (the restore itself is the check); only `meta` and the commit marker are checked before
 it. Nothing is deleted; a training run moves a damaged step it skipped to <workdir>/checkpoints.damaged/
-(`set_aside`), since orbax would never save a step at or below a listed one.
+(`set_aside`), since orbax would never save a step at or below a listed one. A restore refused because the
+target tree has other names or shapes than the stored one is not damage: it is the config that differs, and
+`load_params` says what differs (`StructureMismatchError`, from orbax's metadata of the stored tree).
 """
 
 from __future__ import annotations
@@ -214,16 +216,70 @@ def _one_line(error: BaseException) -> str:
 
 
 def is_damage(error: BaseException) -> bool:
-  """Whether a failed restore points at the files of that step, not at the config (a UserError) or the machine
-  (out of memory), so that the next older step is worth trying."""
+  """Whether a failed restore points at the files of that step, not at the config (a UserError, or a tree of
+  another structure or shapes than the one asked for) or the machine (out of memory), so that the next older step
+  is worth trying."""
   if isinstance(error, (UserError, MemoryError)) or not isinstance(error, Exception):
     return False
-  return 'RESOURCE_EXHAUSTED' not in str(error)
+  return 'RESOURCE_EXHAUSTED' not in str(error) and not is_structure_mismatch(error)
 
 
 def is_structure_mismatch(error: BaseException) -> bool:
-  """orbax's refusal to restore into a tree of another structure: the config, not the files, differs."""
-  return isinstance(error, ValueError) and 'tree structures do not match' in str(error)
+  """orbax's refusal to restore into a tree of another structure or other shapes: the config, not the files,
+  differs."""
+  return isinstance(error, ValueError) and any(
+      text in str(error) for text in ('tree structures do not match', 'is not compatible with the stored shape'))
+
+
+class StructureMismatchError(UserError, ValueError):
+  """An intact checkpoint holds other parameters (names or shapes) than the tree asked for; the message says which."""
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """'/'-joined leaf name -> shape."""
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def stored_shapes(manager: ocp.CheckpointManager, step: int, item: str = 'params') -> dict[str, tuple] | None:
+  """Leaf name -> shape of one item of a step, from orbax's metadata (no array is read); None if unreadable."""
+  try:
+    metadata = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / item)
+    return _shapes(getattr(metadata, 'tree', metadata))
+  except Exception:  # pylint: disable=broad-except  (the caller falls back to orbax's own message)
+    return None
+
+
+def tree_differences(stored: dict[str, tuple], wanted: dict[str, tuple], limit: int = 4) -> str:
+  """What differs between two {name: shape} trees, in one line ('' when nothing does): the names the wanted tree
+  has and the stored one lacks, the reverse, and the shapes that differ (at most `limit` of each, then a count)."""
+  def listed(names):
+    names = sorted(names)
+    more = f' (and {len(names) - limit} more)' if len(names) > limit else ''
+    return ', '.join(names[:limit]) + more
+  missing, extra = set(wanted) - set(stored), set(stored) - set(wanted)
+  shapes = [f'{name} {stored[name]} stored, {wanted[name]} wanted' for name in sorted(set(stored) & set(wanted))
+            if stored[name] != wanted[name]]
+  parts = []
+  if missing:
+    parts.append(f'{len(missing)} missing from the checkpoint: {listed(missing)}')
+  if extra:
+    parts.append(f'{len(extra)} in the checkpoint but not wanted: {listed(extra)}')
+  if shapes:
+    more = f' (and {len(shapes) - limit} more)' if len(shapes) > limit else ''
+    parts.append(f'{len(shapes)} of other shapes: {"; ".join(shapes[:limit])}{more}')
+  return '; '.join(parts)
+
+
+def mismatch_error(manager: ocp.CheckpointManager, step: int, like, error: BaseException,
+                   item: str = 'params') -> StructureMismatchError:
+  """The one error for a restore refused because the tree differs: which names are missing or extra, which shapes
+  differ (orbax's first line when the stored metadata cannot be read)."""
+  _silence_abandoned_reads()  # orbax's reads of the other arrays of that step still finish, and fail, later
+  stored = stored_shapes(manager, step, item)
+  differs = tree_differences(stored, _shapes(like)) if stored is not None else ''
+  return StructureMismatchError(f'{manager.directory}/{step}: the checkpoint is intact but its {item} differ from '
+                                f'the ones asked for: {differs or _one_line(error)}')
 
 
 def check_step(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -355,7 +411,9 @@ def load_params(workdir: str, params_like, step: int | None = None, check_meta=N
   step by default (damaged ones are skipped with a warning, see `load_newest_intact`), else `step`.
 
   `check_meta(meta)`, if given, runs before any array is read (to raise a clear error on a mismatch).
-  meta['step'] is the step loaded.
+  `params_like` is the target tree, or a function of the step's meta returning it (when the tree depends on what
+  the checkpoint holds, e.g. LoRA adapters). A tree that does not fit is a StructureMismatchError naming the
+  missing, extra and reshaped leaves (never taken for damage). meta['step'] is the step loaded.
   """
   if not storage.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f'{workdir}: no complete checkpoint under {checkpoint_dir(workdir)}')
@@ -364,7 +422,16 @@ def load_params(workdir: str, params_like, step: int | None = None, check_meta=N
   def load(candidate, meta):
     if check_meta is not None:
       check_meta(meta)
-    return restore(manager, candidate, params_like)['params'], meta
+    like = params_like(meta) if callable(params_like) else params_like
+    try:
+      params = restore(manager, candidate, like)['params']
+    except ValueError as e:
+      if is_structure_mismatch(e):
+        raise mismatch_error(manager, candidate, like, e) from None
+      raise
+    if _shapes(params) != _shapes(like):  # (orbax restores a leaf saved from numpy in its stored shape when the
+      raise mismatch_error(manager, candidate, like, ValueError('other shapes'))  # target has no sharding)
+    return params, meta
 
   try:
     _, (params, meta), _ = load_newest_intact(manager, load, workdir, step)

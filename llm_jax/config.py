@@ -29,6 +29,7 @@ from llm_jax.errors import ConfigError, UserError, check_choice, fail  # noqa: F
 # This module checks the run itself: the mesh and its rules, batch sizes, the loop's cadences (check_run).
 NONFINITE_POLICIES = ('stop', 'skip')  # the training loop's (train.py) answers to a non-finite step
 WANDB_MODES = ('online', 'offline', 'disabled')  # wandb.init's modes
+INIT_FROM_ADAPTERS = ('merge', 'keep')  # what train.py's init_from does with the LoRA adapters of its source
 MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data, expert and fsdp
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
@@ -110,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | preference_jsonl (chosen/rejected JSONL with a prompt, or its implicit prompt, as TRL reads them; data.preference_columns) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
+  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | sft_stdlib (instruction records made from the stdlib corpus: six lines of code asked, the next three answered) | preference_jsonl (chosen/rejected JSONL with a prompt, or its implicit prompt, as TRL reads them; data.preference_columns) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
@@ -132,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tfds_text_key = 'text'  # tfds: feature holding the text.
   c.data.train_split = 'train'  # Split used for training.
   c.data.eval_split = 'validation'  # Split used for evaluation.
-  c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets / preference_jsonl / preference_hf without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
+  c.data.validation_fraction = 0.02  # stdlib / text_files / hf_datasets / sft_stdlib / preference_jsonl / preference_hf without both splits: share held out for validation, by a stable hash of each document's key; too few documents -> the tail share of tokens instead.
   c.data.tokenizer_path = ''  # Tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory with one; '' = train one on the corpus during preparation.
   c.data.tokenizer_type = 'bpe'  # Kind of a trained tokenizer: bpe | unigram (SentencePiece, tokenizer.model) | byte_bpe (byte-level BPE with Hugging Face tokenizers, tokenizer.json).
   c.data.tokenizer_character_coverage = 'auto'  # bpe / unigram: share of the sample's characters that get pieces of their own (SentencePiece character_coverage), the rest spelled as UTF-8 bytes; a number in (0, 1] as text, e.g. '0.98', or 'auto' = 0.9995 where the vocabulary has room for those characters, else lowered until the most frequent characters fill the vocabulary (large alphabets: Chinese, Japanese, Korean).
@@ -142,7 +143,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_docs = 0  # Read at most this many documents per split (0 = all); for quick experiments.
   c.data.mask_prob = 0.15  # mlm: fraction of tokens selected for prediction (80% [MASK], 10% random, 10% kept).
   c.data.sft_eval_paths = ''  # sft_jsonl: comma-separated globs of the eval records ('' = evaluate on the training records).
-  c.data.sft_truncation = 'truncate'  # sft_jsonl: a record longer than seq_len+1 tokens: truncate (drop the oldest context first) | drop | error.
+  c.data.sft_truncation = 'truncate'  # sft_jsonl / sft_stdlib: a record longer than seq_len+1 tokens: truncate (drop the oldest context first) | drop | error.
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps to train for.
@@ -162,7 +163,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.moments_dtype = 'float32'  # Dtype of both AdamW moments: float32 | bfloat16 (halves optimizer memory).
   c.train.log_every = 10  # Write a metrics row (metrics.jsonl, TensorBoard, stdout) every this many steps.
   c.train.seed = 0  # Seed of parameter initialisation and of dropout-free model randomness.
-  c.train.init_from = ''  # Workdir whose latest checkpoint initialises the parameters of a fresh run.
+  c.train.init_from = ''  # Workdir whose latest checkpoint initialises the parameters of a fresh run: any run of ours (pre-training, SFT, DPO, LoRA or not) or an imported model.
+  c.train.init_from_adapters = 'merge'  # init_from a LoRA run: merge (its adapters folded into the weights, W + A.B.alpha/rank; a LoRA run then adds fresh adapters) | keep (this LoRA run continues from them: same lora.rank, alpha and targets; a DPO run then holds a copy of that starting point as its reference). A source without adapters loads as it is either way.
   c.train.nonfinite = 'stop'  # On NaN/Inf loss or gradients: stop (raise, naming the step) | skip (drop the update).
   c.train.max_nonfinite_skips = 5  # nonfinite=skip: stop after this many skipped steps in a row.
   c.train.profile_steps = ''  # 'FIRST,LAST' (1-based step numbers, FIRST >= 2, e.g. '5,8'): write a jax.profiler trace of those steps to <workdir>/profile/ (TensorBoard, Perfetto); '' = none.
@@ -261,6 +263,10 @@ def check_run(config, num_devices: int) -> dict[str, int]:
   d, t = config.data, config.train
   check_choice('train.nonfinite', t.nonfinite, NONFINITE_POLICIES)
   check_choice('tracking.wandb_mode', config.tracking.wandb_mode, WANDB_MODES)
+  check_choice('train.init_from_adapters', t.init_from_adapters, INIT_FROM_ADAPTERS)
+  if t.init_from_adapters == 'keep' and not config.lora.rank:
+    fail('train.init_from_adapters', 'keep continues the adapters of a LoRA run, so it needs lora.rank > 0 (the '
+         "source's rank); use merge to fold them into the weights of a run without LoRA")
   if config.eval.harness_limit < 0:
     fail('eval.harness_limit', f'must be >= 0 (0 = all documents), got {config.eval.harness_limit}')
   if t.steps <= 0:

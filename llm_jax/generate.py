@@ -6,8 +6,8 @@
 Loads the newest intact checkpoint (a damaged newer one is skipped with a one-line warning) and the tokenizer of
 the workdir (checked against the checkpoint's fingerprint), writes nothing to the workdir, decodes all prompts
 as one batch with the KV cache (llm_jax.decoding), and prints each completion after a
-`=== prompt i ===` header. A workdir fine-tuned on data.source=sft_jsonl is prompted through its chat template
-(the tokenizer's own Jinja template when it has one, e.g. an imported Llama 3 / Qwen2.5 / Mistral Instruct, with
+`=== prompt i ===` header. A workdir fine-tuned on data.source=sft_jsonl (or sft_stdlib) is prompted through its
+chat template (the tokenizer's own Jinja template when it has one, e.g. an imported Llama 3 / Qwen2.5 / Mistral Instruct, with
 its generation prompt; else the built-in `<|user|>` turn + `<|assistant|>` header: llm_jax.data.sft.encode_prompt),
 other workdirs with the raw text; --chat / --nochat override that (--chat on an imported Instruct model). `run()` does the work and is what tests call.
 """
@@ -37,7 +37,7 @@ def run(workdir: str, prompts: Sequence[str], max_new_tokens: int = 64, temperat
         top_p: float = 0.95, seed: int = 0, step: int | None = None, tokenizer_path: str = '',
         devices=None, chat: bool | None = None) -> list[str]:
   """Completions (generated text only) of `prompts` by the workdir's checkpoint. `chat` None: the chat template
-  exactly when the workdir trained on sft_jsonl."""
+  exactly when the workdir trained on sft_jsonl or sft_stdlib."""
   from llm_jax import decoding, serving, workdir as workdir_lib  # after flag parsing: keeps --help fast
   sampling = serving.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   if not prompts:
@@ -68,7 +68,7 @@ def _main():
                                   'with one) to use instead of the workdir\'s (it must be the one the checkpoint was '
                                   'trained with).')
   chat = flags.DEFINE_bool('chat', None, 'Wrap prompts in the SFT chat template (default: only for a workdir '
-                           'fine-tuned on data.source=sft_jsonl).')
+                           'fine-tuned on data.source=sft_jsonl or sft_stdlib).')
 
   def main(argv):
     if len(argv) > 1:

@@ -1,8 +1,8 @@
 """Generation tasks: prompts -> greedy completions -> BLEU/ROUGE, for the training loop and for evaluate.
 
   prompt_encoder(config, tokenizer, chat=None)   text -> prompt tokens: the SFT chat template for a run on
-                                                 data.source=sft_jsonl (or when chat=True), otherwise the text
-                                                 after BOS where the tokenizer adds one (tokenizer.encode_prompt)
+                                                 data.source=sft_jsonl or sft_stdlib (or chat=True), otherwise
+                                                 the text after BOS where the tokenizer adds one (encode_prompt)
   generation_tasks(config, params, workdir, step, writer)   the training loop's hook (eval.task_file)
 
 A model fine-tuned on sft_jsonl learnt to answer after `<|user|>\\n{prompt}\\n<|assistant|>\\n`
@@ -19,11 +19,11 @@ from llm_jax import text_metrics
 from llm_jax.data import sft
 from llm_jax.data import tokenizer as tokenizer_lib
 
-CHAT_SOURCES = ('sft_jsonl',)  # data sources whose examples are rendered with the chat template
+CHAT_SOURCES = ('sft_jsonl', 'sft_stdlib')  # data sources whose examples are rendered with the chat template
 
 
 def uses_chat_template(config) -> bool:
-  """True when the run trained on chat-templated examples (config.data.source=sft_jsonl)."""
+  """True when the run trained on chat-templated examples (config.data.source in CHAT_SOURCES)."""
   return config.data.source in CHAT_SOURCES
 
 

@@ -326,9 +326,11 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
       except ValueError as e:
         if not checkpoint.is_structure_mismatch(e):
           raise  # a damaged file: the next older step is tried
+        differs = checkpoint.mismatch_error(manager, step, abstract.params, e)
         raise IncompatibleCheckpointError(
             f'{checkpoint.checkpoint_dir(workdir)}/{step} does not fit the state this config builds (other '
-            f'optimizer or LoRA settings, or a checkpoint from an older llm_jax): {str(e).splitlines()[0]}') from e
+            f'optimizer or LoRA settings, or a checkpoint from an older llm_jax): {str(differs).split(": ", 1)[1]}'
+        ) from None
 
     step, restored, damaged = checkpoint.load_newest_intact(manager, load, workdir)
     checkpoint.set_aside(manager, workdir, damaged)
@@ -357,7 +359,8 @@ def _precompute_reference(trainer: Trainer, state: TrainState) -> None:
   source = config.train.init_from
   reference = dict(init_from=storage.absolute(source) if source else None,
                    step=checkpoint.latest_step(source) if source else None,
-                   seed=None if source else config.train.seed, model=config.model.to_dict())
+                   seed=None if source else config.train.seed, model=config.model.to_dict(),
+                   adapters=config.train.init_from_adapters if source else None)  # merged or kept: other starts
   start: list = []
 
   def forward(rows):
@@ -377,21 +380,71 @@ def _precompute_reference(trainer: Trainer, state: TrainState) -> None:
         ', '.join(f'{split} {how}' for split, how in done.items()), flush=True)
 
 
+def _source_lora(meta: dict, source: str) -> dict:
+  """The LoRA settings the init_from checkpoint was saved with: its meta's (a training run records them), else its
+  workdir's config.json (a workdir written by convert), else none."""
+  if meta.get('lora'):
+    return dict(meta['lora'])
+  try:
+    return config_lib.load_workdir_config(source).lora.to_dict()
+  except FileNotFoundError:
+    return dict(rank=0)
+
+
 def _initial_params(trainer: Trainer):
-  """The parameters of config.train.init_from's latest intact checkpoint (LoRA: plus fresh zero-B adapters)."""
+  """The parameters of config.train.init_from's newest intact checkpoint, as this run's tree.
+
+  A source without adapters loads as it is (a LoRA run adds fresh zero-B adapters). A source with adapters (a LoRA
+  run) is restored with them, then, by config.train.init_from_adapters: `merge` folds them into the weights
+  (W + A.B.alpha/rank, lora.merge; a LoRA run adds fresh adapters), `keep` starts this LoRA run from them (same
+  rank, alpha and targets). A checkpoint whose tree still differs is one error naming the leaves that differ.
+  """
   config, workdir = trainer.config, trainer.workdir
   source = config.train.init_from
   if checkpoint.latest_step(source) is None:
     raise IncompatibleCheckpointError(f'config.train.init_from: {source} has no complete checkpoint')
+  run_like = trainer.abstract_state().params
+  base_like, _ = lora_lib.split(run_like)
+  found = {}
+
+  def check(meta):
+    _check_compatible(meta, config, workdir, source)
+    found.update(lora=_source_lora(meta, source))
+    saved = found['lora']
+    if not saved.get('rank') or config.train.init_from_adapters != 'keep':
+      return
+    for field in ('rank', 'alpha', 'targets'):
+      if saved.get(field) != config.lora[field]:
+        raise IncompatibleCheckpointError(
+            f'config.train.init_from_adapters=keep: config.lora.{field}={config.lora[field]!r} but the adapters in '
+            f'{source} have {field} {saved.get(field)!r}; set it so, or use merge')
+
+  def like(meta):
+    saved = found['lora']
+    if not saved.get('rank'):
+      return base_like
+    if config.train.init_from_adapters == 'keep':
+      return run_like
+    source_config = config.copy_and_resolve_references()
+    source_config.lora.update(rank=saved['rank'], alpha=saved['alpha'], targets=saved['targets'])
+    return runtime_lib.abstract_params(source_config, mesh=trainer.mesh)
+
   # load_params skips a damaged newest step of the source with a warning, as a resume does
-  check = lambda meta: _check_compatible(meta, config, workdir, source)
-  if config.lora.rank:  # the source has no adapters: its base weights plus fresh (zero-B) adapters
-    base_like, _ = lora_lib.split(trainer.abstract_state().params)
-    params, meta = checkpoint.load_params(source, base_like, check_meta=check)
-    params = lora_lib.combine(params, trainer.fresh_adapters())
-  else:
-    params, meta = checkpoint.load_params(source, trainer.abstract_state().params, check_meta=check)
-  print(f'initialised parameters from {source} (step {meta.get("step")})', flush=True)
+  try:
+    params, meta = checkpoint.load_params(source, like, check_meta=check)
+  except checkpoint.StructureMismatchError as e:
+    raise IncompatibleCheckpointError(f'config.train.init_from: {e}') from None
+  saved, how = found['lora'], ''
+  if saved.get('rank') and config.train.init_from_adapters == 'merge':
+    base_shardings, _ = lora_lib.split(trainer.state_shardings.params)
+    rank, alpha = saved['rank'], saved['alpha']
+    params = jax.jit(lambda p: lora_lib.merge(p, alpha, rank), out_shardings=base_shardings)(params)
+    how = f', its rank-{rank} adapters merged into the weights'
+  elif saved.get('rank'):
+    how = f', continuing its rank-{saved["rank"]} adapters'
+  if config.lora.rank and not (saved.get('rank') and config.train.init_from_adapters == 'keep'):
+    params = lora_lib.combine(params, trainer.fresh_adapters())  # fresh (zero-B) adapters on that base
+  print(f'initialised parameters from {source} (step {meta.get("step")}{how})', flush=True)
   return params
 
 

@@ -153,7 +153,8 @@ def _comment_choices(field: str) -> set:
 
 
 # Every config field whose value names an implementation -> the registry that implements the names (declared
-# once, where the implementation is; config.py holds only the run's own NONFINITE_POLICIES and WANDB_MODES).
+# once, where the implementation is; config.py holds only the run's own NONFINITE_POLICIES, WANDB_MODES and
+# INIT_FROM_ADAPTERS).
 REGISTRIES = {
     'model.attention': attention.CHOICES,
     'model.dtype': transformer.DTYPES,
@@ -172,6 +173,7 @@ REGISTRIES = {
     'train.wsd_decay_shape': optim.WSD_SHAPES,
     'train.moments_dtype': optim.MOMENTS_DTYPES,
     'train.nonfinite': config_lib.NONFINITE_POLICIES,
+    'train.init_from_adapters': config_lib.INIT_FROM_ADAPTERS,
     'tracking.wandb_mode': config_lib.WANDB_MODES,
     'lora.targets': transformer.LORA_TARGETS,
 }

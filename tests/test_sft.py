@@ -249,3 +249,30 @@ def test_instruction_set_learnt_by_greedy_generation(tmp_path, tokenizer_file):
   outputs = greedy(train.create_model(c), params, prompts, tok.eos_id, max_new=10, seq_len=64)
   exact = np.mean([tok.decode(o) == table[k] for o, k in zip(outputs, keys)])
   assert exact >= 0.95, (exact, last, [tok.decode(o) for o in outputs])
+
+
+def test_stdlib_records_need_no_files_and_hold_six_lines_asked_and_three_answered(tokenizer_file):
+  """data.source=sft_stdlib (experiments/sft_tiny.py): each record is a window of nine non-blank lines of a stdlib
+  file, read here independently; the splits are disjoint (data.validation_fraction by key) and the loss covers
+  the answer only."""
+  from llm_jax.data import sources
+  records = list(sft.stdlib_records(40))
+  assert len(records) == 40
+  (messages, where), key = records[0], records[0][1].split('stdlib/', 1)[1].rsplit(':', 1)[0]
+  path = dict(sources.stdlib_files())[key]
+  lines = [line for line in open(path, encoding='utf-8', errors='replace').read().splitlines() if line.strip()]
+  assert where == f'stdlib/{key}:1'
+  assert messages == [dict(role='user', content='\n'.join(lines[:6])),
+                      dict(role='assistant', content='\n'.join(lines[6:9]))]
+  c = sft_config('', tokenizer_file, seq_len=512)
+  c.data.update(source='sft_stdlib', max_docs=40, validation_fraction=0.25)
+  train_examples, _ = sft.load_examples(c, 'train', tokenizer_lib.load(tokenizer_file))
+  valid_examples, _ = sft.load_examples(c, 'validation', tokenizer_lib.load(tokenizer_file))
+  assert {e.where for e in train_examples}.isdisjoint({e.where for e in valid_examples})
+  assert len(train_examples) + len(valid_examples) == 40 and valid_examples
+  tokenizer = tokenizer_lib.load(tokenizer_file)
+  first = next(e for e in train_examples + valid_examples if e.where == where)
+  answer = tokenizer.encode(messages[1]['content']) + [tokenizer.eos_id]
+  assert first.tokens[first.loss].tolist() == answer  # the loss: exactly the answer and its EOS
+  batch = next(data.make_iterator(c, 'train'))  # no data.paths: the source needs no files
+  assert batch['inputs'].shape == (4, 512) and batch['loss_mask'].sum() > 0

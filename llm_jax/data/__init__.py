@@ -29,6 +29,7 @@ SOURCES = {
     'hf_datasets': 'llm_jax.data.pipeline',
     'mixture': 'llm_jax.data.mixture',
     'sft_jsonl': 'llm_jax.data.sft',
+    'sft_stdlib': 'llm_jax.data.sft',
     'preference_jsonl': 'llm_jax.data.preference',
     'preference_hf': 'llm_jax.data.preference',
     'preference_stdlib': 'llm_jax.data.preference',

@@ -1,6 +1,8 @@
 """Supervised fine-tuning data: JSONL instruction records, a chat template, loss on responses only, packing.
 
-Records (one JSON object per line of the files matched by config.data.paths; blank lines are skipped):
+Records (one JSON object per line of the files matched by config.data.paths; blank lines are skipped), or, with
+data.source=sft_stdlib, records made from the embedded corpus with no file at all (`stdlib_records`: six lines of a
+stdlib file as the user turn, the next three as the answer; for the tiny preset and tests):
 
   {"prompt": "...", "response": "..."}                        one user turn and its answer
   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   a chat; >= 1 assistant turn
@@ -51,6 +53,7 @@ import numpy as np
 
 from llm_jax import storage
 from llm_jax.errors import ConfigError
+from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.errors import UserError
 from llm_jax.data import chat_template
@@ -184,24 +187,52 @@ def jsonl_files(globs: str, field: str) -> list[str]:
 
 def read_examples(files: Sequence[str], tokenizer, seq_len: int, policy: str) -> tuple[list[Example], dict]:
   """Every record of `files`, rendered and fitted to seq_len+1 tokens; stats count truncated/dropped ones."""
+  records = ((parse_record(line, where), where) for path in files for line, where in jsonl_lines(path))
+  return examples_of(records, tokenizer, seq_len, policy, f'config.data.paths: no usable records in {", ".join(files)}')
+
+
+def examples_of(records, tokenizer, seq_len: int, policy: str, none_message: str) -> tuple[list[Example], dict]:
+  """(messages, 'where') records rendered and fitted to seq_len+1 tokens; stats count truncated/dropped ones."""
   examples, stats = [], dict(records=0, truncated=0, dropped=0)
-  for path in files:
-    for line, where in jsonl_lines(path):
-      try:
-        tokens, loss = render(tokenizer, parse_record(line, where))
-      except UserError as e:  # a chat template that cannot render this record
-        raise SFTDataError(f'{where}: {e}') from None
-      tokens, loss = np.asarray(tokens, np.int32), np.asarray(loss, bool)
-      stats['records'] += 1
-      fitted = fit(tokens, loss, seq_len + 1, policy, where)
-      if fitted is None:
-        stats['dropped'] += 1
-        continue
-      stats['truncated'] += int(fitted[0].size < tokens.size)
-      examples.append(Example(fitted[0], fitted[1], where))
+  for messages, where in records:
+    try:
+      tokens, loss = render(tokenizer, messages)
+    except UserError as e:  # a chat template that cannot render this record
+      raise SFTDataError(f'{where}: {e}') from None
+    tokens, loss = np.asarray(tokens, np.int32), np.asarray(loss, bool)
+    stats['records'] += 1
+    fitted = fit(tokens, loss, seq_len + 1, policy, where)
+    if fitted is None:
+      stats['dropped'] += 1
+      continue
+    stats['truncated'] += int(fitted[0].size < tokens.size)
+    examples.append(Example(fitted[0], fitted[1], where))
   if not examples:
-    raise SFTDataError(f'config.data.paths: no usable records in {", ".join(files)} ({stats})')
+    raise SFTDataError(f'{none_message} ({stats})')
   return examples, stats
+
+
+STDLIB_PROMPT_LINES, STDLIB_ANSWER_LINES = 6, 3  # sft_stdlib: a window of nine non-blank lines of code
+
+
+def stdlib_records(max_records: int = 0):
+  """(messages, 'stdlib/<file>:<line>') made from the embedded corpus (the interpreter's stdlib, as the stdlib
+  text source): in each window of nine non-blank lines of a file, the first six are the user turn and the next
+  three the answer (the windows of preference_stdlib, whose chosen completion this answer is); at most
+  `max_records` (0 = all)."""
+  size, made = STDLIB_PROMPT_LINES + STDLIB_ANSWER_LINES, 0
+  for key, path in sources.stdlib_files():
+    data = sources.read_bytes(path)
+    if data is None:
+      continue
+    lines = [line for line in data.decode('utf-8', 'replace').splitlines() if line.strip()]
+    for start in range(0, len(lines) - size + 1, size):
+      window = lines[start:start + size]
+      yield ([dict(role='user', content='\n'.join(window[:STDLIB_PROMPT_LINES])),
+              dict(role='assistant', content='\n'.join(window[STDLIB_PROMPT_LINES:]))], f'stdlib/{key}:{start + 1}')
+      made += 1
+      if max_records and made >= max_records:
+        return
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------
@@ -287,6 +318,14 @@ class SFTData:
 _CACHE: dict[tuple, tuple[list[Example], dict]] = {}
 
 
+def _split_id(config, split: str) -> int:
+  if split in ('train', config.data.train_split):
+    return _SPLIT_IDS['train']
+  if split in ('validation', 'eval', config.data.eval_split):
+    return _SPLIT_IDS['validation']
+  raise ConfigError(f'unknown split {split!r}; expected train or validation')
+
+
 def _split_files(config, split: str) -> tuple[list[str], int]:
   if split in ('train', config.data.train_split):
     return jsonl_files(config.data.paths, 'data.paths'), _SPLIT_IDS['train']
@@ -299,6 +338,16 @@ def _split_files(config, split: str) -> tuple[list[str], int]:
 
 def load_examples(config, split: str, tokenizer) -> tuple[list[Example], dict]:
   """The split's examples, cached per (files and their mtimes, tokenizer, seq_len, truncation policy)."""
+  if config.data.source == 'sft_stdlib':  # a held-out share of the windows (data.validation_fraction, by key)
+    role = 'train' if _split_id(config, split) == _SPLIT_IDS['train'] else 'validation'
+    key = ('stdlib', role, config.data.max_docs, config.data.validation_fraction, tokenizer.fingerprint,
+           config.data.seq_len, config.data.sft_truncation)
+    if key not in _CACHE:
+      records = ((m, w) for m, w in stdlib_records(config.data.max_docs)
+                 if sources.role_of(w, config.data.validation_fraction) == role)
+      _CACHE[key] = examples_of(records, tokenizer, config.data.seq_len, config.data.sft_truncation,
+                                f'config.data.max_docs: no {role} records among the stdlib windows')
+    return _CACHE[key]
   files, _ = _split_files(config, split)
   key = (tuple((f, os.path.getmtime(f), os.path.getsize(f)) for f in files), tokenizer.fingerprint,
          tokenizer.input_prefix,
@@ -328,7 +377,7 @@ def prepare(config, workdir: str | None = None) -> None:
 def open_split(config, split: str = 'train', workdir: str | None = None) -> SFTData:
   tokenizer = _tokenizer(config, workdir)
   examples, stats = load_examples(config, split, tokenizer)
-  _, split_id = _split_files(config, split)
+  split_id = _split_id(config, split)
   pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else 0
   return SFTData(examples, config.data.seq_len, config.data.global_batch_size, config.data.seed, split_id, pad_id,
                  stats)

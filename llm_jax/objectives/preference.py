@@ -123,7 +123,9 @@ class DPO(base.Objective):
       return None
     if self.config.dpo.precompute_ref:  # the batches carry the sums (llm_jax.data.preference.store_reference)
       return 'precomputed'
-    return 'lora_base' if self.config.lora.rank else 'copy'
+    # LoRA: the base with the adapters off, unless init_from's adapters are kept (the start is base + adapters)
+    keeps_adapters = self.config.train.init_from_adapters == 'keep'
+    return 'lora_base' if self.config.lora.rank and not keeps_adapters else 'copy'
 
   def reference_params(self, params):
     """The frozen copy of a 'copy' reference (reference_params: in config.dpo.reference_dtype)."""
