@@ -189,7 +189,6 @@ def test_chat_free_fine_tuning_prompts_start_with_bos(imported):
   assert tok.bos_token_id not in chosen + rejected
 
 
-@pytest.mark.slow  # 22-34 s on the shared 2 cores: prepare, evaluate and a transformers forward per segment
 def test_pretraining_documents_and_perplexity_equal_transformers(imported, tmp_path):
   """Data prepared with the imported tokenizer: every document of the stream is transformers' tokenizer(doc)
   followed by EOS; evaluate's loss over the batches equals transformers' log-likelihood of the same segments
@@ -244,7 +243,7 @@ def _batches(config, workdir, n):
   return list(itertools.islice(data.make_iterator(config, 'validation', 0, workdir=workdir), n))
 
 
-@pytest.mark.parametrize('name', ['llama3', pytest.param('mistral', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('name', ['llama3', 'mistral'])
 def test_harness_equals_lm_eval_hf_backend_with_its_defaults(imported, name):
   """The same requests (tests/test_harness.py's multiple choice, rolling documents, generation prompts, and an
   empty context) to `llm_jax` on the imported workdir and to lm_eval's own `hf` backend (HFLM) on the original
