@@ -218,7 +218,10 @@ def as_written(command, workdirs, *extra):
 
 
 def run(argv, timeout=600):
+  # as a user runs them: one CPU device, not the suite's 8 fake ones (the presets' batches are sized for a laptop)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if not f.startswith('--xla_force_host_platform_device_count'))
   result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, f'{" ".join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}'
   return result.stdout
