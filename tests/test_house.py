@@ -31,7 +31,7 @@ LAYERS = (
     ('storage',),  # the path layer
     ('config',),
     ('model', 'data', 'objectives', 'families', 'optim', 'checkpoint', 'metrics', 'sharding', 'targets',
-     'hlo_analysis', 'profiling', 'xla_options', 'decoding', 'text_metrics', 'tracking', 'lora_io', 'cli'),
+     'hlo_analysis', 'profiling', 'xla_options', 'decoding', 'text_metrics', 'tracking', 'lora_io', 'platforms', 'cli'),
     ('validation',),  # calls every part's check_config
     ('runtime', 'tasks'),
     ('workdir',),
