@@ -179,8 +179,9 @@ def _local_experts(x, experts, weights, gate, up, down, first):
 
 
 def sharded_experts(x, experts, weights, gate, up, down, mesh, rules):
-  """`ragged_experts` over a mesh, inside shard_map: each device routes its own tokens (the token axis split over
-  the mesh axes of 'act_batch'), so nothing about the routing is gathered across the batch.
+  """`ragged_experts` over a mesh, inside shard_map: each device starts from its own tokens and their routing (the
+  token axis split over the mesh axes of 'act_batch', as `route_tokens` left them), nothing gathered across the
+  batch beyond what expert parallelism needs:
 
     1. FSDP: each device all-gathers its experts' weights over the mesh axes of 'embed' (their transpose
        reduce-scatters the gradients back);
