@@ -36,6 +36,7 @@ LAYERS = (
     ('validation',),  # calls every part's check_config
     ('runtime', 'tasks'),
     ('workdir',),
+    ('serving',),  # the paged engine: loads a workdir; generate, evaluate, the harness and RL decode through it
     ('harness',),  # lm-eval backend; the training loop's hook uses it
     ('train',),
     JOBS,

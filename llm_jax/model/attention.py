@@ -331,6 +331,53 @@ def _axis_index(axes):
   return index
 
 
+@dataclasses.dataclass(frozen=True)
+class PageTable:
+  """Where each row's keys and values live in a paged K/V pool (the serving engine's; llm_jax.serving).
+
+  The pool of one layer is k_pages, v_pages [num_pages * page_size, K, H]; page p holds slots p*page_size ..
+  (p+1)*page_size - 1. Row b's token at position j sits in page pages[b, j // page_size] at offset
+  j % page_size, so the page list of a row is its sequence in order and a key's index is its position. Page 0 is
+  the null page: unused entries of `pages` point at it and padding tokens write into it; it is never read unmasked
+  (its keys' indices lie past every query's position).
+  """
+  pages: jax.Array  # [B,P] int32
+  page_size: int
+  num_pages: int
+
+  def slots(self, positions: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B,T] pool slot of each token (slot 0, in the null page, for padding)."""
+    page = jnp.take_along_axis(self.pages, positions // self.page_size, axis=1)
+    return jnp.where(valid, page * self.page_size + positions % self.page_size, 0)
+
+  def gather(self, pool: jax.Array) -> jax.Array:
+    """[num_pages * page_size, K, H] -> each row's keys (or values) in position order [B, P * page_size, K, H]."""
+    b, p = self.pages.shape
+    paged = pool.reshape((self.num_pages, self.page_size) + pool.shape[1:])
+    return paged[self.pages].reshape((b, p * self.page_size) + pool.shape[1:])
+
+
+jax.tree_util.register_dataclass(PageTable, data_fields=['pages'], meta_fields=['page_size', 'num_pages'])
+
+
+def paged_xla_attention(q, k_pool, v_pool, pages: PageTable, positions, valid, window: int = 0):
+  """Reference paged kernel: gather each row's pages, then the dense mask by position. q [B,T,N,H] at
+  `positions` [B,T] (valid [B,T]: real tokens), pools [slots, K, H] already holding this call's keys. A query sees
+  the keys of its row at positions <= its own (and within the window): the row's earlier pages (a cached prefix,
+  earlier chunks) and this chunk alike."""
+  k, v = pages.gather(k_pool), pages.gather(v_pool)  # [B,S,K,H], key index = position
+  key_positions = jnp.arange(k.shape[1])[None, None, :]
+  mask = (key_positions <= positions[:, :, None]) & valid[:, :, None]
+  if window:
+    mask = mask & (positions[:, :, None] - key_positions < window)
+  return _masked_attention(q, k, v, mask)
+
+
+# Paged kernels (the serving engine's attention over a page pool), by name: the plain gather is the reference and
+# runs everywhere.
+PAGED_KERNELS: dict[str, Callable] = {'xla': paged_xla_attention}
+
+
 KERNELS: dict[str, Callable] = {'xla': xla_attention, 'cudnn': cudnn_attention, 'splash': splash_attention}
 CHOICES = ('auto', *KERNELS)  # config.model.attention: a kernel, or auto (choose_kernel)
 PROJECTIONS = ('q', 'k', 'v', 'o')  # the attention's projections, by name (LoRA targets)
@@ -397,7 +444,7 @@ class SelfAttention(nn.Module):
                       use_bias=self.qkv_bias and name in ('q', 'k', 'v'), name=name)
 
   @nn.compact
-  def __call__(self, x, segment_ids, positions, decode: bool = False):
+  def __call__(self, x, segment_ids, positions, decode: bool = False, pages: PageTable | None = None):
     d_model = x.shape[-1]
     head_dim = d_model // self.num_heads
     n, kv = self.num_heads, self.num_kv_heads
@@ -411,6 +458,10 @@ class SelfAttention(nn.Module):
     v = constrain(v, ('act_batch', 'act_seq', 'act_kv_heads', None))
     q, k, v = (checkpoint_name(t, name) for t, name in ((q, 'query_proj'), (k, 'key_proj'), (v, 'value_proj')))
 
+    if pages is not None:  # the serving engine: keys and values into the page pool, attention over pages
+      out = self._paged(q, k, v, segment_ids != 0, positions, pages)
+      out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
+      return self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out)
     if decode:
       k, v, kv_segment_ids, q_offset = self._update_cache(k, v, segment_ids)
       mask_info = MaskInfo(segment_ids, kv_segment_ids, self.causal, q_offset, window=self.window)
@@ -425,6 +476,18 @@ class SelfAttention(nn.Module):
       out = KERNELS[kernel](q, k, v, mask_info)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
+
+  def _paged(self, q, k, v, valid, positions, pages: PageTable):
+    """Writes this call's k/v [B,T,K,H] into the layer's pool ('cache' collection: k_pages, v_pages
+    [num_pages * page_size, K, H], allocated by the engine) at their slots, then attends over the rows' pages."""
+    shape = (pages.num_pages * pages.page_size,) + k.shape[2:]
+    k_pool = self.variable('cache', 'k_pages', jnp.zeros, shape, k.dtype)
+    v_pool = self.variable('cache', 'v_pages', jnp.zeros, shape, v.dtype)
+    slots = pages.slots(positions, valid).reshape(-1)
+    k_pool.value = k_pool.value.at[slots].set(k.reshape((-1,) + shape[1:]).astype(k_pool.value.dtype))
+    v_pool.value = v_pool.value.at[slots].set(v.reshape((-1,) + shape[1:]).astype(v_pool.value.dtype))
+    kernel = PAGED_KERNELS['xla']
+    return kernel(q, k_pool.value, v_pool.value, pages, positions, valid, self.window)
 
   def _norm_heads(self, x, name):
     """RMSNorm over the flattened [N*H] of x [B,T,N,H] (one scale per head and channel), as OLMoE's q_norm."""

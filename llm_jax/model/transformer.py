@@ -17,7 +17,7 @@ from llm_jax.errors import check_choice, fail
 from llm_jax.model import moe
 from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
 from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
-from llm_jax.model.attention import SelfAttention
+from llm_jax.model.attention import PageTable, SelfAttention
 from llm_jax.model.layers import ROPE_SCALINGS, SWIGLU_PROJECTIONS, RMSNorm, Rope
 from llm_jax.model.moe import AUX_COLLECTION, FFN_KINDS, LOAD_COLLECTION
 from llm_jax.model.partitioning import constrain
@@ -174,7 +174,7 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, pages=None):
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     lora = dict(lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
@@ -185,7 +185,7 @@ class Block(nn.Module):
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
                           window=cfg.sliding_window, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
                           platform=cfg.platform, name='attn',
-                          **lora)(h, segment_ids, positions, self.decode)
+                          **lora)(h, segment_ids, positions, self.decode, pages)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
     x = x + FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
     return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
@@ -194,17 +194,21 @@ class Block(nn.Module):
 class ScannedBlock(Block):
   """A Block with the (carry, out) signature nn.scan expects."""
 
-  def __call__(self, x, segment_ids, positions):
-    return super().__call__(x, segment_ids, positions), None
+  def __call__(self, x, segment_ids, positions, pages=None):
+    return super().__call__(x, segment_ids, positions, pages), None
 
 
 class Transformer(nn.Module):
-  """tokens [B,T] -> logits [B,T,V]. segment_ids (0 = padding) and positions default to one document."""
+  """tokens [B,T] -> logits [B,T,V]. segment_ids (0 = padding) and positions default to one document.
+
+  `pages` (attention.PageTable, with decode=True): the serving engine's paged K/V; the 'cache' collection then
+  holds each layer's page pool, and segment ids only mark real tokens (non-zero) from padding.
+  """
   cfg: TransformerConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None):
+  def __call__(self, tokens, segment_ids=None, positions=None, pages: PageTable | None = None):
     cfg = self.cfg
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
@@ -214,7 +218,7 @@ class Transformer(nn.Module):
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('vocab', 'embed')), name='embed')
     x = constrain(embed(tokens), ('act_batch', 'act_seq', 'act_embed'))
-    x = self._blocks(x, segment_ids, positions)
+    x = self._blocks(x, segment_ids, positions, pages)
     x = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
@@ -226,7 +230,7 @@ class Transformer(nn.Module):
     logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
     return logits.astype(jnp.dtype(cfg.logits_dtype))
 
-  def _blocks(self, x, segment_ids, positions):
+  def _blocks(self, x, segment_ids, positions, pages):
     cfg = self.cfg
     policy = REMAT_POLICIES[cfg.remat]
     remat = cfg.remat != 'none' and not self.decode  # decoding takes no gradients: nothing to rematerialise
@@ -237,15 +241,15 @@ class Transformer(nn.Module):
       # the sown collections (auxiliary losses, expert load) stack per layer like the parameters
       stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0, AUX_COLLECTION: 0, LOAD_COLLECTION: 0},
                       split_rngs={'params': True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, self.decode, name='layers')(x, segment_ids, positions)
+      x, _ = stack(cfg, self.decode, name='layers')(x, segment_ids, positions, pages)
       return x
     block_cls = Block
     if remat:
       block_cls = nn.remat(block_cls, policy=policy)
     for i in range(cfg.num_layers):
-      x = block_cls(cfg, self.decode, name=f'layers_{i}')(x, segment_ids, positions)
+      x = block_cls(cfg, self.decode, name=f'layers_{i}')(x, segment_ids, positions, pages)
     return x
 
 
