@@ -443,6 +443,8 @@ def make_app(engine: AsyncEngine, model_name: str, max_model_len: int | None = N
       finals = {}
       async for i, update in generation.updates():
         for c in update.outputs:
+          if not c.token_ids and c.finish_reason is None:
+            continue  # still prefilling: the prompt's logprobs are not all known yet
           state = sent[i, c.index]
           with_prompt = request.echo and not state[3]
           text, state[0] = _new_text(c, state[0], params)
