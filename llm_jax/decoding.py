@@ -1,4 +1,7 @@
-"""Autoregressive decoding with a KV cache: prefill the prompts at once, then one jitted `lax.while_loop`.
+"""The static-batch reference decoder: a KV cache, the prompts prefilled at once, then one jitted `lax.while_loop`.
+
+Every job decodes on the serving engine (llm_jax.serving); this module stays as the independent reference the
+engine's tests compare to, and for its sampling-set helpers.
 
   generate(cfg, params, prompts, max_new_tokens, sampling, ...) -> tokens [B, N]   token ids in, token ids out
   complete(cfg, params, tokenizer, texts, ...)                  -> list[str]        text in, text out

@@ -23,6 +23,7 @@ from typing import Any
 
 from llm_jax import config as config_lib
 from llm_jax import storage
+from llm_jax import serving
 from llm_jax.errors import UserError
 from llm_jax import cli
 from llm_jax import text_metrics
@@ -105,7 +106,7 @@ def tasks(loaded, task_file: str) -> dict[str, Any]:
   sft_jsonl), scored against the references; includes a few samples."""
   e = loaded.config.eval
   records = text_metrics.read_tasks(task_file, e.task_max_examples)
-  completions = loaded.complete([r['prompt'] for r in records], e.max_new_tokens)
+  completions = serving.complete_workdir(loaded, [r['prompt'] for r in records], e.max_new_tokens)
   result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
   return dict(result, file=storage.absolute(task_file), samples=samples)
 

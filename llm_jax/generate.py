@@ -38,13 +38,13 @@ def run(workdir: str, prompts: Sequence[str], max_new_tokens: int = 64, temperat
         devices=None, chat: bool | None = None) -> list[str]:
   """Completions (generated text only) of `prompts` by the workdir's checkpoint. `chat` None: the chat template
   exactly when the workdir trained on sft_jsonl."""
-  from llm_jax import decoding, workdir as workdir_lib  # after flag parsing: keeps --help fast
-  sampling = decoding.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+  from llm_jax import decoding, serving, workdir as workdir_lib  # after flag parsing: keeps --help fast
+  sampling = serving.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   if not prompts:
     raise decoding.PromptError('no prompts: pass --prompt or --prompts_file')
   decoding.check_prompts(prompts, max_seq_len=sys.maxsize)  # an empty prompt fails before the model is loaded
   loaded = workdir_lib.load_workdir(workdir, step=step, tokenizer_path=tokenizer_path, devices=devices)
-  return loaded.complete(prompts, max_new_tokens, sampling, seed, chat)
+  return serving.complete_workdir(loaded, prompts, max_new_tokens, sampling, chat)
 
 
 def _main():

@@ -16,7 +16,7 @@ It follows the conventions of lm_eval's own `hf` backend, so the same checkpoint
                          trains with: pass prefix_token_id=<eos id> to hf to compare); inputs keep their last
                          max_length = model.max_seq_len tokens; is_greedy = every continuation token is the argmax
   loglikelihood_rolling  lm_eval's disjoint rolling windows of max_length tokens after the prefix token
-  generate_until         greedy KV-cache decoding (llm_jax.decoding) of at most max_gen_toks tokens (256 unless
+  generate_until         greedy decoding on the serving engine (llm_jax.serving) of at most max_gen_toks tokens (256 unless
                          the task says), ending at EOS, cut at the first stop sequence (`until`); the context
                          keeps its last max_length - max_gen_toks tokens; do_sample/temperature sample instead
 
@@ -34,7 +34,7 @@ import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from llm_jax import decoding
+from llm_jax import serving
 from llm_jax.errors import UserError
 from llm_jax import objectives
 from llm_jax import storage
@@ -157,19 +157,19 @@ class LlmJaxLM(TemplateLM):
       if max_gen_toks >= self.max_length:
         raise HarnessError(f'max_gen_toks={max_gen_toks} leaves no room for a context in max_length='
                            f'{self.max_length} (model.max_seq_len)')
-      sampling = decoding.Sampling(temperature=float(kwargs.get('temperature') or 0.0) if kwargs.get('do_sample')
-                                   else 0.0, top_k=int(kwargs.get('top_k') or 0),
-                                   top_p=float(kwargs.get('top_p') or 1.0))
+      sampling = serving.SamplingParams(temperature=float(kwargs.get('temperature') or 0.0) if kwargs.get('do_sample')
+                                        else 0.0, top_k=int(kwargs.get('top_k') or 0),
+                                        top_p=float(kwargs.get('top_p') or 1.0), seed=0)
       contexts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen_toks):] or [self.prefix_token_id]
                   for i in indices]
-      for start in range(0, len(indices), self.batch_size):
-        new = self.runtime.generate(self.params, contexts[start:start + self.batch_size], max_gen_toks, sampling,
-                                    seed=start, eos_id=self.eot_token_id, pad_id=self.tokenizer_.pad_id,
-                                    vocab_limit=self.tokenizer_.vocab_size)
-        for i, tokens in zip(indices[start:start + self.batch_size], new):
-          text = model_utils.postprocess_generated_text(self.tok_decode(tokens), until, None)
-          results[i] = text
-          self.cache_hook.add_partial('generate_until', requests[i].args, text)
+      # one engine for the whole group: continuous batching keeps its rows full whatever the lengths
+      new = serving.generate_ids(self.runtime.model_config, self.params, contexts, max_gen_toks, sampling,
+                                 eos_id=self.eot_token_id, vocab_limit=self.tokenizer_.vocab_size,
+                                 mesh=self.runtime.mesh, rules=self.runtime.rules)
+      for i, tokens in zip(indices, new):
+        text = model_utils.postprocess_generated_text(self.tok_decode(tokens), until, None)
+        results[i] = text
+        self.cache_hook.add_partial('generate_until', requests[i].args, text)
     return results
 
 

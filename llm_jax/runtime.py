@@ -9,7 +9,6 @@ train step); generate, evaluate, the lm-evaluation-harness backend and the decod
     .evaluate(params, num_batches=None, reference=None)  the objective's eval row (clm: eval_loss, eval_perplexity, ...)
     .token_logprobs(params, inputs, targets, segment_ids, positions)
                                            log p(target) and "target is the argmax" per position, jitted
-    .generate(params, prompts, max_new_tokens, ...)   KV-cache decoding (llm_jax.decoding) of token-id prompts
     .put(batch), .iterator(split, start_step)         this process's slice of a global batch onto the mesh
 
 Building one compiles nothing: the steps are jitted lazily on first use.
@@ -183,10 +182,3 @@ class Runtime:
     logprobs, greedy = self._token_logprobs(params, batch['inputs'], batch['targets'], batch['segment_ids'],
                                             batch['positions'])
     return np.asarray(jax.device_get(logprobs)), np.asarray(jax.device_get(greedy))
-
-  def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-               sampling: decoding.Sampling = decoding.Sampling(), seed: int = 0, eos_id: int | None = None,
-               pad_id: int = 0, vocab_limit: int | None = None) -> list[list[int]]:
-    """New token ids of each prompt with the KV cache (llm_jax.decoding.generate), on this runtime's params."""
-    return decoding.generate(self.model_config, params, prompts, max_new_tokens, sampling, seed, eos_id, pad_id,
-                             vocab_limit)

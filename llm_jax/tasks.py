@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from llm_jax import decoding
-from llm_jax.model import TransformerConfig
 from llm_jax import text_metrics
 from llm_jax.data import sft
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -37,19 +35,20 @@ def prompt_encoder(config, tokenizer: Any, chat: bool | None = None) -> Callable
   return functools.partial(sft.encode_prompt, tokenizer)
 
 
-def generation_tasks(config, params, workdir: str, step: int, writer) -> dict[str, float]:
+def generation_tasks(config, workdir: str, step: int, writer,
+                     complete: Callable[[list[str], Callable[[str], list[int]], Any], list[str]]) -> dict[str, float]:
   """The training loop's hook: greedy completions of config.eval.task_file, scored (text_metrics) and logged.
 
   Writes one metrics row {step, task_bleu, task_rouge1, task_rouge2, task_rougeL, task_examples} and
   config.eval.log_samples samples (metrics.jsonl row `task_samples`, TensorBoard text `samples/i`). Needs the
-  workdir's tokenizer; prompts go through `prompt_encoder` (the chat template on sft_jsonl runs). Returns the row.
+  workdir's tokenizer; prompts go through `prompt_encoder` (the chat template on sft_jsonl runs).
+  `complete(texts, encode, tokenizer)` decodes (the training loop passes the serving engine on its parameters:
+  this module sits below it). Returns the row.
   """
   e = config.eval
   records = text_metrics.read_tasks(e.task_file, e.task_max_examples)
   tokenizer = tokenizer_lib.load_from_workdir(workdir)
-  completions = decoding.complete(TransformerConfig.from_config(config), params, tokenizer,
-                                  [r['prompt'] for r in records], e.max_new_tokens,
-                                  encode=prompt_encoder(config, tokenizer))
+  completions = complete([r['prompt'] for r in records], prompt_encoder(config, tokenizer), tokenizer)
   result, samples = text_metrics.score_tasks(records, completions, e.log_samples)
   row = dict(step=step, **{f'task_{k}': v for k, v in result.items()})
   writer.write(dict(row, task_samples=samples) if samples else row)

@@ -46,6 +46,7 @@ from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import profiling
 from llm_jax import runtime as runtime_lib
+from llm_jax import serving
 from llm_jax import sharding
 from llm_jax import storage
 from llm_jax import tasks
@@ -562,7 +563,13 @@ class GenerationTasks(Evaluate):
 
   def __call__(self, loop, step):
     loop.require_finite()
-    tasks.generation_tasks(loop.config, loop.state.params, loop.workdir, step, loop.writer)
+    trainer = loop.trainer
+
+    def complete(texts, encode, tokenizer):  # the serving engine on the parameters being trained, no copy
+      return serving.complete(trainer.model_config, loop.state.params, tokenizer, texts,
+                              loop.config.eval.max_new_tokens, encode=encode, mesh=trainer.mesh, rules=trainer.rules)
+
+    tasks.generation_tasks(loop.config, loop.workdir, step, loop.writer, complete)
 
   def end(self, loop):
     self(loop, loop.total_steps)

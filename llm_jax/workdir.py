@@ -32,7 +32,6 @@ import jax
 
 from llm_jax import checkpoint
 from llm_jax import config as config_lib
-from llm_jax import decoding
 from llm_jax import runtime as runtime_lib
 from llm_jax import storage
 from llm_jax import tasks
@@ -55,12 +54,6 @@ class LoadedModel:
   @property
   def model_config(self) -> TransformerConfig:
     return self.runtime.model_config
-
-  def complete(self, texts: Sequence[str], max_new_tokens: int, sampling: decoding.Sampling = decoding.Sampling(),
-               seed: int = 0, chat: bool | None = None) -> list[str]:
-    """Completions of `texts` (generated text only) with the KV cache; prompts through `prompt_encoder(chat)`."""
-    return decoding.complete(self.model_config, self.params, self.tokenizer, texts, max_new_tokens, sampling, seed,
-                             encode=self.prompt_encoder(chat))
 
   def prompt_encoder(self, chat: bool | None = None) -> Callable[[str], list[int]]:
     """text -> prompt tokens: the chat template when the run fine-tuned on sft_jsonl (or chat=True)."""

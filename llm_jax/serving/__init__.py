@@ -5,9 +5,10 @@ requests, pages, batching and sampling settings lives here. The HTTP server (llm
 and this package never imports it.
 """
 
+from llm_jax.serving.batch import PromptError, complete, complete_workdir, generate_ids
 from llm_jax.serving.engine import Engine, EngineConfig, QueueFullError, RequestError
 from llm_jax.serving.outputs import CompletionOutput, RequestOutput
 from llm_jax.serving.sampling import SamplingError, SamplingParams
 
-__all__ = ['CompletionOutput', 'Engine', 'EngineConfig', 'QueueFullError', 'RequestError', 'RequestOutput',
-           'SamplingError', 'SamplingParams']
+__all__ = ['CompletionOutput', 'Engine', 'EngineConfig', 'PromptError', 'QueueFullError', 'RequestError',
+           'RequestOutput', 'SamplingError', 'SamplingParams', 'complete', 'complete_workdir', 'generate_ids']

@@ -43,6 +43,12 @@ from llm_jax.serving.sampling import RowSettings, SamplingParams, logprob_bucket
 from llm_jax.serving.scheduler import Plan, Scheduler, Sequence
 
 
+# The smallest compiled prefill width and page-table width (in tokens): below these, more shapes would cost more
+# compiles than the padding costs compute.
+MIN_CHUNK_BUCKET = 16
+MIN_CONTEXT_BUCKET = 128
+
+
 class RequestError(UserError, ValueError):
   """A request the engine cannot serve; `field` names the request field at fault (as the API spells it)."""
 
@@ -94,9 +100,9 @@ class _Request:
     return all(seq.finished for seq in self.seqs)
 
 
-def _bucket(n: int, cap: int) -> int:
-  """The smallest power of two >= n, at most cap (and at least n when cap < n)."""
-  return max(n, min(1 << max(n - 1, 0).bit_length(), cap))
+def _bucket(n: int, floor: int, cap: int) -> int:
+  """The compiled size for n: the smallest power of two >= max(n, floor), but at most cap (and never below n)."""
+  return max(n, min(1 << max(max(n, floor) - 1, 0).bit_length(), cap))
 
 
 def unstack_layers(params: Any, num_layers: int) -> Any:
@@ -137,10 +143,7 @@ class Engine:
     self._ids = itertools.count()
     self._seeds = np.random.default_rng()
     self.counters = dict(prompt_tokens=0, generated_tokens=0, requests_finished=0, steps=0)
-    self._run = jax.jit(functools.partial(_forward_and_sample, self.model, self.rules, mesh),
-                        static_argnames=('page_size', 'num_pages', 'vocab_limit', 'num_logprobs',
-                                         'prompt_logprobs', 'sampled', 'filtered', 'penalised'),
-                        donate_argnums=(1,))
+    self._run = _compiled_step(self.model_config, self.rules, mesh)
 
   @classmethod
   def from_workdir(cls, workdir: str, config: EngineConfig = EngineConfig(), step: int | None = None,
@@ -276,9 +279,11 @@ class Engine:
 
   def _run_batch(self, chunks: list[tuple[Sequence, int, int]], touched: dict) -> None:
     cfg = self.config
-    rows = _bucket(len(chunks), max(cfg.max_seqs, len(chunks)))
-    width = _bucket(max(count for _, _, count in chunks), cfg.max_chunk)
-    pages_wide = _bucket(max(len(seq.pages) for seq, _, _ in chunks), self.max_pages_per_seq)
+    rows = _bucket(len(chunks), 1, cfg.max_seqs)
+    longest = max(count for _, _, count in chunks)
+    width = 1 if longest == 1 else _bucket(longest, MIN_CHUNK_BUCKET, cfg.max_chunk)
+    pages_wide = _bucket(max(len(seq.pages) for seq, _, _ in chunks), MIN_CONTEXT_BUCKET // cfg.page_size,
+                         self.max_pages_per_seq)
     tokens = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)
     valid = np.zeros((rows, width), bool)
@@ -401,6 +406,15 @@ def _axes(entry) -> tuple:
   if entry is None:
     return ()
   return entry if isinstance(entry, tuple) else (entry,)
+
+
+@functools.cache
+def _compiled_step(model_config: TransformerConfig, rules, mesh):
+  """The jitted step of one model on one mesh, shared by every engine of it (each shape compiles once)."""
+  return jax.jit(functools.partial(_forward_and_sample, Transformer(model_config, decode=True), rules, mesh),
+                 static_argnames=('page_size', 'num_pages', 'vocab_limit', 'num_logprobs', 'prompt_logprobs',
+                                  'sampled', 'filtered', 'penalised'),
+                 donate_argnums=(1,))
 
 
 def _forward_and_sample(model, rules, mesh, params, pool, tokens, positions, valid, table, last, settings, counts,
