@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 8  # Query heads; must divide d_model (head_dim = d_model // num_heads).
   c.model.num_kv_heads = 8  # Key/value heads (grouped-query attention); must divide num_heads.
   c.model.ffn_dim = 1408  # Hidden width of the SwiGLU MLP.
-  c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this.
+  c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this (preference pairs: dpo.max_length, a row holding several sequences).
   c.model.rope_theta = 10000.0  # RoPE base frequency (LLaMA-2: 10000, LLaMA-3: 500000).
   c.model.rope_scaling = 'none'  # RoPE frequency scaling for longer contexts: none | linear | llama3 (Llama 3.1/3.2).
   c.model.rope_scaling_factor = 1.0  # linear / llama3: factor the (low) frequencies are divided by (Llama 3.1: 8, 3.2: 32).
@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | preference_jsonl (prompt/chosen/rejected JSONL) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
+  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | preference_jsonl (chosen/rejected JSONL with a prompt, or its implicit prompt, as TRL reads them; data.preference_columns) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
@@ -120,6 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.hf_path = ''  # hf_datasets: first argument of datasets.load_dataset (hub name, local folder, or json/parquet/text), or a save_to_disk folder.
   c.data.hf_data_files = ''  # hf_datasets: comma-separated files or globs for the json/parquet/text loaders ('' = none).
   c.data.hf_name = ''  # hf_datasets: the dataset configuration name ('' = the default).
+  c.data.preference_columns = ''  # preference_jsonl / preference_hf: the record's columns for our fields, as field=column pairs ('prompt=question,chosen=response_j,rejected=response_k'); '' = the columns prompt, chosen and rejected.
   c.data.hf_streaming = False  # hf_datasets: stream instead of downloading and caching (then prepared in one task).
   c.data.mixture = ''  # mixture: comma-separated PREPARED_DIR:WEIGHT, all prepared with the same tokenizer, e.g. '/d/web:0.7,/d/code:0.3'.
   c.data.filters = 'auto'  # Quality filters (datatrove), comma-separated: gopher_quality, gopher_repetition, c4_quality, fineweb_quality; '' = none; 'auto' = none for code (stdlib), whole-file documents and tfds, 'gopher_repetition' for parts of files and hf_datasets rows.
@@ -200,11 +201,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.dpo = ml_collections.ConfigDict()
   c.dpo.beta = 0.1  # model.objective=dpo: the beta of the loss (TRL's): the strength of the pull towards the reference (sigmoid, robust), IPO's regularisation tau, SimPO's reward scale.
-  c.dpo.loss_type = 'sigmoid'  # sigmoid (DPO) | robust (robust DPO) | ipo (IPO, length-normalised) | simpo (SimPO: length-normalised, no reference model); formulas in llm_jax/objectives/preference.py.
-  c.dpo.label_smoothing = 0.0  # Assumed share of flipped preference labels: sigmoid/simpo give conservative DPO (cDPO), robust the unbiased robust-DPO loss (< 0.5); ignored by ipo.
+  c.dpo.loss_type = 'sigmoid'  # sigmoid (DPO, TRL's sigmoid) | cdpo (conservative DPO: sigmoid with dpo.label_smoothing, what older TRL's sigmoid computed with label_smoothing > 0) | robust (robust DPO) | ipo (IPO, length-normalised) | simpo (SimPO: length-normalised, no reference model); formulas in llm_jax/objectives/preference.py.
+  c.dpo.label_smoothing = 0.0  # Assumed share of flipped preference labels (< 0.5): cdpo (conservative DPO) and simpo smooth the loss with it, robust makes the unbiased robust-DPO loss; sigmoid takes none (as TRL's sigmoid: cDPO is loss_type=cdpo); ignored by ipo.
   c.dpo.simpo_gamma = 0.5  # loss_type=simpo: the target reward margin gamma (TRL's simpo_gamma).
-  c.dpo.max_prompt_length = 0  # A pair whose two sequences exceed data.seq_len + 2 tokens keeps the last this-many prompt tokens first, then cuts both completions (TRL's order); 0 = data.seq_len // 4.
-  c.dpo.precompute_ref = False  # Compute the reference's log-probabilities of every pair once, before the first step (no gradient), and store them beside the prepared data (reference_logps/<split>.npz, keyed by the reference and the pairs); the batches carry them, so no reference copy is held and no reference forward runs per step. Ignored by simpo.
+  c.dpo.max_length = 0  # Tokens of one sequence, prompt + chosen or prompt + rejected (TRL's max_length); a pair of two such sequences fills a row of data.seq_len (positions restart for each sequence, so model.max_seq_len bounds this, not the row), so at most data.seq_len // 2 + 1 and model.max_seq_len; 0 = the smaller.
+  c.dpo.max_prompt_length = 0  # A sequence longer than dpo.max_length keeps the last this-many prompt tokens first, then cuts both completions to the rest (TRL's order); 0 = dpo.max_length // 2.
+  c.dpo.precompute_ref = False  # Compute the reference's summed completion log-probabilities of every pair once (two numbers a pair), before the first step (no gradient), and store them beside the prepared data (reference_logps/<split>-<pairs key>-<reference key>.npy); each batch reads its pairs' sums, so no reference copy is held and no reference forward runs per step. Ignored by simpo.
+  c.dpo.reference_dtype = 'compute'  # Dtype of the frozen reference copy (no LoRA, no precompute_ref), which only runs forward passes: compute (model.dtype, giving the same forward; norm scales and the MoE router stay in param_dtype) | param (model.param_dtype, float32 by default).
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA rank (0 = no adapters, train all parameters).

@@ -9,7 +9,8 @@ module from its entry computation instead, multiplying every loop body by its tr
                  and TPU's grouped-matmul kernels of jax.lax.ragged_dot (Mosaic calls with a ragged_dot_tiling)
                  at the compiler's own estimate: 2 * rows * contracted * columns of the whole (padded) operand,
                  an upper bound where a kernel skips the tiles past the groups' rows
-  attention      which kernels the step runs: 'splash' (a Mosaic call of the splash kernel), 'cudnn' (cuDNN
+  attention      which kernels the step runs: 'splash' (a Mosaic call of the splash kernel), 'ragged_paged' (jax's
+                 Pallas TPU ragged paged attention: the serving engine's steps), 'cudnn' (cuDNN
                  fused attention on q, k, v alone), 'cudnn_packed' (with packed lengths and offsets),
                  'cudnn_bias' (with a bias operand: a dense mask), or 'dense' (no attention kernel: XLA's einsums)
   collectives    all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute: count and bytes of
@@ -255,6 +256,8 @@ def _attention_kernel(inst: _Instruction) -> str | None:
     return 'cudnn' if len(inst.operands) <= 3 else 'cudnn_packed'  # q, k, v (+ lengths and offsets: packed)
   if target == 'tpu_custom_call' and 'splash' in (inst.name + inst.attributes).lower():
     return 'splash'
+  if target == 'tpu_custom_call' and 'ragged_paged_attention' in (inst.name + inst.attributes).lower():
+    return 'ragged_paged'
   return None
 
 

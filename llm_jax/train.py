@@ -80,11 +80,12 @@ class IncompatibleCheckpointError(UserError, ValueError):
 def state_init_fn(config, model, optimizer) -> Callable[[jax.Array], TrainState]:
   """rng -> boxed TrainState; the moments inherit the logical axis names of their parameters."""
   params_fn = init_params_fn(config, model)
-  keeps_copy = objectives.make(config).reference_kind() == 'copy'
+  objective = objectives.make(config)
+  keeps_copy = objective.reference_kind() == 'copy'
 
   def init_fn(rng):
     params = params_fn(rng)
-    reference = jax.tree.map(jnp.copy, params) if keeps_copy else None  # a fresh run's starting point
+    reference = objective.reference_params(params) if keeps_copy else None  # a fresh run's starting point
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       reference=reference)
 
@@ -298,9 +299,10 @@ class Trainer(runtime_lib.Runtime):
     adapters_only = lambda rng: lora_lib.split(nn.unbox(self._init_fn(rng)).params)[1]
     return jax.jit(adapters_only, out_shardings=shardings)(jax.random.key(self.config.train.seed))
 
-  def copy_params(self, params):
-    """A distinct copy of `params` in their shardings (the reference: the state is donated, so never an alias)."""
-    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.state_shardings.params)(params)
+  def reference_of(self, params):
+    """The frozen reference made from `params`: a distinct copy (the state is donated, so never an alias) in
+    config.dpo.reference_dtype, in the reference's shardings."""
+    return jax.jit(self.objective.reference_params, out_shardings=self.state_shardings.reference)(params)
 
   def fresh_state(self) -> TrainState:
     return self._sharded_init(jax.random.key(self.config.train.seed))
@@ -333,22 +335,24 @@ def _restore_or_init(trainer: Trainer, manager) -> TrainState:
     print(f'resuming from {checkpoint.checkpoint_dir(workdir)}/{step}', flush=True)
     reference = None
     if trainer.keeps_reference:  # the run's starting point again, never a checkpoint of this run
-      reference = _initial_params(trainer) if config.train.init_from else trainer.fresh_state().params
+      reference = trainer.reference_of(_initial_params(trainer) if config.train.init_from else
+                                       trainer.fresh_state().params)
     return TrainState(step=jnp.asarray(step, jnp.int32), params=restored['params'],
                       opt_state=restored['opt_state'], reference=reference)
   if not config.train.init_from:
     return trainer.fresh_state()
   params = _initial_params(trainer)
   opt_state = jax.jit(trainer.optimizer.init, out_shardings=trainer.state_shardings.opt_state)(params)
-  reference = trainer.copy_params(params) if trainer.keeps_reference else None
+  reference = trainer.reference_of(params) if trainer.keeps_reference else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, reference=reference)
 
 
 def _precompute_reference(trainer: Trainer, state: TrainState) -> None:
-  """config.dpo.precompute_ref: the reference's log-probs of every pair, computed once from the run's starting
-  point (this state's parameters at step 0; on a resume init_from or the fresh initialisation again, and only
-  when the stored ones are missing or keyed to another reference or other pairs) and stored beside the prepared
-  data (llm_jax.data.preference.store_reference); the batches then carry them and the state holds no reference."""
+  """config.dpo.precompute_ref: the reference's summed completion log-probs of every pair (chosen, rejected),
+  computed once from the run's starting point (this state's parameters at step 0; on a resume init_from or the
+  fresh initialisation again, and only when the stored ones are missing or keyed to another reference or other
+  pairs) and stored beside the prepared data (llm_jax.data.preference.store_reference); the batches then carry
+  them and the state holds no reference."""
   config = trainer.config
   source = config.train.init_from
   reference = dict(init_from=storage.absolute(source) if source else None,

@@ -17,7 +17,7 @@ DOCS = os.path.join(REPO, 'docs')
 FIX = 'run `python -m llm_jax.config_docs` and commit docs/'
 
 CLI_MODULES = ['llm_jax.main', 'llm_jax.plot', 'llm_jax.config_docs', 'llm_jax.data.prepare', 'llm_jax.generate',
-               'llm_jax.evaluate', 'llm_jax.convert', 'llm_jax.benchmark', 'llm_jax.serve']
+               'llm_jax.evaluate', 'llm_jax.convert', 'llm_jax.benchmark', 'llm_jax.serve_dry_run', 'llm_jax.serve']
 
 
 def test_configuration_reference_is_current():

@@ -9,6 +9,7 @@ get_batch_logps, average log-probs, cpo_alpha = 0), float32 on CPU, within RTOL 
 log-probs are sums over completions of float32 log-softmaxes computed in a different order.
 """
 
+import glob
 import os
 import tempfile
 import types
@@ -25,6 +26,7 @@ trl = pytest.importorskip('trl')
 
 from llm_jax import checkpoint, convert, objectives, train  # noqa: E402
 from llm_jax.data import preference  # noqa: E402
+from llm_jax.objectives import preference as preference_objective  # noqa: E402
 
 torch.set_num_threads(1)
 RTOL, ATOL = 1e-5, 1e-6
@@ -226,18 +228,40 @@ def test_pairs_plain_and_chat_are_masked_packed_and_split_by_pair(tmp_path, toke
   assert chat.prompt.tolist()[-len(tok.encode('<|assistant|>\n')):] == tok.encode('<|assistant|>\n')
 
 
-def test_long_pairs_are_truncated_prompt_first_and_counted(tmp_path, tokenizer_file):
+def test_long_pairs_are_truncated_per_sequence_prompt_first_and_counted(tmp_path, tokenizer_file, capsys):
+  """Each sequence (prompt + one completion) gets dpo.max_length tokens, as TRL's max_length: the prompt keeps
+  its end first (dpo.max_prompt_length), then the completions their beginning; the summary counts both."""
+  fit = lambda prompt, chosen, rejected: preference.fit(prompt, chosen, rejected, 17, 8)
+  assert fit(list(range(5)), [1] * 12, [2] * 3) == (list(range(5)), [1] * 12, [2] * 3, '')  # 17 tokens: whole
+  assert fit(list(range(40)), [1, 2, 3], [4, 5]) == (list(range(32, 40)), [1, 2, 3], [4, 5], 'prompt')
+  assert fit(list(range(40)), list(range(30)), [4, 5]) == (list(range(32, 40)), list(range(9)), [4, 5],
+                                                           'prompt+completion')  # 17 - 8 = 9 each
+  assert fit(list(range(6)), list(range(30)), [4]) == (list(range(6)), list(range(11)), [4], 'completion')
   long_prompt = ' '.join(['the quick brown fox'] * 10)
-  c = preference_config(write(tmp_path / 'p.jsonl', [dict(prompt=long_prompt, chosen='jumps over', rejected='a b')] * 12),
-                        tokenizer_file)
-  prompt, chosen, rejected, cut = preference.fit(list(range(40)), [1, 2, 3], [4, 5], c.data.seq_len, 8)
-  assert cut and prompt == list(range(32, 40)) and chosen == [1, 2, 3] and rejected == [4, 5]
-  prompt, chosen, rejected, cut = preference.fit(list(range(40)), list(range(30)), [4, 5], c.data.seq_len, 8)
-  assert prompt == list(range(32, 40)) and chosen == list(range(9)) and rejected == [4, 5]  # (34 - 16) // 2 = 9
+  records = ([dict(prompt=long_prompt, chosen='a b', rejected='c')] * 12
+             + [dict(prompt='a b', chosen=' c', rejected=' d')] * 6
+             + [dict(prompt='a b', chosen=long_prompt, rejected=' d')] * 6)
+  c = preference_config(write(tmp_path / 'p.jsonl', records), tokenizer_file)
+  assert preference.lengths(c) == (17, 8)  # data.seq_len // 2 + 1: two sequences fill a row of 32 positions
   from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   split, stats = preference.read_pairs(c, tokenizer_lib.load(tokenizer_file))
-  assert stats['truncated'] == 12
-  assert all(p.positions <= c.data.seq_len for s in split.values() for p in s)
+  assert (stats['truncated'], stats['truncated_prompt'], stats['truncated_completion']) == (18, 12, 6)
+  pairs = [p for s in split.values() for p in s]
+  assert all(p.prompt.size + max(p.chosen.size, p.rejected.size) <= 17 and p.positions <= 32 for p in pairs)
+  capsys.readouterr()
+  preference.prepare(c)
+  assert capsys.readouterr().out == preference.summary(stats) + '\n'
+  assert preference.summary(stats) == (
+      f'preference pairs: {stats["train"]} train, {stats["validation"]} validation; 18 of 24 truncated to '
+      f'dpo.max_length=17 tokens a sequence (12 with the prompt cut to its last dpo.max_prompt_length=8 tokens, 6 '
+      f'with the completions cut)')
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  for field, value, message in [('max_length', 18, r'must be in \[0, 17\]'),
+                                ('max_prompt_length', 17, r'must be in \[0, dpo.max_length\) = \[0, 17\)')]:
+    bad = c.copy_and_resolve_references()
+    bad.dpo[field] = value
+    with pytest.raises(preference.ConfigError, match=rf'^config\.dpo\.{field}: {message}'):
+      validation.validate(bad, 1)
 
 
 @pytest.mark.parametrize('line,message', [
@@ -245,7 +269,10 @@ def test_long_pairs_are_truncated_prompt_first_and_counted(tmp_path, tokenizer_f
     ('{"prompt": "a", "chosen": "b", "rejected": 3}', 'field "rejected" must be a string'),
     ('not json', 'not valid JSON'),
     ('{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}], '
-     '"rejected": [{"role": "assistant", "content": "c"}]}', '"chosen" must be one assistant message'),
+     '"rejected": [{"role": "assistant", "content": "c"}]}', '"chosen" must start with an assistant message'),
+    ('{"chosen": "same", "rejected": "same"}', '"chosen" and "rejected" are the same'),
+    ('{"chosen": "x y", "rejected": [{"role": "assistant", "content": "c"}]}', 'both be texts or both lists'),
+    ('{"chosen": "abc", "rejected": "xbc"}', 'no prompt'),
 ])
 def test_malformed_rows_are_one_line_naming_file_and_line(tmp_path, tokenizer_file, line, message):
   good = '{"prompt": "a b", "chosen": "c", "rejected": "d"}'
@@ -369,8 +396,8 @@ def test_a_stopped_run_resumed_with_a_precomputed_reference_gives_the_uninterrup
   run_interrupted(config, resumed, monkeypatch, precomputed)
   assert 'reference log-probs (config.dpo.precompute_ref): train computed, validation computed' in (
       capsys.readouterr().out)  # reused when valid: test_stored_reference_is_keyed_...
-  stored = np.load(preference.reference_file(config, resumed, 'train'))['logps']
-  assert stored.size and (stored < 0).all()
+  stored = [np.load(path) for path in sorted(glob.glob(os.path.join(preference.reference_dir(config, resumed), '*')))]
+  assert [s.shape[1] for s in stored] == [2, 2] and all((s < 0).all() for s in stored)  # train, validation
   (a, a_eval), (b, b_eval) = rows_of(straight), rows_of(resumed)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4] and sorted(a_eval) == sorted(b_eval) == [4]
   np.testing.assert_allclose(a[1]['loss'], np.log(2), rtol=1e-6)  # step 0: the policy is the reference
@@ -395,20 +422,29 @@ def test_stored_reference_is_keyed_by_reference_and_pairs_and_written_atomically
     return -(rows['targets'] + rows['positions']) / 100.0
 
   ref = dict(init_from='/runs/a', step=10)
+  stored = lambda: sorted(os.listdir(preference.reference_dir(config, workdir)))
   assert preference.store_reference(config, workdir, ref, forward) == dict(train='computed', validation='computed')
   assert {shape for shape in calls} == {(4, config.data.seq_len)}  # global batches, the last padded
-  assert sorted(os.listdir(os.path.join(workdir, 'data', 'reference_logps'))) == ['train.npz', 'validation.npz']
+  first = stored()
+  assert [name.split('-')[0] for name in first] == ['train', 'validation'] and all(n.endswith('.npy') for n in first)
+  sums = np.load(os.path.join(preference.reference_dir(config, workdir), first[0]))
+  assert sums.shape == (len(preference.open_split(config, 'train', workdir).examples), 2)  # two numbers a pair
   calls.clear()
   assert preference.store_reference(config, workdir, ref, forward) == dict(train='reused', validation='reused')
   assert not calls
   assert preference.store_reference(config, workdir, dict(ref, step=20), forward)['train'] == 'computed'
+  assert len(stored()) == 2 and not set(stored()) & set(first)  # the other reference's files are gone
   split = preference.open_split(config, 'train', workdir, with_reference=True)
-  batch = split.batch(0)
-  mask = batch['segment_ids'] > 0
-  np.testing.assert_allclose(batch['ref_logps'][mask],
-                             (-(batch['targets'] + batch['positions']) / 100.0)[mask], rtol=1e-6)
+  assert isinstance(split.reference, np.memmap)  # read per batch, never loaded whole
+  for step in range(3):  # each batch's sums are the stand-in's log-probs summed over its pairs' completions
+    batch = split.batch(step)
+    expected = preference_objective.pair_sums(-(batch['targets'] + batch['positions']) / 100.0 * batch['loss_mask'],
+                                              batch['segment_ids'])
+    np.testing.assert_allclose(batch['ref_chosen'], expected[0], rtol=1e-6)
+    np.testing.assert_allclose(batch['ref_rejected'], expected[1], rtol=1e-6)
+    assert (batch['ref_chosen'] < 0).sum() == (expected[0] < 0).sum() > 0
   write(tmp_path / 'pairs.jsonl', varied_records(seed=1))  # other pairs: never read back silently
-  with pytest.raises(preference.PreferenceDataError, match='train.npz: computed for other pairs'):
+  with pytest.raises(preference.PreferenceDataError, match=r'train-\*.npy: computed for other pairs'):
     preference.open_split(config, 'train', workdir, with_reference=True)
   assert preference.store_reference(config, workdir, dict(ref, step=20), forward)['train'] == 'computed'
 
@@ -438,7 +474,9 @@ def test_dpo_with_lora_starts_at_ln2_with_the_base_as_reference_and_no_copy(tmp_
 
   @jax.jit
   def both(p):  # the objective's metrics, and the same sums against the base model (rank 0 on the base weights)
-    independent = objective.pair_sums_of(logprobs(trainer.model, p), logprobs(rank0, lora_lib.split(p)[0]), batch)
+    base_sums = preference_objective.pair_sums(logprobs(rank0, lora_lib.split(p)[0]) * batch['loss_mask'],
+                                               batch['segment_ids'])
+    independent = objective.pair_sums_of(logprobs(trainer.model, p), base_sums, batch)
     return objective.loss(trainer.model, p, batch).metrics, independent
 
   count = float(objective.count(batch))
@@ -468,3 +506,147 @@ def test_stdlib_pairs_differ_by_two_neighbouring_words_of_the_first_line_that_ha
     diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
     assert len(diff) == 2 and diff[1] == diff[0] + 1 and diff[1] <= 4, where
     assert (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]]) and sorted(a) == sorted(b)
+
+
+# --- record formats: TRL's maybe_extract_prompt, column mapping ------------------------------------------------------
+
+def _m(role, text):
+  return dict(role=role, content=text)
+
+
+FORMAT_RECORDS = [
+    # implicit prompt, conversations (Anthropic HH / trl-lib/ultrafeedback_binarized as messages)
+    dict(chosen=[_m('user', 'a b c'), _m('assistant', 'd e')], rejected=[_m('user', 'a b c'), _m('assistant', 'g f')]),
+    # implicit prompt, multi-turn: the earlier assistant turn belongs to the prompt
+    dict(chosen=[_m('user', 'a'), _m('assistant', 'b c'), _m('user', 'd'), _m('assistant', 'e f')],
+         rejected=[_m('user', 'a'), _m('assistant', 'b c'), _m('user', 'd'), _m('assistant', 'g')]),
+    # implicit prompt, plain text (Anthropic HH as text): the space before the split goes to the completions
+    dict(chosen='\n\nHuman: the quick brown fox\n\nAssistant: jumps over', rejected='\n\nHuman: the quick brown '
+         'fox\n\nAssistant: a b c'),
+    dict(chosen='the quick brown fox jumps', rejected='the quick brown dog'),
+    # one completion a prefix of the other: TRL's loop ends one item short
+    dict(chosen='the quick brown fox', rejected='the quick brown fox jumps'),
+    # a text prompt beside whole conversations (HuggingFaceH4/ultrafeedback_binarized): taken from them
+    dict(prompt='a b c', chosen=[_m('user', 'a b c'), _m('assistant', 'd e')],
+         rejected=[_m('user', 'a b c'), _m('assistant', 'g f')]),
+    # explicit prompts of the completions' kind: kept
+    dict(prompt='the quick', chosen=' brown', rejected=' lazy'),
+    dict(prompt=[_m('user', 'a b')], chosen=[_m('assistant', 'c')], rejected=[_m('assistant', 'd')]),
+]
+
+
+def test_records_parse_as_trls_maybe_extract_prompt(tmp_path, tokenizer_file):
+  """Implicit prompts (text and conversations), text prompts beside conversations and explicit prompts give the
+  prompt, chosen and rejected of TRL's maybe_extract_prompt (trl is the reference), and then tokens: the prompt's
+  tokens then each completion's, the completion of a multi-turn chat being its last assistant turn."""
+  from trl.data_utils import maybe_extract_prompt  # pylint: disable=g-import-not-at-top
+  for i, record in enumerate(FORMAT_RECORDS):
+    expected = maybe_extract_prompt(dict(record))
+    assert preference.normalize(dict(record), f'record {i}') == {k: expected[k] for k in preference.FIELDS}, i
+  c = preference_config(write(tmp_path / 'p.jsonl', FORMAT_RECORDS * 3), tokenizer_file, seq_len=128)
+  from llm_jax.data import sft, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load(tokenizer_file)
+  split, stats = preference.read_pairs(c, tok)
+  assert stats['records'] == 3 * len(FORMAT_RECORDS) and stats['truncated'] == 0
+  by_line = {int(p.where.rsplit(':', 1)[1]): p for s in split.values() for p in s}
+  multi = by_line[2]  # the multi-turn chat: rendered whole, the completion is the last assistant turn and its end
+  tokens, loss = sft.render(tok, FORMAT_RECORDS[1]['chosen'])
+  spans = [i for i, counts in enumerate(loss) if counts and not (i and loss[i - 1])]  # assistant spans' starts
+  end = len(loss) - loss[::-1].index(True)
+  assert len(spans) == 2 and sum(loss[:spans[1]]) > 0  # the prompt holds an assistant turn too
+  assert multi.prompt.tolist() == tokens[:spans[1]] and multi.chosen.tolist() == tokens[spans[1]:end]
+  text = by_line[3]  # plain text: prompt up to the split, completions from the space before it, EOS after
+  assert text.prompt.tolist() == tok.encode('\n\nHuman: the quick brown fox\n\nAssistant:')
+  assert text.chosen.tolist() == tok.encode(' jumps over') + [tok.eos_id]
+  with_prompt = by_line[6]  # the text prompt beside conversations: the user turn of the conversations
+  assert with_prompt.prompt.tolist() == by_line[1].prompt.tolist()
+  # a text prompt beside assistant-only conversations (TRL would keep an empty prompt): the user message
+  lone = dict(prompt='a b c', chosen=[_m('assistant', 'd e')], rejected=[_m('assistant', 'g f')])
+  assert preference.normalize(lone, 'x') == dict(prompt=[_m('user', 'a b c')], chosen=lone['chosen'],
+                                                 rejected=lone['rejected'])
+
+
+def test_column_mapping_for_hf_datasets(tmp_path, tokenizer_file):
+  """data.preference_columns maps a dataset's own column names (here HH-style implicit prompts under other
+  names); a missing column names the column and the row, a bad spec is a ConfigError naming the field."""
+  datasets = pytest.importorskip('datasets')
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load(tokenizer_file)
+  rows = dict(good=['the quick brown fox'] * 10, bad=['the quick brown dog'] * 10, prompt=['ignored'] * 10)
+  datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / 'hh'))
+  c = preference_config(tmp_path / 'unused', tokenizer_file, seq_len=64)
+  c.data.update(source='preference_hf', hf_path=str(tmp_path / 'hh'), paths='',
+                preference_columns='chosen=good, rejected=bad')
+  validation.validate(c, 1)
+  split, stats = preference.read_pairs(c, tok)
+  assert stats['records'] == 10
+  pair = split['train'][0]  # the prompt column is a text like the completions: TRL keeps it (maybe_extract_prompt)
+  assert pair.prompt.tolist() == tok.encode('ignored')
+  assert pair.chosen.tolist() == tok.encode('the quick brown fox') + [tok.eos_id]
+  c.data.preference_columns = 'chosen=good,rejected=bad,prompt=question'
+  with pytest.raises(preference.PreferenceDataError, match=r'\[train\]\[0\]: no column "question" \(data.preference_'
+                     r'columns maps prompt=question\); the record has good, bad, prompt'):
+    preference.read_pairs(c, tok)
+  for spec in ('chosen:good', 'answer=good', 'chosen=good,chosen=bad'):
+    c.data.preference_columns = spec
+    with pytest.raises(preference.ConfigError, match=r'^config\.data\.preference_columns: '):
+      validation.validate(c, 1)
+
+
+# --- cDPO, the reference's dtype -------------------------------------------------------------------------------------
+
+def test_cdpo_is_the_label_smoothed_sigmoid_of_trl_and_sigmoid_takes_no_smoothing(models):
+  """cDPO with share e of flipped labels is (1-e) times TRL's sigmoid loss plus e times TRL's sigmoid loss on the
+  pairs with chosen and rejected swapped (TRL's sigmoid itself no longer reads label_smoothing, trl 1.16);
+  loss_type=sigmoid with label_smoothing > 0 is refused, naming the field."""
+  policy, reference, config, params, ref_params = models('llama')
+  config = config.copy_and_resolve_references()
+  config.model.objective = 'dpo'
+  config.data.source = 'preference_jsonl'
+  config.dpo.update(beta=0.5, loss_type='cdpo', label_smoothing=0.2)
+  pair_list = pairs()
+  swapped = [preference.Pair(p.prompt, p.rejected, p.chosen, p.where, '') for p in pair_list]
+  straight = trl_dpo(policy, reference, trl_batch(pair_list), 'sigmoid', 0.5, 0.0)
+  flipped = trl_dpo(policy, reference, trl_batch(swapped), 'sigmoid', 0.5, 0.0)
+  loss, metrics, _, _ = ours(config, params, ref_params, pair_list)
+  expected = 0.8 * straight[0] + 0.2 * flipped[0]
+  print(f'cdpo: loss {loss:.6f}, TRL (1-e) sigmoid + e sigmoid(swapped) {expected:.6f}')
+  np.testing.assert_allclose(loss, expected, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(metrics['rewards/margins'], straight[1]['rewards/margins'], rtol=RTOL, atol=ATOL)
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  config.dpo.loss_type = 'sigmoid'
+  with pytest.raises(preference.ConfigError, match=r'^config\.dpo\.label_smoothing: 0.2 with loss_type=sigmoid: '
+                     r'.*loss_type=cdpo'):
+    validation.validate(config, 1)
+
+
+def test_the_reference_copy_is_held_in_the_compute_dtype_and_gives_the_same_forward(tmp_path, tokenizer_file):
+  """dpo.reference_dtype=compute (default): the frozen copy in the train state is bfloat16 where the model computes
+  in bfloat16 (every matrix, here with MoE experts, a shared expert, q/k norms and scanned layers) and float32
+  where it computes in float32 whatever the compute dtype (norm scales, router, shared-expert gate), so its logits
+  equal those of the float32 parameters exactly; reference_dtype=param keeps float32."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from llm_jax import optim  # pylint: disable=g-import-not-at-top
+  config = training_config(tmp_path, tokenizer_file)
+  config.model.update(dtype='bfloat16', ffn='moe', num_experts=4, experts_per_token=2, expert_ffn_dim=16,
+                      shared_expert_ffn_dim=16, qk_norm=True, scan_layers=True, num_layers=2)
+  model = train.create_model(config)
+  held = lambda c: jax.eval_shape(train.state_init_fn(c, model, optim.make_optimizer(c.train)),
+                                  jax.random.key(0)).reference
+  dtypes = {jax.tree_util.keystr(path, simple=True, separator='/'): leaf.dtype
+            for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(held(config)))}
+  kept = {name for name, dtype in dtypes.items() if dtype == jnp.float32}
+  assert all(name.endswith('/scale') or '/router/' in name or '/shared_gate/' in name for name in kept)
+  assert {'q_norm', 'final_norm', 'router', 'shared_gate'} <= {part for name in kept for part in name.split('/')}
+  assert {dtypes[name] for name in dtypes.keys() - kept} == {jnp.dtype(jnp.bfloat16)}
+  rng = np.random.default_rng(0)  # random float32 parameters of the model's shapes (no compiled initialiser)
+  params = jax.tree.map(lambda x: jnp.asarray(rng.normal(0.0, 0.3, x.shape), jnp.float32),
+                        nn.unbox(train.abstract_params(config)))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 2, config.model.vocab_size)
+  forward = jax.jit(lambda p: model.apply({'params': p}, tokens, jnp.ones_like(tokens),
+                                          jnp.broadcast_to(jnp.arange(16), tokens.shape)))
+  reference = objectives.make(config).reference_params(params)
+  np.testing.assert_array_equal(np.asarray(forward(reference)), np.asarray(forward(params)))
+  config.dpo.reference_dtype = 'param'
+  assert {leaf.dtype for leaf in jax.tree.leaves(nn.unbox(held(config)))} == {jnp.dtype(jnp.float32)}

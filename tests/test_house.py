@@ -23,8 +23,8 @@ from llm_jax.objectives import preference
 from llm_jax.model import TransformerConfig, Transformer
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'llm_jax'
-JOBS = ('main', 'benchmark', 'dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs', 'serve',
-        'openai_server')
+JOBS = ('main', 'benchmark', 'dry_run', 'serve_dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs',
+        'serve', 'openai_server')
 # The import direction of docs/architecture.md, bottom first: a module imports only from its own layer or below
 # (arrows inside a layer are allowed, cycles never). Packages count by their top-level name.
 LAYERS = (
@@ -164,6 +164,7 @@ REGISTRIES = {
     'model.moe_compute': moe.EXPERT_COMPUTE,
     'model.objective': objectives.REGISTRY,
     'dpo.loss_type': preference.LOSS_TYPES,
+    'dpo.reference_dtype': preference.REFERENCE_DTYPES,
     'data.source': data.SOURCES,
     'data.sft_truncation': sft.TRUNCATIONS,
     'data.filters': cleaning.FILTER_NAMES,
@@ -177,6 +178,7 @@ REGISTRIES = {
 # What else a field's check needs to be reached (the wsd shape is read only by schedule=wsd, ...).
 _CONTEXT = {'train.wsd_decay_shape': {'train.schedule': 'wsd'},
             'dpo.loss_type': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
+            'dpo.reference_dtype': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
             'lora.targets': {'lora.rank': 4}}
 
 

@@ -175,7 +175,7 @@ def test_objective_step_is_bit_for_bit_the_old_step(case):
 def test_registry_is_configs_list_of_choices():
   # The documented choices (config.py's comments, tests/test_house.py checks them against these registries).
   assert objectives.names() == ('clm', 'mlm', 'dpo')
-  assert preference.LOSS_TYPES == ('sigmoid', 'robust', 'ipo', 'simpo')
+  assert preference.LOSS_TYPES == ('sigmoid', 'cdpo', 'robust', 'ipo', 'simpo')
   for name, cls in objectives.REGISTRY.items():
     assert cls.name == name
     assert cls.causal == (name != 'mlm'), 'the model makes attention bidirectional for mlm alone'

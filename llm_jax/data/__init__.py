@@ -3,7 +3,7 @@
   inputs, targets, segment_ids, positions: int32 [global_batch_size // process_count, seq_len]
   loss_mask: float32, same shape (1 where the target counts in the loss)
 
-plus what a source adds for its objective (preference sources: ref_logps with config.dpo.precompute_ref),
+plus what a source adds for its objective (preference sources: ref_chosen, ref_rejected with config.dpo.precompute_ref),
 
 and batch k is a pure function of (config.data.seed, k), so resume is exact and independent of the number of
 processes. Sources are imported lazily: the synthetic source needs no TensorFlow, the text sources do.
@@ -45,7 +45,11 @@ def check_config(config) -> None:
   Checked before anything is read or prepared."""
   d = config.data
   check_choice('data.source', d.source, SOURCES)
-  pipeline.check_seq_len(config)
+  if d.source in PAIR_SOURCES:  # rows of pairs: positions restart for each sequence, so model.max_seq_len bounds
+    if d.seq_len <= 0:  # one sequence (dpo.max_length, checked by preference.lengths), not the row
+      fail('data.seq_len', f'must be positive, got {d.seq_len}')
+  else:
+    pipeline.check_seq_len(config)
   if not 0.0 < d.mask_prob < 1.0:
     fail('data.mask_prob', f'must be in (0, 1), got {d.mask_prob}')
   try:
@@ -72,6 +76,9 @@ def check_config(config) -> None:
          'save_to_disk folder)')
   if d.source == 'preference_hf' and not d.hf_path:
     fail('data.hf_path', 'empty; name the dataset of prompt/chosen/rejected rows')
+  if d.preference_columns:
+    from llm_jax.data import preference  # pylint: disable=g-import-not-at-top (source modules load lazily, as below)
+    preference.parse_columns(d.preference_columns)
   if d.source == 'mixture':
     from llm_jax.data import mixture  # pylint: disable=g-import-not-at-top (source modules load lazily, as above)
     mixture.parse(d.mixture)

@@ -335,37 +335,46 @@ def _axis_index(axes):
 class PageTable:
   """Where each row's keys and values live in a paged K/V pool (the serving engine's; llm_jax.serving).
 
-  The pool of one layer is k_pages, v_pages [num_pages * page_size, K, H]; page p holds slots p*page_size ..
-  (p+1)*page_size - 1. Row b's token at position j sits in page pages[b, j // page_size] at offset
+  The pool of one layer is kv_pages [num_pages, page_size, 2K, H]: keys and values interleaved over the head axis
+  (k0 v0 k1 v1 ...: key head j at 2j, value head j at 2j+1), the layout of jax's ragged paged attention kernel,
+  which every paged kernel reads. Row b's token at position j sits in page pages[b, j // page_size] at offset
   j % page_size, so the page list of a row is its sequence in order and a key's index is its position. Page 0 is
   the null page: unused entries of `pages` point at it and padding tokens write into it; it is never read unmasked
-  (its keys' indices lie past every query's position).
+  (its keys' indices lie past every query's position). `kernel` names the PAGED_KERNELS entry that attends over
+  the pool, chosen once by the engine (`choose_paged_kernel`).
   """
   pages: jax.Array  # [B,P] int32
   page_size: int
   num_pages: int
+  kernel: str = 'xla'
 
   def slots(self, positions: jax.Array, valid: jax.Array) -> jax.Array:
-    """[B,T] pool slot of each token (slot 0, in the null page, for padding)."""
+    """[B,T] pool slot (page * page_size + offset) of each token (slot 0, in the null page, for padding)."""
     page = jnp.take_along_axis(self.pages, positions // self.page_size, axis=1)
     return jnp.where(valid, page * self.page_size + positions % self.page_size, 0)
 
   def gather(self, pool: jax.Array) -> jax.Array:
-    """[num_pages * page_size, K, H] -> each row's keys (or values) in position order [B, P * page_size, K, H]."""
+    """[num_pages, page_size, ...] -> each row's slots in position order [B, P * page_size, ...]."""
     b, p = self.pages.shape
-    paged = pool.reshape((self.num_pages, self.page_size) + pool.shape[1:])
-    return paged[self.pages].reshape((b, p * self.page_size) + pool.shape[1:])
+    return pool[self.pages].reshape((b, p * self.page_size) + pool.shape[2:])
 
 
-jax.tree_util.register_dataclass(PageTable, data_fields=['pages'], meta_fields=['page_size', 'num_pages'])
+jax.tree_util.register_dataclass(PageTable, data_fields=['pages'],
+                                 meta_fields=['page_size', 'num_pages', 'kernel'])
 
 
-def paged_xla_attention(q, k_pool, v_pool, pages: PageTable, positions, valid, window: int = 0):
+def interleave_kv(k: jax.Array, v: jax.Array) -> jax.Array:
+  """k, v [..., K, H] -> [..., 2K, H] as k0 v0 k1 v1 ... (the pool's layout)."""
+  return jnp.stack([k, v], axis=-2).reshape(k.shape[:-2] + (2 * k.shape[-2], k.shape[-1]))
+
+
+def paged_xla_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0):
   """Reference paged kernel: gather each row's pages, then the dense mask by position. q [B,T,N,H] at
-  `positions` [B,T] (valid [B,T]: real tokens), pools [slots, K, H] already holding this call's keys. A query sees
-  the keys of its row at positions <= its own (and within the window): the row's earlier pages (a cached prefix,
-  earlier chunks) and this chunk alike."""
-  k, v = pages.gather(k_pool), pages.gather(v_pool)  # [B,S,K,H], key index = position
+  `positions` [B,T] (valid [B,T]: real tokens), kv_pool [num_pages, page_size, 2K, H] already holding this call's
+  keys and values. A query sees the keys of its row at positions <= its own (and within the window): the row's
+  earlier pages (a cached prefix, earlier chunks) and this chunk alike."""
+  kv = pages.gather(kv_pool)  # [B,S,2K,H], key index = position
+  k, v = kv[:, :, 0::2], kv[:, :, 1::2]
   key_positions = jnp.arange(k.shape[1])[None, None, :]
   mask = (key_positions <= positions[:, :, None]) & valid[:, :, None]
   if window:
@@ -373,9 +382,101 @@ def paged_xla_attention(q, k_pool, v_pool, pages: PageTable, positions, valid, w
   return _masked_attention(q, k, v, mask)
 
 
-# Paged kernels (the serving engine's attention over a page pool), by name: the plain gather is the reference and
-# runs everywhere.
-PAGED_KERNELS: dict[str, Callable] = {'xla': paged_xla_attention}
+def ragged_supported(head_dim: int) -> bool:
+  """Shapes jax's ragged paged attention kernel takes: its softmax statistics are 128 lanes wide, so head_dim
+  must be a multiple of 128."""
+  return head_dim % 128 == 0
+
+
+def _ragged_layout(positions, valid):
+  """Our [B,T] rows (each row's real tokens first, at consecutive positions: a prefill chunk or a decode token)
+  as the ragged kernel's sequences. Rows with tokens go first (stable), so the kernel's `num_seqs` counts them.
+  Returns (order [B], dest [B,T] index of each token in the packed queries (B*T for padding: dropped),
+  kv_lens [B], cu_q_lens [B+1], num_seqs [1])."""
+  b, t = valid.shape
+  counts = valid.sum(axis=1).astype(jnp.int32)  # [B] query tokens of each row
+  kv_lens = jnp.where(counts > 0, positions[:, 0] + counts, 0).astype(jnp.int32)  # keys up to the last query
+  order = jnp.argsort(counts == 0, stable=True)  # live rows first
+  cu_q_lens = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts[order]).astype(jnp.int32)])
+  rank = jnp.argsort(order)  # row -> its place among the kernel's sequences
+  dest = cu_q_lens[rank][:, None] + jnp.arange(t)[None, :]
+  dest = jnp.where(valid, dest, b * t)
+  num_seqs = jnp.sum(counts > 0, dtype=jnp.int32).reshape(1)
+  return order, dest, kv_lens[order], cu_q_lens, num_seqs
+
+
+def _ragged_blocks(page_size: int, pages_per_seq: int, tokens: int) -> dict:
+  """Block sizes: jax's tuned table on a TPU host (it asks jax.devices() which TPU it is); elsewhere (an
+  ahead-of-time compile for a TPU target, the jnp reference) its default shape of 128 keys and 32 queries."""
+  if platform_of(jax.devices()) == 'tpu':
+    return {}
+  return dict(num_kv_pages_per_block=min(pages_per_seq, max(1, 128 // page_size)),
+              num_queries_per_block=min(tokens, 32))
+
+
+def paged_ragged_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0, *,
+                           reference: bool = False):
+  """jax's Pallas TPU ragged paged attention (jax.experimental.pallas.ops.tpu.ragged_paged_attention): prefill
+  chunks and decode tokens of any length in one kernel call that reads the pool's pages where they lie (no
+  gather). Our rows become its ragged layout: the real tokens of every row packed one after another (cu_q_lens),
+  each row's key count (kv_lens = its last position + 1: the kernel puts query i of a q_len-token sequence at
+  kv_len - q_len + i, which is our positions since a row's tokens are consecutive), the page table as it is.
+
+  `reference=True` calls jax's own jnp reference of the kernel (same layout; a Python loop over sequences, so
+  eager only): how CPU tests check this adaptation, since the kernel itself lowers only for TPU (jax 0.10.2's
+  Pallas interpreters do not run it). Under a mesh (the engine's activation_sharding context) the kernel runs
+  inside shard_map over the heads ('act_heads' / 'act_kv_heads' on the same mesh axes, kv heads divisible by
+  their shards); rows and pages are whole on every device.
+  """
+  from jax.experimental.pallas.ops.tpu import ragged_paged_attention as rpa
+  b, t, n, h = q.shape
+  order, dest, kv_lens, cu_q_lens, num_seqs = _ragged_layout(positions, valid)
+  packed = jnp.zeros((b * t, n, h), q.dtype).at[dest.reshape(-1)].set(q.reshape(b * t, n, h), mode='drop')
+  table = pages.pages[order]
+  options = dict(sm_scale=h ** -0.5, sliding_window=window or None)
+  if reference:
+    out = rpa.ref_ragged_paged_attention(packed, kv_pool, kv_lens, table, cu_q_lens, num_seqs, **options)
+    out = jnp.concatenate([out, jnp.zeros((b * t - out.shape[0], n, h), out.dtype)])
+  else:
+    call = functools.partial(rpa.ragged_paged_attention, **options,
+                             **_ragged_blocks(pages.page_size, table.shape[1], b * t))
+    context = active()
+    if context is not None and context[0].size > 1:
+      call = _ragged_sharded(call, context, n, kv_pool.shape[2] // 2)
+    out = call(packed, kv_pool, kv_lens, table, cu_q_lens, num_seqs)
+  out = out[jnp.minimum(dest, b * t - 1)]  # [B,T,N,H]
+  return jnp.where(valid[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def _ragged_sharded(call, context, num_heads: int, kv_heads: int):
+  """The ragged kernel inside shard_map: query heads and the pool's kv heads split alike over the tensor axes."""
+  mesh, rules = context
+  _, _, head_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_heads', None), rules)
+  _, _, kv_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_kv_heads', None), rules)
+  shards = _axes_size(mesh, head_axes)
+  if kv_axes != head_axes or num_heads % shards or kv_heads % shards:
+    raise ValueError(f'ragged paged attention: {num_heads} query and {kv_heads} kv heads do not split alike over '
+                     f'{shards} devices ({head_axes}, {kv_axes}); use the xla paged kernel')
+  heads, pool = P(None, head_axes, None), P(None, None, head_axes, None)
+  return jax.shard_map(call, mesh=mesh, in_specs=(heads, pool, P(), P(), P(), P()), out_specs=heads,
+                       check_vma=False)
+
+
+# Paged kernels (the serving engine's attention over a page pool), by name, one signature:
+# kernel(q [B,T,N,H], kv_pool [num_pages, page_size, 2K, H], pages, positions [B,T], valid [B,T], window) -> [B,T,N,H].
+# The plain gather is the reference and runs everywhere; 'ragged' is jax's Pallas TPU kernel (TPU only).
+PAGED_KERNELS: dict[str, Callable] = {'xla': paged_xla_attention, 'ragged': paged_ragged_attention}
+PAGED_CHOICES = ('auto', *PAGED_KERNELS)  # EngineConfig.attention: a paged kernel, or auto (choose_paged_kernel)
+
+
+def choose_paged_kernel(name: str, head_dim: int, platform: str = '') -> str:
+  """Resolves the engine's 'auto' once: the ragged Pallas kernel on TPU where head_dim allows, the xla gather
+  elsewhere (on GPU too: XLA fuses the gather into the attention's dots; jax's Pallas GPU paged_attention wants
+  separate head-major k and v pages and decode-only batches, a layout this pool does not have)."""
+  if name != 'auto':
+    return name
+  platform = platform or platform_of(jax.devices())
+  return 'ragged' if platform == 'tpu' and ragged_supported(head_dim) else 'xla'
 
 
 KERNELS: dict[str, Callable] = {'xla': xla_attention, 'cudnn': cudnn_attention, 'splash': splash_attention}
@@ -478,16 +579,16 @@ class SelfAttention(nn.Module):
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
 
   def _paged(self, q, k, v, valid, positions, pages: PageTable):
-    """Writes this call's k/v [B,T,K,H] into the layer's pool ('cache' collection: k_pages, v_pages
-    [num_pages * page_size, K, H], allocated by the engine) at their slots, then attends over the rows' pages."""
-    shape = (pages.num_pages * pages.page_size,) + k.shape[2:]
-    k_pool = self.variable('cache', 'k_pages', jnp.zeros, shape, k.dtype)
-    v_pool = self.variable('cache', 'v_pages', jnp.zeros, shape, v.dtype)
+    """Writes this call's k/v [B,T,K,H] into the layer's pool ('cache' collection: kv_pages
+    [num_pages, page_size, 2K, H], keys and values interleaved; allocated by the engine) at their slots, then
+    attends over the rows' pages with the kernel the page table names."""
+    shape = (pages.num_pages, pages.page_size, 2 * k.shape[2], k.shape[3])
+    pool = self.variable('cache', 'kv_pages', jnp.zeros, shape, k.dtype)
     slots = pages.slots(positions, valid).reshape(-1)
-    k_pool.value = k_pool.value.at[slots].set(k.reshape((-1,) + shape[1:]).astype(k_pool.value.dtype))
-    v_pool.value = v_pool.value.at[slots].set(v.reshape((-1,) + shape[1:]).astype(v_pool.value.dtype))
-    kernel = PAGED_KERNELS['xla']
-    return kernel(q, k_pool.value, v_pool.value, pages, positions, valid, self.window)
+    new = interleave_kv(k, v).reshape((-1,) + shape[2:]).astype(pool.value.dtype)
+    flat = pool.value.reshape((-1,) + shape[2:])
+    pool.value = flat.at[slots].set(new).reshape(shape)
+    return PAGED_KERNELS[pages.kernel](q, pool.value, pages, positions, valid, self.window)
 
   def _norm_heads(self, x, name):
     """RMSNorm over the flattened [N*H] of x [B,T,N,H] (one scale per head and channel), as OLMoE's q_norm."""

@@ -203,12 +203,13 @@ class Transformer(nn.Module):
 
   `pages` (attention.PageTable, with decode=True): the serving engine's paged K/V; the 'cache' collection then
   holds each layer's page pool, and segment ids only mark real tokens (non-zero) from padding.
+  `logits_at` [B,K] (indices into T): logits of those positions only, [B,K,V] (a prefill needs its last one).
   """
   cfg: TransformerConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None, pages: PageTable | None = None):
+  def __call__(self, tokens, segment_ids=None, positions=None, pages: PageTable | None = None, logits_at=None):
     cfg = self.cfg
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
@@ -219,6 +220,8 @@ class Transformer(nn.Module):
                                                                  ('vocab', 'embed')), name='embed')
     x = constrain(embed(tokens), ('act_batch', 'act_seq', 'act_embed'))
     x = self._blocks(x, segment_ids, positions, pages)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name='final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)

@@ -15,16 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from llm_jax.errors import UserError
+from llm_jax.decoding import PromptError  # the same error type as the reference decoder's
 from llm_jax.model import TransformerConfig
 from llm_jax.serving.engine import Engine, EngineConfig
 from llm_jax.serving.sampling import SamplingParams
 
 MAX_BATCH_SEQS = 64  # rows decoding at once for an offline batch
-
-
-class PromptError(UserError, ValueError):
-  """A prompt that cannot be completed (empty, or no room left in the model's context); names the prompt."""
 
 
 def generate_ids(model_config: TransformerConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -16,7 +16,10 @@ two of pages), so a long-running server compiles a fixed, small set of functions
 The model runs with unrolled layers (`set_params` unstacks a scanned model's parameters once): the pool is one
 array per layer, donated to each call and updated in place, where a scan over layers would copy the whole pool
 every step. Under a mesh, the pool is split over the kv heads like the attention (tensor parallelism) and rows
-are not split: a decode batch is a handful of rows.
+are not split: a decode batch is a handful of rows. The pool of a layer is one array [num_pages, page_size, 2K, H]
+(keys and values interleaved over the heads); the kernel that attends over it (EngineConfig.attention:
+model.attention.PAGED_KERNELS) is chosen once, for the platform of the engine's devices: jax's Pallas ragged
+paged attention on TPU, the xla gather elsewhere.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ from typing import Any, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 from jax.sharding import NamedSharding
 
 from llm_jax.errors import UserError
 from llm_jax.model import Transformer, TransformerConfig
+from llm_jax.model import attention
 from llm_jax.model.attention import PageTable
 from llm_jax.model.partitioning import activation_sharding
 from llm_jax.serving.outputs import CompletionOutput, RequestOutput
@@ -73,6 +78,8 @@ class EngineConfig:
   prefix_caching: bool = True
   max_queue: int = 4096  # waiting sequences; beyond that add_request raises QueueFullError
   max_model_len: int = 0  # prompt + output tokens of one sequence; 0 = model.max_seq_len
+  attention: str = 'auto'  # paged attention kernel (model.attention.PAGED_KERNELS): auto (ragged on TPU where
+  #                          head_dim % 128 == 0, xla elsewhere), xla (gather; the reference) or ragged (TPU only)
 
   def check(self) -> None:
     for name in ('page_size', 'max_seqs', 'max_chunk', 'max_prefill_tokens', 'max_queue'):
@@ -82,6 +89,8 @@ class EngineConfig:
       raise RequestError('engine.num_pages', 'num_pages and max_model_len must be >= 0 (0 = automatic)')
     if not 0 < self.memory_fraction <= 1:
       raise RequestError('engine.memory_fraction', f'must be in (0, 1], got {self.memory_fraction}')
+    if self.attention not in attention.PAGED_CHOICES:
+      raise RequestError('engine.attention', f'{self.attention!r} is not one of {", ".join(attention.PAGED_CHOICES)}')
 
 
 @dataclasses.dataclass(eq=False)
@@ -134,6 +143,8 @@ class Engine:
     # rows are never split over devices (a decode batch is small); everything else follows the run's rules
     self.rules = tuple((name, None if name == 'act_batch' else axes) for name, axes in rules)
     self.set_params(params)
+    self.platform = attention.platform_of(jax.devices() if mesh is None else mesh.devices.flat)
+    self.attention = paged_kernel(config.attention, self.model_config, self.platform, mesh, self.rules)
     num_pages = config.num_pages or self._auto_pages()
     self.pool = PagePool(num_pages, config.page_size, config.prefix_caching)
     self.max_pages_per_seq = -(-self.max_model_len // config.page_size)
@@ -182,11 +193,8 @@ class Engine:
     def zeros(s):
       if self.mesh is None:
         return jnp.zeros(s.shape, s.dtype)
-      spec = jax.sharding.PartitionSpec(*__import__('flax').linen.logical_to_mesh_axes(
-          (None, 'act_kv_heads', None), self.rules))
-      if s.shape[1] % math.prod(self.mesh.shape[a] for a in _axes(spec[1])):
-        spec = jax.sharding.PartitionSpec()
-      return jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=NamedSharding(self.mesh, spec))()
+      sharding = pool_sharding(self.mesh, self.rules, s.shape)
+      return jax.jit(lambda: jnp.zeros(s.shape, s.dtype), out_shardings=sharding)()
     return jax.tree.map(zeros, shapes)
 
   # Requests.
@@ -323,7 +331,7 @@ class Engine:
     filtered = sampled and bool(np.any((top_k > 0) | (top_p < 1) | (min_p > 0)))
     self.kv_pool, out = self._run(
         self.params, self.kv_pool, tokens, positions, valid, table, last, settings, counts, next_tokens,
-        page_size=cfg.page_size, num_pages=self.pool.num_pages, vocab_limit=int(self.vocab_limit),
+        page_size=cfg.page_size, num_pages=self.pool.num_pages, kernel=self.attention, vocab_limit=int(self.vocab_limit),
         num_logprobs=logprob_bucket(want_logprobs), prompt_logprobs=(-1 if want_prompt < 0 else
                                                                      logprob_bucket(want_prompt)),
         sampled=sampled, filtered=filtered, penalised=penalised)
@@ -412,24 +420,58 @@ def _axes(entry) -> tuple:
 def _compiled_step(model_config: TransformerConfig, rules, mesh):
   """The jitted step of one model on one mesh, shared by every engine of it (each shape compiles once)."""
   return jax.jit(functools.partial(_forward_and_sample, Transformer(model_config, decode=True), rules, mesh),
-                 static_argnames=('page_size', 'num_pages', 'vocab_limit', 'num_logprobs', 'prompt_logprobs',
-                                  'sampled', 'filtered', 'penalised'),
+                 static_argnames=('page_size', 'num_pages', 'kernel', 'vocab_limit', 'num_logprobs',
+                                  'prompt_logprobs', 'sampled', 'filtered', 'penalised'),
                  donate_argnums=(1,))
 
 
+def paged_kernel(name: str, model_config: TransformerConfig, platform: str, mesh=None, rules=()) -> str:
+  """EngineConfig.attention resolved once for the platform the engine runs on (or compiles for), and the mesh:
+  the ragged kernel runs per device on whole heads, so its query and kv heads must split alike."""
+  kernel = attention.choose_paged_kernel(name, model_config.head_dim, platform)
+  if kernel == 'ragged' and mesh is not None:
+    heads = nn.logical_to_mesh_axes(('act_heads',), rules)[0]
+    shards = math.prod(mesh.shape[a] for a in _axes(heads))
+    if (heads != nn.logical_to_mesh_axes(('act_kv_heads',), rules)[0] or model_config.num_heads % shards
+        or model_config.num_kv_heads % shards):
+      if name == 'auto':
+        return 'xla'
+      raise RequestError('engine.attention', f'ragged needs the {model_config.num_heads} query and '
+                         f'{model_config.num_kv_heads} kv heads split alike over the mesh ({shards} shards of '
+                         f'{heads}); use auto or xla')
+  if kernel == 'ragged' and platform != 'tpu':
+    raise RequestError('engine.attention', f'ragged is a Pallas TPU kernel; this engine runs on {platform} '
+                       '(use auto or xla)')
+  if kernel == 'ragged' and not attention.ragged_supported(model_config.head_dim):
+    raise RequestError('engine.attention', f'ragged needs head_dim % 128 == 0, the model has '
+                       f'{model_config.head_dim} (use auto or xla)')
+  return kernel
+
+
+def pool_sharding(mesh, rules, shape) -> NamedSharding:
+  """One layer's kv_pages [num_pages, page_size, 2K, H] on the mesh: split over the kv heads like the attention
+  (the interleaved k/v pairs stay together), replicated where the kv heads do not divide."""
+  spec = jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes((None, None, 'act_kv_heads', None), rules))
+  if (shape[2] // 2) % math.prod(mesh.shape[a] for a in _axes(spec[2])):
+    spec = jax.sharding.PartitionSpec()
+  return NamedSharding(mesh, spec)
+
+
 def _forward_and_sample(model, rules, mesh, params, pool, tokens, positions, valid, table, last, settings, counts,
-                        next_tokens, *, page_size, num_pages, vocab_limit, num_logprobs, prompt_logprobs, sampled,
+                        next_tokens, *, page_size, num_pages, kernel, vocab_limit, num_logprobs, prompt_logprobs, sampled,
                         filtered, penalised):
   """One batch through the model over the page pool, then the sampler on each row's last token. Returns the
   updated pool and a dict of per-row results (and per-token prompt logprobs when prompt_logprobs >= 0)."""
   del penalised  # part of the compiled function's identity through `counts` being None or not
   context = activation_sharding(mesh, rules) if mesh is not None else _nothing()
   with context:
-    pages = PageTable(table, page_size, num_pages)
+    pages = PageTable(table, page_size, num_pages, kernel)
+    # every position's logits only when the prompt's logprobs are asked for; else the last token's alone
+    logits_at = None if prompt_logprobs >= 0 else last[:, None]
     logits, variables = model.apply({'params': params, 'cache': pool}, tokens, valid.astype(jnp.int32),
-                                    positions, pages, mutable=['cache'])
+                                    positions, pages, logits_at, mutable=['cache'])
   logits = logits.astype(jnp.float32)
-  final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B,V]
+  final = logits[:, 0] if logits_at is not None else jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   token, logprob, top_ids, top_logprobs = sample_rows(final, settings, counts, vocab_limit, num_logprobs,
                                                       sampled, filtered)
   out = dict(tokens=token, logprob=logprob, top_ids=top_ids, top_logprobs=top_logprobs)
