@@ -23,7 +23,8 @@ from llm_jax.objectives import preference
 from llm_jax.model import TransformerConfig, Transformer
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'llm_jax'
-JOBS = ('main', 'benchmark', 'dry_run', 'serve_dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs')
+JOBS = ('main', 'benchmark', 'dry_run', 'serve_dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs',
+        'serve', 'openai_server')
 # The import direction of docs/architecture.md, bottom first: a module imports only from its own layer or below
 # (arrows inside a layer are allowed, cycles never). Packages count by their top-level name.
 LAYERS = (
