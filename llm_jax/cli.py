@@ -13,6 +13,9 @@ What the user sees is the job's output and, when something is wrong, one line:
                  error: --config=experiments/nope.py: cannot load it: No such file or directory
                  error: --config=x.py: the file defines no get_config()
                  error: Unknown command line flag 'stepz'. Did you mean: steps ?
+  platforms    on a host without an accelerator, jax is held to the CPU before its backends start, so the CUDA
+               plugin and libtpu of the test extras print no traceback or complaint first (platforms.quiet_start;
+               nothing changes where JAX_PLATFORMS is set or a GPU or TPU is present)
 
 Anything else keeps its traceback: it is a bug. Flags stay defined by each job (at import for main and
 benchmark, inside `_main` for the others so tests can import every job together).
@@ -25,6 +28,7 @@ import re
 import sys
 from typing import Callable, Sequence
 
+from llm_jax import platforms
 from llm_jax.errors import exit_on_user_error
 
 _SUGGESTION = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
@@ -33,6 +37,7 @@ _SUGGESTION = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
 def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
   """absl's app.run with the handling above; `main(argv)` receives the arguments left after the flags."""
   from absl import app
+  platforms.quiet_start()
   app.run(_wrapped(main), argv=list(argv) if argv is not None else None, flags_parser=parse_flags)
 
 

@@ -95,7 +95,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.router_norm_topk = True  # ffn=moe: renormalise the k chosen routing weights to sum to 1 (Mixtral: always; Qwen2-MoE, OLMoE: their norm_topk_prob).
   c.model.router_aux_loss_coef = 0.01  # ffn=moe: coefficient of the load-balancing loss E * sum_i f_i P_i (Switch; HF's router_aux_loss_coef), logged as aux/moe_balance; 0 = off.
   c.model.router_z_loss_coef = 0.0  # ffn=moe: coefficient of the router z-loss, the mean of logsumexp(router logits)^2 (ST-MoE: 1e-3), logged as aux/router_z; 0 = off.
-  c.model.moe_compute = 'ragged'  # ffn=moe: ragged (dropless: tokens sorted by expert, jax.lax.ragged_dot grouped matmuls; under an expert mesh axis > 1 inside shard_map, tokens all-gathered over it and each device running its own experts) | dense (every expert on every token, one-hot combine: the reference).
+  c.model.moe_compute = 'ragged'  # ffn=moe: ragged (dropless: tokens sorted by expert, jax.lax.ragged_dot grouped matmuls; on a mesh always inside shard_map, each device routing its own tokens; under an expert mesh axis > 1 the tokens are all-gathered over it and each device runs its own experts) | dense (every expert on every token, one-hot combine: the reference).
   c.model.sliding_window = 0  # Sliding-window attention: each token sees itself and the previous sliding_window-1 tokens (Mistral); 0 = the whole context.
   c.model.norm_eps = 1e-5  # Epsilon of RMSNorm.
   c.model.tie_embeddings = False  # Share the token embedding with the output projection.

@@ -44,6 +44,7 @@ from lm_eval.api.registry import register_model
 from llm_jax import serving
 from llm_jax.errors import UserError
 from llm_jax import objectives
+from llm_jax import platforms
 from llm_jax import storage
 from llm_jax import workdir as workdir_lib
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -265,6 +266,7 @@ def _main():
                    output_path.value, step.value)
     print(json.dumps(output['results'], indent=2, sort_keys=True, default=str))
 
+  platforms.quiet_start()  # what cli.run does first (see llm_jax/platforms.py)
   app.run(main)
 
 

@@ -26,6 +26,7 @@ import re
 
 import jax
 
+from llm_jax import platforms
 from llm_jax.errors import UserError
 
 GIB = 1024 ** 3
@@ -133,6 +134,20 @@ def _require_plugin(target: Target) -> None:
                       f'pip install "jax[cuda12]=={jax.__version__}" (or the project extra: pip install -e ".[aot]")')
 
 
+def _compile_only_libtpu_environment(target: Target) -> None:
+  """Off a TPU VM, libtpu finds no metadata server and says so at length (`unexpected worker hostname`, `please set
+  env var TPU_ACCELERATOR_TYPE`) before a compile that needs none of it: tell it what it asks for, one host of the
+  target's generation (the compile-only topology, not these, decides the devices). A TPU VM's own environment is
+  left alone, and so is any of these the user set."""
+  if platforms.tpu_chips():
+    return
+  generation, count = target.name.split('-')
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{"v5litepod" if generation == "v5e" else generation}-{count}')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('TPU_WORKER_ID', '0')
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+
+
 @functools.cache
 def _devices(target: Target) -> tuple:
   from jax.experimental import topologies
@@ -141,6 +156,7 @@ def _devices(target: Target) -> tuple:
   # test worker, or training on this TPU VM may hold it).
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   if target.platform == 'tpu':
+    _compile_only_libtpu_environment(target)
     megacore = TPU_GENERATIONS[target.topology.split(':')[0]].cores_per_device == 2
     kwargs = dict(chip_config_name='megacore') if megacore else {}
     topology = topologies.get_topology_desc(topology_name=target.topology, platform='tpu', **kwargs)

@@ -108,9 +108,11 @@ def _microbatches(batch, accum: int):
 
 def make_train_step(config, model, optimizer, mesh=None, objective=None):
   """The pure step of `objective` (default: config.model.objective's, llm_jax.objectives). The loss is the
-  objective's total divided by its count over the whole step (target tokens, or pairs), so accumulating k
-  microbatches gives exactly the gradient of one step on the whole batch. Every metric the objective names is
-  returned with the same division (clm: `loss` is the cross-entropy, `z_loss` the z-loss term)."""
+  objective's total divided by its count over the whole step (target tokens, or pairs), plus the model's
+  auxiliary terms (MoE) divided by the step's real tokens (`objective.tokens`: a per-token mean under every
+  objective), so accumulating k microbatches gives exactly the gradient of one step on the whole batch. Every
+  metric the objective names is returned with the same division (clm: `loss` is the cross-entropy, `z_loss` the
+  z-loss term), the auxiliary terms as aux/<name>."""
   objective = objective or objectives.make(config)
   accum = config.train.grad_accum_steps
   skip_nonfinite = config.train.nonfinite == 'skip'
@@ -120,11 +122,11 @@ def make_train_step(config, model, optimizer, mesh=None, objective=None):
   def step(state: TrainState, batch):
     with runtime_lib.sharding_context(mesh, rules):
       batch = objective.prepare(batch, state.step)  # clm: as is; mlm: masking of (seed, step)
-      count = objective.count(batch)
+      count, tokens = objective.count(batch), objective.tokens(batch)
 
       def value(p, mb):  # (what is differentiated, the named metrics)
         out = objective.loss(model, p, mb, state.reference)
-        return out.total / count, {name: v / count for name, v in out.metrics.items()}
+        return out.value(count, tokens), out.step_metrics(count, tokens)
 
       grad_fn = jax.value_and_grad(value, has_aux=True)
       if accum == 1:

@@ -90,11 +90,12 @@ def test_cjk_corpus_with_a_small_vocabulary_prepares_and_round_trips(cjk):
     assert tok.unk_id not in ids
     assert tok.decode(ids) == text
 
-  # Coverage: the share of the tokenizer sample's characters (here all train text) that the 2048 - 260 most
-  # frequent characters make up, counted here (a space is U+2581 to SentencePiece; spaces are frequent here).
+  # Coverage: the share of the tokenizer sample's characters (here all train text, newlines included) that the
+  # 2048 - 260 most frequent characters make up, counted here (a space is U+2581 to SentencePiece; spaces are
+  # frequent here).
   info = index['tokenizer']
   train_docs = [d for d in _documents_in_shards(cjk['directory'], index, 'train')]
-  counts = collections.Counter(''.join(line for d in train_docs for line in d.split('\n') if line.strip()))
+  counts = collections.Counter(''.join(train_docs))
   top = sorted(counts.values(), reverse=True)[:2048 - tokenizer_lib.RESERVED_PIECES]
   assert info['character_coverage_setting'] == 'auto'
   assert info['character_coverage'] == pytest.approx(sum(top) / sum(counts.values()), rel=1e-9)

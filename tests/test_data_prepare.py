@@ -122,6 +122,21 @@ def test_index_and_workdir_tokenizer(corpus):
       assert os.path.getsize(os.path.join(directory, shard['file'])) == 2 * shard['num_tokens']
 
 
+def test_a_newline_is_a_piece_not_a_byte(corpus):
+  """The tokenizer is trained on runs of lines with their newlines: a newline has a piece (it used to be spelled
+  as the byte <0x0A> everywhere, the trainer having seen single lines only)."""
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(corpus['directory'], 'tokenizer.model'))
+  newline_byte = sp.piece_to_id('<0x0A>')
+  assert sp.piece_to_id('\n') not in (sp.unk_id(), newline_byte)
+  text = 'alpha beta\n    gamma delta\n\n        river stone\n'
+  ids = sp.encode(text)
+  assert sp.decode(ids) == text and newline_byte not in ids
+  for role in ('train', 'validation'):
+    stream = np.concatenate(preparation.read_split_tokens(corpus['directory'], corpus['index'], role))
+    assert newline_byte not in stream, role  # no newline of the corpus is a byte
+
+
 def test_unigram_entropy_matches_a_direct_computation(corpus):
   index, directory = corpus['index'], corpus['directory']
   train = np.concatenate(preparation.read_split_tokens(directory, index, 'train')).tolist()

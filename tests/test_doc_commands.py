@@ -73,6 +73,9 @@ def _job_flags(module: str) -> set:
   if module == 'llm_jax.benchmark':
     files.append('llm_jax/data/benchmark_input.py')
   names = set(ABSL_FLAGS)
+  if module == 'llm_jax.serve':  # its engine flags are made from EngineConfig's fields
+    from llm_jax import serve
+    names |= {name for name, *_ in serve.engine_fields()}
   for name in files:
     with open(os.path.join(REPO, name), encoding='utf-8') as f:
       source = f.read()
@@ -132,7 +135,14 @@ def test_command_names_real_modules_flags_and_fields(path, command):
 
 CHAIN = 'test_doc_commands.py::test_finetune_chain_runs_as_written'
 NOT_RUN = 'not run here: '
+SERVE = 'test_serve.py::test_models_health_and_greedy_completions_equal_the_in_process_engine'
 COVERAGE = [  # (pattern searched in the command, the test that runs it or why none can)
+    (r'serve --workdir=W( --port=8000| --model_name=W|)$', SERVE),
+    (r'serve --workdir=W --host=0\.0\.0\.0 ',  # engine flags too (--max_seqs, --max_queue)
+     'test_serve.py::test_queue_full_is_429_and_sigterm_finishes_running_requests_then_exits_0'),
+    (r'main --config=experiments/moe_tiny\.py --workdir=/tmp/pre ', 'test_moe.py::test_aux_terms_are_a_mean_per_token_under_every_objective'),
+    (r'main --config=experiments/dpo_tiny\.py --workdir=/tmp/dpo --config\.train\.init_from=/tmp/pre ',
+     'test_moe.py::test_aux_terms_are_a_mean_per_token_under_every_objective'),  # the DPO objective on MoE rows
     (r'main --config=experiments/tiny\.py --workdir=/tmp/tiny$', CHAIN),
     (r'main --config=experiments/sft_tiny\.py --workdir=W2 --config\.train\.init_from=W$', CHAIN),
     (r'main --config=experiments/dpo_tiny\.py --workdir=W5 --config\.train\.init_from=W$', CHAIN),
@@ -168,7 +178,7 @@ COVERAGE = [  # (pattern searched in the command, the test that runs it or why n
     (r'experiments/(125m|1b|7b|lm1b|llama3_8b|llama3_2_1b|mixtral_8x7b)\.py',
      NOT_RUN + 'a preset too large for the test machine (fields and flags checked above)'),
     (r'gs://|s3://', NOT_RUN + 'needs a bucket; the same jobs against emulators: test_object_store.py'),
-    (r'/models/|/runs/|/data/|llama_dir|--hf_dir=D |chat/\*|/tmp/sft_run|experiments/imported\.py',
+    (r'/models/|/runs/|/data/|llama_dir|--hf_dir=(D|Llama-3\.2-1B-Instruct) |chat/\*|/tmp/sft_run|experiments/imported\.py',
      NOT_RUN + "needs the user's data or downloaded weights (from_hf on random models: test_convert.py)"),
     (r'harness --workdir=W', NOT_RUN + 'downloads benchmark data; the job on a local task: test_harness.py::'
      'test_cli_prints_the_results_and_importing_train_needs_no_lm_eval'),
@@ -218,7 +228,10 @@ def as_written(command, workdirs, *extra):
 
 
 def run(argv, timeout=600):
+  # as a user runs them: one CPU device, not the suite's 8 fake ones (the presets' batches are sized for a laptop)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if not f.startswith('--xla_force_host_platform_device_count'))
   result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, f'{" ".join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}'
   return result.stdout

@@ -17,7 +17,7 @@ DOCS = os.path.join(REPO, 'docs')
 FIX = 'run `python -m llm_jax.config_docs` and commit docs/'
 
 CLI_MODULES = ['llm_jax.main', 'llm_jax.plot', 'llm_jax.config_docs', 'llm_jax.data.prepare', 'llm_jax.generate',
-               'llm_jax.evaluate', 'llm_jax.convert', 'llm_jax.benchmark', 'llm_jax.serve_dry_run']
+               'llm_jax.evaluate', 'llm_jax.convert', 'llm_jax.benchmark', 'llm_jax.serve_dry_run', 'llm_jax.serve']
 
 
 def test_configuration_reference_is_current():
@@ -108,7 +108,7 @@ def test_every_cli_answers_help_listing_its_flags():
 
 
 HOWTOS = ['architecture', 'configuration', 'pretrain', 'resume', 'finetune', 'convert', 'generate', 'evaluate',
-          'benchmark', 'multihost']
+          'benchmark', 'multihost', 'serving']
 
 
 def test_every_howto_exists_and_its_local_links_resolve():

@@ -23,7 +23,8 @@ from llm_jax.objectives import preference
 from llm_jax.model import TransformerConfig, Transformer
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'llm_jax'
-JOBS = ('main', 'benchmark', 'dry_run', 'serve_dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs')
+JOBS = ('main', 'benchmark', 'dry_run', 'serve_dry_run', 'generate', 'evaluate', 'convert', 'plot', 'config_docs',
+        'serve', 'openai_server')
 # The import direction of docs/architecture.md, bottom first: a module imports only from its own layer or below
 # (arrows inside a layer are allowed, cycles never). Packages count by their top-level name.
 LAYERS = (
@@ -31,7 +32,7 @@ LAYERS = (
     ('storage',),  # the path layer
     ('config',),
     ('model', 'data', 'objectives', 'families', 'optim', 'checkpoint', 'metrics', 'sharding', 'targets',
-     'hlo_analysis', 'profiling', 'xla_options', 'decoding', 'text_metrics', 'tracking', 'lora_io', 'cli'),
+     'hlo_analysis', 'profiling', 'xla_options', 'decoding', 'text_metrics', 'tracking', 'lora_io', 'platforms', 'cli'),
     ('validation',),  # calls every part's check_config
     ('runtime', 'tasks'),
     ('workdir',),

@@ -89,12 +89,34 @@ def test_ragged_equals_dense_reference_loss_and_gradients():
   params = nn_unbox(ragged.init(jax.random.key(0), batch['inputs'])['params'])
 
   def value(model):
-    return jax.jit(jax.value_and_grad(lambda p: objective.loss(model, p, batch).total))(params)
+    count, tokens = objective.count(batch), objective.tokens(batch)
+    return jax.jit(jax.value_and_grad(lambda p: objective.loss(model, p, batch).value(count, tokens)))(params)
 
   (loss_r, grad_r), (loss_d, grad_d) = value(ragged), value(dense)
   np.testing.assert_allclose(loss_r, loss_d, rtol=TOL)
   for a, b in zip(jax.tree.leaves(grad_r), jax.tree.leaves(grad_d)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=TOL * float(np.abs(b).max()))
+
+
+def _terms_by_hand(model, params, batch, k=2):
+  """(balance, z) from the routers' own logits (unscanned model), in float64 over the real tokens, mean over
+  layers: E * sum_i f_i P_i and the mean of logsumexp(logits)^2."""
+  captured = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                         capture_intermediates=lambda mdl, _: mdl.name == 'router', mutable=['intermediates'])[1]
+  layers = sorted(name for name in captured['intermediates'] if name.startswith('layers_'))
+  real = np.asarray(batch['segment_ids']).reshape(-1) > 0
+  balance, z = [], []
+  for name in layers:
+    logits = np.asarray(captured['intermediates'][name]['mlp']['router']['__call__'][0], np.float64)[real]
+    num_experts = logits.shape[-1]
+    top_logit = logits.max(-1, keepdims=True)
+    log_z = top_logit[:, 0] + np.log(np.exp(logits - top_logit).sum(-1))
+    probs = np.exp(logits - log_z[:, None])
+    top = np.argsort(-probs, axis=-1)[:, :k]
+    f = np.array([(top == e).sum() for e in range(num_experts)]) / len(logits)
+    balance.append(num_experts * np.sum(f * probs.mean(0)))
+    z.append(np.mean(log_z ** 2))
+  return np.mean(balance), np.mean(z)
 
 
 def test_balance_loss_formula_and_its_balanced_value():
@@ -104,25 +126,59 @@ def test_balance_loss_formula_and_its_balanced_value():
   out = objectives.make(c).loss(model, params, batch)
   tokens = float(jnp.sum(batch['segment_ids'] > 0))
   # by hand from the routers' own logits: E * sum_i f_i P_i over the real tokens, mean over layers, times coef
-  captured = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
-                         capture_intermediates=lambda mdl, _: mdl.name == 'router', mutable=['intermediates'])[1]
-  x = [np.asarray(captured['intermediates'][f'layers_{i}']['mlp']['router']['__call__'][0]) for i in range(2)]
-  real = np.asarray(batch['segment_ids']).reshape(-1) > 0
-  terms = []
-  for logits in x:  # [L, N, E]
-    logits = logits[real]
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    top = np.argsort(-probs, axis=-1)[:, :2]
-    f = np.array([(top == e).sum() for e in range(4)]) / len(logits)
-    terms.append(4 * np.sum(f * probs.mean(0)))
-  np.testing.assert_allclose(out.metrics['aux/moe_balance'] / tokens, 0.01 * np.mean(terms), rtol=1e-5)
-  # the door adds it to the differentiated total
-  np.testing.assert_allclose(out.total, out.metrics['loss'] + out.metrics['aux/moe_balance'], rtol=1e-6)
+  balance, _ = _terms_by_hand(model, params, batch)
+  np.testing.assert_allclose(out.aux['moe_balance'] / tokens, 0.01 * balance, rtol=1e-5)
+  # the door adds it to the differentiated value, divided by the real tokens (as the step does)
+  np.testing.assert_allclose(out.value(1.0, tokens), out.metrics['loss'] + 0.01 * balance, rtol=1e-6)
   # a router that cannot tell experts apart (zero weights: uniform probabilities) gives exactly k
   r, _, load = moe.balance_terms(jnp.zeros((6, 4)), jnp.full((6, 4), 0.25), jnp.array([[0, 1], [2, 3]] * 3),
                                  jnp.ones(6))
   assert float(r) == pytest.approx(2.0) and np.allclose(load, 0.25)
+
+
+def _pair_rows(rows=2, seq=16, seed=3):
+  """Preference rows written by hand in the layout of llm_jax.objectives.preference: pair k of a row is segments
+  2k-1 (prompt + chosen) and 2k (prompt + rejected), the loss mask on the completion targets, padding at the end.
+  Two pairs a row, of 4 + 3 positions each: 14 real tokens and 6 answer targets a row."""
+  tokens = np.asarray(jax.random.randint(jax.random.key(seed), (rows, seq + 1), 3, 64))
+  segments, positions, mask = (np.zeros((rows, seq), dtype) for dtype in (np.int32, np.int32, np.float32))
+  for r in range(rows):
+    start = 0
+    for segment, (length, answer) in enumerate([(4, 2), (3, 1), (4, 2), (3, 1)], start=1):
+      segments[r, start:start + length] = segment
+      positions[r, start:start + length] = np.arange(length)
+      mask[r, start + length - answer:start + length] = 1
+      start += length
+  return dict(inputs=jnp.asarray(tokens[:, :-1]), targets=jnp.asarray(tokens[:, 1:]), segment_ids=jnp.asarray(segments),
+              positions=jnp.asarray(positions), loss_mask=jnp.asarray(mask))
+
+
+@pytest.mark.slow  # three train steps compiled
+def test_aux_terms_are_a_mean_per_token_under_every_objective():
+  """The train step divides the sown terms by the step's real tokens whatever the objective divides its loss by
+  (on these rows: clm/SFT its 12 answer targets, mlm its masked positions, dpo its 4 pairs): under each objective
+  aux/moe_balance and aux/router_z are coef * the per-token terms computed by hand from the routers' logits on the
+  tokens the step saw, so a coefficient weighs as much under DPO as under pre-training (divided by DPO's pairs,
+  the old normalisation, the balance term would be 28 / 4 = 7 times larger)."""
+  from llm_jax import optim, train
+  batch = _pair_rows()
+  tokens = float(np.sum(batch['segment_ids'] > 0))
+  seen, state = {}, None
+  for objective in ('dpo', 'clm', 'mlm'):
+    c = _config(scan_layers=False, attention='xla', objective=objective, router_z_loss_coef=1e-3)
+    model, optimizer = _model(c), optim.make_optimizer(c.train)
+    if state is None:  # dpo's: the same parameters with the frozen copy of them as the reference
+      state = jax.jit(lambda key: nn_unbox(train.state_init_fn(c, model, optimizer)(key)))(jax.random.key(0))
+    step = jax.jit(train.make_train_step(c, model, optimizer))
+    _, metrics = step(state if objective == 'dpo' else state.replace(reference=None), batch)
+    prepared = objectives.make(c).prepare(batch, 0)  # mlm: the masked inputs the step's model saw
+    balance, z = _terms_by_hand(model, state.params, prepared)
+    np.testing.assert_allclose(metrics['aux/moe_balance'], 0.01 * balance, rtol=1e-5, err_msg=objective)
+    np.testing.assert_allclose(metrics['aux/router_z'], 1e-3 * z, rtol=1e-5, err_msg=objective)
+    assert float(metrics['target_tokens']) < tokens / 2, objective  # the objective's own count is another number
+    seen[objective] = float(metrics['aux/moe_balance'])
+  assert seen['clm'] == pytest.approx(seen['dpo'], rel=1e-6)  # the same tokens, the same term
+  assert 0.01 * 1.9 < seen['dpo'] < 0.01 * 2.5  # k = 2 for balanced routing, from an initial router near it
 
 
 @pytest.mark.slow
@@ -136,8 +192,9 @@ def test_scanned_and_unrolled_moe_give_the_same_loss_and_aux_terms():
   params['layers'] = layers
   objective = objectives.make(c)
   a, b = objective.loss(scanned, params, batch), objective.loss(unrolled, unrolled_params, batch)
-  for name in ('loss', 'aux/moe_balance', 'aux/router_z'):
-    np.testing.assert_allclose(a.metrics[name], b.metrics[name], rtol=1e-5)
+  np.testing.assert_allclose(a.metrics['loss'], b.metrics['loss'], rtol=1e-5)
+  for name in ('moe_balance', 'router_z'):
+    np.testing.assert_allclose(a.aux[name], b.aux[name], rtol=1e-5)
   load = moe.expert_load(scanned, params, batch)
   assert load.shape == (2, 4) and np.allclose(np.sum(load, axis=1), 1.0, atol=1e-6)
 

@@ -204,11 +204,17 @@ def test_sown_auxiliary_terms_join_the_loss_and_the_metrics():
   batch = batch_of('synthetic', tiny_config(model=dict(vocab_size=16)), 0)
   params = jax.jit(lambda key: model.init(key, batch['inputs'])['params'])(jax.random.key(0))  # jitted: one compile
   objective = objectives.make(config)
-  total, metrics = jax.jit(lambda p: dataclasses.astuple(objective.loss(model, p, batch)))(params)
+  total, metrics, aux = jax.jit(lambda p: dataclasses.astuple(objective.loss(model, p, batch)))(params)
   x = params['Embed_0']['embedding'][batch['inputs']]
-  np.testing.assert_allclose(metrics['aux/balance'], 0.5 * jnp.sum(jnp.square(x)), rtol=1e-6)
-  np.testing.assert_allclose(total, metrics['loss'] + metrics['aux/balance'], rtol=1e-6)
-  grad = jax.jit(jax.grad(lambda p: objective.loss(model, p, batch).total))(params)
+  np.testing.assert_allclose(aux['balance'], 0.5 * jnp.sum(jnp.square(x)), rtol=1e-6)
+  np.testing.assert_allclose(total, metrics['loss'], rtol=1e-6)
+  # the step divides the objective's sums by its count, the sown terms by the step's real tokens
+  out = objective.loss(model, params, batch)
+  count, tokens = objective.count(batch), objective.tokens(batch)
+  assert float(tokens) == np.sum(batch['segment_ids'] > 0) != float(count)
+  np.testing.assert_allclose(out.value(count, tokens), total / count + aux['balance'] / tokens, rtol=1e-6)
+  np.testing.assert_allclose(out.step_metrics(count, tokens)['aux/balance'], aux['balance'] / tokens, rtol=1e-6)
+  grad = jax.jit(jax.grad(lambda p: objective.loss(model, p, batch).value(1.0, 1.0)))(params)
   plain = jax.jit(jax.grad(lambda p: loss_sum(p, batch, model)))(params)
   # the term's gradient, 2 * 0.5 * x per use of an embedding row, is added to the cross-entropy's
   expected = plain['Embed_0']['embedding'] + jnp.zeros_like(plain['Embed_0']['embedding']).at[

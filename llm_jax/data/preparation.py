@@ -63,6 +63,7 @@ TOKENIZER_FILE = 'tokenizer.model'  # the SentencePiece name; index.json's token
 SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MiB of uint16)
 TOKENIZER_SAMPLE_CHARS_MIN = 8_000_000  # characters of cleaned train text the tokenizer is trained on, at least,
 TOKENIZER_SAMPLE_CHARS_PER_PIECE = 1_000  # and this many per piece of the vocabulary (32M for a 32k vocabulary)
+TOKENIZER_SAMPLE_SENTENCE_CHARS = 2_000  # the sample is given to the trainer as runs of lines up to this long
 
 
 class PrepareError(UserError, ValueError):
@@ -239,11 +240,14 @@ def tokenizer_sample_chars(vocab_size: int) -> int:
 
 
 def _tokenizer_sample(config) -> list[str]:
-  """Non-empty lines of the first `tokenizer_sample_chars` characters of cleaned, kept train documents (of any
-  role when no train document exists: a single file whose key hashes into validation is held out by tokens)."""
+  """The first `tokenizer_sample_chars` characters of cleaned, kept train documents (of any role when no train
+  document exists: a single file whose key hashes into validation is held out by tokens), as runs of whole lines
+  of at most TOKENIZER_SAMPLE_SENTENCE_CHARS characters with their newlines kept: the tokenizer then learns
+  pieces for a newline and what goes with it (`):\n`, a newline and the next line's indentation), where a sample of
+  single lines would leave every newline spelled as a byte."""
   wanted = tokenizer_sample_chars(config.model.vocab_size)
   filters = cleaning.Filters(cleaning.filter_names(config))
-  lines = {role: [] for role in sources.ROLES}
+  sentences = {role: [] for role in sources.ROLES}
   total = dict.fromkeys(sources.ROLES, 0)
   for doc in sources.read_documents(config):
     if total[doc.role] >= wanted:
@@ -251,11 +255,25 @@ def _tokenizer_sample(config) -> list[str]:
     text = sources.clean(doc.text)
     if len(text) < config.data.min_doc_chars or filters.rejection(text):
       continue
-    lines[doc.role].extend(line for line in text.split('\n') if line.strip())
+    sentences[doc.role].extend(_line_runs(text, TOKENIZER_SAMPLE_SENTENCE_CHARS))
     total[doc.role] += len(text)
     if total['train'] >= wanted:
       break
-  return lines['train'] or lines['validation']
+  return sentences['train'] or sentences['validation']
+
+
+def _line_runs(text: str, limit: int) -> list[str]:
+  """`text` cut after newlines into runs of at most `limit` characters (a longer line is a run of its own)."""
+  runs, current = [], ''
+  lines = text.split('\n')
+  for line in [line + '\n' for line in lines[:-1]] + lines[-1:]:
+    if current and len(current) + len(line) > limit:
+      runs.append(current)
+      current = ''
+    current += line
+  if current.strip():
+    runs.append(current)
+  return [run for run in runs if run.strip()]
 
 
 def _obtain_tokenizer(config, staging: str) -> tuple[tokenizer_lib.Tokenizer, dict]:

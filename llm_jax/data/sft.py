@@ -137,9 +137,15 @@ def render(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[bool]]:
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
   """Tokens a generation starts from for a single-turn prompt: user turn + assistant header (the tokenizer's chat
   template when it has one)."""
+  return encode_chat_prompt(tokenizer, [dict(role='user', content=prompt)])
+
+
+def encode_chat_prompt(tokenizer, messages: Sequence[dict]) -> list[int]:
+  """Tokens a generation starts from for a conversation (the OpenAI server's chat endpoint): the messages and the
+  assistant header, under the tokenizer's chat template when it has one, else the built-in template."""
   if getattr(tokenizer, 'chat_template', None):
-    return chat_template.prompt_tokens(tokenizer, [dict(role='user', content=prompt)])
-  tokens, _ = render(tokenizer, [dict(role='user', content=prompt)])
+    return chat_template.prompt_tokens(tokenizer, messages)
+  tokens, _ = render(tokenizer, messages)
   return tokens + tokenizer.encode('<|assistant|>\n')
 
 

@@ -37,7 +37,14 @@ Reserved ids, the same for every tokenizer this module trains:
 
 followed by the 256 byte pieces '<0x00>'..'<0xFF>' and then the learned pieces. Trained tokenizers are lossless
 on cleaned text: no normalisation, no dummy prefix, whitespace kept (runs of spaces become pieces, so Python
-indentation is cheap), so `decode(encode(s)) == s`.
+indentation is cheap), so `decode(encode(s)) == s`. Preparation trains them on runs of whole lines with their
+newlines (preparation._tokenizer_sample), so a newline has a piece and merges with what ends a line (`:\n`, `)\n`,
+`\n\n`); trained on single lines, as before 2026-12-04, the trainer never saw one and every newline was the byte
+<0x0A>. Pieces stay cut at spaces (SentencePiece's split_by_whitespace): a newline cannot merge with the
+indentation after it (SentencePiece lets no piece but an all-space one end in a space), and the indentation is
+a piece of its own. On the README's corpus (the stdlib, vocabulary 2,048, the tiny preset's 600 steps): 0.340
+tokens per byte and 1.58 bits per byte, against 0.357 and 1.61 with the single-line sample; pieces spanning
+spaces (split_by_whitespace=False) gave 0.318 tokens per byte but 1.66 bits per byte, byte_bpe 0.325 and 1.63.
 
 Character coverage (SentencePiece, config.data.tokenizer_character_coverage). Every character among the most
 frequent ones that together make up `coverage` of the sample's characters gets a piece of its own; the rest are

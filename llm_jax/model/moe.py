@@ -18,11 +18,16 @@ Compute is dropless: every (token, expert) assignment is evaluated, none is drop
   dense   the reference: every expert on every token (einsums), combined with a one-hot [N,E] weight matrix.
           E/k times the work; the tests compare ragged against it.
 
-Expert parallelism (ragged, under a mesh whose 'expert' axes split the experts; `expert_parallel_experts`):
-XLA's partitioner does not turn a sharded ragged_dot into a dispatch (Mixtral on v5p-64 compiled to 19 x the
-active matmuls), so the experts run inside shard_map, Megatron's "allgather" dispatcher: the tokens and their
-routing are all-gathered over the expert axes, each device runs its own experts' grouped matmuls on the tokens
-routed to them, and a psum_scatter brings each token's sum back to its device. Chosen over an all-to-all because
+On a mesh (the step's activation-sharding context) the routing and the ragged experts always run inside
+shard_map over the batch shards (`route_tokens`, `sharded_experts`): left to XLA's partitioner, the top_k and the
+argsort over a sharded token axis are all-gathered, and every device routes and multiplies every token (8 x the
+work on 8 data-parallel devices); a sharded ragged_dot is not turned into a dispatch either (Mixtral on v5p-64
+compiled to 19 x the active matmuls). With the experts whole on each device (mesh.expert=1, the default) that is
+a local grouped matmul per data shard. A token count that does not divide the shards is padded with zero rows.
+
+Expert parallelism (an 'expert' mesh axis > 1 splits the experts): Megatron's "allgather" dispatcher: the tokens
+and their routing are all-gathered over the expert axes, each device runs its own experts' grouped matmuls on the
+tokens routed to them, and a psum_scatter brings each token's sum back to its device. Chosen over an all-to-all because
 a dropless dispatch must be static-shaped for the worst case (every token of the group on one device's experts):
   - jax.lax.ragged_all_to_all moves only the routed rows, but its receive buffer has that worst-case size all the
     same, and XLA:CPU does not implement it (jax 0.10.2), so the 8-fake-device tests could not run it;
@@ -33,8 +38,10 @@ ragged_dot kernel skips the tiles past the routed rows, its weight gradient (a c
 on Mixtral 8x7B / v5p-64 in docs/moe.md.
 
 Auxiliary losses go out through the objectives' door (`sow('aux_loss', ...)`, llm_jax.objectives.base), each a
-sum over the batch's real tokens (segment id > 0) so that the step's division by its token count makes it a mean,
-and divided by num_layers so the terms of all layers add up to their mean over layers:
+sum over the batch's real tokens (segment id > 0), which the step divides by the real tokens of the whole step
+whatever the objective divides its own loss by (pairs under DPO): a mean per token, so a coefficient means the
+same under every objective. Each is divided by num_layers so the terms of all layers add up to their mean over
+layers:
 
     moe_balance  router_aux_loss_coef * E * sum_i f_i * P_i   (Switch Transformer eq. 4-6, HF's normalisation:
                  f_i = top-k assignments to expert i per token (sums to k), P_i = mean router probability of i;
@@ -77,6 +84,21 @@ def route(logits: jax.Array, k: int, norm_topk: bool) -> tuple[jax.Array, jax.Ar
   return weights, experts.astype(jnp.int32), probs
 
 
+def route_tokens(logits: jax.Array, k: int, norm_topk: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`route`, per token where each token is: under a mesh inside shard_map over the batch shards (XLA's
+  partitioner all-gathers a top_k over a sharded token axis, so every device would route every token)."""
+  context = active()
+  if context is None:
+    return route(logits, k, norm_topk)
+  mesh, rules = context
+  batch = _sized(mesh, _mesh_axes(rules)[0])
+  spec = P(batch or None, None)
+  logits, n = _pad_tokens(mesh, batch, logits)
+  routed = jax.shard_map(lambda l: route(l, k, norm_topk), mesh=mesh, in_specs=(spec,), out_specs=(spec,) * 3)(
+      logits)
+  return tuple(a[:n] for a in routed)
+
+
 def balance_terms(logits, probs, experts, real) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(E * sum_i f_i P_i, mean logsumexp^2, load f_i / k [E]) over the real tokens (`real` [N] float32)."""
   num_experts, k = probs.shape[-1], experts.shape[-1]
@@ -94,24 +116,15 @@ def balance_terms(logits, probs, experts, real) -> tuple[jax.Array, jax.Array, j
 def ragged_experts(x, experts, weights, gate, up, down):
   """Dropless grouped matmuls. x [N,D], experts/weights [N,k], gate/up [E,D,F], down [E,F,D] -> [N,D] float32.
 
-  Under a mesh whose expert axis splits the experts (the step's `activation_sharding` context), the experts run
-  inside shard_map: `expert_parallel_experts`. Otherwise (no mesh, expert axis 1) all of them run here."""
+  Under a mesh (the step's `activation_sharding` context) they always run inside shard_map, each device on its
+  own tokens: `sharded_experts`. Without one, every expert runs here on every token routed to it."""
   context = active()
-  if context is not None and _expert_parallel_fits(context, x.shape[0], gate.shape[0]):
-    return expert_parallel_experts(x, experts, weights, gate, up, down, *context)
-  n, k = experts.shape
-  flat = experts.reshape(-1)  # [N*k] assignment a = token a // k
-  order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)  # [E] rows of each group
-  xs = x[order // k]  # [N*k, D]
-  h = nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-  ys = jax.lax.ragged_dot(h, down, sizes)  # [N*k, D], sorted
-  ys = ys[jnp.argsort(order)].reshape(n, k, -1)  # back to token order: a gather, no scatter in the gradient
-  # the combine is elementwise (not a dot): FLOPs count weights in matmuls (llm_jax.metrics)
-  return jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1)
+  if context is not None:
+    return sharded_experts(x, experts, weights, gate, up, down, *context)
+  return _local_experts(x, experts, weights, gate, up, down, 0)
 
 
-def _expert_parallel_axes(rules):
+def _mesh_axes(rules):
   """(batch axes, expert axes, embed axes, expert_mlp axes) of the rules table: mesh axis tuples, () for none."""
   def axes(name):
     spec = nn.logical_to_mesh_axes((name,), rules)[0]
@@ -119,19 +132,24 @@ def _expert_parallel_axes(rules):
   return axes('act_batch'), axes('expert'), axes('embed'), axes('expert_mlp')
 
 
-def _expert_parallel_fits(context, tokens: int, num_experts: int) -> bool:
-  """Whether the shard_map dispatch applies: the experts split over more than one device, over mesh axes that
-  also split the tokens (so a gather over them brings every token to every expert), and whole shards."""
-  mesh, rules = context
-  batch, expert, _, _ = _expert_parallel_axes(rules)
-  ep = math.prod(mesh.shape[a] for a in expert)
-  shards = math.prod(mesh.shape[a] for a in batch)
-  return ep > 1 and set(expert) <= set(batch) and tokens % shards == 0 and num_experts % ep == 0
+def _sized(mesh, axes) -> tuple:
+  """The axes of `axes` larger than 1 (a size-1 axis shards nothing and its collectives are no-ops)."""
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def _pad_tokens(mesh, batch_axes, *arrays):
+  """(arrays padded with zero rows to a multiple of the batch shards, the original row count): a token count that
+  does not divide the shards (a scoring batch of 1 on 8 devices) is padded, never replicated."""
+  n = arrays[0].shape[0]
+  pad = -n % math.prod(mesh.shape[a] for a in batch_axes)
+  if pad:
+    arrays = tuple(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in arrays)
+  return (*arrays, n)
 
 
 def _first_local_expert(expert_axes, local_experts: int):
   """The global index of this device's first expert, inside shard_map (its shard along the expert axes)."""
-  return jax.lax.axis_index(expert_axes) * local_experts
+  return jax.lax.axis_index(expert_axes) * local_experts if expert_axes else 0
 
 
 def _local_experts(x, experts, weights, gate, up, down, first):
@@ -139,55 +157,72 @@ def _local_experts(x, experts, weights, gate, up, down, first):
   x [M,D] (routed to experts/weights [M,k]) -> [M,D] float32; zero from experts held elsewhere.
 
   A token picks an expert at most once, so at most M * min(k, e) assignments are local: the grouped matmuls run on
-  that many rows (dropless, static-shaped), the local ones first, grouped by expert; rows past them are zero."""
+  that many rows (dropless, static-shaped), the local ones first, grouped by expert. The rows past the routed ones
+  belong to no group, and ragged_dot leaves them unspecified (a backend may leave whatever the buffer held): they
+  are selected away with jnp.where on the way in (so their input gradients cannot reach x) and on the way out."""
   m, k = experts.shape
   local_count = gate.shape[0]
   local = experts.reshape(-1) - first
   mine = (local >= 0) & (local < local_count)
   key = jnp.where(mine, local, local_count)  # the experts held elsewhere sort last, as one group
-  order = jnp.argsort(key, stable=True)  # [M*k]
+  order = jnp.argsort(key, stable=True)  # [M*k] assignment a = token a // k
   sizes = jnp.bincount(key, length=local_count + 1)[:local_count].astype(jnp.int32)
   rows = m * min(k, local_count)
-  xs = x[order[:rows] // k]  # [rows, D]
+  routed = (jnp.arange(rows) < jnp.sum(sizes))[:, None]  # [rows, 1]
+  xs = jnp.where(routed, x[order[:rows] // k], 0)  # [rows, D]
   h = nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-  ys = jax.lax.ragged_dot(h, down, sizes)  # [rows, D]; rows past sum(sizes) are zero
+  ys = jnp.where(routed, jax.lax.ragged_dot(h, down, sizes), 0)  # [rows, D]
   ys = jnp.pad(ys, ((0, m * k - rows), (0, 0)))[jnp.argsort(order)].reshape(m, k, -1)  # token order (a gather)
   weights = jnp.where(mine.reshape(m, k), weights, 0.0)
+  # the combine is elementwise (not a dot): FLOPs count weights in matmuls (llm_jax.metrics)
   return jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1)
 
 
-def expert_parallel_experts(x, experts, weights, gate, up, down, mesh, rules):
-  """`ragged_experts` over a mesh, inside shard_map (Megatron's "allgather" token dispatcher):
+def sharded_experts(x, experts, weights, gate, up, down, mesh, rules):
+  """`ragged_experts` over a mesh, inside shard_map: each device starts from its own tokens and their routing (the
+  token axis split over the mesh axes of 'act_batch', as `route_tokens` left them), nothing gathered across the
+  batch beyond what expert parallelism needs:
 
     1. FSDP: each device all-gathers its experts' weights over the mesh axes of 'embed' (their transpose
        reduce-scatters the gradients back);
-    2. dispatch: the tokens with their routing are all-gathered over the expert axes, so each device sees every
-       token of its group of expert shards, and runs its own experts on the ones routed there (`_local_experts`);
-    3. combine: a psum_scatter over the expert axes sums each token's contributions and hands every device back
-       its own tokens; a psum over the 'expert_mlp' axes (tensor) sums the partial products of the split FFN width.
+    2. dispatch (Megatron's "allgather" token dispatcher), only where the experts are split (the 'expert' rule's
+       axes larger than 1): the tokens with their routing are all-gathered over those of the expert axes that
+       also split the batch, so each device sees every token of its group of expert shards, and runs its own
+       experts on the ones routed there (`_local_experts`);
+    3. combine: a psum_scatter over the same axes sums each token's contributions and hands every device back its
+       own tokens; a psum over expert axes that do not split the batch (the tokens were already there) and over
+       the 'expert_mlp' axes (tensor: partial products of the split FFN width).
 
-  Each assignment is computed once, by the device that holds its expert: the same function as the single-device
-  path, up to the order of float32 sums."""
-  batch, expert, embed, mlp = _expert_parallel_axes(rules)
-  local_count = gate.shape[0] // math.prod(mesh.shape[a] for a in expert)
-  sized = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)  # collectives over size-1 axes are no-ops
-  embed, mlp = sized(embed), sized(mlp)
+  With the experts whole on every device (mesh.expert=1, the default) step 2 and 3 vanish: a local grouped matmul
+  per data shard, no collective beyond FSDP's. A token count that does not divide the batch shards (a scoring
+  batch of 1 on 8 devices) is padded with zero-weight rows, never replicated. Each assignment is computed once,
+  by the device that holds its expert: the single-device function up to the order of float32 sums."""
+  batch, expert, embed, mlp = (_sized(mesh, axes) for axes in _mesh_axes(rules))
+  num_experts, ep = gate.shape[0], math.prod(mesh.shape[a] for a in expert)
+  if num_experts % ep:  # config.check_run refuses this first (model.num_experts over the 'expert' rule)
+    fail('model.num_experts', f'{num_experts} experts do not split over mesh axes {"*".join(expert)} = {ep} devices')
+  local_count = num_experts // ep
+  gathered = tuple(a for a in expert if a in batch)  # tokens split over these: gathered, then scattered back
+  summed = tuple(a for a in expert if a not in batch) + mlp  # tokens whole here: partial outputs summed
+  x, experts, weights, n = _pad_tokens(mesh, batch, x, experts, weights)  # zero weights: zero rows, sliced off
   token_spec = P(batch or None, None)
-  w_in = P(expert, embed or None, mlp or None)
-  w_out = P(expert, mlp or None, embed or None)
+  w_in = P(expert or None, embed or None, mlp or None)
+  w_out = P(expert or None, mlp or None, embed or None)
 
   def body(x, experts, weights, gate, up, down):
     if embed:
       gate, up = (jax.lax.all_gather(w, embed, axis=1, tiled=True) for w in (gate, up))
       down = jax.lax.all_gather(down, embed, axis=2, tiled=True)
-    x, experts, weights = (jax.lax.all_gather(a, expert, axis=0, tiled=True) for a in (x, experts, weights))
+    if gathered:
+      x, experts, weights = (jax.lax.all_gather(a, gathered, axis=0, tiled=True) for a in (x, experts, weights))
     y = _local_experts(x, experts, weights, gate, up, down, _first_local_expert(expert, local_count))
-    y = jax.lax.psum_scatter(y, expert, scatter_dimension=0, tiled=True)
-    return jax.lax.psum(y, mlp) if mlp else y
+    if gathered:
+      y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(y, summed) if summed else y
 
   sharded = jax.shard_map(body, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, w_in, w_in, w_out),
                           out_specs=token_spec)
-  return sharded(x, experts, weights, gate, up, down)
+  return sharded(x, experts, weights, gate, up, down)[:n]
 
 
 def dense_experts(x, experts, weights, gate, up, down):
@@ -231,7 +266,7 @@ class MoE(nn.Module):
     # the router in float32: a bfloat16 softmax would reorder near-tied experts
     logits = Projection((e,), ('embed', 'expert_router'), dtype=jnp.float32, param_dtype=self.param_dtype,
                         init_std=self.init_std, name='router')(flat)
-    weights, experts, probs = route(logits, self.experts_per_token, self.norm_topk)
+    weights, experts, probs = route_tokens(logits, self.experts_per_token, self.norm_topk)
     self._sow_terms(logits, probs, experts, segment_ids.reshape(-1))
 
     gate = self._experts_param('gate', (e, d, f), ('expert', 'embed', 'expert_mlp'))
@@ -249,7 +284,7 @@ class MoE(nn.Module):
   def _sow_terms(self, logits, probs, experts, segment_ids):
     real = (segment_ids > 0).astype(jnp.float32)
     balance, z, load = balance_terms(logits, probs, experts, real)
-    tokens = jnp.sum(real)  # a sum over the tokens, as the door expects (the step divides by its count)
+    tokens = jnp.sum(real)  # a sum over the tokens, as the door expects (the step divides by its real tokens)
     if self.aux_loss_coef:
       self.sow(AUX_COLLECTION, 'moe_balance', self.aux_loss_coef * balance * tokens / self.num_layers)
     if self.z_loss_coef:

@@ -3,11 +3,13 @@
 An objective (one instance per run, built from the config by `llm_jax.objectives.make`) owns
 
   prepare(batch, step)               the batch the model and the loss see at train step `step` (pure jnp)
-  count(batch)                       the step's normaliser: target tokens (LM), preference pairs (DPO). Computed
-                                     on the whole step's batch, so k accumulated microbatches give exactly the
-                                     gradient of one step on the whole batch
-  loss(model, params, batch, ref)    a `Loss` of one (micro)batch: `total` is what is differentiated and
-                                     `metrics` are named values; both are sums, divided by `count` by the step
+  count(batch)                       the step's normaliser: target tokens (LM), masked positions (MLM), answer
+                                     tokens (SFT), preference pairs (DPO). Computed on the whole step's batch, so
+                                     k accumulated microbatches give exactly the gradient of one step on the
+                                     whole batch
+  loss(model, params, batch, ref)    a `Loss` of one (micro)batch: `total` (the objective's own term) and
+                                     `metrics` are sums, divided by `count` by the step; `aux` (the model's
+                                     auxiliary terms) are sums over its tokens, divided by `tokens(batch)`
   eval_sums(model, params, batch, ref)   named sums of one eval batch (no gradient)
   eval_metrics(totals)               the eval row from the sums over the eval batches (`eval_` names)
 
@@ -16,10 +18,13 @@ held in the TrainState, never in the optimizer) or `'lora_base'` (the base weigh
 trained parameters with the adapters off: no second copy); None otherwise.
 
 Auxiliary losses (`apply_with_aux`): a module adds a term to the loss with
-`self.sow(AUX_COLLECTION, name, value)`, value a sum over the batch's targets like the loss sums (so that the
-step's division by `count` makes it a mean). Every sown term is added to the differentiated total and reported
-as the metric `aux/<name>`; a model that sows nothing changes nothing. A mixture-of-experts balance loss is such a
-term. Inside a scanned stack the collection must be one of the scan's `variable_axes`.
+`self.sow(AUX_COLLECTION, name, value)`, value a sum over the batch's real tokens (segment id > 0). The step
+divides these by the real tokens of the whole step (`tokens`), not by the objective's `count`, so a term is a
+mean per token whatever the objective divides its own loss by: a coefficient means the same under clm, mlm, SFT
+and DPO (divided by DPO's pairs, a per-token sum would weigh about tokens-per-pair times more). Every sown term
+is added to the differentiated value and reported as the metric `aux/<name>`; a model that sows nothing changes
+nothing. A mixture-of-experts balance loss is such a term. Inside a scanned stack the collection must be one of
+the scan's `variable_axes`.
 """
 
 from __future__ import annotations
@@ -36,8 +41,18 @@ EVAL_STEP = 2**31 - 1  # the `step` of eval steps (eval batch i is prepared at E
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-  total: jax.Array  # summed over the (micro)batch; the step differentiates total / count
+  total: jax.Array  # the objective's term, summed over the (micro)batch; divided by the step's count
   metrics: dict[str, jax.Array]  # named sums, each divided by the step's count; 'loss' is always one
+  aux: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # sown terms: sums over the real tokens
+
+  def value(self, count, tokens) -> jax.Array:
+    """What the step differentiates: total / count + each auxiliary term / tokens (the step's real tokens)."""
+    return sum((term / tokens for term in self.aux.values()), self.total / count)
+
+  def step_metrics(self, count, tokens) -> dict[str, jax.Array]:
+    """The metrics divided by count, and the auxiliary terms divided by tokens as aux/<name>."""
+    return dict({name: v / count for name, v in self.metrics.items()},
+                **{f'aux/{name}': v / tokens for name, v in self.aux.items()})
 
 
 class Objective:
@@ -66,6 +81,11 @@ class Objective:
   def count(self, batch: dict) -> jax.Array:
     raise NotImplementedError
 
+  def tokens(self, batch: dict) -> jax.Array:
+    """The normaliser of the auxiliary terms: the real tokens (segment id > 0) of the whole step's batch, the
+    tokens a mixture of experts routes, whatever `count` is."""
+    return jnp.maximum(jnp.sum((batch['segment_ids'] > 0).astype(jnp.float32)), 1.0)
+
   def loss(self, model, params, batch: dict, reference=None) -> Loss:
     raise NotImplementedError
 
@@ -90,11 +110,8 @@ def apply_with_aux(model, params, batch: dict) -> tuple[jax.Array, dict[str, jax
 
 
 def with_aux(total: jax.Array, metrics: dict[str, jax.Array], terms: dict[str, jax.Array]) -> Loss:
-  """The Loss with the auxiliary terms added to the total and reported as aux/<name>."""
-  for name, value in terms.items():
-    total = total + value
-    metrics = dict(metrics, **{f'aux/{name}': value})
-  return Loss(total, metrics)
+  """The Loss of the objective's total and metrics with the model's auxiliary terms (`Loss.value` adds them)."""
+  return Loss(total, metrics, dict(terms))
 
 
 def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
