@@ -149,7 +149,7 @@ def test_tensor_parallel_mesh_decodes_the_same():
   rules = (('act_batch', 'data'), ('act_kv_heads', 'tensor'), ('act_heads', 'tensor'))
   engine = Engine(CFG, params, config=SMALL, mesh=mesh, rules=rules)
   leaf = jax.tree.leaves(engine.kv_pool)[0]
-  assert leaf.sharding.spec[1] == 'tensor'  # the pool is split over the kv heads
+  assert leaf.sharding.spec[2] == 'tensor'  # the pool [pages, page_size, 2K, H] is split over the kv heads
   outputs = engine.generate(prompts, GREEDY)
   for prompt, out in zip(prompts, outputs):
     assert out.outputs[0].token_ids == reference_greedy(CFG, params, prompt, 10)[0]
