@@ -4,33 +4,19 @@ aborts and errors. Tiny models; shapes bucketed so each engine compiles a few fu
 
 import asyncio
 import dataclasses
-import functools
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax.model import Transformer, TransformerConfig
 from llm_jax.serving import Engine, EngineConfig, QueueFullError, RequestError, SamplingError, SamplingParams
 from llm_jax.serving.async_engine import AsyncEngine
 
-# init_std 0.2 spreads the logits, so float32 rounding cannot flip a greedy choice between near-ties.
-CFG = TransformerConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
-                        max_seq_len=48, dtype='float32', init_std=0.2)
+# The static decoder's tiny model and full-forward helpers (init_std 0.2: no near-ties in greedy choices).
+from test_decoding import CFG, _forward, _params
+
 SMALL = EngineConfig(page_size=4, max_seqs=4, max_chunk=8, max_prefill_tokens=16)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
-
-
-@functools.cache
-def _params(cfg):
-  return nn.unbox(Transformer(cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))['params']
-
-
-@functools.cache
-def _forward(cfg):
-  return jax.jit(lambda p, t: Transformer(cfg).apply({'params': p}, t))
 
 
 def last_logits(cfg, params, tokens):

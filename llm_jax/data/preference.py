@@ -311,30 +311,23 @@ def _stdlib_records(config) -> Iterator[tuple[object, str, str]]:
   of nine non-blank lines of a file, the first six are the prompt, the next three the chosen completion, and the
   same three lines lightly corrupted the rejected one: two neighbouring words of the first line that has them
   swapped (a seeded choice of each window's key), so that the two differ in a few tokens only."""
-  size = STDLIB_PROMPT_LINES + STDLIB_COMPLETION_LINES
   made = 0
-  for key, path in sources.stdlib_files():
-    data = sources.read_bytes(path)
-    if data is None:
+  for key, start, window in sources.stdlib_line_windows(STDLIB_PROMPT_LINES + STDLIB_COMPLETION_LINES):
+    seed = int.from_bytes(hashlib.sha256(f'{key}:{start}'.encode()).digest()[:8], 'big')
+    rng = np.random.default_rng(seed)
+    chosen = window[STDLIB_PROMPT_LINES:]
+    rejected = list(chosen)
+    for i, line in enumerate(chosen):  # one swap, in the first line that has two words to swap
+      rejected[i] = _swap_adjacent_words(line, rng)
+      if rejected[i] != line:
+        break
+    else:
       continue
-    lines = [line for line in data.decode('utf-8', 'replace').splitlines() if line.strip()]
-    for start in range(0, len(lines) - size + 1, size):
-      window = lines[start:start + size]
-      seed = int.from_bytes(hashlib.sha256(f'{key}:{start}'.encode()).digest()[:8], 'big')
-      rng = np.random.default_rng(seed)
-      chosen = window[STDLIB_PROMPT_LINES:]
-      rejected = list(chosen)
-      for i, line in enumerate(chosen):  # one swap, in the first line that has two words to swap
-        rejected[i] = _swap_adjacent_words(line, rng)
-        if rejected[i] != line:
-          break
-      else:
-        continue
-      yield (dict(prompt='\n'.join(window[:STDLIB_PROMPT_LINES]) + '\n', chosen='\n'.join(chosen),
-                  rejected='\n'.join(rejected)), f'stdlib/{key}:{start + 1}', '')
-      made += 1
-      if config.data.max_docs and made >= config.data.max_docs:
-        return
+    yield (dict(prompt='\n'.join(window[:STDLIB_PROMPT_LINES]) + '\n', chosen='\n'.join(chosen),
+                rejected='\n'.join(rejected)), f'stdlib/{key}:{start + 1}', '')
+    made += 1
+    if config.data.max_docs and made >= config.data.max_docs:
+      return
 
 
 def read_pairs(config, tokenizer) -> tuple[dict[str, list[Pair]], dict]:

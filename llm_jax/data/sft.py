@@ -226,19 +226,13 @@ def stdlib_records(max_records: int = 0):
   text source): in each window of nine non-blank lines of a file, the first six are the user turn and the next
   three the answer (the windows of preference_stdlib, whose chosen completion this answer is); at most
   `max_records` (0 = all)."""
-  size, made = STDLIB_PROMPT_LINES + STDLIB_ANSWER_LINES, 0
-  for key, path in sources.stdlib_files():
-    data = sources.read_bytes(path)
-    if data is None:
-      continue
-    lines = [line for line in data.decode('utf-8', 'replace').splitlines() if line.strip()]
-    for start in range(0, len(lines) - size + 1, size):
-      window = lines[start:start + size]
-      yield ([dict(role='user', content='\n'.join(window[:STDLIB_PROMPT_LINES])),
-              dict(role='assistant', content='\n'.join(window[STDLIB_PROMPT_LINES:]))], f'stdlib/{key}:{start + 1}')
-      made += 1
-      if max_records and made >= max_records:
-        return
+  made = 0
+  for key, start, window in sources.stdlib_line_windows(STDLIB_PROMPT_LINES + STDLIB_ANSWER_LINES):
+    yield ([dict(role='user', content='\n'.join(window[:STDLIB_PROMPT_LINES])),
+            dict(role='assistant', content='\n'.join(window[STDLIB_PROMPT_LINES:]))], f'stdlib/{key}:{start + 1}')
+    made += 1
+    if max_records and made >= max_records:
+      return
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------------------

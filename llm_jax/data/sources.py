@@ -85,6 +85,18 @@ def _decode(data: bytes) -> tuple[str, int]:
 # --- file listings: (key, path) pairs in hash order ------------------------------------------------------------
 
 
+def stdlib_line_windows(size: int):
+  """(file key, index of the first line, `size` lines) for each disjoint window of `size` non-blank lines of each
+  stdlib file, in stdlib_files order: what the stdlib instruction and preference sources are made of."""
+  for key, path in stdlib_files():
+    data = read_bytes(path)
+    if data is None:
+      continue
+    lines = [line for line in data.decode('utf-8', 'replace').splitlines() if line.strip()]
+    for start in range(0, len(lines) - size + 1, size):
+      yield key, start, lines[start:start + size]
+
+
 def stdlib_files() -> list[tuple[str, str]]:
   """(path relative to the stdlib root, absolute path) of every stdlib `.py` file we use, in hash order."""
   root = sysconfig.get_paths()['stdlib']
