@@ -41,7 +41,7 @@ from llm_jax.errors import UserError
 from llm_jax.model import Transformer, TransformerConfig
 from llm_jax.model import attention
 from llm_jax.model.attention import PageTable
-from llm_jax.model.partitioning import activation_sharding
+from llm_jax.runtime import sharding_context
 from llm_jax.serving.outputs import CompletionOutput, RequestOutput
 from llm_jax.serving.pages import PagePool
 from llm_jax.serving.sampling import RowSettings, SamplingParams, logprob_bucket, sample_rows
@@ -464,8 +464,7 @@ def _forward_and_sample(model, rules, mesh, params, pool, tokens, positions, val
   """One batch through the model over the page pool, then the sampler on each row's last token. Returns the
   updated pool and a dict of per-row results (and per-token prompt logprobs when prompt_logprobs >= 0)."""
   del penalised  # part of the compiled function's identity through `counts` being None or not
-  context = activation_sharding(mesh, rules) if mesh is not None else _nothing()
-  with context:
+  with sharding_context(mesh, rules):
     pages = PageTable(table, page_size, num_pages, kernel)
     # every position's logits only when the prompt's logprobs are asked for; else the last token's alone
     logits_at = None if prompt_logprobs >= 0 else last[:, None]
@@ -486,10 +485,3 @@ def _forward_and_sample(model, rules, mesh, params, pool, tokens, positions, val
       out['prompt_top_logprobs'], out['prompt_top_ids'] = jnp.zeros(shape), jnp.zeros(shape, jnp.int32)
   return variables['cache'], out
 
-
-class _nothing:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
