@@ -376,6 +376,16 @@ PAIR_KEYS = ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/margins', 'r
 EVAL_KEYS = ('eval_loss', 'eval_rewards/chosen', 'eval_rewards/rejected', 'eval_rewards/margins',
              'eval_rewards/accuracies')
 PRECOMPUTE_RTOL, PRECOMPUTE_ATOL = 1e-5, 1e-6  # float32; the pass packs the pairs into other rows than the batches
+PRECOMPUTE_ULPS = 4  # rewards: beta times (policy - reference) log-prob sums; their float32 error is in ulps of the sums
+
+
+def reward_atol(row, key, beta):
+  """The absolute tolerance of a rewards/* entry. A reward is beta times a difference of two log-prob sums (and a
+  margin the difference of two rewards), so the reference summed in other rows moves it by ulps of the sums (about
+  42 here: 3.8e-6 an ulp), not by a fraction of the difference, which may be near zero."""
+  prefix = 'eval_' if key.startswith('eval_') else ''
+  largest = max(abs(row[f'{prefix}logps/chosen']), abs(row[f'{prefix}logps/rejected']))
+  return max(PRECOMPUTE_ATOL, beta * PRECOMPUTE_ULPS * float(np.spacing(np.float32(largest))))
 
 
 def test_a_stopped_run_resumed_with_a_precomputed_reference_gives_the_uninterrupted_metrics(
@@ -383,7 +393,8 @@ def test_a_stopped_run_resumed_with_a_precomputed_reference_gives_the_uninterrup
   """A DPO run (reference: a frozen copy of the fresh initialisation) stopped at step 2 and resumed gives the
   uninterrupted run's rows. The resume turns config.dpo.precompute_ref on (the reference is never checkpointed, so
   the checkpoint is the same): it finds no stored log-probs and computes them from the starting point, not from
-  the trained parameters, and its rows equal the per-step reference's within 1e-5 relative (1e-6 absolute)."""
+  the trained parameters, and its rows equal the per-step reference's within 1e-5 relative (1e-6 absolute; rewards
+  within 4 float32 ulps of their log-prob sums, times beta: reward_atol)."""
   config = training_config(tmp_path, tokenizer_file)
   precomputed = config.copy_and_resolve_references()
   precomputed.dpo.precompute_ref = True
@@ -406,9 +417,12 @@ def test_a_stopped_run_resumed_with_a_precomputed_reference_gives_the_uninterrup
     assert a[2][key] == b[2][key], key  # before the stop: the same run
   worst = 0.0
   for step, key in [(s, k) for s in (3, 4) for k in PAIR_KEYS] + [(4, k) for k in EVAL_KEYS]:
-    x, y = (a_eval[step][key], b_eval[step][key]) if key.startswith('eval_') else (a[step][key], b[step][key])
+    row_a, row_b = (a_eval[step], b_eval[step]) if key.startswith('eval_') else (a[step], b[step])
+    x, y = row_a[key], row_b[key]
     worst = max(worst, abs(x - y) / max(abs(x), 1e-6))
-    np.testing.assert_allclose(y, x, rtol=PRECOMPUTE_RTOL, atol=PRECOMPUTE_ATOL, err_msg=f'step {step} {key}')
+    atol = reward_atol(row_a, key, config.dpo.beta) if 'rewards/' in key and 'accuracies' not in key else (
+        PRECOMPUTE_ATOL)
+    np.testing.assert_allclose(y, x, rtol=PRECOMPUTE_RTOL, atol=atol, err_msg=f'step {step} {key}')
   print(f'resumed with precompute_ref vs uninterrupted: largest relative difference {worst:.1e}')
 
 
