@@ -69,6 +69,29 @@ def test_paged_kernels_equal_float64(window):
   np.testing.assert_allclose(ragged, expected, atol=2e-5, rtol=1e-5)  # padding comes back as zeros
 
 
+@pytest.mark.parametrize('window', [0, 3])
+@pytest.mark.parametrize('pages_per_block', [1, 2, 4])
+def test_blocked_kernel_equals_float64(window, pages_per_block, monkeypatch):
+  """The online softmax over blocks of pages: one block (the whole table), two, and a page a time (so a row's
+  keys span several folds, some fully masked; under the window the loop starts past the first block)."""
+  q, pool, table, positions, valid, page_size, num_pages = _case(window)
+  monkeypatch.setattr(attention, '_pages_per_block', lambda *_: pages_per_block)
+  expected = _numpy_reference(q, pool, table, positions, valid, page_size, window)
+  out = jax.jit(attention.paged_blocked_attention, static_argnums=5)(
+      jnp.asarray(q), jnp.asarray(pool), PageTable(jnp.asarray(table), page_size, num_pages), jnp.asarray(positions),
+      jnp.asarray(valid), window)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)  # padding comes back as zeros
+
+
+def test_blocked_kernel_block_sizes():
+  assert attention._pages_per_block(64, 16, 1) == 2  # decode: 32 keys a block
+  assert attention._pages_per_block(64, 16, 32) == 4  # a 32-token chunk: 64 keys
+  assert attention._pages_per_block(64, 16, 512) == 8  # at most 128 keys
+  assert attention._pages_per_block(6, 16, 64) == 6  # a divisor of the table's width
+  assert attention._pages_per_block(7, 16, 64) == 7
+  assert attention._pages_per_block(8, 256, 1) == 1  # pages larger than a block: one page
+
+
 def test_ragged_layout_packs_live_rows_first():
   _, _, _, positions, valid, _, _ = _case(0)
   order, dest, kv_lens, cu_q_lens, num_seqs = (np.asarray(x) for x in attention._ragged_layout(
@@ -91,7 +114,7 @@ def test_choose_paged_kernel():
   assert attention.choose_paged_kernel('auto', 128, 'tpu') == 'ragged'
   assert attention.choose_paged_kernel('auto', 64, 'tpu') == 'xla'
   assert attention.choose_paged_kernel('auto', 128, 'gpu') == 'xla'
-  assert attention.choose_paged_kernel('auto', 128, 'cpu') == 'xla'
+  assert attention.choose_paged_kernel('auto', 128, 'cpu') == 'blocked'
   assert attention.choose_paged_kernel('xla', 128, 'tpu') == 'xla'
   assert set(attention.PAGED_CHOICES) == {'auto', *attention.PAGED_KERNELS}
 
@@ -128,7 +151,7 @@ def test_engine_greedy_on_the_interleaved_pool_equals_the_full_forward():
   cfg, params = _tiny_model(window=5)
   engine = Engine(cfg, params, config=EngineConfig(page_size=8, num_pages=8, max_seqs=2, max_chunk=4,
                                                    max_prefill_tokens=4, attention='auto'))
-  assert engine.attention == 'xla'
+  assert engine.attention == 'blocked'  # auto on CPU; the window makes its loop start past the first block
   rng = np.random.default_rng(0)
   shared = rng.integers(0, 64, 8).tolist()
   greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -143,5 +166,5 @@ def test_engine_refuses_the_tpu_kernel_elsewhere():
   cfg, params = _tiny_model()
   with pytest.raises(RequestError, match='engine.attention'):
     Engine(cfg, params, config=EngineConfig(num_pages=8, attention='ragged'))
-  with pytest.raises(RequestError, match="engine.attention: 'flash' is not one of auto, xla, ragged"):
+  with pytest.raises(RequestError, match="engine.attention: 'flash' is not one of auto, xla, blocked, ragged"):
     Engine(cfg, params, config=EngineConfig(num_pages=8, attention='flash'))

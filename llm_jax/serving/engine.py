@@ -19,7 +19,8 @@ every step. Under a mesh, the pool is split over the kv heads like the attention
 are not split: a decode batch is a handful of rows. The pool of a layer is one array [num_pages, page_size, 2K, H]
 (keys and values interleaved over the heads); the kernel that attends over it (EngineConfig.attention:
 model.attention.PAGED_KERNELS) is chosen once, for the platform of the engine's devices: jax's Pallas ragged
-paged attention on TPU, the xla gather elsewhere.
+paged attention on TPU, the blocked kernel (online softmax a block of pages at a time) on CPU, the xla gather on
+GPU.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class EngineConfig:
   max_queue: int = 4096  # waiting sequences; beyond that add_request raises QueueFullError
   max_model_len: int = 0  # prompt + output tokens of one sequence; 0 = model.max_seq_len
   attention: str = 'auto'  # paged attention kernel (model.attention.PAGED_KERNELS): auto (ragged on TPU where
-  #                          head_dim % 128 == 0, xla elsewhere), xla (gather; the reference) or ragged (TPU only)
+  #                          head_dim % 128 == 0, blocked on CPU, xla elsewhere), xla (gather; the reference),
+  #                          blocked (a block of pages at a time, online softmax) or ragged (TPU only)
 
   def check(self) -> None:
     for name in ('page_size', 'max_seqs', 'max_chunk', 'max_prefill_tokens', 'max_queue'):
@@ -442,7 +444,7 @@ def paged_kernel(name: str, model_config: TransformerConfig, platform: str, mesh
                          f'{heads}); use auto or xla')
   if kernel == 'ragged' and platform != 'tpu':
     raise RequestError('engine.attention', f'ragged is a Pallas TPU kernel; this engine runs on {platform} '
-                       '(use auto or xla)')
+                       '(use auto, blocked or xla)')
   if kernel == 'ragged' and not attention.ragged_supported(model_config.head_dim):
     raise RequestError('engine.attention', f'ragged needs head_dim % 128 == 0, the model has '
                        f'{model_config.head_dim} (use auto or xla)')
