@@ -18,7 +18,8 @@ models have the config's shape and random weights (speed is what is measured, no
                 batch generating its longest output (greedy)
 
 One JSON line per system: output_tokens_per_s (the requests' output tokens over the wall time), ttft_s and tpot_s
-(time per output token after the first) p50/p99, wall_s. Timing on shared CPUs is noisy: compare systems of one
+(time per output token after the first) p50/p99, wall_s; the engine's adds its steps and slots_per_token (token
+slots of its bucketed batches per token computed: the padding overhead). Timing on shared CPUs is noisy: compare systems of one
 run, as ratios.
 """
 
@@ -80,6 +81,7 @@ def run_engine(cfg, params, prompts, outputs, concurrency, rate, seed):
                   [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in outputs])
   arrivals = np.zeros(len(prompts)) if not rate else np.cumsum(np.random.default_rng(seed).exponential(
       1.0 / rate, len(prompts)))
+  before = dict(engine.counters)
   start = time.perf_counter()
   first, done, added = {}, {}, 0
   while len(done) < len(prompts):
@@ -101,8 +103,10 @@ def run_engine(cfg, params, prompts, outputs, concurrency, rate, seed):
   wall = time.perf_counter() - start
   ttfts = [first[i] - arrivals[i] for i in range(len(prompts))]
   tpots = [(done[i] - first[i]) / (outputs[i] - 1) for i in range(len(prompts)) if outputs[i] > 1]
+  timed = {k: engine.counters[k] - before[k] for k in ('steps', 'batch_tokens', 'batch_slots')}
   return report('llm_jax-engine', sum(outputs), wall, ttfts, tpots, concurrency=concurrency,
-                preemptions=engine.stats()['preemptions'])
+                preemptions=engine.stats()['preemptions'], steps=timed['steps'],
+                slots_per_token=round(timed['batch_slots'] / timed['batch_tokens'], 3))
 
 
 async def _server(url, model, prompts, outputs, concurrency):

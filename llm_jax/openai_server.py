@@ -258,7 +258,9 @@ class _EngineCollector:
                 pages_used='K/V pages held by sequences', pages_total='K/V pages in the pool')
   COUNTERS = dict(prompt_tokens='prompt tokens admitted', generated_tokens='tokens generated',
                   prefix_cache_hit_tokens='prompt tokens read from the prefix cache',
-                  preemptions='sequences evicted to free pages (recomputed later)')
+                  preemptions='sequences evicted to free pages (recomputed later)',
+                  batch_tokens='tokens computed by the model (prefill and decode)',
+                  batch_slots='token slots of the bucketed batches they were computed in (padding included)')
 
   def __init__(self, engine: AsyncEngine):
     self.engine = engine

@@ -276,3 +276,37 @@ def test_async_engine_streams_and_a_caller_leaving_early_frees_its_pages():
   assert updates[-1].finished and updates[-1].outputs[0].token_ids == reference_greedy(CFG, params, prompts[0], 10)[0]
   assert len(updates) > 1  # streamed, not one final update
   assert engine.stats()['pages_used'] == 0 and not engine.has_unfinished()
+
+
+def test_prefill_plan_stays_within_its_slot_budget_padding_included():
+  """The scheduler counts a step's prefill as the engine compiles it (rows and width bucketed): chunks that would
+  widen the batch or double its rows past max_prefill_tokens slots are shortened or wait; decode rows always run;
+  the first chunk of a step takes the budget even when it is below the narrowest bucket."""
+  from llm_jax.serving.pages import PagePool
+  from llm_jax.serving.scheduler import Scheduler, Sequence
+
+  def plan_for(prompts, **limits):
+    scheduler = Scheduler(PagePool(64, 4, prefix_caching=False), **limits)
+    seqs = [Sequence(None, 0, list(range(n)), n, 0) for n in prompts]
+    for seq in seqs:
+      scheduler.add(seq)
+    plan = scheduler.schedule()
+    return [(seqs.index(seq), start, count) for seq, start, count in plan.prefill], plan
+
+  limits = dict(max_seqs=4, max_chunk=8, max_prefill_tokens=16)
+  chunks, _ = plan_for([20, 5, 3], **limits)
+  assert chunks == [(0, 0, 8), (1, 0, 5)]  # 2 rows x width 8 = 16 slots; a third row would make 4 x 8 = 32
+  chunks, _ = plan_for([3, 2, 2, 2, 2], max_seqs=8, max_chunk=4, max_prefill_tokens=16)
+  assert chunks == [(0, 0, 3), (1, 0, 2), (2, 0, 2), (3, 0, 2)]  # 4 rows x width 4 (the narrowest: max_chunk)
+  chunks, _ = plan_for([30], max_seqs=4, max_chunk=8, max_prefill_tokens=5)
+  assert chunks == [(0, 0, 5)]  # a budget below the narrowest bucket still progresses
+  scheduler = Scheduler(PagePool(64, 4, prefix_caching=False), **limits)
+  decoding = Sequence(None, 0, list(range(9)), 8, 0)
+  scheduler.add(decoding)
+  scheduler.schedule()
+  decoding.computed = 8  # its prompt is in: one token to decode
+  for n in (20, 20, 20):
+    scheduler.add(Sequence(None, 0, list(range(n)), n, 0))
+  plan = scheduler.schedule()
+  assert plan.decode == [decoding] and [count for _, _, count in plan.prefill] == [8, 8]
+  assert scheduler.prefill_slots([8, 8]) == 16 and scheduler.prefill_slots([8, 8, 1]) == 32

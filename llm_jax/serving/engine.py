@@ -46,12 +46,11 @@ from llm_jax.runtime import sharding_context
 from llm_jax.serving.outputs import CompletionOutput, RequestOutput
 from llm_jax.serving.pages import PagePool
 from llm_jax.serving.sampling import RowSettings, SamplingParams, logprob_bucket, sample_rows
-from llm_jax.serving.scheduler import Plan, Scheduler, Sequence
+from llm_jax.serving.scheduler import MIN_CHUNK_BUCKET, Plan, Scheduler, Sequence, bucket
 
 
 # The smallest compiled prefill width and page-table width (in tokens): below these, more shapes would cost more
 # compiles than the padding costs compute.
-MIN_CHUNK_BUCKET = 16
 MIN_CONTEXT_BUCKET = 128
 
 
@@ -75,7 +74,8 @@ class EngineConfig:
   memory_fraction: float = 0.8  # share of the free device memory the pool may take when num_pages = 0
   max_seqs: int = 32  # sequences decoding at once (rows of the decode batch)
   max_chunk: int = 256  # tokens of one sequence prefilled per step (chunked prefill)
-  max_prefill_tokens: int = 512  # prefill tokens per step, over all sequences
+  max_prefill_tokens: int = 512  # prefill token slots per step, over all sequences: the bucketed batch (rows x
+  #                                 chunk width, padding included) a step's chunks are compiled as
   prefix_caching: bool = True
   max_queue: int = 4096  # waiting sequences; beyond that add_request raises QueueFullError
   max_model_len: int = 0  # prompt + output tokens of one sequence; 0 = model.max_seq_len
@@ -109,11 +109,6 @@ class _Request:
   @property
   def finished(self) -> bool:
     return all(seq.finished for seq in self.seqs)
-
-
-def _bucket(n: int, floor: int, cap: int) -> int:
-  """The compiled size for n: the smallest power of two >= max(n, floor), but at most cap (and never below n)."""
-  return max(n, min(1 << max(max(n, floor) - 1, 0).bit_length(), cap))
 
 
 def unstack_layers(params: Any, num_layers: int) -> Any:
@@ -155,7 +150,8 @@ class Engine:
     self._requests: dict[str, _Request] = {}
     self._ids = itertools.count()
     self._seeds = np.random.default_rng()
-    self.counters = dict(prompt_tokens=0, generated_tokens=0, requests_finished=0, steps=0)
+    self.counters = dict(prompt_tokens=0, generated_tokens=0, requests_finished=0, steps=0, batch_tokens=0,
+                         batch_slots=0)  # tokens the model computed, and the bucketed slots it computed them in
     self._run = _compiled_step(self.model_config, self.rules, mesh)
 
   @classmethod
@@ -290,10 +286,10 @@ class Engine:
 
   def _run_batch(self, chunks: list[tuple[Sequence, int, int]], touched: dict) -> None:
     cfg = self.config
-    rows = _bucket(len(chunks), 1, cfg.max_seqs)
+    rows = bucket(len(chunks), 1, cfg.max_seqs)
     longest = max(count for _, _, count in chunks)
-    width = 1 if longest == 1 else _bucket(longest, MIN_CHUNK_BUCKET, cfg.max_chunk)
-    pages_wide = _bucket(max(len(seq.pages) for seq, _, _ in chunks), MIN_CONTEXT_BUCKET // cfg.page_size,
+    width = 1 if longest == 1 else bucket(longest, MIN_CHUNK_BUCKET, cfg.max_chunk)
+    pages_wide = bucket(max(len(seq.pages) for seq, _, _ in chunks), MIN_CONTEXT_BUCKET // cfg.page_size,
                          self.max_pages_per_seq)
     tokens = np.zeros((rows, width), np.int32)
     positions = np.zeros((rows, width), np.int32)
@@ -329,6 +325,8 @@ class Engine:
       counts = np.zeros((rows, self.model_config.vocab_size), np.int32)
       for r, (seq, _, _) in enumerate(chunks):
         np.add.at(counts[r], np.asarray(seq.generated, np.int64), 1)
+    self.counters['batch_tokens'] += int(valid.sum())
+    self.counters['batch_slots'] += rows * width
     settings = RowSettings(temperature, top_p, top_k, min_p, presence, frequency, seeds, index)
     sampled = bool(np.any(temperature > 0))
     filtered = sampled and bool(np.any((top_k > 0) | (top_p < 1) | (min_p > 0)))

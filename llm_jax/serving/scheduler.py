@@ -24,6 +24,13 @@ from typing import Any
 
 from llm_jax.serving.pages import PagePool
 
+MIN_CHUNK_BUCKET = 16  # the narrowest compiled prefill chunk
+
+
+def bucket(n: int, floor: int, cap: int) -> int:
+  """The compiled size for n: the smallest power of two >= max(n, floor), but at most cap (and never below n)."""
+  return max(n, min(1 << max(max(n, floor) - 1, 0).bit_length(), cap))
+
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
@@ -104,14 +111,34 @@ class Scheduler:
     self.preemptions += 1
     self.waiting.appendleft(seq)
 
+  def prefill_slots(self, counts: list[int]) -> int:
+    """Token slots of the compiled prefill batch for chunks of these lengths: rows and width bucketed (as the
+    engine pads them), so a step's prefill compute counts its padding."""
+    return (bucket(len(counts), 1, self.max_seqs) *
+            bucket(max(counts), min(MIN_CHUNK_BUCKET, self.max_chunk), self.max_chunk))
+
+  def _chunk(self, counts: list[int], remaining: int) -> int:
+    """Tokens of the next prefill chunk: as many as fit beside `counts` (this step's chunks so far) without the
+    bucketed batch exceeding max_prefill_tokens slots; the first chunk of a step may take the whole budget in
+    tokens (a budget below the narrowest bucket still makes progress). 0 = none fits."""
+    want = min(remaining, self.max_chunk)
+    if not counts:
+      return min(want, self.max_prefill_tokens)
+    while want > 0 and self.prefill_slots(counts + [want]) > self.max_prefill_tokens:
+      want = min(want - 1, self.max_prefill_tokens // bucket(len(counts) + 1, 1, self.max_seqs))
+    return want
+
   def schedule(self) -> Plan:
+    """Decode tokens for every running sequence that has one; prefill chunks in admission order while the
+    step's prefill batch, padded to its compiled shape, stays within max_prefill_tokens slots (a chunk that
+    would widen the batch or double its rows past it is shortened or waits for the next step)."""
     plan = Plan([], [])
-    budget = self.max_prefill_tokens
+    counts: list[int] = []  # this step's prefill chunk lengths
     for seq in list(self.running):
       if seq not in self.running:  # preempted by an older sequence in this loop
         continue
       remaining = len(seq.tokens) - seq.computed
-      count = 1 if remaining == 1 else min(remaining, self.max_chunk, budget)
+      count = 1 if remaining == 1 else self._chunk(counts, remaining)
       if count <= 0:
         continue
       while not self._pages_for(seq, seq.computed + count):
@@ -125,8 +152,8 @@ class Scheduler:
         plan.decode.append(seq)
       else:
         plan.prefill.append((seq, seq.computed, count))
-        budget -= count
-    while self.waiting and len(self.running) < self.max_seqs and budget > 0:
+        counts.append(count)
+    while self.waiting and len(self.running) < self.max_seqs and self._chunk(counts, 2) > 0:
       seq = self.waiting[0]
       if not seq.pages and seq.prefix_cache:  # prefix cache: full pages of the tokens, never the last token's page
         seq.pages, seq.keys = self.pool.lookup(seq.tokens, (len(seq.tokens) - 1) // self.pool.page_size)
@@ -134,7 +161,7 @@ class Scheduler:
         if not seq.ever_admitted:
           seq.cached = seq.computed
       remaining = len(seq.tokens) - seq.computed
-      count = 1 if remaining == 1 else min(remaining, self.max_chunk, budget)
+      count = 1 if remaining == 1 else self._chunk(counts, remaining)  # >= 1: a chunk fits (the loop's test)
       if not self._pages_for(seq, seq.computed + count):
         self.pool.release(seq.pages)  # wait for pages; give the cached ones back meanwhile
         seq.pages, seq.keys, seq.computed = [], [], 0
@@ -146,7 +173,7 @@ class Scheduler:
         plan.decode.append(seq)
       else:
         plan.prefill.append((seq, seq.computed, count))
-        budget -= count
+        counts.append(count)
     return plan
 
   def register_pages(self, seq: Sequence) -> None:
