@@ -61,6 +61,7 @@ class Objective:
   causal: ClassVar[bool] = True  # attention mask of the model it trains (mlm: bidirectional)
   train_metrics: ClassVar[tuple[str, ...]] = ()  # metrics written to train rows next to loss and grad_norm
   trains_on_pairs: ClassVar[bool] = False  # its batches are preference pairs (data.PAIR_SOURCES), else text
+  learns_from_rollouts: ClassVar[bool] = False  # its batches are rollouts of prompts (data.PROMPT_SOURCES, llm_jax.rollout)
 
   def __init__(self, config):
     self.config = config

@@ -1,0 +1,207 @@
+"""GRPO (llm_jax/objectives/grpo.py, llm_jax/rollout.py, llm_jax/rewards.py): the loss of every variant against
+TRL's own GRPOTrainer._compute_loss, the rewards, and the loop (rollouts through the engine, exact resume)."""
+
+import collections
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from llm_jax import objectives
+from llm_jax.objectives import grpo as grpo_lib
+from llm_jax.runtime import create_model, init_params_fn
+
+
+# --- the loss against TRL -----------------------------------------------------------------------------------------
+
+def _trl_loss(config_grpo, logits, ref_logits, batch):
+  """TRL 1.16's GRPOTrainer._compute_loss itself, on a stand-in `self` whose forward returns the log-probs and
+  entropies of the given logits (float64 torch), one process, no accumulation. Returns (loss, logged metrics,
+  gradient of the loss with respect to the logits)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from trl.trainer import grpo_trainer  # pylint: disable=g-import-not-at-top
+  from trl.trainer.utils import entropy_from_logits  # pylint: disable=g-import-not-at-top
+
+  t = lambda x: torch.tensor(np.asarray(x, np.float64))
+  logits_t = t(logits).requires_grad_(True)
+  targets = torch.tensor(np.asarray(batch['targets'], np.int64))
+  mask = t(batch['loss_mask'])
+
+  def logps_of(lg):
+    scaled = lg / config_grpo.temperature
+    return torch.gather(torch.log_softmax(scaled, -1), -1, targets[..., None])[..., 0], scaled
+
+  def forward(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, compute_aux_loss=False, **kw):
+    logps, scaled = logps_of(logits_t)
+    return logps, entropy_from_logits(scaled), None
+
+  low, high = grpo_lib.epsilons(config_grpo)
+  accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                      reduce=lambda x, reduction='sum': x)
+  args = types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+  fake = types.SimpleNamespace(
+      _get_per_token_logps_and_entropies=forward, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+      importance_sampling_level=config_grpo.importance_sampling_level, beta=config_grpo.beta, args=args,
+      loss_type=config_grpo.loss_type, epsilon_low=low, epsilon_high=high, use_vllm=False,
+      model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+      max_completion_length=config_grpo.max_completion_tokens, accelerator=accelerator,
+      _entropy_bonus_enabled=False, aux_loss_enabled=False,
+      _metrics={'train': collections.defaultdict(list), 'eval': collections.defaultdict(list)})
+  rows, length = mask.shape
+  inputs = dict(prompt_ids=torch.zeros((rows, 0), dtype=torch.long), prompt_mask=torch.zeros((rows, 0)),
+                completion_ids=targets, completion_mask=mask, advantages=t(batch['advantages']),
+                old_per_token_logps=t(batch['old_logps']), num_items_in_batch=mask.sum())
+  if config_grpo.beta:
+    inputs['ref_per_token_logps'] = logps_of(t(ref_logits))[0]
+  loss = grpo_trainer.GRPOTrainer._compute_loss(fake, None, inputs)  # pylint: disable=protected-access
+  loss.backward()
+  logged = {k: v[0] for k, v in fake._metrics['train'].items()}  # pylint: disable=protected-access
+  return float(loss), logged, logits_t.grad.numpy()
+
+
+def _rollout_like_batch(rng, rows=6, length=12, vocab=64):
+  """Rows of a prompt then a completion (completion targets in the loss), one row's completion masked out (a
+  truncated one), one row of padding past its end; advantages of both signs; old log-probs off by up to 0.4."""
+  inputs = rng.integers(3, vocab, (rows, length))
+  targets = np.roll(inputs, -1, axis=1)
+  prompt = rng.integers(2, 5, rows)
+  ends = rng.integers(length - 3, length + 1, rows)
+  position = np.arange(length)[None]
+  mask = ((position >= prompt[:, None] - 1) & (position < ends[:, None] - 1)).astype(np.float32)
+  mask[2] = 0.0  # a truncated completion under mask_truncated_completions
+  segment_ids = (position < ends[:, None]).astype(np.int32)
+  return dict(inputs=inputs.astype(np.int32), targets=targets.astype(np.int32), segment_ids=segment_ids,
+              positions=np.broadcast_to(position, (rows, length)).astype(np.int32), loss_mask=mask,
+              advantages=rng.normal(size=rows).astype(np.float32))
+
+
+@pytest.fixture(scope='module')
+def tiny_policy():
+  config = tiny_config(model=dict(objective='grpo'), grpo=dict(group_size=2, prompts_per_rollout=3,
+                                                                max_completion_tokens=8),
+                       data=dict(global_batch_size=6))
+  model = create_model(config)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  params = nn.unbox(init_params_fn(config, model)(jax.random.key(0)))
+  reference = nn.unbox(init_params_fn(config, model)(jax.random.key(1)))
+  return config, model, params, reference
+
+
+@pytest.mark.parametrize('loss_type', grpo_lib.LOSS_TYPES)
+def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy, loss_type):
+  """Our loss, its gradient (with respect to the logits, and its norm with respect to the parameters is then the
+  same chain) and the logged kl / entropy / clip fractions equal TRL's _compute_loss on the same logits, old
+  log-probs, reference log-probs and advantages, for token and sequence (GSPO) level, with and without beta.
+  Tolerance 1e-5 (our float32 against TRL in float64)."""
+  config, model, params, reference = tiny_policy
+  rng = np.random.default_rng(0)
+  batch = _rollout_like_batch(rng)
+  logits = np.asarray(model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions']))
+  ref_logits = np.asarray(model.apply({'params': reference}, batch['inputs'], batch['segment_ids'],
+                                      batch['positions']))
+  for level in grpo_lib.IMPORTANCE_LEVELS:
+    for beta in (0.0, 0.05):
+      c = config.copy_and_resolve_references()
+      c.grpo.update(loss_type=loss_type, importance_sampling_level=level, beta=beta, temperature=0.7,
+                    epsilon=0.2, epsilon_high=0.28)
+      objective = objectives.make(c)
+      scaled = jax.nn.log_softmax(logits.astype(np.float64) / 0.7, -1)
+      logps = np.take_along_axis(np.asarray(scaled), batch['targets'][..., None], -1)[..., 0]
+      b = dict(batch, old_logps=(logps + rng.uniform(-0.4, 0.4, logps.shape)).astype(np.float32))
+      prepared = objective.prepare({k: jnp.asarray(v) for k, v in b.items()}, 0)
+      out = objective.loss(model, params, prepared, reference if beta else None)
+      ours = {k: float(v) for k, v in out.step_metrics(objective.count(prepared), 1.0).items()}
+      ref_logps = None
+      if beta:
+        ref_logps = objective.reference_logps(model, params, prepared, reference)
+      grad = jax.grad(lambda lg: grpo_lib.sums_of(c.grpo, lg, prepared, ref_logps)['loss'])(jnp.asarray(logits))
+      loss, logged, trl_grad = _trl_loss(c.grpo, logits, ref_logits, b)
+      where = f'{loss_type} {level} beta={beta}'
+      assert ours['loss'] == pytest.approx(loss, abs=1e-5, rel=1e-5), where
+      np.testing.assert_allclose(np.asarray(grad), trl_grad, atol=1e-6, rtol=1e-5, err_msg=where)
+      assert np.linalg.norm(trl_grad) > 1e-3, where  # the comparison compares something
+      assert ours['entropy'] == pytest.approx(logged['entropy'], rel=1e-5), where
+      for name in grpo_lib.CLIP_METRICS:
+        assert ours[name] == pytest.approx(logged[name], abs=1e-6), (where, name)
+      if beta:
+        assert ours['kl'] == pytest.approx(logged['kl'], rel=1e-5, abs=1e-7), where
+        assert logged['kl'] > 0, where
+      if level == 'token':  # the old log-probs are off by up to 0.4: some ratios leave [0.8, 1.28]
+        assert logged['clip_ratio/region_mean'] > 0, where
+
+
+# --- the loop: rollouts through the engine, rewards, exact resume ---------------------------------------------------
+
+REWARD_FILE = '''
+def share_of_a(prompts, completions, **fields):
+  return [sum(ch == 'a' for ch in c) / max(len(c), 1) for c in completions]
+'''
+
+
+@pytest.fixture(scope='module')
+def prompt_files(tmp_path_factory):
+  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('grpo')
+  lines = ['a b c d e f g', 'the answer is 12', 'what is 3 + 4 ? #### 7', 'a a a b b'] * 40
+  (root / 'tok.model').write_bytes(tokenizer_lib.train(lines, 300))
+  records = [dict(prompt=f'what is {i} + {i % 3} ?', answer=f'#### {i + i % 3}') for i in range(12)]
+  records.append(dict(prompt=[dict(role='user', content='say a')], answer='a'))
+  (root / 'prompts.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  (root / 'reward.py').write_text(REWARD_FILE)
+  return root
+
+
+def grpo_config(root, **grpo):
+  c = tiny_config(model=dict(objective='grpo', vocab_size=320, max_seq_len=64),
+                  data=dict(source='prompts_jsonl', paths=str(root / 'prompts.jsonl'),
+                            tokenizer_path=str(root / 'tok.model'), seq_len=48, global_batch_size=8,
+                            validation_fraction=0.2),
+                  train=dict(steps=4, learning_rate=1e-2, warmup_steps=1),
+                  checkpoint=dict(every=2, async_save=False))
+  c.grpo.update(dict(group_size=4, prompts_per_rollout=2, max_completion_tokens=8, steps_per_rollout=2,
+                     rewards=f'exact_answer,length,{root / "reward.py"}:share_of_a', reward_weights='1,0.1,1',
+                     log_samples_every=1, log_samples=3, eval_prompts=2, beta=0.04), **grpo)
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_grpo_run_logs_rollouts_and_resumes_exactly(prompt_files, tmp_path):
+  """A GRPO run (rollouts through the engine, 2 steps a rollout, KL to the reference) writes the rollout metrics
+  and samples; interrupted after step 2 and resumed, it reproduces the uninterrupted run's losses and rewards."""
+  from llm_jax import train  # pylint: disable=g-import-not-at-top
+  whole = str(tmp_path / 'whole')
+  train.train_and_evaluate(grpo_config(prompt_files), whole)
+  rows = [r for r in _rows(whole) if 'loss' in r]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  for key in ('reward', 'reward_std', 'reward/exact_answer', 'reward/length', 'advantage_std', 'kl', 'entropy',
+              'clip_ratio/region_mean', 'completion_length', 'completion_length_max', 'truncated',
+              'rollout_tokens_per_s'):
+    assert key in rows[-1], key
+  assert rows[0]['kl'] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+  assert rows[2]['kl'] > 0  # after two updates it is not
+  assert rows[0]['clip_ratio/region_mean'] == 0.0  # the first step of a rollout: ratio 1
+  assert 'eval_reward' in _rows(whole)[-1]
+  samples = [json.loads(line) for line in open(os.path.join(whole, 'rollouts.jsonl'))]
+  assert len(samples) == 2 * 3 and set(samples[0]['rewards']) == {'exact_answer', 'length',
+                                                                   f'{prompt_files / "reward.py"}:share_of_a'}
+  part = str(tmp_path / 'part')
+  interrupted = grpo_config(prompt_files)
+  interrupted.checkpoint.every = 1
+  train.train_and_evaluate(interrupted, part, hooks=[train.every(3, lambda loop, step: loop.stop())])
+  # resumed from step 3, inside rollout 2 (steps 3 and 4): its batch is read back from the workdir
+  train.train_and_evaluate(grpo_config(prompt_files), part)
+  resumed = [r for r in _rows(part) if 'loss' in r]
+  for a, b in zip(rows, resumed):
+    assert (a['step'], a['loss'], a['reward'], a['completion_length']) == (b['step'], b['loss'], b['reward'],
+                                                                           b['completion_length'])
+  assert len(resumed) == 4
+
