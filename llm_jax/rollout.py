@@ -205,6 +205,19 @@ class RolloutStage:
     storage.append_text(storage.join(self.workdir, 'rollouts.jsonl'), ''.join(line + '\n' for line in lines))
 
   # --- what the loop calls ------------------------------------------------------------------------------------------
+  def start(self, step: int) -> None:
+    """Before training from `step` (a resume): rollouts.jsonl keeps only the samples of rollouts this run will not
+    log again (as metrics.jsonl drops the rows beyond the restored step)."""
+    path = storage.join(self.workdir, 'rollouts.jsonl')
+    if jax.process_index() or not step or not storage.exists(path):
+      return
+    spr = self.g.steps_per_rollout
+    keep_below = step // spr + (1 if step % spr else 0)  # a rollout resumed inside is read back, not logged again
+    lines = storage.read_text(path).splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)['rollout'] < keep_below]
+    if len(kept) != len(lines):
+      storage.write_text(path, ''.join(line + '\n' for line in kept))
+
   def _stored_path(self) -> str:
     return storage.join(self.workdir, 'rollouts', 'current.npz')
 

@@ -788,7 +788,11 @@ class Loop:
 
   def run(self) -> dict[str, Any]:
     start = int(self.state.step)
-    iterator = self.trainer.iterator(self.config.data.train_split, start) if self.rollouts is None else None
+    iterator = None
+    if self.rollouts is None:
+      iterator = self.trainer.iterator(self.config.data.train_split, start)
+    else:
+      self.rollouts.start(start)
     for index in range(start, self.total_steps):
       batch = self.trainer.put(self._next_batch(iterator, index))
       self.state, self._metrics = self.trainer.train_step(self.state, batch)

@@ -204,4 +204,91 @@ def test_grpo_run_logs_rollouts_and_resumes_exactly(prompt_files, tmp_path):
     assert (a['step'], a['loss'], a['reward'], a['completion_length']) == (b['step'], b['loss'], b['reward'],
                                                                            b['completion_length'])
   assert len(resumed) == 4
+  # the samples too: the resumed run's rollouts.jsonl reads as the uninterrupted run's
+  assert open(os.path.join(part, 'rollouts.jsonl')).read() == open(os.path.join(whole, 'rollouts.jsonl')).read()
 
+
+
+# --- rewards, prompts and their errors (no model) --------------------------------------------------------------------
+
+def test_final_answer_extractors_and_builtin_rewards():
+  from llm_jax import rewards  # pylint: disable=g-import-not-at-top
+  assert rewards.final_answer('so 3 + 4 = 7 and then #### 1,234.') == '1234'
+  assert rewards.final_answer(r'thus \boxed{\frac{1}{2}} is it') == r'\frac{1}{2}'
+  assert rewards.final_answer('first 3 then 42') == '42'
+  assert rewards.final_answer('no number') is None
+  c = tiny_config(model=dict(objective='grpo'), data=dict(source='prompts_jsonl'))
+  c.grpo.update(rewards='exact_answer,format,length', reward_weights='1,0.5,2', format_regex=r'\d+',
+                max_completion_tokens=8)
+  scorer = rewards.make(c)
+  got = scorer(['q', 'q', 'q'], ['it is 7', '7', 'eight'], [dict(answer='#### 7')] * 3, [3, 1, 2], ['a:1'] * 3)
+  np.testing.assert_allclose(got, [[1, 0, -3 / 8], [1, 1, -1 / 8], [0, 0, -2 / 8]])
+  np.testing.assert_allclose(scorer.total(got), [1 - 0.75, 1.5 - 0.25, -0.5])
+
+
+def test_advantages_are_trls():
+  """Group, batch and no scaling as TRL computes them (its nanstd is the unbiased std, + 1e-4)."""
+  from llm_jax import rollout  # pylint: disable=g-import-not-at-top
+  rewards = np.array([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+  adv, _ = rollout.advantages_of(rewards, 4, 'group')
+  np.testing.assert_allclose(adv[:4], (rewards[:4] - 0.25) / (np.std(rewards[:4], ddof=1) + 1e-4))
+  np.testing.assert_allclose(adv[4:], 0.0)  # an equal group gives no signal
+  adv, _ = rollout.advantages_of(rewards, 4, 'batch')
+  np.testing.assert_allclose(adv[:4], (rewards[:4] - 0.25) / (np.std(rewards, ddof=1) + 1e-4))
+  adv, _ = rollout.advantages_of(rewards, 4, 'none')
+  np.testing.assert_allclose(adv, rewards - np.repeat([0.25, 2.0], 4))
+
+
+BAD_REWARDS = '''
+import time
+def raises(prompts, completions, **fields):
+  raise KeyError('oops')
+def text(prompts, completions, **fields):
+  return ['1.0' for _ in completions]
+def short(prompts, completions, **fields):
+  return [1.0]
+def slow(prompts, completions, **fields):
+  time.sleep(5)
+  return [0.0 for _ in completions]
+'''
+
+
+def test_bad_reward_function_and_prompt_data_are_one_clear_error(tmp_path, prompt_files):
+  from llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from llm_jax import rewards, validation  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'bad.py'
+  path.write_text(BAD_REWARDS)
+  c = grpo_config(prompt_files)
+  call = lambda scorer: scorer(['p', 'q'], ['x', 'y'], [dict(answer='1'), dict(answer='2')], [1, 1],
+                               ['f.jsonl:1', 'f.jsonl:2'])
+  for name, message in (('raises', r'reward .*bad\.py:raises raised KeyError: .oops. \(on the rollout of f\.jsonl:1'),
+                        ('text', r"reward .*:text returned '1\.0' for the completion of f\.jsonl:1; a reward is a "
+                                 r'finite number'),
+                        ('short', r'reward .*:short returned 1 values for 2 completions'),
+                        ('slow', r'reward .*:slow: took more than config\.grpo\.reward_timeout=0\.2 s')):
+    c.grpo.update(rewards=f'{path}:{name}', reward_weights='', reward_timeout=0.2)
+    with pytest.raises(rewards.RewardError, match=message):
+      call(rewards.make(c))
+  c.grpo.rewards = f'{path}:missing'
+  with pytest.raises(rewards.RewardError, match=r'config\.grpo\.rewards: .*bad\.py:missing.: .* has no function'):
+    rewards.make(c)
+  c.grpo.update(rewards='exact_answer,length', reward_weights='1')
+  with pytest.raises(config_lib.ConfigError, match=r'^config\.grpo\.reward_weights: 1 weights for 2 rewards'):
+    validation.validate(c, 1)
+  c.grpo.update(rewards='exact_answer', reward_weights='')
+  c.data.source = 'synthetic'
+  with pytest.raises(config_lib.ConfigError, match=r'^config\.data\.source: .synthetic.: model\.objective=grpo '
+                                                   r'samples completions of prompts'):
+    validation.validate(c, 1)
+  # a dataset without the named column, and a prompt longer than the context: the record named
+  c = grpo_config(prompt_files)
+  c.data.prompt_columns = 'prompt=question'
+  with pytest.raises(prompts.PromptDataError, match=r'prompts\.jsonl:1: no column "question" \(data\.prompt_columns '
+                                                    r'maps prompt=question\); the record has prompt, answer'):
+    prompts.load(c)
+  c = grpo_config(prompt_files)
+  c.data.seq_len, c.grpo.max_completion_tokens = 20, 8
+  with pytest.raises(prompts.PromptDataError, match=r'prompts\.jsonl:13: the prompt has 26 tokens; data\.seq_len=20 '
+                                                    r'- grpo\.max_completion_tokens=8 leaves 12'):
+    prompts.load(c)
