@@ -12,7 +12,8 @@ records' other fields (answer, ...) comes as a list of the same length, as TRL c
   format         1.0 when the whole completion matches config.grpo.format_regex (re.fullmatch, DOTALL), else 0.0
   length         -(completion tokens) / grpo.max_completion_tokens: a penalty on length
 
-A user function is named `module:function` (imported) or `path/to/file.py:function` (loaded from the file). It runs
+A user function is named `module:function` (imported) or `path/to/file.py:function` (loaded from the file), and
+logged under its function's name (reward/<function>). It runs
 in a worker thread with config.grpo.reward_timeout seconds for the rollout; a function that raises, runs out of
 time, returns the wrong count or a value that is not a number is one RewardError naming it (and the record, for a
 bad value). `make(config)` gives the run's `Rewards`: names, weights, and __call__ -> per-function rewards [N, F].
@@ -160,6 +161,13 @@ def parse(config) -> tuple[list[str], list[float]]:
   return names, weights
 
 
+def short_names(specs: Sequence[str]) -> list[str]:
+  """The names rewards are logged under (reward/<name>): a built-in's, a user function's own name (the part after
+  the last ':'), or its whole spec where two would share a name."""
+  short = [s.rpartition(':')[2] if ':' in s else s for s in specs]
+  return [n if short.count(n) == 1 else s for n, s in zip(short, specs)]
+
+
 def check_config(config) -> None:
   parse(config)
 
@@ -168,8 +176,9 @@ class Rewards:
   """The run's reward functions: `names`, `weights`, and __call__(prompts, completions, fields, tokens) -> [N, F]."""
 
   def __init__(self, config):
-    self.names, self.weights = parse(config)
-    self.functions = [BUILTINS[n](config) if n in BUILTINS else load_function(n) for n in self.names]
+    self.specs, self.weights = parse(config)
+    self.functions = [BUILTINS[n](config) if n in BUILTINS else load_function(n) for n in self.specs]
+    self.names = short_names(self.specs)
     self.timeout = config.grpo.reward_timeout
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='llm_jax_reward')
 
@@ -179,7 +188,7 @@ class Rewards:
     columns = {k: [f.get(k) for f in fields] for k in keys}
     columns['completion_tokens'] = list(completion_tokens)
     out = np.zeros((len(completions), len(self.functions)), np.float64)
-    for j, (name, function) in enumerate(zip(self.names, self.functions)):
+    for j, (name, function) in enumerate(zip(self.specs, self.functions)):  # errors name the whole spec
       future = self._pool.submit(function, list(prompts), list(completions), **columns)
       try:
         values = future.result(timeout=self.timeout)

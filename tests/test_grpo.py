@@ -87,52 +87,69 @@ def tiny_policy():
                        data=dict(global_batch_size=6))
   model = create_model(config)
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  params = nn.unbox(init_params_fn(config, model)(jax.random.key(0)))
-  reference = nn.unbox(init_params_fn(config, model)(jax.random.key(1)))
-  return config, model, params, reference
+  init = jax.jit(lambda key: nn.unbox(init_params_fn(config, model)(key)))
+  return config, model, init(jax.random.key(0)), init(jax.random.key(1))
 
 
-@pytest.mark.parametrize('loss_type', grpo_lib.LOSS_TYPES)
-def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy, loss_type):
-  """Our loss, its gradient (with respect to the logits, and its norm with respect to the parameters is then the
-  same chain) and the logged kl / entropy / clip fractions equal TRL's _compute_loss on the same logits, old
-  log-probs, reference log-probs and advantages, for token and sequence (GSPO) level, with and without beta.
-  Tolerance 1e-5 (our float32 against TRL in float64)."""
+def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy):
+  """For every loss_type, at token and sequence (GSPO) level, with and without beta: our loss, its gradient (with
+  respect to the logits; the gradient of the parameters is the same chain) and the logged kl / entropy / clip
+  fractions equal TRL's _compute_loss on the same logits, old log-probs, reference log-probs and advantages.
+  Tolerance 1e-5 (our float32 against TRL in float64). The objective's loss on the parameters (model forward,
+  reference forward) is checked against the same numbers once per beta."""
   config, model, params, reference = tiny_policy
   rng = np.random.default_rng(0)
   batch = _rollout_like_batch(rng)
-  logits = np.asarray(model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions']))
-  ref_logits = np.asarray(model.apply({'params': reference}, batch['inputs'], batch['segment_ids'],
-                                      batch['positions']))
-  for level in grpo_lib.IMPORTANCE_LEVELS:
-    for beta in (0.0, 0.05):
-      c = config.copy_and_resolve_references()
-      c.grpo.update(loss_type=loss_type, importance_sampling_level=level, beta=beta, temperature=0.7,
-                    epsilon=0.2, epsilon_high=0.28)
+  apply = jax.jit(lambda p: model.apply({'params': p}, batch['inputs'], batch['segment_ids'], batch['positions']))
+  logits, ref_logits = np.asarray(apply(params)), np.asarray(apply(reference))
+  scaled = jax.nn.log_softmax(logits.astype(np.float64) / 0.7, -1)
+  logps = np.take_along_axis(np.asarray(scaled), batch['targets'][..., None], -1)[..., 0]
+  batch['old_logps'] = (logps + rng.uniform(-0.4, 0.4, logps.shape)).astype(np.float32)
+  ref_scaled = jax.nn.log_softmax(ref_logits.astype(np.float64) / 0.7, -1)
+  ref_logps_all = np.take_along_axis(np.asarray(ref_scaled), batch['targets'][..., None], -1)[..., 0]
+  cases = []
+  for loss_type in grpo_lib.LOSS_TYPES:
+    for level in grpo_lib.IMPORTANCE_LEVELS:
+      for beta in (0.0, 0.05):
+        c = config.copy_and_resolve_references()
+        c.grpo.update(loss_type=loss_type, importance_sampling_level=level, beta=beta, temperature=0.7,
+                      epsilon=0.2, epsilon_high=0.28)
+        cases.append(c)
+
+  @jax.jit
+  def ours_of(lg):  # every case in one compiled function: (sums, gradient of the loss by the logits) each
+    out = []
+    for c in cases:
+      prepared = objectives.make(c).prepare({k: jnp.asarray(v) for k, v in batch.items()}, 0)
+      ref_logps = jnp.asarray(ref_logps_all) if c.grpo.beta else None
+      sums = lambda x: grpo_lib.sums_of(c.grpo, x, prepared, ref_logps)  # pylint: disable=cell-var-from-loop
+      out.append((sums(lg), jax.grad(lambda x: sums(x)['loss'])(lg)))  # pylint: disable=cell-var-from-loop
+    return out
+
+  for c, (sums, grad) in zip(cases, ours_of(jnp.asarray(logits))):
+    ours = {k: float(v) for k, v in sums.items()}
+    g = c.grpo
+    loss, logged, trl_grad = _trl_loss(g, logits, ref_logits, batch)
+    where = f'{g.loss_type} {g.importance_sampling_level} beta={g.beta}'
+    assert ours['loss'] == pytest.approx(loss, abs=1e-5, rel=1e-5), where
+    np.testing.assert_allclose(np.asarray(grad), trl_grad, atol=1e-6, rtol=1e-5, err_msg=where)
+    assert np.linalg.norm(trl_grad) > 1e-3, where  # the comparison compares something
+    assert ours['entropy'] == pytest.approx(logged['entropy'], rel=1e-5), where
+    for name in grpo_lib.CLIP_METRICS:
+      assert ours[name] == pytest.approx(logged[name], abs=1e-6), (where, name)
+    if g.beta:
+      assert ours['kl'] == pytest.approx(logged['kl'], rel=1e-5, abs=1e-7), where
+      assert logged['kl'] > 0, where
+    if g.importance_sampling_level == 'token':  # the old log-probs are off by up to 0.4: ratios leave [0.8, 1.28]
+      assert logged['clip_ratio/region_mean'] > 0, where
+    if g.loss_type == 'grpo' and g.importance_sampling_level == 'sequence':
+      # the objective's own path on the parameters: policy forward, reference forward, the step's weights
       objective = objectives.make(c)
-      scaled = jax.nn.log_softmax(logits.astype(np.float64) / 0.7, -1)
-      logps = np.take_along_axis(np.asarray(scaled), batch['targets'][..., None], -1)[..., 0]
-      b = dict(batch, old_logps=(logps + rng.uniform(-0.4, 0.4, logps.shape)).astype(np.float32))
-      prepared = objective.prepare({k: jnp.asarray(v) for k, v in b.items()}, 0)
-      out = objective.loss(model, params, prepared, reference if beta else None)
-      ours = {k: float(v) for k, v in out.step_metrics(objective.count(prepared), 1.0).items()}
-      ref_logps = None
-      if beta:
-        ref_logps = objective.reference_logps(model, params, prepared, reference)
-      grad = jax.grad(lambda lg: grpo_lib.sums_of(c.grpo, lg, prepared, ref_logps)['loss'])(jnp.asarray(logits))
-      loss, logged, trl_grad = _trl_loss(c.grpo, logits, ref_logits, b)
-      where = f'{loss_type} {level} beta={beta}'
-      assert ours['loss'] == pytest.approx(loss, abs=1e-5, rel=1e-5), where
-      np.testing.assert_allclose(np.asarray(grad), trl_grad, atol=1e-6, rtol=1e-5, err_msg=where)
-      assert np.linalg.norm(trl_grad) > 1e-3, where  # the comparison compares something
-      assert ours['entropy'] == pytest.approx(logged['entropy'], rel=1e-5), where
-      for name in grpo_lib.CLIP_METRICS:
-        assert ours[name] == pytest.approx(logged[name], abs=1e-6), (where, name)
-      if beta:
-        assert ours['kl'] == pytest.approx(logged['kl'], rel=1e-5, abs=1e-7), where
-        assert logged['kl'] > 0, where
-      if level == 'token':  # the old log-probs are off by up to 0.4: some ratios leave [0.8, 1.28]
-        assert logged['clip_ratio/region_mean'] > 0, where
+      prepared = objective.prepare({k: jnp.asarray(v) for k, v in batch.items()}, 0)
+      out = jax.jit(lambda p, b, r: objective.loss(model, p, b, r).metrics)(  # pylint: disable=cell-var-from-loop
+          params, prepared, reference if g.beta else None)
+      assert float(out['loss']) == pytest.approx(loss, abs=1e-5, rel=1e-5), where
+      assert float(out['kl']) == pytest.approx(ours['kl'], rel=1e-5, abs=1e-7), where
 
 
 # --- the loop: rollouts through the engine, rewards, exact resume ---------------------------------------------------
@@ -157,15 +174,27 @@ def prompt_files(tmp_path_factory):
 
 
 def grpo_config(root, **grpo):
+  """The tiny config of the reward and prompt tests: the fixture's prompts (text and chat) and rewards."""
   c = tiny_config(model=dict(objective='grpo', vocab_size=320, max_seq_len=64),
                   data=dict(source='prompts_jsonl', paths=str(root / 'prompts.jsonl'),
                             tokenizer_path=str(root / 'tok.model'), seq_len=48, global_batch_size=8,
-                            validation_fraction=0.2),
-                  train=dict(steps=4, learning_rate=1e-2, warmup_steps=1),
-                  checkpoint=dict(every=2, async_save=False))
-  c.grpo.update(dict(group_size=4, prompts_per_rollout=2, max_completion_tokens=8, steps_per_rollout=2,
-                     rewards=f'exact_answer,length,{root / "reward.py"}:share_of_a', reward_weights='1,0.1,1',
-                     log_samples_every=1, log_samples=3, eval_prompts=2, beta=0.04), **grpo)
+                            validation_fraction=0.2))
+  c.grpo.update(dict(group_size=4, prompts_per_rollout=2, max_completion_tokens=8,
+                     rewards=f'exact_answer,length,{root / "reward.py"}:share_of_a', reward_weights='1,0.1,1'), **grpo)
+  return c
+
+
+def preset_config():
+  """experiments/grpo_tiny.py on a smaller rollout (2 prompts x 4 completions), 4 steps of 2 a rollout, with a
+  KL term, two rewards and a checkpoint every 2 steps."""
+  from llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_experiment('grpo_tiny')
+  c.data.global_batch_size = 8
+  c.grpo.update(group_size=4, prompts_per_rollout=2, steps_per_rollout=2, beta=0.04, log_samples_every=1,
+                log_samples=3, eval_prompts=2, rewards=f'length,{c.grpo.rewards}', reward_weights='0.1,1')
+  c.train.update(steps=4, log_every=1)
+  c.eval.every = 0
+  c.checkpoint.update(every=2, async_save=False)
   return c
 
 
@@ -174,15 +203,16 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_grpo_run_logs_rollouts_and_resumes_exactly(prompt_files, tmp_path):
+def test_grpo_run_logs_rollouts_and_resumes_exactly(tmp_path):
   """A GRPO run (rollouts through the engine, 2 steps a rollout, KL to the reference) writes the rollout metrics
   and samples; interrupted after step 2 and resumed, it reproduces the uninterrupted run's losses and rewards."""
   from llm_jax import train  # pylint: disable=g-import-not-at-top
   whole = str(tmp_path / 'whole')
-  train.train_and_evaluate(grpo_config(prompt_files), whole)
+  one = jax.devices()[:1]  # as a user runs the preset (the suite's 8 fake devices only slow the tiny steps down)
+  train.train_and_evaluate(preset_config(), whole, one)
   rows = [r for r in _rows(whole) if 'loss' in r]
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
-  for key in ('reward', 'reward_std', 'reward/exact_answer', 'reward/length', 'advantage_std', 'kl', 'entropy',
+  for key in ('reward', 'reward_std', 'reward/letter_share', 'reward/length', 'advantage_std', 'kl', 'entropy',
               'clip_ratio/region_mean', 'completion_length', 'completion_length_max', 'truncated',
               'rollout_tokens_per_s'):
     assert key in rows[-1], key
@@ -191,14 +221,13 @@ def test_grpo_run_logs_rollouts_and_resumes_exactly(prompt_files, tmp_path):
   assert rows[0]['clip_ratio/region_mean'] == 0.0  # the first step of a rollout: ratio 1
   assert 'eval_reward' in _rows(whole)[-1]
   samples = [json.loads(line) for line in open(os.path.join(whole, 'rollouts.jsonl'))]
-  assert len(samples) == 2 * 3 and set(samples[0]['rewards']) == {'exact_answer', 'length',
-                                                                   f'{prompt_files / "reward.py"}:share_of_a'}
+  assert len(samples) == 2 * 3 and set(samples[0]['rewards']) == {'length', 'letter_share'}
   part = str(tmp_path / 'part')
-  interrupted = grpo_config(prompt_files)
+  interrupted = preset_config()
   interrupted.checkpoint.every = 1
-  train.train_and_evaluate(interrupted, part, hooks=[train.every(3, lambda loop, step: loop.stop())])
+  train.train_and_evaluate(interrupted, part, one, hooks=[train.every(3, lambda loop, step: loop.stop())])
   # resumed from step 3, inside rollout 2 (steps 3 and 4): its batch is read back from the workdir
-  train.train_and_evaluate(grpo_config(prompt_files), part)
+  train.train_and_evaluate(preset_config(), part, one)
   resumed = [r for r in _rows(part) if 'loss' in r]
   for a, b in zip(rows, resumed):
     assert (a['step'], a['loss'], a['reward'], a['completion_length']) == (b['step'], b['loss'], b['reward'],
