@@ -321,3 +321,39 @@ def test_bad_reward_function_and_prompt_data_are_one_clear_error(tmp_path, promp
   with pytest.raises(prompts.PromptDataError, match=r'prompts\.jsonl:13: the prompt has 26 tokens; data\.seq_len=20 '
                                                     r'- grpo\.max_completion_tokens=8 leaves 12'):
     prompts.load(c)
+
+
+def test_dynamic_sampling_drops_equal_groups_and_refills_from_further_prompts():
+  """DAPO's dynamic sampling: groups whose rewards are all equal are dropped and the next sampling round's groups
+  fill the batch; after grpo.max_rollout_attempts rounds equal groups fill what is left. (The stage's sampling is
+  replaced by groups of given rewards; its batch assembly, advantages and metrics are the real ones.)"""
+  from llm_jax import rollout, rewards  # pylint: disable=g-import-not-at-top
+  from llm_jax.data.prompts import Prompt  # pylint: disable=g-import-not-at-top
+  c = tiny_config(model=dict(objective='grpo'), data=dict(source='prompts_jsonl', seq_len=16))
+  c.grpo.update(group_size=2, prompts_per_rollout=2, max_completion_tokens=4, dynamic_sampling=True,
+                max_rollout_attempts=3, rewards='length', log_samples_every=0)
+  stage = object.__new__(rollout.RolloutStage)
+  stage.config, stage.g, stage.rows, stage.seq_len, stage.pad_id = c, c.grpo, 4, 16, 0
+  stage.rewards = rewards.make(c)
+  stage.trainer = types.SimpleNamespace(put=lambda b: b)
+  stage._logps = lambda params, b: np.zeros(b['inputs'].shape, np.float32)  # pylint: disable=protected-access
+  rounds = {0: [[0.0, 0.0], [1.0, 0.0]], 1: [[0.5, 0.5], [0.25, 0.75]], 2: [[1.0, 1.0]]}
+  calls = []
+
+  def groups(params, r, attempt):
+    calls.append(attempt)
+    return [dict(record=Prompt((1, 2), f'p{attempt}{i}', {}, f'f:{attempt}{i}'), completions=[([3], False)] * 2,
+                 texts=['x'] * 2, scores=np.asarray(s)[:, None]) for i, s in enumerate(rounds[attempt])]
+
+  stage._groups = groups  # pylint: disable=protected-access
+  batch = stage.make(0, None)
+  assert calls == [0, 1]  # the second round filled the batch
+  a, b = 0.5 / (np.sqrt(0.5) + 1e-4), 0.25 / (np.sqrt(0.125) + 1e-4)  # deviation / (unbiased std + 1e-4)
+  np.testing.assert_allclose(batch['advantages'][:, 0], [a, -a, -b, b], rtol=1e-6)
+  assert stage.metrics()['zero_std_groups'] == 0.0
+  rounds[1] = [[0.5, 0.5]]
+  calls.clear()
+  batch = stage.make(1, None)
+  assert calls == [0, 1, 2]  # never enough: the kept group, then the first equal one
+  np.testing.assert_allclose(batch['advantages'][:, 0], [a, -a, 0, 0], rtol=1e-6)
+  assert stage.metrics()['zero_std_groups'] == 0.5
