@@ -153,8 +153,8 @@ class RolloutStage:
     total = self.rewards.total(scores)
     advantages, std = advantages_of(total, self.g.group_size, self.g.scale_rewards)
     batch = self._rows(groups, advantages)
-    batch['old_logps'] = np.asarray(jax.device_get(self._logps(params, self.trainer.put(
-        {k: batch[k] for k in ('inputs', 'targets', 'segment_ids', 'positions')}))), np.float32)
+    batch['old_logps'] = np.asarray(jax.device_get(self._logps(params, self.trainer.put(self.mine(
+        {k: batch[k] for k in ('inputs', 'targets', 'segment_ids', 'positions')})))), np.float32)
     lengths = np.asarray([len(ids) for g in groups for ids, _ in g['completions']])
     truncated = np.asarray([t for g in groups for _, t in g['completions']])
     grouped_std = total.reshape(-1, self.g.group_size).std(1)
@@ -205,6 +205,13 @@ class RolloutStage:
     storage.append_text(storage.join(self.workdir, 'rollouts.jsonl'), ''.join(line + '\n' for line in lines))
 
   # --- what the loop calls ------------------------------------------------------------------------------------------
+  def mine(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch (every process makes the whole rollout, with the same seeds; each
+    feeds its slice, as the data iterators do)."""
+    index, count = self.trainer.data_slice
+    per = self.rows // count
+    return {k: v[index * per:(index + 1) * per] for k, v in batch.items()}
+
   def start(self, step: int) -> None:
     """Before training from `step` (a resume): rollouts.jsonl keeps only the samples of rollouts this run will not
     log again (as metrics.jsonl drops the rows beyond the restored step)."""
@@ -222,8 +229,8 @@ class RolloutStage:
     return storage.join(self.workdir, 'rollouts', 'current.npz')
 
   def batch(self, index: int, params) -> dict[str, np.ndarray]:
-    """The host batch of train step `index` (0-based): rollout index // steps_per_rollout, made on `params` at its
-    first step (or read back from the workdir after a resume inside it)."""
+    """The global host batch of train step `index` (0-based): rollout index // steps_per_rollout, made on `params` at
+    its first step (or read back from the workdir after a resume inside it). The loop feeds `mine` of it."""
     r = index // self.g.steps_per_rollout
     if self._current is None or self._current[0] != r:
       batch = self._read(r) if index % self.g.steps_per_rollout else None

@@ -756,7 +756,7 @@ class Loop:
     if self.rollouts is None:
       return next(iterator)
     start = time.perf_counter()
-    batch = self.rollouts.batch(index, self.state.params)
+    batch = self.rollouts.mine(self.rollouts.batch(index, self.state.params))  # this process's rows, as iterators
     self._excluded += time.perf_counter() - start
     return batch
 

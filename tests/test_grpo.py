@@ -335,7 +335,7 @@ def test_dynamic_sampling_drops_equal_groups_and_refills_from_further_prompts():
   stage = object.__new__(rollout.RolloutStage)
   stage.config, stage.g, stage.rows, stage.seq_len, stage.pad_id = c, c.grpo, 4, 16, 0
   stage.rewards = rewards.make(c)
-  stage.trainer = types.SimpleNamespace(put=lambda b: b)
+  stage.trainer = types.SimpleNamespace(put=lambda b: b, data_slice=(0, 1))
   stage._logps = lambda params, b: np.zeros(b['inputs'].shape, np.float32)  # pylint: disable=protected-access
   rounds = {0: [[0.0, 0.0], [1.0, 0.0]], 1: [[0.5, 0.5], [0.25, 0.75]], 2: [[1.0, 1.0]]}
   calls = []

@@ -71,6 +71,13 @@ class Objective:
     """The fields this objective reads; ConfigError naming the first bad one. Called before anything is built."""
     del config
 
+  @classmethod
+  def batch_fields(cls, config) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Batch arrays this objective reads beyond the text batch's (inputs, targets, segment_ids, positions,
+    loss_mask): {name: (shape after the batch axis, dtype)}; the dry run compiles the step with them."""
+    del config
+    return {}
+
   def reference_kind(self) -> str | None:
     """None | 'copy' | 'lora_base': the frozen reference this objective needs under its config."""
     return None

@@ -166,6 +166,10 @@ class GRPO(base.Objective):
       fail('grpo.max_completion_tokens', f'{g.max_completion_tokens} leaves no room for a prompt in data.seq_len='
            f'{config.data.seq_len} (a row holds the prompt and one completion)')
 
+  @classmethod
+  def batch_fields(cls, config):
+    return dict(old_logps=((config.data.seq_len,), jnp.float32), advantages=((1,), jnp.float32))
+
   def reference_kind(self):
     if not self.config.grpo.beta:
       return None
