@@ -384,3 +384,28 @@ def test_grpo_step_on_one_device_equals_fsdp_by_tensor_mesh(tmp_path, tiny_polic
   for key in results[0]:
     assert results[1][key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-7), key
   assert results[0]['kl'] == 0.0 and results[0]['grad_norm'] > 0  # the reference is the starting point
+
+
+def test_prompts_hf_maps_gsm8k_style_columns_and_names_a_missing_one(tmp_path, prompt_files):
+  """prompts_hf on a local JSON dataset with GSM8K's columns (question, answer): data.prompt_columns maps question
+  onto prompt, answer goes to the rewards as it is; the held-out share is stable; a column the mapping names but the
+  dataset lacks is one line naming the row."""
+  from llm_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  rows = [dict(question=f'what is {i} + 1 ?', answer=f'{i} + 1 = {i + 1}\n#### {i + 1}') for i in range(10)]
+  path = tmp_path / 'gsm.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  c = grpo_config(prompt_files)
+  c.data.update(source='prompts_hf', hf_path='json', hf_data_files=str(path), prompt_columns='prompt=question',
+                validation_fraction=0.3)
+  tokenizer, split = prompts.load(c)
+  records = split['train'] + split['validation']
+  assert len(records) == 10 and 0 < len(split['validation']) < 10
+  first = next(r for r in records if r.text == 'what is 0 + 1 ?')
+  assert first.fields == dict(answer='0 + 1 = 1\n#### 1') and first.where.startswith('json[train][')
+  assert list(first.ids) == tokenizer.encode_prompt('what is 0 + 1 ?')
+  from llm_jax import rewards  # pylint: disable=g-import-not-at-top
+  assert rewards.make(c)(['q'], ['so it is 1'], [first.fields], [3], [first.where])[0, 0] == 1.0  # exact_answer
+  c.data.prompt_columns = 'prompt=problem'
+  with pytest.raises(prompts.PromptDataError, match=r'^json\[train\]\[0\]: no column "problem" \(data\.prompt_columns '
+                                                    r'maps prompt=problem\); the record has question, answer'):
+    prompts.load(c)
