@@ -13,6 +13,10 @@ HarnessTasks, SaveOnPreemption). A hook is a `Hook` with a cadence `every` (or i
 stalls the device queue); a hook that reads or saves the state calls `loop.require_finite()` first. A hook ends
 the run with `loop.stop(**result)` (preemption does).
 
+An objective that learns from rollouts (grpo) gets its batches from the rollout stage (llm_jax.rollout: prompts ->
+the serving engine on the current parameters -> rewards -> advantages) instead of the data iterator; the step, the
+hooks, checkpoints and resume are this loop's, unchanged (an RL recipe is a rollout stage plus an objective).
+
 The loop resumes from the latest complete checkpoint in the workdir, else initialises from
 config.train.init_from, else from scratch; the data iterator starts at the restored step, so a resumed run
 produces the same losses as an uninterrupted one. TensorFlow is never imported here (only the text data
