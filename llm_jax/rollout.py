@@ -151,7 +151,7 @@ class RolloutStage:
     elapsed = time.perf_counter() - start
     scores = np.concatenate([g['scores'] for g in groups])  # [N, F]
     total = self.rewards.total(scores)
-    advantages, std = advantages_of(total, self.g.group_size, self.g.scale_rewards)
+    advantages, _ = advantages_of(total, self.g.group_size, self.g.scale_rewards)
     batch = self._rows(groups, advantages)
     batch['old_logps'] = np.asarray(jax.device_get(self._logps(params, self.trainer.put(self.mine(
         {k: batch[k] for k in ('inputs', 'targets', 'segment_ids', 'positions')})))), np.float32)
