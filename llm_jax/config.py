@@ -23,7 +23,7 @@ from llm_jax.errors import ConfigError, UserError, check_choice, fail  # noqa: F
 # The choices of most fields are declared where they are implemented, and each part checks its own fields
 # (llm_jax.validation.validate calls them all; tests/test_house.py checks each field's comment lists its registry):
 #   model.attention, dtype, rope_scaling, remat, ffn, moe_compute; lora.targets   llm_jax.model.check_config
-#   model.objective, dpo.*                                                      llm_jax.objectives.check_config
+#   model.objective, dpo.*, grpo.* (the loss; the rewards: llm_jax.rewards)      llm_jax.objectives.check_config
 #   data.*                                                                      llm_jax.data.check_config
 #   train.schedule, wsd_*, moments_dtype, learning_rate, warmup_steps           llm_jax.optim.check_config
 # This module checks the run itself: the mesh and its rules, batch sizes, the loop's cadences (check_run).
@@ -107,11 +107,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.max_segments_per_row = 8  # cuDNN attention: runs of segment ids (documents, padding) per row the packed layout has room for; rows with more fall back to the dense mask at run time; 0 = always the dense mask.
   c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out | minimal (projections and mlp_out kept, as MaxText's: the TPU choice) | minimal_with_context (projections, attention output and its cuDNN softmax statistics kept; not mlp_out: the GPU choice).
   c.model.scan_layers = True  # Stack the blocks with nn.scan (faster compile) instead of unrolling them.
-  c.model.objective = 'clm'  # Training objective: clm (causal LM; SFT on sft_jsonl) | mlm (masked LM, bidirectional attention) | dpo (preference pairs of preference_jsonl / preference_hf: DPO, IPO, SimPO; config.dpo).
+  c.model.objective = 'clm'  # Training objective: clm (causal LM; SFT on sft_jsonl) | mlm (masked LM, bidirectional attention) | dpo (preference pairs of preference_jsonl / preference_hf: DPO, IPO, SimPO; config.dpo) | grpo (reinforcement learning from rewards on rollouts of prompts_jsonl / prompts_hf: GRPO and its variants; config.grpo, docs/rl.md).
   c.model.mask_token_id = 2  # mlm: input id of [MASK]; 2 = the tokenizer's reserved BOS, never in the data stream.
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | sft_stdlib (instruction records made from the stdlib corpus: six lines of code asked, the next three answered) | preference_jsonl (chosen/rejected JSONL with a prompt, or its implicit prompt, as TRL reads them; data.preference_columns) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected).
+  c.data.source = 'synthetic'  # Where text comes from: synthetic | stdlib | text_files | tfds | hf_datasets | mixture | sft_jsonl | sft_stdlib (instruction records made from the stdlib corpus: six lines of code asked, the next three answered) | preference_jsonl (chosen/rejected JSONL with a prompt, or its implicit prompt, as TRL reads them; data.preference_columns) | preference_hf (the same as Hugging Face dataset rows, data.hf_path) | preference_stdlib (pairs made from the stdlib corpus: real code chosen, its words shuffled rejected) | prompts_jsonl (records with a prompt, text or chat messages, and fields for the rewards: model.objective=grpo; data.prompt_columns) | prompts_hf (the same as Hugging Face dataset rows, data.hf_path).
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
@@ -122,6 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.hf_data_files = ''  # hf_datasets: comma-separated files or globs for the json/parquet/text loaders ('' = none).
   c.data.hf_name = ''  # hf_datasets: the dataset configuration name ('' = the default).
   c.data.preference_columns = ''  # preference_jsonl / preference_hf: the record's columns for our fields, as field=column pairs ('prompt=question,chosen=response_j,rejected=response_k'); '' = the columns prompt, chosen and rejected.
+  c.data.prompt_columns = ''  # prompts_jsonl / prompts_hf: the record's columns for our fields, as field=column pairs ('prompt=question' for GSM8K: its answer column is already answer); every field is passed to the rewards; '' = the columns as they are (a prompt column is needed).
   c.data.hf_streaming = False  # hf_datasets: stream instead of downloading and caching (then prepared in one task).
   c.data.mixture = ''  # mixture: comma-separated PREPARED_DIR:WEIGHT, all prepared with the same tokenizer, e.g. '/d/web:0.7,/d/code:0.3'.
   c.data.filters = 'auto'  # Quality filters (datatrove), comma-separated: gopher_quality, gopher_repetition, c4_quality, fineweb_quality; '' = none; 'auto' = none for code (stdlib), whole-file documents and tfds, 'gopher_repetition' for parts of files and hf_datasets rows.
@@ -211,6 +212,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.dpo.max_prompt_length = 0  # A sequence longer than dpo.max_length keeps the last this-many prompt tokens first, then cuts both completions to the rest (TRL's order); 0 = dpo.max_length // 2.
   c.dpo.precompute_ref = False  # Compute the reference's summed completion log-probabilities of every pair once (two numbers a pair), before the first step (no gradient), and store them beside the prepared data (reference_logps/<split>-<pairs key>-<reference key>.npy); each batch reads its pairs' sums, so no reference copy is held and no reference forward runs per step. Ignored by simpo.
   c.dpo.reference_dtype = 'compute'  # Dtype of the frozen reference copy (no LoRA, no precompute_ref), which only runs forward passes: compute (model.dtype, giving the same forward; norm scales and the MoE router stay in param_dtype) | param (model.param_dtype, float32 by default).
+
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.group_size = 4  # model.objective=grpo: completions sampled per prompt, one group (TRL's num_generations); advantages compare a completion with its group.
+  c.grpo.prompts_per_rollout = 2  # Prompts of one rollout; the rollout's prompts_per_rollout * group_size completions are one step's batch (data.global_batch_size must equal it).
+  c.grpo.steps_per_rollout = 1  # Optimizer steps on each rollout (TRL's num_iterations); the rollout's log-probs are the old policy of the clipped ratio.
+  c.grpo.max_completion_tokens = 32  # New tokens sampled at most per completion (TRL's max_completion_length; dr_grpo divides by it); a prompt gets data.seq_len - this tokens at most.
+  c.grpo.temperature = 1.0  # Sampling temperature of the rollouts; the loss's log-probs are of logits / temperature, as TRL's.
+  c.grpo.top_p = 1.0  # Nucleus sampling of the rollouts (1 = off).
+  c.grpo.top_k = 0  # Top-k sampling of the rollouts (0 = off).
+  c.grpo.loss_type = 'dapo'  # grpo (per-completion token mean, then mean over completions) | bnpo (token mean over the batch) | dr_grpo (sum over tokens / (completions * max_completion_tokens)) | dapo (token mean over the rollout; TRL's default); formulas in docs/rl.md.
+  c.grpo.importance_sampling_level = 'token'  # token (a ratio per token) | sequence (one ratio per completion, the geometric mean of its tokens': GSPO).
+  c.grpo.epsilon = 0.2  # Clip range of the ratio below 1: [1 - epsilon, 1 + epsilon_high].
+  c.grpo.epsilon_high = 0.0  # Clip range above 1 (DAPO's clip-higher, e.g. 0.28); 0 = epsilon.
+  c.grpo.scale_rewards = 'group'  # Advantage = reward - its group's mean, divided by: group (the group's std) | batch (the rollout's std) | none (not divided: Dr. GRPO).
+  c.grpo.beta = 0.0  # Weight of the KL to the reference (k3 estimator per token; the reference is the starting point, as DPO's: the init_from model or the LoRA base); 0 = no reference held.
+  c.grpo.mask_truncated_completions = False  # Completions cut at max_completion_tokens (no EOS) count in no loss (DAPO).
+  c.grpo.dynamic_sampling = False  # Drop groups whose rewards are all equal (no signal) and refill the batch with the groups of further prompts (DAPO).
+  c.grpo.max_rollout_attempts = 4  # dynamic_sampling: rollouts at most to fill one batch; then the equal groups fill the rest (and count as zero_std_groups).
+  c.grpo.rewards = 'exact_answer'  # Comma-separated reward functions, summed with grpo.reward_weights: built-ins exact_answer (the completion's final answer, after '####' or in \boxed{}, else its last number, equals the record's answer field) | format (the completion matches grpo.format_regex) | length (-(completion tokens) / max_completion_tokens); or module:function / path/to/file.py:function, called as f(prompts, completions, **fields) -> one float each.
+  c.grpo.reward_weights = ''  # Comma-separated weights, one per reward ('' = 1 each).
+  c.grpo.answer_field = 'answer'  # exact_answer: the record's field holding the reference answer (its final answer is extracted the same way).
+  c.grpo.format_regex = ''  # format: a regular expression the whole completion must match (re.fullmatch, DOTALL) for reward 1, else 0.
+  c.grpo.reward_timeout = 10.0  # Seconds a user reward function may take for one rollout (it runs in a worker thread); beyond that the run stops, naming it.
+  c.grpo.log_samples_every = 10  # Write completions with their rewards to <workdir>/rollouts.jsonl every this many rollouts (0 = never).
+  c.grpo.log_samples = 4  # Completions written per logged rollout.
+  c.grpo.eval_prompts = 8  # Prompts of the eval split scored (greedy, one completion each) at every evaluation: eval_reward.
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # LoRA rank (0 = no adapters, train all parameters).

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from llm_jax import hlo_analysis
 from llm_jax import metrics as metrics_lib
+from llm_jax import objectives
 from llm_jax import sharding
 from llm_jax import targets as targets_lib
 from llm_jax import train
@@ -49,7 +50,11 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   batch_sharding = sharding.batch_sharding(mesh)
   dtypes = dict(inputs=jnp.int32, targets=jnp.int32, segment_ids=jnp.int32, positions=jnp.int32,
                 loss_mask=jnp.float32)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, dtype in dtypes.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, dtype in dtypes.items()}
+  # what the objective adds (grpo: the rollout's old log-probs and advantages)
+  for name, (rest, dtype) in objectives.REGISTRY[config.model.objective].batch_fields(config).items():
+    batch[name] = jax.ShapeDtypeStruct((shape[0],) + tuple(rest), dtype, sharding=batch_sharding)
+  return batch
 
 
 def abstract_state(trainer: train.Trainer) -> train.TrainState:

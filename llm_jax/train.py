@@ -13,6 +13,10 @@ HarnessTasks, SaveOnPreemption). A hook is a `Hook` with a cadence `every` (or i
 stalls the device queue); a hook that reads or saves the state calls `loop.require_finite()` first. A hook ends
 the run with `loop.stop(**result)` (preemption does).
 
+An objective that learns from rollouts (grpo) gets its batches from the rollout stage (llm_jax.rollout: prompts ->
+the serving engine on the current parameters -> rewards -> advantages) instead of the data iterator; the step, the
+hooks, checkpoints and resume are this loop's, unchanged (an RL recipe is a rollout stage plus an objective).
+
 The loop resumes from the latest complete checkpoint in the workdir, else initialises from
 config.train.init_from, else from scratch; the data iterator starts at the restored step, so a resumed run
 produces the same losses as an uninterrupted one. TensorFlow is never imported here (only the text data
@@ -45,6 +49,7 @@ from llm_jax import metrics as metrics_lib
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import profiling
+from llm_jax import rollout as rollout_lib
 from llm_jax import runtime as runtime_lib
 from llm_jax import serving
 from llm_jax import sharding
@@ -566,6 +571,8 @@ class LogMetrics(Hook):
       loop.last['z_loss'] = float(values['z_loss'])
     for name in loop.trainer.objective.train_metrics:  # dpo: rewards/chosen, rewards/accuracies, ...
       loop.last[name] = float(values[name])
+    if loop.rollouts is not None:  # grpo: the last rollout's rewards, lengths, rollout_tokens_per_s (llm_jax.rollout)
+      loop.last.update(loop.rollouts.metrics())
     for name in sorted(k for k in values if k.startswith('aux/')):  # terms the model sows (objectives.base)
       loop.last[name] = float(values[name])
     if loop.trainer.expert_load is not None:
@@ -609,10 +616,10 @@ class Evaluate(Hook):
 
   def __call__(self, loop, step):
     loop.require_finite()
-    loop.writer.write(dict(step=step, **loop.trainer.evaluate(loop.state.params, reference=loop.state.reference)))
+    loop.writer.write(dict(step=step, **loop.evaluate()))
 
   def end(self, loop):
-    row = dict(step=loop.total_steps, **loop.trainer.evaluate(loop.state.params, reference=loop.state.reference))
+    row = dict(step=loop.total_steps, **loop.evaluate())
     loop.writer.write(row)
     loop.last.update(row)
 
@@ -714,7 +721,12 @@ class Loop:
     monitor                the NonFiniteMonitor
     require_finite()       checks the step's non-finite flag now (normally checked one step late)
     step_metrics()         the step's metrics on the host (checked for non-finite values)
-    take_tokens_per_s()    tokens/s since the last call (the first step, with compilation, is excluded)
+    take_tokens_per_s()    tokens/s since the last call (the first step, with compilation, is excluded; rollouts
+                           are not counted: they report their own rollout_tokens_per_s)
+    rollouts               the rollout stage (llm_jax.rollout.RolloutStage) of an objective that learns from
+                           rollouts (grpo), the source of its batches; None otherwise
+    evaluate()             the eval row of the current parameters (grpo: rewards of greedy completions of the eval
+                           prompts)
     stop(**result)         end the run after this step's hooks; `result` is merged into the returned dict
   """
 
@@ -733,6 +745,24 @@ class Loop:
     self.last_batch: dict = {}  # the last step's batch (on device)
     self._interval_start, self._interval_steps = None, 0
     self._stopped = None
+    # An RL recipe is a rollout stage plus an objective: the stage makes each step's batch from the current
+    # parameters (llm_jax.rollout), everything else (step, hooks, checkpoints, resume) is this loop.
+    self.rollouts = (rollout_lib.RolloutStage(trainer, self.workdir) if trainer.objective.learns_from_rollouts
+                     else None)
+    self._excluded = 0.0  # seconds of the current interval spent in rollouts
+
+  def evaluate(self) -> dict[str, Any]:
+    if self.rollouts is not None:
+      return self.rollouts.evaluate(self.state.params)
+    return self.trainer.evaluate(self.state.params, reference=self.state.reference)
+
+  def _next_batch(self, iterator, index: int):
+    if self.rollouts is None:
+      return next(iterator)
+    start = time.perf_counter()
+    batch = self.rollouts.mine(self.rollouts.batch(index, self.state.params))  # this process's rows, as iterators
+    self._excluded += time.perf_counter() - start
+    return batch
 
   def add_hook(self, hook: Hook) -> None:
     self.hooks.append(hook)
@@ -749,9 +779,9 @@ class Loop:
     return values
 
   def take_tokens_per_s(self) -> float | None:
-    elapsed = time.perf_counter() - self._interval_start
+    elapsed = time.perf_counter() - self._interval_start - self._excluded
     steps = self._interval_steps
-    self._interval_start, self._interval_steps = time.perf_counter(), 0
+    self._interval_start, self._interval_steps, self._excluded = time.perf_counter(), 0, 0.0
     return steps * self._tokens_per_step / elapsed if steps else None
 
   def mfu(self, tokens_per_s: float) -> float | None:
@@ -762,16 +792,20 @@ class Loop:
 
   def run(self) -> dict[str, Any]:
     start = int(self.state.step)
-    iterator = self.trainer.iterator(self.config.data.train_split, start)
+    iterator = None
+    if self.rollouts is None:
+      iterator = self.trainer.iterator(self.config.data.train_split, start)
+    else:
+      self.rollouts.start(start)
     for index in range(start, self.total_steps):
-      batch = self.trainer.put(next(iterator))
+      batch = self.trainer.put(self._next_batch(iterator, index))
       self.state, self._metrics = self.trainer.train_step(self.state, batch)
       self.last_batch = batch  # the batch the metrics are of (LogMetrics' expert load reads it)
       self.require_finite()  # the previous step's flag, read while this step runs
       self._index, self._pending = index, (index, self._metrics)
       if self._interval_start is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(self._metrics)
-        self._interval_start = time.perf_counter()
+        self._interval_start, self._excluded = time.perf_counter(), 0.0
       else:
         self._interval_steps += 1
       for hook in self.hooks:

@@ -14,6 +14,7 @@ from llm_jax import model
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import profiling
+from llm_jax import rewards
 from llm_jax import storage
 from llm_jax import xla_options
 from llm_jax.errors import fail
@@ -24,6 +25,8 @@ def validate(config, num_devices: int) -> dict[str, int]:
   model.check_config(config)
   objectives.check_config(config)
   _check_objective_against_source(config)
+  if objectives.REGISTRY[config.model.objective].learns_from_rollouts:
+    rewards.check_config(config)  # the reward functions' names and weights (grpo)
   data.check_config(config)
   optim.check_config(config.train)
   mesh = config_lib.check_run(config, num_devices)
@@ -34,8 +37,19 @@ def validate(config, num_devices: int) -> dict[str, int]:
 
 
 def _check_objective_against_source(config) -> None:
-  """Preference objectives train on pairs, and pairs only train them."""
+  """Preference objectives train on pairs, and pairs only train them; rollout objectives (grpo) sample from prompts,
+  and prompts only feed them."""
   objective, source = config.model.objective, config.data.source
+  learns_from_rollouts = objectives.REGISTRY[objective].learns_from_rollouts
+  if learns_from_rollouts != (source in data.PROMPT_SOURCES):
+    if learns_from_rollouts:
+      fail('data.source', f'{source!r}: model.objective={objective} samples completions of prompts: use '
+           f'{" or ".join(data.PROMPT_SOURCES)}')
+    rollout_objectives = [name for name, cls in objectives.REGISTRY.items() if cls.learns_from_rollouts]
+    fail('model.objective', f'{objective!r}: data.source={source} yields prompts, which model.objective='
+         f'{" or ".join(rollout_objectives)} learns from')
+  if learns_from_rollouts:
+    return
   if objectives.REGISTRY[objective].trains_on_pairs == (source in data.PAIR_SOURCES):
     return
   if objectives.REGISTRY[objective].trains_on_pairs:

@@ -167,6 +167,8 @@ COVERAGE = [  # (pattern searched in the command, the test that runs it or why n
      'test_mlm.py::test_mlm_loss_falls_well_below_unigram_baseline'),  # its model on the stdlib corpus, 300 steps
     (r'main --config=experiments/moe_tiny\.py --workdir=\S+$',  # (the preset itself: test_config.py, test_moe.py::
      'test_moe.py::test_log_steps_carry_the_per_layer_expert_load'),  # test_presets_moe_tiny_matches_tiny_per_token...)
+    (r'main --config=experiments/grpo_tiny\.py --workdir=(W6|/tmp/grpo_tiny)$',  # the preset on a smaller rollout,
+     'test_grpo.py::test_grpo_run_logs_rollouts_and_resumes_exactly'),  # 4 steps (the full run: docs/rl.md)
     (r'data\.prepare --config=experiments/tiny\.py --workdir=(W|/tmp/llm_jax_tiny)$',
      'test_data_prepare.py::test_command_line'),
     (r'generate --workdir=/tmp/llm_jax_tiny --(prompt|prompts_file)=', 'test_generate.py::test_cli_prints_completions'),

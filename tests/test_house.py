@@ -19,7 +19,7 @@ from llm_jax import optim
 from llm_jax import validation
 from llm_jax.data import cleaning, sft, tokenizer as tokenizer_lib
 from llm_jax.model import attention, layers, moe, transformer
-from llm_jax.objectives import preference
+from llm_jax.objectives import grpo, preference
 from llm_jax.model import TransformerConfig, Transformer
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'llm_jax'
@@ -32,12 +32,13 @@ LAYERS = (
     ('storage',),  # the path layer
     ('config',),
     ('model', 'data', 'objectives', 'families', 'optim', 'checkpoint', 'metrics', 'sharding', 'targets',
-     'hlo_analysis', 'profiling', 'xla_options', 'decoding', 'text_metrics', 'tracking', 'lora_io', 'platforms', 'cli'),
+     'hlo_analysis', 'profiling', 'xla_options', 'decoding', 'text_metrics', 'tracking', 'lora_io', 'platforms', 'cli',
+     'rewards'),
     ('validation',),  # calls every part's check_config
     ('runtime', 'tasks'),
     ('workdir',),
     ('serving',),  # the paged engine: loads a workdir; generate, evaluate, the harness and RL decode through it
-    ('harness',),  # lm-eval backend; the training loop's hook uses it
+    ('harness', 'rollout'),  # lm-eval backend (the loop's hook uses it); RL rollouts (the loop's batches under grpo)
     ('train',),
     JOBS,
 )
@@ -166,6 +167,9 @@ REGISTRIES = {
     'model.objective': objectives.REGISTRY,
     'dpo.loss_type': preference.LOSS_TYPES,
     'dpo.reference_dtype': preference.REFERENCE_DTYPES,
+    'grpo.loss_type': grpo.LOSS_TYPES,
+    'grpo.importance_sampling_level': grpo.IMPORTANCE_LEVELS,
+    'grpo.scale_rewards': grpo.REWARD_SCALINGS,
     'data.source': data.SOURCES,
     'data.sft_truncation': sft.TRUNCATIONS,
     'data.add_bos': tokenizer_lib.ADD_BOS_SETTINGS,
@@ -182,7 +186,9 @@ REGISTRIES = {
 _CONTEXT = {'train.wsd_decay_shape': {'train.schedule': 'wsd'},
             'dpo.loss_type': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
             'dpo.reference_dtype': {'model.objective': 'dpo', 'data.source': 'preference_stdlib'},
-            'lora.targets': {'lora.rank': 4}}
+            'lora.targets': {'lora.rank': 4},
+            **{f'grpo.{name}': {'model.objective': 'grpo', 'data.source': 'prompts_jsonl'}
+               for name in ('loss_type', 'importance_sampling_level', 'scale_rewards')}}
 
 
 @pytest.mark.parametrize('field', sorted(REGISTRIES))

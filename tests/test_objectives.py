@@ -174,7 +174,7 @@ def test_objective_step_is_bit_for_bit_the_old_step(case):
 
 def test_registry_is_configs_list_of_choices():
   # The documented choices (config.py's comments, tests/test_house.py checks them against these registries).
-  assert objectives.names() == ('clm', 'mlm', 'dpo')
+  assert objectives.names() == ('clm', 'mlm', 'dpo', 'grpo')
   assert preference.LOSS_TYPES == ('sigmoid', 'cdpo', 'robust', 'ipo', 'simpo')
   for name, cls in objectives.REGISTRY.items():
     assert cls.name == name
@@ -183,7 +183,7 @@ def test_registry_is_configs_list_of_choices():
     assert isinstance(objectives.make(c), objectives.Objective)
   config = tiny_config(model=dict(objective='seq2seq'))
   with pytest.raises(config_lib.ConfigError, match=r'config.model.objective: unknown value .seq2seq.; expected one '
-                     r'of clm, mlm, dpo'):
+                     r'of clm, mlm, dpo, grpo'):
     validation.validate(config, 1)
 
 

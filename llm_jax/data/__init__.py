@@ -33,10 +33,14 @@ SOURCES = {
     'preference_jsonl': 'llm_jax.data.preference',
     'preference_hf': 'llm_jax.data.preference',
     'preference_stdlib': 'llm_jax.data.preference',
+    'prompts_jsonl': 'llm_jax.data.prompts',
+    'prompts_hf': 'llm_jax.data.prompts',
 }
 
 PAIR_SOURCES = tuple(name for name, module in SOURCES.items() if module == 'llm_jax.data.preference')  # yield
 # preference pairs (chosen, rejected), which the preference objectives train on
+PROMPT_SOURCES = tuple(name for name, module in SOURCES.items() if module == 'llm_jax.data.prompts')  # yield
+# prompts, which objectives that learn from rollouts (grpo) sample completions of
 
 Batch = dict[str, np.ndarray]
 
@@ -75,6 +79,11 @@ def check_config(config) -> None:
   if d.source == 'hf_datasets' and not d.hf_path:
     fail('data.hf_path', 'empty; name a dataset (hub name, local folder, json/parquet/text loader or a '
          'save_to_disk folder)')
+  if d.source == 'prompts_hf' and not d.hf_path:
+    fail('data.hf_path', 'empty; name the dataset of prompts (and answers)')
+  if d.prompt_columns:
+    from llm_jax.data import prompts  # pylint: disable=g-import-not-at-top (source modules load lazily, as below)
+    prompts.parse_columns(d.prompt_columns)
   if d.source == 'preference_hf' and not d.hf_path:
     fail('data.hf_path', 'empty; name the dataset of prompt/chosen/rejected rows')
   if d.preference_columns:

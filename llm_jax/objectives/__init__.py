@@ -4,6 +4,7 @@ else decides what is differentiated.
 
   clm, mlm   llm_jax.objectives.lm          token cross-entropy (pre-training, SFT; BERT masking)
   dpo        llm_jax.objectives.preference  preference pairs: DPO (sigmoid, robust), IPO, SimPO
+  grpo       llm_jax.objectives.grpo        rollouts of prompts: GRPO, BNPO, Dr. GRPO, DAPO; GSPO (TRL's losses)
 
   make(config)                      the run's objective (config.model.objective)
   prepare_batch(config, batch, step)   make(config).prepare(batch, step)
@@ -17,6 +18,7 @@ from llm_jax.errors import check_choice
 from llm_jax.objectives.base import AUX_COLLECTION, EVAL_STEP, Loss, Objective, apply_with_aux  # noqa: F401
 from llm_jax.objectives.lm import MLM_STREAM, mlm_key, mlm_mask, token_losses  # noqa: F401
 from llm_jax.objectives import preference  # noqa: F401  (registers dpo)
+from llm_jax.objectives import grpo  # noqa: F401  (registers grpo)
 from llm_jax.objectives.registry import REGISTRY, names  # noqa: F401
 
 

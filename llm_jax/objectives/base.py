@@ -61,6 +61,7 @@ class Objective:
   causal: ClassVar[bool] = True  # attention mask of the model it trains (mlm: bidirectional)
   train_metrics: ClassVar[tuple[str, ...]] = ()  # metrics written to train rows next to loss and grad_norm
   trains_on_pairs: ClassVar[bool] = False  # its batches are preference pairs (data.PAIR_SOURCES), else text
+  learns_from_rollouts: ClassVar[bool] = False  # its batches are rollouts of prompts (data.PROMPT_SOURCES, llm_jax.rollout)
 
   def __init__(self, config):
     self.config = config
@@ -69,6 +70,13 @@ class Objective:
   def check_config(cls, config) -> None:
     """The fields this objective reads; ConfigError naming the first bad one. Called before anything is built."""
     del config
+
+  @classmethod
+  def batch_fields(cls, config) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Batch arrays this objective reads beyond the text batch's (inputs, targets, segment_ids, positions,
+    loss_mask): {name: (shape after the batch axis, dtype)}; the dry run compiles the step with them."""
+    del config
+    return {}
 
   def reference_kind(self) -> str | None:
     """None | 'copy' | 'lora_base': the frozen reference this objective needs under its config."""
