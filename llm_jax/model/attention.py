@@ -390,14 +390,15 @@ def _pages_per_block(pages_wide: int, page_size: int, queries: int) -> int:
   return max(d for d in range(1, min(want, pages_wide) + 1) if pages_wide % d == 0)
 
 
-def paged_blocked_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0):
+def paged_blocked_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0, softcap: float = 0.0):
   """Attention over pages a block at a time with an online softmax (flash-decoding written in jnp): a loop
   gathers one block of each row's pages ([B, pages_per_block * page_size, 2K, H], small enough to stay in cache),
   scores it and folds it into running max / sum / output. The gather path materialises every row's whole table
   and splits keys from values with strided copies; this reads each live page once and never copies the whole
   context. The loop runs only over the blocks the batch's keys reach (its trip count is the longest row's, not
   the table's bucketed width) and, under a sliding window, starts at the first block any query still sees.
-  Same contract and mask as paged_xla_attention (the reference); padding queries come back as zeros."""
+  Same contract and mask as paged_xla_attention (the reference; `softcap` > 0: logits soft-capped as there);
+  padding queries come back as zeros."""
   b, t, n, h = q.shape
   kv_heads = kv_pool.shape[2] // 2
   per_block = _pages_per_block(pages.pages.shape[1], pages.page_size, t)
@@ -419,6 +420,8 @@ def paged_blocked_attention(q, kv_pool, pages: PageTable, positions, valid, wind
     if window:
       mask = mask & (positions[:, :, None] - key_positions[None, None, :] < window)
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', query, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+    if softcap:
+      logits = softcap * jnp.tanh(logits / softcap)
     logits = jnp.where(mask[:, None, None], logits, low)
     new_best = jnp.maximum(best, logits.max(axis=-1))
     probs = jnp.exp(logits - new_best[..., None])
