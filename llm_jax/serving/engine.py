@@ -46,7 +46,7 @@ from llm_jax.runtime import sharding_context
 from llm_jax.serving.outputs import CompletionOutput, RequestOutput
 from llm_jax.serving.pages import PagePool
 from llm_jax.serving.sampling import RowSettings, SamplingParams, logprob_bucket, sample_rows
-from llm_jax.serving.scheduler import MIN_CHUNK_BUCKET, Plan, Scheduler, Sequence, bucket
+from llm_jax.serving.scheduler import Plan, Scheduler, Sequence, bucket
 
 
 # The smallest compiled prefill width and page-table width (in tokens): below these, more shapes would cost more
@@ -288,7 +288,7 @@ class Engine:
     cfg = self.config
     rows = bucket(len(chunks), 1, cfg.max_seqs)
     longest = max(count for _, _, count in chunks)
-    width = 1 if longest == 1 else bucket(longest, MIN_CHUNK_BUCKET, cfg.max_chunk)
+    width = 1 if longest == 1 else self.scheduler.chunk_width(longest)
     pages_wide = bucket(max(len(seq.pages) for seq, _, _ in chunks), MIN_CONTEXT_BUCKET // cfg.page_size,
                          self.max_pages_per_seq)
     tokens = np.zeros((rows, width), np.int32)

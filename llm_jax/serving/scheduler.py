@@ -114,8 +114,11 @@ class Scheduler:
   def prefill_slots(self, counts: list[int]) -> int:
     """Token slots of the compiled prefill batch for chunks of these lengths: rows and width bucketed (as the
     engine pads them), so a step's prefill compute counts its padding."""
-    return (bucket(len(counts), 1, self.max_seqs) *
-            bucket(max(counts), min(MIN_CHUNK_BUCKET, self.max_chunk), self.max_chunk))
+    return bucket(len(counts), 1, self.max_seqs) * self.chunk_width(max(counts))
+
+  def chunk_width(self, longest: int) -> int:
+    """The compiled width of a prefill batch whose longest chunk has `longest` tokens."""
+    return bucket(longest, min(MIN_CHUNK_BUCKET, self.max_chunk), self.max_chunk)
 
   def _chunk(self, counts: list[int], remaining: int) -> int:
     """Tokens of the next prefill chunk: as many as fit beside `counts` (this step's chunks so far) without the
