@@ -3,6 +3,7 @@ transformers' `generate` in static batches, on the same request set, in one run.
 
   python benchmarks/serve_benchmark.py --config=experiments/125m.py [--num_requests=128] [--concurrency=16]
       [--prompt_range=16,512] [--output_range=16,256] [--request_rate=0] [--seed=0] [--dtype=float32]
+      [--engine_dtype=auto]
       [--url=http://127.0.0.1:8000] [--systems=engine,transformers]
 
 The request set is made here, seeded: prompt and output lengths uniform in their ranges, prompt tokens uniform
@@ -67,12 +68,13 @@ def report(system, total_tokens, wall, ttfts, tpots, **extra):
   return row
 
 
-def run_engine(cfg, params, prompts, outputs, concurrency, rate, seed):
+def run_engine(cfg, params, prompts, outputs, concurrency, rate, seed, engine_dtype='auto'):
   from llm_jax.serving import Engine, EngineConfig, SamplingParams
   longest = max(len(p) + o for p, o in zip(prompts, outputs))
   pages = concurrency * -(-longest // 16) + 1
   engine = Engine(cfg, params, config=EngineConfig(max_seqs=concurrency, num_pages=pages,
-                                                   max_queue=len(prompts) + 1), eos_id=-1)
+                                                   max_queue=len(prompts) + 1, dtype=engine_dtype),
+                  eos_id=-1)
   # warm-up: the whole workload once, untimed, so every bucketed shape it meets is compiled (a server compiles
   # each shape once in its life; a timed first pass would measure the compiler). Its prompts have the workload's
   # lengths but other tokens: the timed pass must not find them in the prefix cache (that would skip prefill
@@ -105,8 +107,8 @@ def run_engine(cfg, params, prompts, outputs, concurrency, rate, seed):
   tpots = [(done[i] - first[i]) / (outputs[i] - 1) for i in range(len(prompts)) if outputs[i] > 1]
   timed = {k: engine.counters[k] - before[k] for k in ('steps', 'batch_tokens', 'batch_slots')}
   return report('llm_jax-engine', sum(outputs), wall, ttfts, tpots, concurrency=concurrency,
-                preemptions=engine.stats()['preemptions'], steps=timed['steps'],
-                slots_per_token=round(timed['batch_slots'] / timed['batch_tokens'], 3))
+                compute_dtype=engine.model_config.dtype, preemptions=engine.stats()['preemptions'],
+                steps=timed['steps'], slots_per_token=round(timed['batch_slots'] / timed['batch_tokens'], 3))
 
 
 async def _server(url, model, prompts, outputs, concurrency):
@@ -201,6 +203,7 @@ def main():
   parser.add_argument('--request_rate', type=float, default=0.0, help='requests/s (Poisson); 0 = all at once')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--engine_dtype', default='auto', help='EngineConfig.dtype (auto: float32 on CPU)')
   parser.add_argument('--url', default='', help='a running llm_jax.serve (adds the server system)')
   parser.add_argument('--systems', default='engine,transformers')
   args = parser.parse_args()
@@ -227,7 +230,8 @@ def main():
   rows = {}
   if 'engine' in systems:
     params = nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
-    rows['engine'] = run_engine(cfg, params, prompts, outputs, args.concurrency, args.request_rate, args.seed)
+    rows['engine'] = run_engine(cfg, params, prompts, outputs, args.concurrency, args.request_rate, args.seed,
+                                 args.engine_dtype)
     del params
   if 'server' in systems:
     rows['server'] = run_server(args.url.rstrip('/'), prompts, outputs, args.concurrency, cfg.vocab_size)

@@ -310,3 +310,22 @@ def test_prefill_plan_stays_within_its_slot_budget_padding_included():
   plan = scheduler.schedule()
   assert plan.decode == [decoding] and [count for _, _, count in plan.prefill] == [8, 8]
   assert scheduler.prefill_slots([8, 8]) == 16 and scheduler.prefill_slots([8, 8, 1]) == 32
+
+
+def test_compute_dtype_auto_is_float32_on_cpu_and_an_explicit_one_is_kept():
+  import jax.numpy as jnp
+  bf16_model = dataclasses.replace(CFG, dtype='bfloat16')
+  narrow = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params(CFG))  # weights stored in bfloat16
+  engine = Engine(bf16_model, narrow, config=SMALL)
+  assert engine.model_config.dtype == 'float32'  # XLA:CPU would convert every dot's operands on every step
+  assert {x.dtype for x in jax.tree.leaves(engine.params)} == {jnp.dtype('float32')}  # widened once
+  assert {x.dtype for x in jax.tree.leaves(engine.kv_pool)} == {jnp.dtype('float32')}
+  # the float32 engine on bfloat16-stored weights decodes like the float32 model on the same (rounded) weights
+  prompt = _prompts([7], seed=5)[0]
+  widened = jax.tree.map(lambda x: x.astype(jnp.float32), narrow)
+  assert engine.generate([prompt], GREEDY)[0].outputs[0].token_ids == reference_greedy(CFG, widened, prompt, 10)[0]
+  kept = Engine(bf16_model, narrow, config=dataclasses.replace(SMALL, dtype='bfloat16'))
+  assert kept.model_config.dtype == 'bfloat16'
+  assert {x.dtype for x in jax.tree.leaves(kept.kv_pool)} == {jnp.dtype('bfloat16')}
+  with pytest.raises(RequestError, match='engine.dtype'):
+    Engine(CFG, narrow, config=dataclasses.replace(SMALL, dtype='fp8'))

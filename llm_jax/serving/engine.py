@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 
 from llm_jax.errors import UserError
 from llm_jax.model import Transformer, TransformerConfig
+from llm_jax.model.transformer import DTYPES
 from llm_jax.model import attention
 from llm_jax.model.attention import PageTable
 from llm_jax.runtime import sharding_context
@@ -62,6 +63,18 @@ class RequestError(UserError, ValueError):
     self.field = field
 
 
+ENGINE_DTYPES = ('auto',) + DTYPES  # EngineConfig.dtype
+
+
+def compute_dtype(name: str, model_dtype: str, platform: str) -> str:
+  """EngineConfig.dtype resolved for the platform. On CPU, 'auto' computes in float32: XLA:CPU has no bfloat16 or
+  float16 dot, so it converts both operands to float32 each step (the weights too), which made a 125m decode step
+  about 7 times slower than float32 (docs/serving.md)."""
+  if name != 'auto':
+    return name
+  return 'float32' if platform == 'cpu' else model_dtype
+
+
 class QueueFullError(UserError, RuntimeError):
   """EngineConfig.max_queue requests are already waiting."""
 
@@ -82,6 +95,9 @@ class EngineConfig:
   attention: str = 'auto'  # paged attention kernel (model.attention.PAGED_KERNELS): auto (ragged on TPU where
   #                          head_dim % 128 == 0, blocked on CPU, xla elsewhere), xla (gather; the reference),
   #                          blocked (a block of pages at a time, online softmax) or ragged (TPU only)
+  dtype: str = 'auto'  # compute dtype of the forward and the KV pool (ENGINE_DTYPES): auto (the model's model.dtype,
+  #                      except on CPU: float32, as XLA:CPU runs a bfloat16 dot in float32 after converting both
+  #                      operands, weights included, on every step), float32, bfloat16 or float16
 
   def check(self) -> None:
     for name in ('page_size', 'max_seqs', 'max_chunk', 'max_prefill_tokens', 'max_queue'):
@@ -93,6 +109,8 @@ class EngineConfig:
       raise RequestError('engine.memory_fraction', f'must be in (0, 1], got {self.memory_fraction}')
     if self.attention not in attention.PAGED_CHOICES:
       raise RequestError('engine.attention', f'{self.attention!r} is not one of {", ".join(attention.PAGED_CHOICES)}')
+    if self.dtype not in ENGINE_DTYPES:
+      raise RequestError('engine.dtype', f'{self.dtype!r} is not one of {", ".join(ENGINE_DTYPES)}')
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,14 +151,15 @@ class Engine:
     self.tokenizer = tokenizer
     self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, 'eos_id', None)
     self.vocab_limit = getattr(tokenizer, 'vocab_size', None) or model_config.vocab_size
-    self.model_config = dataclasses.replace(model_config, scan_layers=False, remat='none', attention='xla')
+    self.platform = attention.platform_of(jax.devices() if mesh is None else mesh.devices.flat)
+    self.model_config = dataclasses.replace(model_config, scan_layers=False, remat='none', attention='xla',
+                                            dtype=compute_dtype(config.dtype, model_config.dtype, self.platform))
     self.model = Transformer(self.model_config, decode=True)
     self.max_model_len = min(config.max_model_len or model_config.max_seq_len, model_config.max_seq_len)
     self.mesh = mesh
     # rows are never split over devices (a decode batch is small); everything else follows the run's rules
     self.rules = tuple((name, None if name == 'act_batch' else axes) for name, axes in rules)
     self.set_params(params)
-    self.platform = attention.platform_of(jax.devices() if mesh is None else mesh.devices.flat)
     self.attention = paged_kernel(config.attention, self.model_config, self.platform, mesh, self.rules)
     num_pages = config.num_pages or self._auto_pages()
     self.pool = PagePool(num_pages, config.page_size, config.prefix_caching)
@@ -166,8 +185,14 @@ class Engine:
 
   # Parameters and the pool.
   def set_params(self, params: Any) -> None:
-    """Serve these parameters from the next step on (a scanned model's are unstacked once, here)."""
-    self.params = unstack_layers(params, self.model_config.num_layers)
+    """Serve these parameters from the next step on (a scanned model's are unstacked once, here). On CPU, weights
+    stored in a narrower float than the compute dtype are widened once here, not converted on every step."""
+    params = unstack_layers(params, self.model_config.num_layers)
+    if self.platform == 'cpu':
+      wide = jnp.dtype(self.model_config.dtype)
+      params = jax.tree.map(lambda x: x.astype(wide) if jnp.issubdtype(x.dtype, jnp.floating)
+                            and jnp.dtype(x.dtype).itemsize < wide.itemsize else x, params)
+    self.params = params
 
   def _kv_bytes_per_token(self) -> int:
     cfg = self.model_config
