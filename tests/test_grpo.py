@@ -19,6 +19,35 @@ from llm_jax.runtime import create_model, init_params_fn
 
 # --- the loss against TRL -----------------------------------------------------------------------------------------
 
+LOSS_FIELDS = ('sapo_temperature_pos', 'sapo_temperature_neg', 'vespo_k_pos', 'vespo_lambda_pos', 'vespo_k_neg',
+               'vespo_lambda_neg')
+
+
+def trl_args(config_grpo):
+  """The GRPOConfig fields TRL's _compute_loss reads from self.args (config.grpo's, by TRL's names)."""
+  return types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1,
+                               **{k: config_grpo[k] for k in LOSS_FIELDS})
+
+
+def loss_cases(config, betas):
+  """A copy of config for every loss type at every importance_sampling_level it is defined at (luspo: sequence,
+  vespo: token) and every beta; cispo caps the ratio at 1.2 (its epsilon_high), the others clip at [0.8, 1.28];
+  the sapo and vespo fields off their defaults."""
+  cases = []
+  for loss_type in grpo_lib.LOSS_TYPES:
+    for level in grpo_lib.IMPORTANCE_LEVELS:
+      if grpo_lib.REQUIRED_LEVEL.get(loss_type, level) != level:
+        continue
+      for beta in betas:
+        c = config.copy_and_resolve_references()
+        c.grpo.update(loss_type=loss_type, importance_sampling_level=level, beta=beta, temperature=0.7,
+                      epsilon=0.2, epsilon_high=1.2 if loss_type == 'cispo' else 0.28, sapo_temperature_pos=0.9,
+                      sapo_temperature_neg=1.1, vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5,
+                      vespo_lambda_neg=1.5)
+        cases.append(c)
+  return cases
+
+
 def _trl_loss(config_grpo, logits, ref_logits, batch):
   """TRL 1.16's GRPOTrainer._compute_loss itself, on a stand-in `self` whose forward returns the log-probs and
   entropies of the given logits (float64 torch), one process, no accumulation. Returns (loss, logged metrics,
@@ -43,8 +72,8 @@ def _trl_loss(config_grpo, logits, ref_logits, batch):
   low, high = grpo_lib.epsilons(config_grpo)
   accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
                                       reduce=lambda x, reduction='sum': x)
-  args = types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
-  fake = types.SimpleNamespace(
+  args = trl_args(config_grpo)
+  fake = types.SimpleNamespace(get_gamma_weights=grpo_trainer.GRPOTrainer.get_gamma_weights,
       _get_per_token_logps_and_entropies=forward, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
       importance_sampling_level=config_grpo.importance_sampling_level, beta=config_grpo.beta, args=args,
       loss_type=config_grpo.loss_type, epsilon_low=low, epsilon_high=high, use_vllm=False,
@@ -107,14 +136,7 @@ def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy):
   batch['old_logps'] = (logps + rng.uniform(-0.4, 0.4, logps.shape)).astype(np.float32)
   ref_scaled = jax.nn.log_softmax(ref_logits.astype(np.float64) / 0.7, -1)
   ref_logps_all = np.take_along_axis(np.asarray(ref_scaled), batch['targets'][..., None], -1)[..., 0]
-  cases = []
-  for loss_type in grpo_lib.LOSS_TYPES:
-    for level in grpo_lib.IMPORTANCE_LEVELS:
-      for beta in (0.0, 0.05):
-        c = config.copy_and_resolve_references()
-        c.grpo.update(loss_type=loss_type, importance_sampling_level=level, beta=beta, temperature=0.7,
-                      epsilon=0.2, epsilon_high=0.28)
-        cases.append(c)
+  cases = loss_cases(config, (0.0, 0.05))
 
   @jax.jit
   def ours_of(lg):  # every case in one compiled function: (sums, gradient of the loss by the logits) each
@@ -135,13 +157,17 @@ def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy):
     np.testing.assert_allclose(np.asarray(grad), trl_grad, atol=1e-6, rtol=1e-5, err_msg=where)
     assert np.linalg.norm(trl_grad) > 1e-3, where  # the comparison compares something
     assert ours['entropy'] == pytest.approx(logged['entropy'], rel=1e-5), where
-    for name in grpo_lib.CLIP_METRICS:
+    assert set(logged) - {'clip_ratio/low_min', 'clip_ratio/high_max'} == set(grpo_lib.METRICS[g.loss_type]) - (
+        set() if g.beta else {'kl'}), where  # what TRL logs is what we log (its min/max over processes aside)
+    for name in grpo_lib.METRICS[g.loss_type][2:]:
       assert ours[name] == pytest.approx(logged[name], abs=1e-6), (where, name)
     if g.beta:
       assert ours['kl'] == pytest.approx(logged['kl'], rel=1e-5, abs=1e-7), where
       assert logged['kl'] > 0, where
     if g.importance_sampling_level == 'token':  # the old log-probs are off by up to 0.4: ratios leave [0.8, 1.28]
-      assert logged['clip_ratio/region_mean'] > 0, where
+      assert logged.get('clip_ratio/region_mean', logged.get('cispo_clip_ratio', 1)) > 0, where
+    if g.loss_type == 'vespo':  # the weights are neither all 0 nor all 1
+      assert 0.05 < logged['vespo/phi_seq_mean'] < 0.95, where
     if g.loss_type == 'grpo' and g.importance_sampling_level == 'sequence':
       # the objective's own path on the parameters: policy forward, reference forward, the step's weights
       objective = objectives.make(c)
@@ -150,6 +176,33 @@ def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy):
           params, prepared, reference if g.beta else None)
       assert float(out['loss']) == pytest.approx(loss, abs=1e-5, rel=1e-5), where
       assert float(out['kl']) == pytest.approx(ours['kl'], rel=1e-5, abs=1e-7), where
+
+
+def test_loss_types_refuse_the_level_and_fields_they_are_not_defined_at():
+  """luspo is defined at sequence level and vespo at token level (TRL warns, we refuse), cispo's epsilon_high is its
+  ratio cap (unset it would cap at epsilon), the sapo and vespo fields are positive: one line naming the field."""
+  from llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  for grpo, message in ((dict(loss_type='luspo'), r"^config\.grpo\.importance_sampling_level: 'token', but "
+                                                 r"grpo\.loss_type=luspo needs 'sequence'"),
+                        (dict(loss_type='vespo', importance_sampling_level='sequence'),
+                         r"^config\.grpo\.importance_sampling_level: 'sequence', but grpo\.loss_type=vespo needs "
+                         r"'token'"),
+                        (dict(loss_type='cispo'), r'^config\.grpo\.epsilon_high: 0\.0: under grpo\.loss_type=cispo it '
+                                                  r'is the cap of the ratio itself'),
+                        (dict(loss_type='sapo', sapo_temperature_neg=0.0),
+                         r'^config\.grpo\.sapo_temperature_neg: must be positive'),
+                        (dict(loss_type='vespo', vespo_k_pos=-1.0), r'^config\.grpo\.vespo_k_pos: must be >= 0')):
+    c = tiny_config(model=dict(objective='grpo'), data=dict(source='prompts_jsonl', global_batch_size=8))
+    c.grpo.update(max_completion_tokens=8, **grpo)
+    with pytest.raises(config_lib.ConfigError, match=message):
+      validation.validate(c, 1)
+  for loss_type, level in (('luspo', 'sequence'), ('vespo', 'token'), ('sapo', 'sequence')):
+    c = tiny_config(model=dict(objective='grpo'), data=dict(source='prompts_jsonl', global_batch_size=8))
+    c.grpo.update(max_completion_tokens=8, loss_type=loss_type, importance_sampling_level=level)
+    validation.validate(c, 1)
+  c.grpo.update(loss_type='cispo', epsilon_high=5.0)
+  validation.validate(c, 1)
 
 
 # --- the loop: rollouts through the engine, rewards, exact resume ---------------------------------------------------
