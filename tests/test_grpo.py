@@ -1,8 +1,10 @@
 """GRPO (llm_jax/objectives/grpo.py, llm_jax/rollout.py, llm_jax/rewards.py): the loss of every variant against
-TRL's own GRPOTrainer._compute_loss, the rewards, and the loop (rollouts through the engine, exact resume)."""
+TRL's own GRPOTrainer._compute_loss (on shared logits, and end to end on a random transformers model exported to
+ours), the rewards, and the loop (rollouts through the engine, exact resume)."""
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import types
@@ -49,15 +51,16 @@ def loss_cases(config, betas):
   return cases
 
 
-def trl_self(config_grpo, forward):
+def trl_self(config_grpo, forward=None):
   """A stand-in for a GRPOTrainer's `self` under config_grpo (one process, no accumulation, no vLLM, no entropy
-  bonus or masks): the attributes _compute_loss reads, with `forward` as its _get_per_token_logps_and_entropies."""
+  bonus or masks): the attributes _compute_loss reads, with `forward` as its _get_per_token_logps_and_entropies
+  (None: TRL's own, on a model that has its fused LM head)."""
   from trl.trainer import grpo_trainer  # pylint: disable=g-import-not-at-top
   low, high = grpo_lib.epsilons(config_grpo)
   accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
                                       reduce=lambda x, reduction='sum': x, autocast=contextlib.nullcontext,
                                       is_main_process=True)
-  return types.SimpleNamespace(
+  fake = types.SimpleNamespace(
       get_gamma_weights=grpo_trainer.GRPOTrainer.get_gamma_weights, _get_per_token_logps_and_entropies=forward,
       top_entropy_quantile=1.0, off_policy_mask_threshold=None,
       importance_sampling_level=config_grpo.importance_sampling_level, beta=config_grpo.beta,
@@ -66,6 +69,10 @@ def trl_self(config_grpo, forward):
       max_completion_length=config_grpo.max_completion_tokens, accelerator=accelerator,
       _entropy_bonus_enabled=False, aux_loss_enabled=False,
       _metrics={'train': collections.defaultdict(list), 'eval': collections.defaultdict(list)})
+  if forward is None:
+    own = grpo_trainer.GRPOTrainer._get_per_token_logps_and_entropies  # pylint: disable=protected-access
+    fake._get_per_token_logps_and_entropies = functools.partial(own, fake)  # pylint: disable=protected-access
+  return fake
 
 
 def _trl_loss(config_grpo, logits, ref_logits, batch):
@@ -216,13 +223,16 @@ def test_every_loss_type_on_an_exported_transformers_model_equals_trl(tmp_path):
   policy's, off by up to 0.4) and, with beta, reference log-probs. For every loss type at every level it is defined
   at (token and GSPO's sequence), beta 0 and 0.04: TRL's GRPOTrainer._compute_loss on the torch model (its own
   fused LM head at temperature 0.7 and _get_per_token_logps_and_entropies, float32) against our batch (the rollout
-  stage's rows), our model and our loss, float32 both. Tolerances: the loss rtol 1e-5 or atol 1e-6 (it sums
-  terms of size ~1 that cancel down to ~1e-3: float32 rounding is absolute), the gradient norm over all parameters,
-  entropy and kl rtol 1e-5, the logged clip shares 1e-6 (the same flags). Measured (loaded CPU): loss 1.9e-7
-  absolute, grad norm 5.6e-7 relative, kl 1.8e-7 relative. Our gradient is the chain rule through one compiled
-  pullback of the model (not a compile per case); the objective's own loss and gradient on the parameters (policy
-  and reference forwards) are checked once against the same numbers."""
-  import functools  # pylint: disable=g-import-not-at-top
+  stage's rows), our model and our loss, float32 both.
+
+  Tolerances: the loss rtol 1e-5 or atol 1e-6 (it sums terms of size ~1 that cancel down to ~1e-3: float32 rounding
+  is absolute there), the gradient norm over all parameters, entropy and kl rtol 1e-5, the logged clip shares and
+  vespo's phi mean 1e-6 (the same flags). Measured (loaded CPU): the loss uses at most 0.19 of its tolerance (2.9e-6
+  on a loss of 2.3, 1.9e-7 on one of 2.5e-3), grad norm 5.6e-7 and kl 1.8e-7 relative.
+
+  Our gradient is the chain rule through one compiled pullback of the model (not a compile per case); the
+  objective's own loss and gradient on the parameters (policy and reference forwards) are checked once against the
+  same numbers."""
   import optax  # pylint: disable=g-import-not-at-top
   torch = pytest.importorskip('torch')
   pytest.importorskip('transformers')
@@ -266,9 +276,7 @@ def test_every_loss_type_on_an_exported_transformers_model_equals_trl(tmp_path):
                 advantages=torch.tensor(advantages, dtype=torch.float32),
                 num_items_in_batch=torch.tensor(completion_mask.sum()))
   attention = torch.cat([inputs['prompt_mask'], (torch.tensor(completion_ids) > 0).long()], 1)
-  fake = trl_self(config.grpo, None)
-  per_token = functools.partial(grpo_trainer.GRPOTrainer._get_per_token_logps_and_entropies,  # pylint: disable=protected-access
-                                fake)
+  per_token = trl_self(config.grpo)._get_per_token_logps_and_entropies  # pylint: disable=protected-access
   with torch.no_grad():
     current, _, _ = per_token(policy, torch.cat([prompt_ids, inputs['completion_ids']], 1), attention, completion_len)
     ref_logps, _, _ = per_token(reference, torch.cat([prompt_ids, inputs['completion_ids']], 1), attention,
@@ -294,7 +302,8 @@ def test_every_loss_type_on_an_exported_transformers_model_equals_trl(tmp_path):
     out = []
     for c in cases:
       prepared = objectives.make(c).prepare(jbatch, 0)
-      sums = lambda x: grpo_lib.sums_of(c.grpo, x, prepared, ours_ref if c.grpo.beta else None)  # pylint: disable=cell-var-from-loop
+      ref = ours_ref if c.grpo.beta else None
+      sums = lambda x: grpo_lib.sums_of(c.grpo, x, prepared, ref)  # pylint: disable=cell-var-from-loop
       out.append((sums(lg), jax.grad(lambda x: sums(x)['loss'])(lg)))  # pylint: disable=cell-var-from-loop
     return out
 
@@ -302,9 +311,7 @@ def test_every_loss_type_on_an_exported_transformers_model_equals_trl(tmp_path):
   for c, (sums, dlogits) in zip(cases, ours_of(logits)):
     g = c.grpo
     where = f'{g.loss_type} {g.importance_sampling_level} beta={g.beta}'
-    fake = trl_self(g, None)
-    fake._get_per_token_logps_and_entropies = functools.partial(  # pylint: disable=protected-access
-        grpo_trainer.GRPOTrainer._get_per_token_logps_and_entropies, fake)  # pylint: disable=protected-access
+    fake = trl_self(g)
     case_inputs = dict(inputs, ref_per_token_logps=ref_logps) if g.beta else inputs
     policy.zero_grad()
     loss = grpo_trainer.GRPOTrainer._compute_loss(fake, policy, case_inputs)  # pylint: disable=protected-access
@@ -317,7 +324,7 @@ def test_every_loss_type_on_an_exported_transformers_model_equals_trl(tmp_path):
                                         ('grad_norm', norm, trl_norm, 0.0),
                                         ('entropy', ours['entropy'], logged['entropy'], 0.0),
                                         ('kl', ours['kl'], logged.get('kl', 0.0), 0.0)):
-      worst[name] = max(worst[name], abs(value - expected) / max(abs(expected), 1e-12))
+      worst[name] = max(worst[name], abs(value - expected) / max(1e-5 * abs(expected) + atol, 1e-12))
       assert value == pytest.approx(expected, rel=1e-5, abs=atol), (where, name)
     assert trl_norm > 1e-3, where  # the comparison compares something
     for name in grpo_lib.METRICS[g.loss_type][2:]:
@@ -327,11 +334,12 @@ def test_every_loss_type_on_an_exported_transformers_model_equals_trl(tmp_path):
     if g.loss_type == 'dapo' and g.importance_sampling_level == 'sequence' and g.beta:
       # the objective's own loss and gradient on the parameters (policy forward, reference forward, its weights)
       obj = objectives.make(c)
-      value, grads = jax.jit(jax.value_and_grad(lambda p: obj.loss(model, p, obj.prepare(jbatch, 0),  # pylint: disable=cell-var-from-loop
-                                                                       ref_params).total))(params)
+      prepared = obj.prepare(jbatch, 0)
+      total = lambda p: obj.loss(model, p, prepared, ref_params).total  # pylint: disable=cell-var-from-loop
+      value, grads = jax.jit(jax.value_and_grad(total))(params)
       assert float(value) == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6), where
       assert float(optax.global_norm(grads)) == pytest.approx(trl_norm, rel=1e-5), where
-  print('largest relative difference from TRL:', {k: f'{v:.1e}' for k, v in worst.items()})
+  print('largest share of the tolerance used:', {k: f'{v:.2f}' for k, v in worst.items()})
 
 
 def test_loss_types_refuse_the_level_and_fields_they_are_not_defined_at():
