@@ -20,6 +20,7 @@ epsilon), b = config.grpo.beta, sg() a stopped gradient:
             whole ratio exp(sum_t m clip(log pi - log pi_old, -20, 20)) with log W_i clipped to [log 1e-8, 20]; k, lam
             = vespo_k_pos, vespo_lambda_pos if A_i >= 0, else the _neg pair; a NaN or infinite phi counts 0)
   l_it = p_it + b (exp(r - log pi) - (r - log pi) - 1)   r: the reference's log-prob (k3 estimator of the KL)
+  the step's loss of config.grpo.loss_type:
   grpo, sapo             mean over rows of (sum_t m l / sum_t m)          (each completion weighs the same)
   bnpo                   sum m l / sum m over the step's batch            (each token weighs the same)
   dapo, cispo, vespo     the same as bnpo here: TRL divides by the generation batch's tokens, and a step here is one
