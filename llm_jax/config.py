@@ -221,10 +221,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.grpo.temperature = 1.0  # Sampling temperature of the rollouts; the loss's log-probs are of logits / temperature, as TRL's.
   c.grpo.top_p = 1.0  # Nucleus sampling of the rollouts (1 = off).
   c.grpo.top_k = 0  # Top-k sampling of the rollouts (0 = off).
-  c.grpo.loss_type = 'dapo'  # grpo (per-completion token mean, then mean over completions) | bnpo (token mean over the batch) | dr_grpo (sum over tokens / (completions * max_completion_tokens)) | dapo (token mean over the rollout; TRL's default); formulas in docs/rl.md.
+  c.grpo.loss_type = 'dapo'  # grpo (clipped ratio; per-completion token mean, then mean over completions) | bnpo (clipped ratio; token mean over the batch) | dr_grpo (clipped ratio; sum over tokens / (completions * max_completion_tokens)) | dapo (clipped ratio; token mean over the rollout; TRL's default) | cispo (the capped ratio, gradient stopped, times the log-prob: MiniMax-M1; token mean) | sapo (a sigmoid gate of the ratio instead of the clip; grpo's mean) | luspo (clipped sequence ratio, each completion's term times its length; needs importance_sampling_level=sequence) | vespo (a gamma weight of the completion's whole ratio, gradient stopped, times the log-prob; token mean; needs importance_sampling_level=token); formulas in docs/rl.md.
   c.grpo.importance_sampling_level = 'token'  # token (a ratio per token) | sequence (one ratio per completion, the geometric mean of its tokens': GSPO).
   c.grpo.epsilon = 0.2  # Clip range of the ratio below 1: [1 - epsilon, 1 + epsilon_high].
-  c.grpo.epsilon_high = 0.0  # Clip range above 1 (DAPO's clip-higher, e.g. 0.28); 0 = epsilon.
+  c.grpo.epsilon_high = 0.0  # Clip range above 1 (DAPO's clip-higher, e.g. 0.28); 0 = epsilon. Under loss_type=cispo the cap of the ratio itself (TRL's; ScaleRL's epsilon_max, e.g. 5.0), which must be set (>= 1).
+  c.grpo.sapo_temperature_pos = 1.0  # loss_type=sapo: the gate's temperature for completions of positive advantage (TRL's; the SAPO paper's).
+  c.grpo.sapo_temperature_neg = 1.05  # loss_type=sapo: the gate's temperature for completions of zero or negative advantage.
+  c.grpo.vespo_k_pos = 2.0  # loss_type=vespo: power of the completion's ratio in its weight, advantage >= 0 (down-weights ratios below 1; TRL's).
+  c.grpo.vespo_lambda_pos = 3.0  # loss_type=vespo: decay of the weight with the ratio, advantage >= 0 (down-weights ratios above 1).
+  c.grpo.vespo_k_neg = 3.0  # loss_type=vespo: the power for advantages < 0.
+  c.grpo.vespo_lambda_neg = 2.0  # loss_type=vespo: the decay for advantages < 0.
   c.grpo.scale_rewards = 'group'  # Advantage = reward - its group's mean, divided by: group (the group's std) | batch (the rollout's std) | none (not divided: Dr. GRPO).
   c.grpo.beta = 0.0  # Weight of the KL to the reference (k3 estimator per token; the reference is the starting point, as DPO's: the init_from model or the LoRA base); 0 = no reference held.
   c.grpo.mask_truncated_completions = False  # Completions cut at max_completion_tokens (no EOS) count in no loss (DAPO).

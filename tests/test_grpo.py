@@ -1,7 +1,10 @@
 """GRPO (llm_jax/objectives/grpo.py, llm_jax/rollout.py, llm_jax/rewards.py): the loss of every variant against
-TRL's own GRPOTrainer._compute_loss, the rewards, and the loop (rollouts through the engine, exact resume)."""
+TRL's own GRPOTrainer._compute_loss (on shared logits, and end to end on a random transformers model exported to
+ours), the rewards, and the loop (rollouts through the engine, exact resume)."""
 
 import collections
+import contextlib
+import functools
 import json
 import os
 import types
@@ -18,6 +21,59 @@ from llm_jax.runtime import create_model, init_params_fn
 
 
 # --- the loss against TRL -----------------------------------------------------------------------------------------
+
+LOSS_FIELDS = ('sapo_temperature_pos', 'sapo_temperature_neg', 'vespo_k_pos', 'vespo_lambda_pos', 'vespo_k_neg',
+               'vespo_lambda_neg')
+
+
+def trl_args(config_grpo):
+  """The GRPOConfig fields TRL's _compute_loss reads from self.args (config.grpo's, by TRL's names)."""
+  return types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1,
+                               **{k: config_grpo[k] for k in LOSS_FIELDS})
+
+
+def loss_cases(config, betas):
+  """A copy of config for every loss type at every importance_sampling_level it is defined at (luspo: sequence,
+  vespo: token) and every beta; cispo caps the ratio at 1.2 (its epsilon_high), the others clip at [0.8, 1.28];
+  the sapo and vespo fields off their defaults."""
+  cases = []
+  for loss_type in grpo_lib.LOSS_TYPES:
+    for level in grpo_lib.IMPORTANCE_LEVELS:
+      if grpo_lib.REQUIRED_LEVEL.get(loss_type, level) != level:
+        continue
+      for beta in betas:
+        c = config.copy_and_resolve_references()
+        c.grpo.update(loss_type=loss_type, importance_sampling_level=level, beta=beta, temperature=0.7,
+                      epsilon=0.2, epsilon_high=1.2 if loss_type == 'cispo' else 0.28, sapo_temperature_pos=0.9,
+                      sapo_temperature_neg=1.1, vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5,
+                      vespo_lambda_neg=1.5)
+        cases.append(c)
+  return cases
+
+
+def trl_self(config_grpo, forward=None):
+  """A stand-in for a GRPOTrainer's `self` under config_grpo (one process, no accumulation, no vLLM, no entropy
+  bonus or masks): the attributes _compute_loss reads, with `forward` as its _get_per_token_logps_and_entropies
+  (None: TRL's own, on a model that has its fused LM head)."""
+  from trl.trainer import grpo_trainer  # pylint: disable=g-import-not-at-top
+  low, high = grpo_lib.epsilons(config_grpo)
+  accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
+                                      reduce=lambda x, reduction='sum': x, autocast=contextlib.nullcontext,
+                                      is_main_process=True)
+  fake = types.SimpleNamespace(
+      get_gamma_weights=grpo_trainer.GRPOTrainer.get_gamma_weights, _get_per_token_logps_and_entropies=forward,
+      top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+      importance_sampling_level=config_grpo.importance_sampling_level, beta=config_grpo.beta,
+      args=trl_args(config_grpo), loss_type=config_grpo.loss_type, epsilon_low=low, epsilon_high=high,
+      use_vllm=False, model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+      max_completion_length=config_grpo.max_completion_tokens, accelerator=accelerator,
+      _entropy_bonus_enabled=False, aux_loss_enabled=False,
+      _metrics={'train': collections.defaultdict(list), 'eval': collections.defaultdict(list)})
+  if forward is None:
+    own = grpo_trainer.GRPOTrainer._get_per_token_logps_and_entropies  # pylint: disable=protected-access
+    fake._get_per_token_logps_and_entropies = functools.partial(own, fake)  # pylint: disable=protected-access
+  return fake
+
 
 def _trl_loss(config_grpo, logits, ref_logits, batch):
   """TRL 1.16's GRPOTrainer._compute_loss itself, on a stand-in `self` whose forward returns the log-probs and
@@ -40,18 +96,7 @@ def _trl_loss(config_grpo, logits, ref_logits, batch):
     logps, scaled = logps_of(logits_t)
     return logps, entropy_from_logits(scaled), None
 
-  low, high = grpo_lib.epsilons(config_grpo)
-  accelerator = types.SimpleNamespace(num_processes=1, gather=lambda x: x, gather_for_metrics=lambda x: x,
-                                      reduce=lambda x, reduction='sum': x)
-  args = types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
-  fake = types.SimpleNamespace(
-      _get_per_token_logps_and_entropies=forward, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-      importance_sampling_level=config_grpo.importance_sampling_level, beta=config_grpo.beta, args=args,
-      loss_type=config_grpo.loss_type, epsilon_low=low, epsilon_high=high, use_vllm=False,
-      model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-      max_completion_length=config_grpo.max_completion_tokens, accelerator=accelerator,
-      _entropy_bonus_enabled=False, aux_loss_enabled=False,
-      _metrics={'train': collections.defaultdict(list), 'eval': collections.defaultdict(list)})
+  fake = trl_self(config_grpo, forward)
   rows, length = mask.shape
   inputs = dict(prompt_ids=torch.zeros((rows, 0), dtype=torch.long), prompt_mask=torch.zeros((rows, 0)),
                 completion_ids=targets, completion_mask=mask, advantages=t(batch['advantages']),
@@ -61,7 +106,7 @@ def _trl_loss(config_grpo, logits, ref_logits, batch):
   loss = grpo_trainer.GRPOTrainer._compute_loss(fake, None, inputs)  # pylint: disable=protected-access
   loss.backward()
   logged = {k: v[0] for k, v in fake._metrics['train'].items()}  # pylint: disable=protected-access
-  return float(loss), logged, logits_t.grad.numpy()
+  return float(loss.detach()), logged, logits_t.grad.numpy()
 
 
 def _rollout_like_batch(rng, rows=6, length=12, vocab=64):
@@ -107,14 +152,7 @@ def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy):
   batch['old_logps'] = (logps + rng.uniform(-0.4, 0.4, logps.shape)).astype(np.float32)
   ref_scaled = jax.nn.log_softmax(ref_logits.astype(np.float64) / 0.7, -1)
   ref_logps_all = np.take_along_axis(np.asarray(ref_scaled), batch['targets'][..., None], -1)[..., 0]
-  cases = []
-  for loss_type in grpo_lib.LOSS_TYPES:
-    for level in grpo_lib.IMPORTANCE_LEVELS:
-      for beta in (0.0, 0.05):
-        c = config.copy_and_resolve_references()
-        c.grpo.update(loss_type=loss_type, importance_sampling_level=level, beta=beta, temperature=0.7,
-                      epsilon=0.2, epsilon_high=0.28)
-        cases.append(c)
+  cases = loss_cases(config, (0.0, 0.05))
 
   @jax.jit
   def ours_of(lg):  # every case in one compiled function: (sums, gradient of the loss by the logits) each
@@ -135,13 +173,17 @@ def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy):
     np.testing.assert_allclose(np.asarray(grad), trl_grad, atol=1e-6, rtol=1e-5, err_msg=where)
     assert np.linalg.norm(trl_grad) > 1e-3, where  # the comparison compares something
     assert ours['entropy'] == pytest.approx(logged['entropy'], rel=1e-5), where
-    for name in grpo_lib.CLIP_METRICS:
+    assert set(logged) - {'clip_ratio/low_min', 'clip_ratio/high_max'} == set(grpo_lib.METRICS[g.loss_type]) - (
+        set() if g.beta else {'kl'}), where  # what TRL logs is what we log (its min/max over processes aside)
+    for name in grpo_lib.METRICS[g.loss_type][2:]:
       assert ours[name] == pytest.approx(logged[name], abs=1e-6), (where, name)
     if g.beta:
       assert ours['kl'] == pytest.approx(logged['kl'], rel=1e-5, abs=1e-7), where
       assert logged['kl'] > 0, where
     if g.importance_sampling_level == 'token':  # the old log-probs are off by up to 0.4: ratios leave [0.8, 1.28]
-      assert logged['clip_ratio/region_mean'] > 0, where
+      assert logged.get('clip_ratio/region_mean', logged.get('cispo_clip_ratio', 1)) > 0, where
+    if g.loss_type == 'vespo':  # the weights are neither all 0 nor all 1
+      assert 0.05 < logged['vespo/phi_seq_mean'] < 0.95, where
     if g.loss_type == 'grpo' and g.importance_sampling_level == 'sequence':
       # the objective's own path on the parameters: policy forward, reference forward, the step's weights
       objective = objectives.make(c)
@@ -150,6 +192,181 @@ def test_loss_gradient_and_metrics_equal_trl_for_every_variant(tiny_policy):
           params, prepared, reference if g.beta else None)
       assert float(out['loss']) == pytest.approx(loss, abs=1e-5, rel=1e-5), where
       assert float(out['kl']) == pytest.approx(ours['kl'], rel=1e-5, abs=1e-7), where
+
+
+HF_VOCAB = 96
+
+
+def _hf_llama(seed):
+  """A small random transformers LlamaForCausalLM (2 layers, hidden 32), float32."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, bos_token_id=None,
+      eos_token_id=None, pad_token_id=None))
+
+
+def _exported(model, root):
+  """The HF model saved and imported into an llm_jax workdir by our converter: (config, params)."""
+  from llm_jax import checkpoint, convert, train  # pylint: disable=g-import-not-at-top
+  model.save_pretrained(os.path.join(root, 'hf'))
+  config = convert.from_hf(os.path.join(root, 'hf'), os.path.join(root, 'work'), dtype='float32')
+  params, _ = checkpoint.load_params(os.path.join(root, 'work'), train.abstract_params(config))
+  return config, params
+
+
+def test_every_loss_type_on_an_exported_transformers_model_equals_trl(tmp_path):
+  """Issue 30's parity, end to end: a random transformers Llama (policy) and another (reference) imported with our
+  converter; the same completions (2 prompts x 3, one truncated and masked), advantages, old log-probs (the
+  policy's, off by up to 0.4) and, with beta, reference log-probs. For every loss type at every level it is defined
+  at (token and GSPO's sequence), beta 0 and 0.04: TRL's GRPOTrainer._compute_loss on the torch model (its own
+  fused LM head at temperature 0.7 and _get_per_token_logps_and_entropies, float32) against our batch (the rollout
+  stage's rows), our model and our loss, float32 both.
+
+  Tolerances: the loss rtol 1e-5 or atol 1e-6 (it sums terms of size ~1 that cancel down to ~1e-3: float32 rounding
+  is absolute there), the gradient norm over all parameters, entropy and kl rtol 1e-5, the logged clip shares and
+  vespo's phi mean 1e-6 (the same flags). Measured (loaded CPU): the loss uses at most 0.19 of its tolerance (2.9e-6
+  on a loss of 2.3, 1.9e-7 on one of 2.5e-3), grad norm 5.6e-7 and kl 1.8e-7 relative.
+
+  Our gradient is the chain rule through one compiled pullback of the model (not a compile per case); the
+  objective's own loss and gradient on the parameters (policy and reference forwards) are checked once against the
+  same numbers."""
+  import optax  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  from trl.trainer import grpo_trainer  # pylint: disable=g-import-not-at-top
+  from trl.trainer.utils import add_fused_lm_head  # pylint: disable=g-import-not-at-top
+  from llm_jax import rollout  # pylint: disable=g-import-not-at-top
+  from llm_jax.data.prompts import Prompt  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(1)
+  policy, reference = _hf_llama(0), _hf_llama(1)  # a policy that has moved away from its reference
+  config, params = _exported(policy, str(tmp_path / 'policy'))
+  _, ref_params = _exported(reference, str(tmp_path / 'reference'))
+  temperature, prompt_len, completion_len, group = 0.7, 4, 8, 3
+  for hf in (policy, reference):
+    add_fused_lm_head(hf, temperature=temperature, outputs=('log_probs', 'entropy'))  # as GRPOTrainer's __init__
+  config.model.objective = 'grpo'
+  config.data.update(source='prompts_jsonl', seq_len=16, global_batch_size=2 * group)
+  config.grpo.update(group_size=group, prompts_per_rollout=2, max_completion_tokens=completion_len,
+                     mask_truncated_completions=True)
+
+  # the completions (equal prompt lengths: TRL left-pads prompts and its model does not shift positions for pads)
+  rng = np.random.default_rng(0)
+  lengths = [[5, 8, 3], [8, 6, 7]]  # the second group's 8 is cut at max_completion_tokens (truncated)
+  groups = [dict(record=Prompt(tuple(rng.integers(2, HF_VOCAB, prompt_len).tolist()), f'p{i}', {}, f'f:{i}'),
+                 completions=[(rng.integers(2, HF_VOCAB, n).tolist(), i == 1 and n == completion_len)
+                              for n in lengths[i]]) for i in range(2)]
+  rewards = rng.normal(size=2 * group)
+  advantages, _ = rollout.advantages_of(rewards, group, 'group')
+  stage = object.__new__(rollout.RolloutStage)
+  stage.g, stage.rows, stage.seq_len, stage.pad_id = config.grpo, 2 * group, config.data.seq_len, 0
+  batch = stage._rows(groups, advantages)  # pylint: disable=protected-access  (the rollout stage's own rows)
+
+  # TRL's inputs: prompt ids, right-padded completion ids, the completion mask zeroed on the truncated completion
+  completion_ids = np.zeros((2 * group, completion_len), np.int64)
+  completion_mask = np.zeros((2 * group, completion_len), np.float32)
+  for i, (ids, truncated) in enumerate(c for g in groups for c in g['completions']):
+    completion_ids[i, :len(ids)] = ids
+    completion_mask[i, :len(ids)] = 0.0 if truncated else 1.0
+  prompt_ids = torch.tensor([list(g['record'].ids) for g in groups for _ in range(group)])
+  inputs = dict(prompt_ids=prompt_ids, prompt_mask=torch.ones_like(prompt_ids),
+                completion_ids=torch.tensor(completion_ids), completion_mask=torch.tensor(completion_mask),
+                advantages=torch.tensor(advantages, dtype=torch.float32),
+                num_items_in_batch=torch.tensor(completion_mask.sum()))
+  attention = torch.cat([inputs['prompt_mask'], (torch.tensor(completion_ids) > 0).long()], 1)
+  per_token = trl_self(config.grpo)._get_per_token_logps_and_entropies  # pylint: disable=protected-access
+  with torch.no_grad():
+    current, _, _ = per_token(policy, torch.cat([prompt_ids, inputs['completion_ids']], 1), attention, completion_len)
+    ref_logps, _, _ = per_token(reference, torch.cat([prompt_ids, inputs['completion_ids']], 1), attention,
+                                completion_len)
+  old = (current.numpy() + rng.uniform(-0.4, 0.4, current.shape)).astype(np.float32)
+  inputs['old_per_token_logps'] = torch.tensor(old)
+  batch['old_logps'] = np.zeros(batch['targets'].shape, np.float32)
+  batch['old_logps'][:, prompt_len - 1:prompt_len - 1 + completion_len] = old  # target t of TRL's column t
+  assert batch['loss_mask'].sum() == completion_mask.sum() and batch['loss_mask'][3].sum() == 0
+
+  # ours: the model's pullback compiled once; every case's loss sums and gradient by the logits in one function
+  model = create_model(config)
+  jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+  apply = lambda p: model.apply({'params': p}, jbatch['inputs'], jbatch['segment_ids'], jbatch['positions'])
+  logits = jax.jit(apply)(params)
+  pullback = jax.jit(lambda p, cotangent: jax.vjp(apply, p)[1](cotangent)[0])
+  cases = loss_cases(config, (0.0, 0.04))
+  objective = objectives.make(cases[-1])  # beta > 0: the reference's log-probs by our reference path
+  ours_ref = jax.jit(lambda p, r: objective.reference_logps(model, p, jbatch, r))(params, ref_params)
+
+  @jax.jit
+  def ours_of(lg):
+    out = []
+    for c in cases:
+      prepared = objectives.make(c).prepare(jbatch, 0)
+      ref = ours_ref if c.grpo.beta else None
+      sums = lambda x: grpo_lib.sums_of(c.grpo, x, prepared, ref)  # pylint: disable=cell-var-from-loop
+      out.append((sums(lg), jax.grad(lambda x: sums(x)['loss'])(lg)))  # pylint: disable=cell-var-from-loop
+    return out
+
+  worst = collections.defaultdict(float)
+  for c, (sums, dlogits) in zip(cases, ours_of(logits)):
+    g = c.grpo
+    where = f'{g.loss_type} {g.importance_sampling_level} beta={g.beta}'
+    fake = trl_self(g)
+    case_inputs = dict(inputs, ref_per_token_logps=ref_logps) if g.beta else inputs
+    policy.zero_grad()
+    loss = grpo_trainer.GRPOTrainer._compute_loss(fake, policy, case_inputs)  # pylint: disable=protected-access
+    loss.backward()
+    trl_norm = float(torch.sqrt(sum(torch.sum(p.grad.double() ** 2) for p in policy.parameters())))
+    logged = {k: v[0] for k, v in fake._metrics['train'].items()}  # pylint: disable=protected-access
+    ours = {k: float(v) for k, v in sums.items()}
+    norm = float(optax.global_norm(pullback(params, dlogits)))
+    for name, value, expected, atol in (('loss', ours['loss'], float(loss.detach()), 1e-6),
+                                        ('grad_norm', norm, trl_norm, 0.0),
+                                        ('entropy', ours['entropy'], logged['entropy'], 0.0),
+                                        ('kl', ours['kl'], logged.get('kl', 0.0), 0.0)):
+      worst[name] = max(worst[name], abs(value - expected) / max(1e-5 * abs(expected) + atol, 1e-12))
+      assert value == pytest.approx(expected, rel=1e-5, abs=atol), (where, name)
+    assert trl_norm > 1e-3, where  # the comparison compares something
+    for name in grpo_lib.METRICS[g.loss_type][2:]:
+      assert ours[name] == pytest.approx(logged[name], abs=1e-6), (where, name)
+    if g.loss_type == 'dapo' and g.importance_sampling_level == 'token':  # the ratios do leave the clip range
+      assert 0 < logged['clip_ratio/region_mean'] < 1, where
+    if g.loss_type == 'dapo' and g.importance_sampling_level == 'sequence' and g.beta:
+      # the objective's own loss and gradient on the parameters (policy forward, reference forward, its weights)
+      obj = objectives.make(c)
+      prepared = obj.prepare(jbatch, 0)
+      total = lambda p: obj.loss(model, p, prepared, ref_params).total  # pylint: disable=cell-var-from-loop
+      value, grads = jax.jit(jax.value_and_grad(total))(params)
+      assert float(value) == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6), where
+      assert float(optax.global_norm(grads)) == pytest.approx(trl_norm, rel=1e-5), where
+  print('largest share of the tolerance used:', {k: f'{v:.2f}' for k, v in worst.items()})
+
+
+def test_loss_types_refuse_the_level_and_fields_they_are_not_defined_at():
+  """luspo is defined at sequence level and vespo at token level (TRL warns, we refuse), cispo's epsilon_high is its
+  ratio cap (unset it would cap at epsilon), the sapo and vespo fields are positive: one line naming the field."""
+  from llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from llm_jax import validation  # pylint: disable=g-import-not-at-top
+  for grpo, message in ((dict(loss_type='luspo'), r"^config\.grpo\.importance_sampling_level: 'token', but "
+                                                 r"grpo\.loss_type=luspo needs 'sequence'"),
+                        (dict(loss_type='vespo', importance_sampling_level='sequence'),
+                         r"^config\.grpo\.importance_sampling_level: 'sequence', but grpo\.loss_type=vespo needs "
+                         r"'token'"),
+                        (dict(loss_type='cispo'), r'^config\.grpo\.epsilon_high: 0\.0: under grpo\.loss_type=cispo it '
+                                                  r'is the cap of the ratio itself'),
+                        (dict(loss_type='sapo', sapo_temperature_neg=0.0),
+                         r'^config\.grpo\.sapo_temperature_neg: must be positive'),
+                        (dict(loss_type='vespo', vespo_k_pos=-1.0), r'^config\.grpo\.vespo_k_pos: must be >= 0')):
+    c = tiny_config(model=dict(objective='grpo'), data=dict(source='prompts_jsonl', global_batch_size=8))
+    c.grpo.update(max_completion_tokens=8, **grpo)
+    with pytest.raises(config_lib.ConfigError, match=message):
+      validation.validate(c, 1)
+  for loss_type, level in (('luspo', 'sequence'), ('vespo', 'token'), ('sapo', 'sequence')):
+    c = tiny_config(model=dict(objective='grpo'), data=dict(source='prompts_jsonl', global_batch_size=8))
+    c.grpo.update(max_completion_tokens=8, loss_type=loss_type, importance_sampling_level=level)
+    validation.validate(c, 1)
+  c.grpo.update(loss_type='cispo', epsilon_high=5.0)
+  validation.validate(c, 1)
 
 
 # --- the loop: rollouts through the engine, rewards, exact resume ---------------------------------------------------

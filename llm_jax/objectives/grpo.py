@@ -8,21 +8,34 @@ targets under the parameters the rollout sampled from (the old policy), `advanta
 
 Per completion token t of row i, with temperature tau (config.grpo.temperature: the log-probs are of logits / tau,
 as TRL's), m the loss mask, A_i the advantage, e_lo = config.grpo.epsilon, e_hi = config.grpo.epsilon_high (0 =
-epsilon), b = config.grpo.beta:
+epsilon), b = config.grpo.beta, sg() a stopped gradient:
 
   token level      w_it = pi(t) / pi_old(t)                              (importance_sampling_level=token)
   sequence level   w_i  = exp(sum_t m (log pi - log pi_old) / sum_t m)   (importance_sampling_level=sequence: GSPO)
-  l_it = -min(w A_i, clip(w, 1 - e_lo, 1 + e_hi) A_i) + b (exp(r - log pi) - (r - log pi) - 1)   r: the reference's
-                                                                          log-prob (k3 estimator of the KL)
-  grpo     mean over rows of (sum_t m l / sum_t m)                        (each completion weighs the same)
-  bnpo     sum m l / sum m over the step's batch                          (each token weighs the same)
-  dapo     the same as bnpo here: TRL divides by the generation batch's tokens, and a step here is one generation
-           batch (its accumulation steps give the gradient of the whole batch, llm_jax.train)
-  dr_grpo  sum m l / (rows * config.grpo.max_completion_tokens)           (no length bias: Dr. GRPO)
+  the policy term p_it of config.grpo.loss_type:
+    grpo bnpo dr_grpo dapo luspo   -min(w A_i, clip(w, 1 - e_lo, 1 + e_hi) A_i)          (PPO's clipped surrogate)
+    cispo   -sg(min(w, e_hi)) A_i log pi(t)          (MiniMax-M1: the weight is capped, not the update; e_hi the cap)
+    sapo    -(4 / s) sigmoid(s (w - 1)) A_i          (a soft gate; s = sapo_temperature_pos if A_i > 0, else _neg)
+    vespo   -sg(phi_i) A_i log pi(t)                 (phi_i = exp(lam + k log W_i - lam W_i), W_i = the completion's
+            whole ratio exp(sum_t m clip(log pi - log pi_old, -20, 20)) with log W_i clipped to [log 1e-8, 20]; k, lam
+            = vespo_k_pos, vespo_lambda_pos if A_i >= 0, else the _neg pair; a NaN or infinite phi counts 0)
+  l_it = p_it + b (exp(r - log pi) - (r - log pi) - 1)   r: the reference's log-prob (k3 estimator of the KL)
+  the step's loss of config.grpo.loss_type:
+  grpo, sapo             mean over rows of (sum_t m l / sum_t m)          (each completion weighs the same)
+  bnpo                   sum m l / sum m over the step's batch            (each token weighs the same)
+  dapo, cispo, vespo     the same as bnpo here: TRL divides by the generation batch's tokens, and a step here is one
+                         generation batch (its accumulation steps give the gradient of the whole batch, llm_jax.train)
+  dr_grpo                sum m l / (rows * config.grpo.max_completion_tokens)   (no length bias: Dr. GRPO)
+  luspo                  mean over rows of sum_t m l                      (LUSPO: GSPO with each completion's term
+                         scaled by its length)
+luspo needs importance_sampling_level=sequence and vespo token (vespo makes its own sequence ratio): TRL warns about
+the other level, check_config refuses it.
 
-Metrics (TRL's names): kl (the masked token mean of the k3 term; 0 without a reference), entropy (masked token mean
-of the policy's entropy), clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean (the share of tokens, or
-of completions at sequence level, whose ratio is below 1 - e_lo with A < 0, above 1 + e_hi with A > 0, either).
+Metrics (TRL's names; METRICS[loss_type]): kl (the masked token mean of the k3 term; 0 without a reference), entropy
+(masked token mean of the policy's entropy), and by loss type: clip_ratio/low_mean, clip_ratio/high_mean,
+clip_ratio/region_mean (the clipped surrogate's: the share of tokens, or of completions at sequence level, whose ratio
+is below 1 - e_lo with A < 0, above 1 + e_hi with A > 0, either), cispo_clip_ratio (ratio above the cap e_hi with
+A > 0), vespo/phi_seq_mean (the mean over completions of phi); sapo logs no clip share, as TRL.
 
 Normalisers over the whole step's batch are computed by `prepare` (on the step's batch, before microbatches) as
 per-token weights, so `count` is 1 and k accumulated microbatches give exactly the step's gradient.
@@ -34,6 +47,7 @@ initial parameters (the init_from model), or the LoRA base with the adapters off
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +59,16 @@ from llm_jax.objectives import base
 from llm_jax.objectives import preference
 from llm_jax.objectives.registry import register
 
-LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo')  # config.grpo.loss_type (TRL's names)
+LOSS_TYPES = ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo', 'vespo')  # config.grpo.loss_type (TRL's)
+CLIPPED_SURROGATE = ('grpo', 'bnpo', 'dr_grpo', 'dapo', 'luspo')  # the loss types of PPO's clipped ratio
 IMPORTANCE_LEVELS = ('token', 'sequence')  # config.grpo.importance_sampling_level (sequence: GSPO)
 REWARD_SCALINGS = ('group', 'batch', 'none')  # config.grpo.scale_rewards (TRL's)
 CLIP_METRICS = ('clip_ratio/low_mean', 'clip_ratio/high_mean', 'clip_ratio/region_mean')
-STEP_METRICS = ('kl', 'entropy') + CLIP_METRICS  # written to train rows next to loss (with the rollout's)
+# The step metrics of each loss type, as TRL logs them (written to train rows next to loss, with the rollout's)
+METRICS = {**{kind: ('kl', 'entropy') + CLIP_METRICS for kind in CLIPPED_SURROGATE},
+           'cispo': ('kl', 'entropy', 'cispo_clip_ratio'), 'sapo': ('kl', 'entropy'),
+           'vespo': ('kl', 'entropy', 'vespo/phi_seq_mean')}
+REQUIRED_LEVEL = {'luspo': 'sequence', 'vespo': 'token'}  # the importance_sampling_level a loss type is defined at
 
 
 def epsilons(config_grpo) -> tuple[float, float]:
@@ -57,12 +76,27 @@ def epsilons(config_grpo) -> tuple[float, float]:
   return config_grpo.epsilon, config_grpo.epsilon_high or config_grpo.epsilon
 
 
-def token_terms(config_grpo, logps, old_logps, ref_logps, mask, advantages) -> dict[str, jax.Array]:
-  """The per-token loss and the metric flags of one batch ([B,T] arrays; advantages [B]), module docstring.
+def gamma_weights(config_grpo, log_ratio, mask, adv) -> jax.Array:
+  """VESPO's phi [B,1] (module docstring) from the token log-ratios [B,T], without gradient (TRL's
+  get_gamma_weights with no sampler correction)."""
+  log_w = jnp.sum(jnp.clip(log_ratio, -20.0, 20.0) * mask, -1, keepdims=True)
+  log_w = jnp.clip(log_w, math.log(1e-8), 20.0)  # TRL's bounds (its reference implementation's 1e-8 floor)
+  positive = adv >= 0
+  k = jnp.where(positive, config_grpo.vespo_k_pos, config_grpo.vespo_k_neg)
+  lam = jnp.maximum(jnp.where(positive, config_grpo.vespo_lambda_pos, config_grpo.vespo_lambda_neg), 1e-4)
+  phi = jnp.exp(lam + k * log_w - lam * jnp.exp(log_w))  # phi(1) = 1
+  return jax.lax.stop_gradient(jnp.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0))
 
-  Returns loss [B,T] (or [B,1] broadcast at sequence level without beta), kl [B,T] or None, and the clip flags
-  low/high/region as float [B,T] (token level) or [B,1] (sequence level)."""
+
+def token_terms(config_grpo, logps, old_logps, ref_logps, mask, advantages) -> dict[str, jax.Array]:
+  """The per-token loss and the logged per-token values of one batch ([B,T] arrays; advantages [B]), module
+  docstring.
+
+  Returns loss [B,T] (or [B,1], broadcast over the tokens, for a sequence-level surrogate without beta), kl [B,T]
+  or None, and the values of METRICS[loss_type] beyond kl and entropy (clip flags as floats): [B,T] averaged over
+  the masked tokens, [B,1] (sequence level, vespo's phi) averaged over the completions."""
   low, high = epsilons(config_grpo)
+  kind = config_grpo.loss_type
   adv = advantages.reshape(advantages.shape[0], 1)  # [B] or [B,1] (a batch's arrays are [B, ...] of rank >= 2)
   log_ratio = logps - old_logps
   if config_grpo.importance_sampling_level == 'token':
@@ -70,16 +104,32 @@ def token_terms(config_grpo, logps, old_logps, ref_logps, mask, advantages) -> d
   else:
     log_weights = jnp.sum(log_ratio * mask, -1, keepdims=True) / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0)
   coef_1 = jnp.exp(log_weights)
-  coef_2 = jnp.clip(coef_1, 1 - low, 1 + high)
-  loss = -jnp.minimum(coef_1 * adv, coef_2 * adv)
+  logged = {}
+  if kind in CLIPPED_SURROGATE:
+    coef_2 = jnp.clip(coef_1, 1 - low, 1 + high)
+    loss = -jnp.minimum(coef_1 * adv, coef_2 * adv)
+    is_low = (coef_1 < 1 - low) & (adv < 0)
+    is_high = (coef_1 > 1 + high) & (adv > 0)
+    for name, flag in zip(CLIP_METRICS, (is_low, is_high, is_low | is_high)):
+      logged[name] = flag.astype(jnp.float32)
+  elif kind == 'cispo':  # epsilon_high is the cap of the ratio itself here (TRL's; ScaleRL recommends 5)
+    loss = -jax.lax.stop_gradient(jnp.minimum(coef_1, high)) * adv * logps
+    logged['cispo_clip_ratio'] = ((coef_1 > high) & (adv > 0)).astype(jnp.float32)
+  elif kind == 'sapo':
+    temperature = jnp.where(adv > 0, config_grpo.sapo_temperature_pos, config_grpo.sapo_temperature_neg)
+    loss = -jax.nn.sigmoid(temperature * (coef_1 - 1)) * 4 / temperature * adv
+  elif kind == 'vespo':
+    phi = gamma_weights(config_grpo, log_ratio, mask, adv)
+    loss = -phi * adv * logps
+    logged['vespo/phi_seq_mean'] = phi
+  else:
+    raise ValueError(f'config.grpo.loss_type: unknown value {kind!r}; expected one of {", ".join(LOSS_TYPES)}')
   kl = None
   if config_grpo.beta:
     delta = ref_logps - logps
     kl = jnp.exp(delta) - delta - 1
     loss = loss + config_grpo.beta * kl
-  is_low = ((coef_1 < 1 - low) & (adv < 0)).astype(jnp.float32)
-  is_high = ((coef_1 > 1 + high) & (adv > 0)).astype(jnp.float32)
-  return dict(loss=loss, kl=kl, low=is_low, high=is_high, region=jnp.maximum(is_low, is_high))
+  return dict(loss=loss, kl=kl, logged=logged)
 
 
 def weights(config_grpo, mask, segment_ids) -> dict[str, jax.Array]:
@@ -88,12 +138,14 @@ def weights(config_grpo, mask, segment_ids) -> dict[str, jax.Array]:
   rows = jnp.maximum(jnp.sum(jnp.any(segment_ids > 0, -1).astype(jnp.float32)), 1.0)
   tokens = jnp.maximum(jnp.sum(mask), 1.0)
   kind = config_grpo.loss_type
-  if kind == 'grpo':
+  if kind in ('grpo', 'sapo'):
     loss_weight = mask / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0) / rows
-  elif kind in ('bnpo', 'dapo'):
+  elif kind in ('bnpo', 'dapo', 'cispo', 'vespo'):
     loss_weight = mask / tokens
   elif kind == 'dr_grpo':
     loss_weight = mask / (rows * config_grpo.max_completion_tokens)
+  elif kind == 'luspo':
+    loss_weight = mask / rows
   else:
     raise ValueError(f'config.grpo.loss_type: unknown value {kind!r}; expected one of {", ".join(LOSS_TYPES)}')
   row_weight = jnp.any(segment_ids > 0, -1).astype(jnp.float32) / rows
@@ -107,7 +159,7 @@ def entropy(logits: jax.Array) -> jax.Array:
 
 
 def sums_of(config_grpo, logits, batch, ref_logps) -> dict[str, jax.Array]:
-  """The weighted sums of one (micro)batch from the policy's logits [B,T,V] (loss and STEP_METRICS); weights
+  """The weighted sums of one (micro)batch from the policy's logits [B,T,V] (loss and METRICS[loss_type]); weights
   from `prepare`. The tests take its gradient with respect to the logits against TRL's."""
   scaled = logits.astype(jnp.float32) / config_grpo.temperature
   logps = base.target_logprobs(scaled, batch['targets'])
@@ -119,9 +171,9 @@ def sums_of(config_grpo, logits, batch, ref_logps) -> dict[str, jax.Array]:
              entropy=jax.lax.stop_gradient(jnp.sum(entropy(scaled) * token_w)),
              kl=jnp.zeros((), jnp.float32) if terms['kl'] is None else jax.lax.stop_gradient(
                  jnp.sum(terms['kl'] * token_w)))
-  for name, flag in zip(CLIP_METRICS, (terms['low'], terms['high'], terms['region'])):
-    value = jnp.sum(flag[:, 0] * row_w) if flag.shape[-1] == 1 else jnp.sum(flag * token_w)
-    out[name] = jax.lax.stop_gradient(value)
+  for name, value in terms['logged'].items():  # one value a completion: their mean; else the masked token mean
+    total = jnp.sum(value[:, 0] * row_w) if value.shape[-1] == 1 else jnp.sum(value * token_w)
+    out[name] = jax.lax.stop_gradient(total)
   return out
 
 
@@ -129,8 +181,11 @@ def sums_of(config_grpo, logits, batch, ref_logps) -> dict[str, jax.Array]:
 class GRPO(base.Objective):
   """GRPO and its variants (config.grpo.loss_type, importance_sampling_level) on rollouts of the engine."""
   name = 'grpo'
-  train_metrics = STEP_METRICS
   learns_from_rollouts = True  # its batches come from llm_jax.rollout, not from config.data's iterator
+
+  @property
+  def train_metrics(self):  # what TRL logs for this loss type
+    return METRICS[self.config.grpo.loss_type]
 
   @classmethod
   def check_config(cls, config):
@@ -151,6 +206,21 @@ class GRPO(base.Objective):
       fail('grpo.epsilon', f'must be in (0, 1), got {g.epsilon}')
     if g.epsilon_high < 0:
       fail('grpo.epsilon_high', f'must be >= 0 (0 = grpo.epsilon), got {g.epsilon_high}')
+    level = REQUIRED_LEVEL.get(g.loss_type)
+    if level and g.importance_sampling_level != level:
+      why = ('luspo is GSPO with length-scaled completions: its ratio is one a completion' if g.loss_type == 'luspo'
+             else 'vespo makes its own sequence ratio from the token ratios')
+      fail('grpo.importance_sampling_level', f'{g.importance_sampling_level!r}, but grpo.loss_type={g.loss_type} '
+           f'needs {level!r} ({why})')
+    if g.loss_type == 'cispo' and g.epsilon_high < 1:
+      fail('grpo.epsilon_high', f'{g.epsilon_high}: under grpo.loss_type=cispo it is the cap of the ratio itself '
+           f'(ScaleRL recommends 5.0; 0 would mean grpo.epsilon); a cap below 1 shrinks every on-policy token')
+    for field in ('sapo_temperature_pos', 'sapo_temperature_neg', 'vespo_lambda_pos', 'vespo_lambda_neg'):
+      if g[field] <= 0:
+        fail(f'grpo.{field}', f'must be positive, got {g[field]}')
+    for field in ('vespo_k_pos', 'vespo_k_neg'):
+      if g[field] < 0:
+        fail(f'grpo.{field}', f'must be >= 0 (the power of the ratio in the weight), got {g[field]}')
     if not 0.0 < g.temperature <= 100.0:
       fail('grpo.temperature', f'must be in (0, 100] (the loss divides the logits by it), got {g.temperature}')
     if not 0.0 < g.top_p <= 1.0:
