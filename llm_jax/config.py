@@ -30,7 +30,7 @@ from llm_jax.errors import ConfigError, UserError, check_choice, fail  # noqa: F
 NONFINITE_POLICIES = ('stop', 'skip')  # the training loop's (train.py) answers to a non-finite step
 WANDB_MODES = ('online', 'offline', 'disabled')  # wandb.init's modes
 INIT_FROM_ADAPTERS = ('merge', 'keep')  # what train.py's init_from does with the LoRA adapters of its source
-MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data, expert and fsdp
+MESH_AXES = ('data', 'expert', 'fsdp', 'context', 'tensor')  # the batch is split over data, expert and fsdp; the sequence over context
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
@@ -45,7 +45,7 @@ FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_facto
 DEFAULT_RULES = (
     # parameters
     ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'context')),  # weights and optimizer state stay sharded over context too (as MaxText's embed)
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
@@ -58,7 +58,7 @@ DEFAULT_RULES = (
     ('expert_router', None),
     # activations
     ('act_batch', ('data', 'expert', 'fsdp')),
-    ('act_seq', None),
+    ('act_seq', 'context'),  # context parallelism: the sequence split over it (llm_jax/model/context.py)
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_kv_heads', 'tensor'),
@@ -196,6 +196,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Data-parallel mesh axis size (-1 = all devices the other axes leave).
   c.mesh.expert = 1  # Expert-parallel axis size: the experts of model.ffn=moe split over it (rule 'expert'); like data, it also splits the batch.
   c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size: parameters and optimizer state sharded over it.
+  c.mesh.context = 1  # Context-parallel axis size: every activation's sequence split over it (rule 'act_seq'), attention exchanging keys and values across it (llm_jax/model/context.py); weights stay sharded over it with fsdp (rule 'embed'). data.seq_len must divide into context chunks (2 * context with context_load_balance).
+  c.mesh.context_exchange = 'all_gather'  # mesh.context > 1: how attention sees the other devices' keys and values: all_gather (gather K/V over the axis, then one kernel call; small with grouped-query attention) | ring (K/V blocks passed round the axis with ppermute, the next block's transfer issued before this block's compute, online-softmax accumulation: one block of K/V held at a time; both run the xla kernel; model.attention=auto takes it, cudnn and splash are refused).
+  c.mesh.context_load_balance = False  # mesh.context > 1 and causal attention: device i holds sequence chunks i and 2*context-1-i (of 2*context), so causal work per device is even where the kernel skips masked blocks (splash); positions and segment ids move with their tokens, the model's output returns to input order.
   c.mesh.tensor = 1  # Tensor-parallel axis size: heads, MLP and vocabulary sharded over it.
   c.mesh.rules = DEFAULT_RULES  # Logical-axis rules: (logical name, mesh axis or tuple of axes or None).
 
@@ -307,6 +310,10 @@ def check_run(config, num_devices: int) -> dict[str, int]:
   if config.checkpoint.keep <= 0:
     fail('checkpoint.keep', f'must be positive, got {config.checkpoint.keep}')
   mesh = resolve_mesh_shape(config.mesh, num_devices)
+  chunks = mesh['context'] * (2 if config.mesh.context_load_balance else 1)
+  if mesh['context'] > 1 and d.seq_len % chunks:
+    fail('data.seq_len', f'{d.seq_len} does not split into mesh.context * {2 if chunks != mesh["context"] else 1} = '
+         f'{chunks} equal chunks (context parallelism{", load-balanced" if chunks != mesh["context"] else ""})')
   batch_shards = mesh['data'] * mesh['expert'] * mesh['fsdp']
   if d.global_batch_size % (batch_shards * t.grad_accum_steps):
     fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*expert*fsdp*grad_accum_steps = '

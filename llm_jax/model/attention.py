@@ -46,6 +46,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from llm_jax.model import context as context_lib
+from llm_jax.model.context import axes_size, axis_index
 from llm_jax.model.layers import Projection, RMSNorm, Rope, apply_rope
 from llm_jax.model.partitioning import active, constrain
 
@@ -62,24 +64,32 @@ class MaskInfo:
 
   def dense(self) -> jax.Array:
     """[B,T,S] bool: same segment, (if causal) key index <= query index, (if window) within the window."""
-    mask = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
-    if self.causal or self.window:
-      t, s = self.q_segment_ids.shape[1], self.kv_segment_ids.shape[1]
-      q_index = jnp.arange(t)[:, None] + jnp.asarray(self.q_offset).reshape(-1, 1, 1)
-      k_index = jnp.arange(s)[None, :]
-      if self.causal:
-        mask = mask & (k_index <= q_index)
-      if self.window:  # causal: the window reaches back only; bidirectional (mlm): both ways
-        mask = mask & (q_index - k_index < self.window)
-        if not self.causal:
-          mask = mask & (k_index - q_index < self.window)
-    return mask
+    t, s = self.q_segment_ids.shape[1], self.kv_segment_ids.shape[1]
+    q_index = jnp.arange(t)[None, :] + jnp.asarray(self.q_offset).reshape(-1, 1)  # [1 or B, T]
+    return index_mask(self.q_segment_ids, self.kv_segment_ids, q_index, jnp.arange(s), self.causal, self.window)
 
   def window_sides(self) -> tuple[int, int] | None:
     """(left, right) keys a query sees around itself, the form of cuDNN's and splash's local masks; None = all."""
     if not self.window:
       return None
     return (self.window - 1, 0 if self.causal else self.window - 1)
+
+
+def index_mask(q_segment_ids, kv_segment_ids, q_index, k_index, causal: bool, window: int) -> jax.Array:
+  """[B,T,S] bool, the one mask rule: same segment, (if causal) key index <= query index, (if window) within the
+  window. q_index [T] or [B,T] and k_index [S] are sequence indices in input order (a context-parallel shard
+  passes its own tokens', llm_jax/model/context.py)."""
+  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  if causal or window:
+    q_index = jnp.asarray(q_index).reshape(-1, q_segment_ids.shape[1], 1)
+    k_index = jnp.asarray(k_index)[None, None, :]
+    if causal:
+      mask = mask & (k_index <= q_index)
+    if window:  # causal: the window reaches back only; bidirectional (mlm): both ways
+      mask = mask & (q_index - k_index < window)
+      if not causal:
+        mask = mask & (k_index - q_index < window)
+  return mask
 
 
 def _masked_attention(q, k, v, mask):
@@ -285,7 +295,7 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
   mesh, rules = context
   batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_heads', None), rules)
   _, _, kv_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_kv_heads', None), rules)
-  head_shards = _axes_size(mesh, head_axes)
+  head_shards = axes_size(mesh, head_axes)
   n, kv_heads = q.shape[2], k.shape[2]
   if n % head_shards:
     raise ValueError(f'splash attention: {n} query heads do not split over {head_shards} devices ({head_axes})')
@@ -296,7 +306,7 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
     group, heads_per_shard = n // kv_heads, n // head_shards
 
     def pick(kv):
-      return jax.lax.dynamic_slice_in_dim(kv, (_axis_index(head_axes) * heads_per_shard) // group, 1, axis=2)
+      return jax.lax.dynamic_slice_in_dim(kv, (axis_index(head_axes) * heads_per_shard) // group, 1, axis=2)
   else:
     raise ValueError(f'splash attention: {kv_heads} kv heads and {n} query heads cannot share '
                      f'{head_shards} tensor shards; use num_kv_heads divisible by (or dividing) {head_shards}')
@@ -310,25 +320,6 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
   sharded = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                           out_specs=q_spec, check_vma=False)
   return sharded(q, k, v, mask_info.q_segment_ids, mask_info.kv_segment_ids)
-
-
-def _axes_size(mesh, axes) -> int:
-  """Devices along one mesh axis name, a tuple of them, or None (1)."""
-  if axes is None:
-    return 1
-  names = axes if isinstance(axes, tuple) else (axes,)
-  return math.prod(mesh.shape[a] for a in names)
-
-
-def _axis_index(axes):
-  """This device's index along one mesh axis or several (major to minor), inside shard_map."""
-  if axes is None:
-    return 0
-  names = axes if isinstance(axes, tuple) else (axes,)
-  index = 0
-  for name in names:
-    index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
-  return index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,7 +500,7 @@ def _ragged_sharded(call, context, num_heads: int, kv_heads: int):
   mesh, rules = context
   _, _, head_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_heads', None), rules)
   _, _, kv_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_kv_heads', None), rules)
-  shards = _axes_size(mesh, head_axes)
+  shards = axes_size(mesh, head_axes)
   if kv_axes != head_axes or num_heads % shards or kv_heads % shards:
     raise ValueError(f'ragged paged attention: {num_heads} query and {kv_heads} kv heads do not split alike over '
                      f'{shards} devices ({head_axes}, {kv_axes}); use the xla paged kernel')
@@ -598,6 +589,8 @@ class SelfAttention(nn.Module):
   qk_norm: bool = False  # RMSNorm of q and k over all their heads at once, before RoPE (OLMoE)
   norm_eps: float = 1e-5  # qk_norm's epsilon
   platform: str = ''  # platform the step compiles for ('tpu', 'gpu', 'cpu'; '' = the default backend)
+  context_exchange: str = 'all_gather'  # under a context mesh axis > 1: context.EXCHANGES
+  context_load_balance: bool = False  # the sequence is in context.token_order's load-balanced layout
 
   def _proj(self, name, features, axes, in_dims=1):
     rank = self.lora_rank if name in self.lora_targets else 0
@@ -632,12 +625,29 @@ class SelfAttention(nn.Module):
                            window=self.window)
     platform = self.platform or platform_of(jax.devices())
     kernel = choose_kernel(self.kernel, head_dim, self.dtype, x.shape[1], platform, decoding=decode)
-    if kernel == 'splash':  # the Mosaic kernel runs on CPU only in interpret mode (how tests check it)
+    if not decode and context_lib.active_shards() > 1:
+      out = self._context_parallel(q, k, v, segment_ids, kernel, platform)
+    elif kernel == 'splash':  # the Mosaic kernel runs on CPU only in interpret mode (how tests check it)
       out = splash_attention(q, k, v, mask_info, interpret=platform == 'cpu')
     else:
       out = KERNELS[kernel](q, k, v, mask_info)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
+
+  def _context_parallel(self, q, k, v, segment_ids, kernel: str, platform: str):
+    """Attention over a sequence split across the context axis (llm_jax/model/context.py), with the xla kernel:
+    cuDNN and splash are not wired in (their causal masks assume queries and keys start together), so auto
+    takes xla here and naming them is refused (model.check_config)."""
+    mask = functools.partial(index_mask, causal=self.causal, window=self.window)
+    if self.kernel == 'auto':
+      kernel = 'xla'
+    if kernel == 'xla':
+      def local(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index):
+        return _masked_attention(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, k_index))
+    else:
+      raise ValueError(f'context parallelism runs the xla kernel, not {kernel!r} (model.attention)')
+    return context_lib.sharded_attention(q, k, v, segment_ids, segment_ids, exchange=self.context_exchange,
+                                         load_balance=self.context_load_balance, mask=mask, local=local)
 
   def _paged(self, q, k, v, valid, positions, pages: PageTable):
     """Writes this call's k/v [B,T,K,H] into the layer's pool ('cache' collection: kv_pages

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.errors import check_choice, fail
-from llm_jax.model import moe
+from llm_jax.model import context, moe
 from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
 from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
 from llm_jax.model.attention import PageTable, SelfAttention
@@ -100,12 +100,17 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ()
   platform: str = ''  # what the attention kernel is chosen for: the mesh's platform (tpu, gpu, cpu); '' = default backend
+  context_exchange: str = 'all_gather'  # config.mesh.context_exchange: how attention exchanges K/V over a context axis
+  context_load_balance: bool = False  # config.mesh.context_load_balance: the load-balanced sequence layout
 
   @classmethod
   def from_config(cls, config) -> 'TransformerConfig':
     """From the full ml_collections config (config.model plus config.lora)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in config.model.items() if k in fields}
+    mesh = config.get('mesh')
+    if mesh is not None:  # the context exchange is the model's business: the mesh only sizes the axis
+      values.update(context_exchange=mesh.context_exchange, context_load_balance=mesh.context_load_balance)
     lora = config.get('lora')
     if lora is not None and lora.rank:
       values.update(lora_rank=lora.rank, lora_alpha=lora.alpha,
@@ -155,6 +160,12 @@ def check_config(config) -> None:
   if m.sliding_window < 0:
     fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
   check_choice('model.remat', m.remat, REMAT_POLICIES)
+  mesh = config.get('mesh')
+  if mesh is not None:
+    check_choice('mesh.context_exchange', mesh.context_exchange, context.EXCHANGES)
+    if mesh.context != 1 and m.attention in ('cudnn', 'splash'):
+      fail('model.attention', f'{m.attention} does not run under context parallelism (mesh.context > 1) yet; '
+           'use auto or xla')
   if not 0 <= m.max_segments_per_row <= m.max_seq_len:
     fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
   moe.check_config(config)
@@ -184,7 +195,8 @@ class Block(nn.Module):
                           causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
                           window=cfg.sliding_window, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                          platform=cfg.platform, name='attn',
+                          platform=cfg.platform, context_exchange=cfg.context_exchange,
+                          context_load_balance=cfg.context_load_balance, name='attn',
                           **lora)(h, segment_ids, positions, self.decode, pages)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
     x = x + FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
@@ -218,8 +230,15 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('vocab', 'embed')), name='embed')
+    # Under context parallelism with load balancing the tokens take the devices' layout (context.token_order):
+    # positions and segment ids move with them, and the output returns to input order before the head.
+    order = None
+    if not self.decode and pages is None:
+      order = context.token_order(tokens.shape[1], context.active_shards(), cfg.context_load_balance)
+    tokens, segment_ids, positions = (context.to_layout(a, order) for a in (tokens, segment_ids, positions))
     x = constrain(embed(tokens), ('act_batch', 'act_seq', 'act_embed'))
     x = self._blocks(x, segment_ids, positions, pages)
+    x = context.from_layout(x, order)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name='final_norm')(x)
