@@ -70,9 +70,7 @@ class MaskInfo:
 
   def window_sides(self) -> tuple[int, int] | None:
     """(left, right) keys a query sees around itself, the form of cuDNN's and splash's local masks; None = all."""
-    if not self.window:
-      return None
-    return (self.window - 1, 0 if self.causal else self.window - 1)
+    return mask_window(self.causal, self.window)
 
 
 def index_mask(q_segment_ids, kv_segment_ids, q_index, k_index, causal: bool, window: int) -> jax.Array:
@@ -249,22 +247,24 @@ def splash_block(length: int) -> int | None:
   return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
 
 
-def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret):
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret, q_start: int = 0):
   """Splash on one device's shard: q [b,T,n,H], k/v [b,S,kv,H] with n % kv == 0 (GQA is native to the kernel:
-  each kv head serves its group of query heads; nothing is repeated in memory)."""
+  each kv head serves its group of query heads; nothing is repeated in memory). Query i sits at key index
+  q_start + i (a context-parallel shard's queries over the whole key sequence)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   _, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  s, kv_heads = k.shape[1], k.shape[2]
   if window:  # the window's left side (and, when causal, no right side) in one local mask
-    head_mask = sm.LocalMask((t, t), window_size=window, offset=0)
+    head_mask = sm.LocalMask((t, s), window_size=window, offset=q_start)
   else:
-    head_mask = sm.CausalMask((t, t)) if causal else sm.FullMask((t, t))
-  block = splash_block(t)
-  if block is None:
-    raise ValueError(f'splash attention needs a sequence length divisible by {SPLASH_BLOCKS[-1]}, got {t}')
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    head_mask = sm.CausalMask((t, s), offset=q_start) if causal else sm.FullMask((t, s))
+  block, block_kv = splash_block(t), splash_block(s)
+  if block is None or block_kv is None:
+    raise ValueError(f'splash attention needs sequence lengths divisible by {SPLASH_BLOCKS[-1]}, got {t} queries '
+                     f'and {s} keys (under context parallelism: the chunk each device holds)')
+  sizes = sk.BlockSizes(block_q=block, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block,
+                        block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block, block_kv_dq=block_kv)
   mask = sm.MultiHeadMask([head_mask] * n)
   make = sk.make_splash_mqa_single_device if kv_heads == 1 else sk.make_splash_mha_single_device
   kernel = make(mask, block_sizes=sizes, interpret=interpret)
@@ -320,6 +320,37 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
   sharded = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                           out_specs=q_spec, check_vma=False)
   return sharded(q, k, v, mask_info.q_segment_ids, mask_info.kv_segment_ids)
+
+
+def mask_window(causal: bool, window: int) -> tuple[int, int] | None:
+  """(left, right) keys a query sees around itself (cuDNN's and splash's local masks); None = all."""
+  return None if not window else (window - 1, 0 if causal else window - 1)
+
+
+def _context_splash(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard, *, causal, window,
+                    interpret, load_balance):
+  """Splash inside the all_gather context exchange (context.sharded_attention's local kernel): the gathered
+  keys back in input order (a local gather), then one splash call per run of this device's queries
+  (context.query_runs: one, or an early and a late chunk), each with its static mask offset. The device's runs
+  are static per device, so the kernels of all devices are built and lax.switch picks this one's."""
+  del q_index, k_index
+  length = k.shape[1]
+  shards = length // q.shape[1]
+  order = context_lib.token_order(length, shards, load_balance)
+  k, v, kv_segment_ids = (context_lib.from_layout(x, order) for x in (k, v, kv_segment_ids))
+
+  def device(runs):
+    def attend(q, k, v, q_segment_ids, kv_segment_ids):
+      outs, at = [], 0
+      for start, size in runs:
+        outs.append(_splash_local(q[:, at:at + size], k, v, q_segment_ids[:, at:at + size], kv_segment_ids,
+                                  causal=causal, window=window, interpret=interpret, q_start=start))
+        at += size
+      return jnp.concatenate(outs, axis=1)
+    return attend
+
+  branches = [device(runs) for runs in context_lib.query_runs(length, shards, load_balance)]
+  return jax.lax.switch(shard, branches, q, k, v, q_segment_ids, kv_segment_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -639,13 +670,20 @@ class SelfAttention(nn.Module):
     cuDNN and splash are not wired in (their causal masks assume queries and keys start together), so auto
     takes xla here and naming them is refused (model.check_config)."""
     mask = functools.partial(index_mask, causal=self.causal, window=self.window)
-    if self.kernel == 'auto':
+    shards = context_lib.active_shards()
+    run = q.shape[1] // (shards * (2 if self.context_load_balance else 1))  # a device's contiguous queries
+    if self.kernel == 'auto' and (kernel == 'cudnn' or self.context_exchange != 'all_gather' or
+                                  (kernel == 'splash' and splash_block(run) is None)):
       kernel = 'xla'
     if kernel == 'xla':
-      def local(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index):
+      def local(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard):
         return _masked_attention(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, k_index))
+    elif kernel == 'splash' and self.context_exchange == 'all_gather':
+      local = functools.partial(_context_splash, causal=self.causal, window=mask_window(self.causal, self.window),
+                                interpret=platform == 'cpu', load_balance=self.context_load_balance)
     else:
-      raise ValueError(f'context parallelism runs the xla kernel, not {kernel!r} (model.attention)')
+      raise ValueError(f'context parallelism ({self.context_exchange}) does not run the {kernel} kernel '
+                       f'(model.attention)')
     return context_lib.sharded_attention(q, k, v, segment_ids, segment_ids, exchange=self.context_exchange,
                                          load_balance=self.context_load_balance, mask=mask, local=local)
 

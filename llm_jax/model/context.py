@@ -89,6 +89,17 @@ def token_order(length: int, shards: int, load_balance: bool) -> np.ndarray | No
   return np.concatenate([np.arange(i * chunk, (i + 1) * chunk) for pair in chunks for i in pair]).astype(np.int32)
 
 
+def query_runs(length: int, shards: int, load_balance: bool) -> list[list[tuple[int, int]]]:
+  """Per device, its queries as contiguous runs of the input order, in the order it holds them:
+  [(start, size), ...] (one run; two, an early and a late chunk, under load balancing). What a kernel whose
+  masks take a static offset (splash) needs: one mask per run."""
+  if load_balance and shards > 1:
+    chunk = length // (2 * shards)
+    return [[(c * chunk, chunk), ((2 * shards - 1 - c) * chunk, chunk)] for c in range(shards)]
+  block = length // shards
+  return [[(c * block, block)] for c in range(shards)]
+
+
 def to_layout(x: jax.Array, order: np.ndarray | None) -> jax.Array:
   """x [B,T,...] in input order -> the devices' layout (axis 1 permuted by `order`)."""
   return x if order is None else jnp.take(x, order, axis=1)
@@ -99,8 +110,9 @@ def from_layout(x: jax.Array, order: np.ndarray | None) -> jax.Array:
   return x if order is None else jnp.take(x, np.argsort(order).astype(np.int32), axis=1)
 
 
-# local(q [b,t,N,H], k, v [b,S,K,H], q_segment_ids [b,t], kv_segment_ids [b,S], q_index [t], k_index [S]) -> out:
-# attention of a device's queries over keys, with the input-order index of every query and key.
+# local(q [b,t,N,H], k, v [b,S,K,H], q_segment_ids [b,t], kv_segment_ids [b,S], q_index [t], k_index [S], shard)
+# -> out: attention of a device's queries over all keys (in the layout's order), with the input-order index of
+# every query and key, and the device's index along the context axes (`query_runs` gives its static runs).
 LocalKernel = Callable[..., jax.Array]
 # mask(q_segment_ids [b,t], kv_segment_ids [b,S], q_index [t], k_index [S]) -> [b,t,S] bool.
 MaskFn = Callable[..., jax.Array]
@@ -133,7 +145,7 @@ def sharded_attention(q, k, v, q_segment_ids, kv_segment_ids, *, exchange: str, 
     q_index = jax.lax.dynamic_slice_in_dim(all_index, me * block, block)
     if exchange == 'all_gather':
       k, v, kv_segment_ids = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (k, v, kv_segment_ids))
-      return local(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index)
+      return local(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me)
     if exchange == 'ring':
       source_index = lambda source: jax.lax.dynamic_slice_in_dim(all_index, source * block, block)  # noqa: E731
       return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask)

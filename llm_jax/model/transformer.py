@@ -163,9 +163,12 @@ def check_config(config) -> None:
   mesh = config.get('mesh')
   if mesh is not None:
     check_choice('mesh.context_exchange', mesh.context_exchange, context.EXCHANGES)
-    if mesh.context != 1 and m.attention in ('cudnn', 'splash'):
-      fail('model.attention', f'{m.attention} does not run under context parallelism (mesh.context > 1) yet; '
-           'use auto or xla')
+    if mesh.context != 1 and m.attention == 'cudnn':
+      fail('model.attention', 'cudnn does not run under context parallelism (mesh.context > 1); use auto, xla or '
+           'splash')
+    if mesh.context != 1 and m.attention == 'splash' and mesh.context_exchange != 'all_gather':
+      fail('mesh.context_exchange', f'{mesh.context_exchange} runs the xla kernel only; splash (model.attention) '
+           'runs inside all_gather')
   if not 0 <= m.max_segments_per_row <= m.max_seq_len:
     fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
   moe.check_config(config)
