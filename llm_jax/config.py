@@ -37,7 +37,8 @@ MESH_AXES = ('data', 'expert', 'fsdp', 'context', 'tensor')  # the batch is spli
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
                 'scan_layers', 'qkv_bias', 'qk_norm', 'ffn', 'num_experts', 'expert_ffn_dim', 'shared_expert_ffn_dim')
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
-                   'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window', 'experts_per_token',
+                   'rope_high_freq_factor', 'rope_original_max_len', 'rope_yarn_beta_fast', 'rope_yarn_beta_slow',
+                   'rope_attention_factor', 'sliding_window', 'experts_per_token',
                    'router_norm_topk')
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
@@ -80,11 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ffn_dim = 1408  # Hidden width of the SwiGLU MLP.
   c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this (preference pairs: dpo.max_length, a row holding several sequences).
   c.model.rope_theta = 10000.0  # RoPE base frequency (LLaMA-2: 10000, LLaMA-3: 500000).
-  c.model.rope_scaling = 'none'  # RoPE frequency scaling for longer contexts: none | linear | llama3 (Llama 3.1/3.2).
-  c.model.rope_scaling_factor = 1.0  # linear / llama3: factor the (low) frequencies are divided by (Llama 3.1: 8, 3.2: 32).
+  c.model.rope_scaling = 'none'  # RoPE frequency scaling for longer contexts: none | linear | llama3 (Llama 3.1/3.2) | yarn (YaRN: Qwen, DeepSeek; llm_jax/model/layers.py Rope).
+  c.model.rope_scaling_factor = 1.0  # linear / llama3 / yarn: factor the (low) frequencies are divided by (Llama 3.1: 8, 3.2: 32; YaRN: the context extension, e.g. 4).
   c.model.rope_low_freq_factor = 1.0  # llama3: wavelengths above rope_original_max_len / this are fully scaled.
   c.model.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_max_len / this are not scaled.
-  c.model.rope_original_max_len = 8192  # llama3: context length of the model before scaling.
+  c.model.rope_original_max_len = 8192  # llama3 / yarn: context length of the model before scaling.
+  c.model.rope_yarn_beta_fast = 32.0  # yarn: dimensions turning more than this many times over rope_original_max_len keep their frequency (HF beta_fast).
+  c.model.rope_yarn_beta_slow = 1.0  # yarn: dimensions turning fewer than this many times are fully divided by rope_scaling_factor; a linear ramp between (HF beta_slow).
+  c.model.rope_attention_factor = 0.0  # yarn: cos and sin are multiplied by this (the logits by its square); 0 = 0.1 * ln(rope_scaling_factor) + 1, as the paper (HF attention_factor; imported from mscale / mscale_all_dim where given).
   c.model.qkv_bias = False  # Biases on the q, k and v projections (Qwen2/2.5); changes the parameter tree.
   c.model.qk_norm = False  # RMSNorm of the queries and keys over all heads, before RoPE (OLMoE); changes the parameter tree.
   c.model.ffn = 'dense'  # Feed-forward layer of every block: dense (SwiGLU of ffn_dim) | moe (mixture of SwiGLU experts; llm_jax/model/moe.py).

@@ -73,6 +73,9 @@ class TransformerConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_attention_factor: float = 0.0
   qkv_bias: bool = False
   qk_norm: bool = False
   ffn: str = 'dense'
@@ -125,7 +128,8 @@ class TransformerConfig:
   def rope(self) -> Rope:
     return Rope(theta=self.rope_theta, scaling=self.rope_scaling, factor=self.rope_scaling_factor,
                 low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                original_max_len=self.rope_original_max_len)
+                original_max_len=self.rope_original_max_len, beta_fast=self.rope_yarn_beta_fast,
+                beta_slow=self.rope_yarn_beta_slow, attention_factor=self.rope_attention_factor)
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # config.model.dtype, param_dtype and logits_dtype
@@ -157,6 +161,14 @@ def check_config(config) -> None:
            f'got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}')
     if m.rope_original_max_len <= 0:
       fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
+  if m.rope_scaling == 'yarn':
+    if m.rope_original_max_len <= 0:
+      fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
+    if not 0 < m.rope_yarn_beta_slow < m.rope_yarn_beta_fast:
+      fail('model.rope_yarn_beta_fast', f'yarn needs 0 < rope_yarn_beta_slow < rope_yarn_beta_fast, got '
+           f'{m.rope_yarn_beta_slow} and {m.rope_yarn_beta_fast}')
+    if m.rope_attention_factor < 0:
+      fail('model.rope_attention_factor', f'must be >= 0 (0 = from the factor), got {m.rope_attention_factor}')
   if m.sliding_window < 0:
     fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
   check_choice('model.remat', m.remat, REMAT_POLICIES)
