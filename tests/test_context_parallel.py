@@ -83,8 +83,7 @@ def _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, mesh=No
 LAYER_CASES = [  # (mesh, exchange, load balance, causal, window)
     (dict(context=2, fsdp=2, tensor=2), 'all_gather', False, True, 0),
     (dict(context=4, tensor=2), 'all_gather', True, True, 10),
-    (dict(context=2, fsdp=2, tensor=2), 'ring', True, True, 0),
-    (dict(context=4, fsdp=2), 'ring', False, True, 10),
+    (dict(context=4, tensor=2), 'ring', False, True, 10),
     (dict(context=4, fsdp=2), 'ring', True, False, 7),  # bidirectional (mlm) with a two-sided window
 ]
 

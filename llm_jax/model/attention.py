@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
