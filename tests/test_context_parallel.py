@@ -5,12 +5,16 @@
   documents with padding, gives the one-device xla kernel's output and q/k/v gradients in float32 (forward 2e-5
   absolute, outputs O(1); gradients 2e-4 of the largest entry: the ring sums its blocks in another order);
 - the model: the loss and every gradient of a training step (the synthetic source: packed documents, segment ids,
-  positions restarting per document) on meshes with context 2 and 4 beside fsdp and tensor axes equal the one-device
-  step's (loss rtol 1e-5; gradients rtol 1e-4, atol 1e-6 of the largest entry), and the full train step with remat,
-  scanned layers and gradient accumulation gives the one-device losses and gradient norms of 2 steps (rtol 1e-5);
+  positions restarting per document) on meshes with context 2 and 4 beside fsdp, tensor and expert axes (a mixture
+  of experts: each device routes the tokens of its own sequence chunk) equal the one-device step's (loss rtol 1e-5;
+  gradients rtol 1e-4, atol 1e-6 of the largest entry); the whole train step with remat, scanned layers and
+  gradient accumulation gives the one-device loss and gradient norm (rtol 1e-5);
+- splash (Pallas interpret mode) inside the all_gather exchange, load balancing on and off, a sliding window;
 - the weights stay sharded over the context axis (rule embed -> fsdp, context);
 - a mutation the comparison must catch: the load-balanced layout with the kernel reading input-order indices;
-- a sequence that does not split into the chunks is refused by validation, naming data.seq_len.
+- validation: a sequence that does not split into the chunks names data.seq_len; cudnn under a context axis and
+  splash under the ring are refused, naming their fields;
+- the HLO: per-device temporaries of the compiled step halve as the context axis doubles.
 
 One tiny model (2 layers, width 32, 64 tokens); few compiled functions (each case compiles one).
 """
@@ -110,10 +114,14 @@ def test_token_order_gives_each_device_an_early_and_a_late_chunk():
   assert work[0] == work[1], work
 
 
+MOE = dict(ffn='moe', num_experts=4, experts_per_token=2, expert_ffn_dim=32)
+
+
 @functools.cache
-def _params():
-  """The tiny model's parameters, made once on one device (host arrays), placed on each mesh by the test."""
-  config = config_of()
+def _params(moe: bool = False):
+  """The tiny model's parameters (dense, or with MoE layers), made once on one device (host arrays), placed on
+  each mesh by the test."""
+  config = config_of(model=MOE if moe else {})
   model = runtime.create_model(config)
   return jax.device_get(nn.unbox(jax.jit(runtime.init_params_fn(config, model))(jax.random.key(0))))
 
@@ -122,7 +130,7 @@ def _loss_and_grads(config, devices):
   """Loss and gradients of the objective on synthetic batch 0 (packed documents), under the config's mesh,
   and the parameters as placed on it."""
   rt = runtime.Runtime(config, '/tmp/unused', devices)
-  params = jax.device_put(_params(), rt.param_shardings)
+  params = jax.device_put(_params(config.model.ffn == 'moe'), rt.param_shardings)
   batch = rt.put(synthetic.make_batch(config, 'train', 0))
 
   @jax.jit
@@ -136,21 +144,23 @@ def _loss_and_grads(config, devices):
 
 
 @functools.cache
-def _one_device():
-  loss, grads, _ = _loss_and_grads(config_of(), jax.devices()[:1])
+def _one_device(moe: bool = False):
+  loss, grads, _ = _loss_and_grads(config_of(model=MOE if moe else {}), jax.devices()[:1])
   return loss, grads
 
 
-MODEL_CASES = [  # (mesh, exchange, load balance)
-    (dict(context=2, fsdp=2, tensor=2), 'all_gather', True),
-    (dict(context=4, fsdp=2), 'ring', True),
+MODEL_CASES = [  # (mesh, exchange, load balance, MoE layers)
+    (dict(context=2, fsdp=2, tensor=2), 'all_gather', True, False),
+    (dict(context=4, fsdp=2), 'ring', True, False),
+    (dict(context=2, expert=2, fsdp=2), 'ring', False, True),  # experts route the tokens of their sequence chunk
 ]
 
 
-@pytest.mark.parametrize('mesh,exchange,balance', MODEL_CASES, ids=str)
-def test_context_parallel_loss_and_gradients_equal_one_device(mesh, exchange, balance):
-  want_loss, want_grads = _one_device()
-  config = config_of(mesh=dict(mesh, context_exchange=exchange, context_load_balance=balance))
+@pytest.mark.parametrize('mesh,exchange,balance,moe', MODEL_CASES, ids=str)
+def test_context_parallel_loss_and_gradients_equal_one_device(mesh, exchange, balance, moe):
+  want_loss, want_grads = _one_device(moe)
+  config = config_of(mesh=dict(mesh, context_exchange=exchange, context_load_balance=balance),
+                     model=MOE if moe else {})
   loss, grads, params = _loss_and_grads(config, jax.devices()[:int(np.prod(list(mesh.values())))])
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
@@ -194,6 +204,14 @@ def test_a_sequence_that_does_not_split_is_refused():
   config.model.max_seq_len = 64
   with pytest.raises(config_lib.ConfigError, match=r'^config\.data\.seq_len: 60 does not split into .* 8 equal'):
     validation.validate(config, 8)
+
+
+@pytest.mark.parametrize('attention,exchange,field', [('cudnn', 'all_gather', 'model.attention'),
+                                                      ('splash', 'ring', 'mesh.context_exchange')])
+def test_kernels_the_exchange_does_not_run_are_refused(attention, exchange, field):
+  config = config_of(model=dict(attention=attention), mesh=dict(context=2, context_exchange=exchange))
+  with pytest.raises(config_lib.ConfigError, match=rf'^config\.{field}: '):
+    validation.validate(config, 2)
 
 
 SPLASH_CASES = [  # (mesh, load balance, window, sequence): each device's run of queries a multiple of 128
