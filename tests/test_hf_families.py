@@ -147,8 +147,12 @@ def test_unsupported_fields_are_refused_by_name(imported, tmp_path, edit, field)
 
 def test_config_refuses_bad_values():
   config = config_lib.get_config()
-  config.model.rope_scaling = 'yarn'
+  config.model.rope_scaling = 'longrope'
   with pytest.raises(config_lib.ConfigError, match='model.rope_scaling'):
+    validation.validate(config, 1)
+  config = config_lib.get_config()
+  config.model.update(rope_scaling='yarn', rope_scaling_factor=4.0, rope_yarn_beta_slow=32.0)
+  with pytest.raises(config_lib.ConfigError, match='model.rope_yarn_beta_fast: yarn needs 0 < rope_yarn_beta_slow'):
     validation.validate(config, 1)
   config = config_lib.get_config()
   config.model.sliding_window = -1
