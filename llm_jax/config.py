@@ -30,14 +30,15 @@ from llm_jax.errors import ConfigError, UserError, check_choice, fail  # noqa: F
 NONFINITE_POLICIES = ('stop', 'skip')  # the training loop's (train.py) answers to a non-finite step
 WANDB_MODES = ('online', 'offline', 'disabled')  # wandb.init's modes
 INIT_FROM_ADAPTERS = ('merge', 'keep')  # what train.py's init_from does with the LoRA adapters of its source
-MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data, expert and fsdp
+MESH_AXES = ('data', 'expert', 'fsdp', 'context', 'tensor')  # the batch is split over data, expert and fsdp; the sequence over context
 
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
                 'scan_layers', 'qkv_bias', 'qk_norm', 'ffn', 'num_experts', 'expert_ffn_dim', 'shared_expert_ffn_dim')
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
-                   'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window', 'experts_per_token',
+                   'rope_high_freq_factor', 'rope_original_max_len', 'rope_yarn_beta_fast', 'rope_yarn_beta_slow',
+                   'rope_attention_factor', 'sliding_window', 'experts_per_token',
                    'router_norm_topk')
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
@@ -45,7 +46,7 @@ FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_facto
 DEFAULT_RULES = (
     # parameters
     ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'context')),  # weights and optimizer state stay sharded over context too (as MaxText's embed)
     ('mlp', 'tensor'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
@@ -58,7 +59,7 @@ DEFAULT_RULES = (
     ('expert_router', None),
     # activations
     ('act_batch', ('data', 'expert', 'fsdp')),
-    ('act_seq', None),
+    ('act_seq', 'context'),  # context parallelism: the sequence split over it (llm_jax/model/context.py)
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_kv_heads', 'tensor'),
@@ -80,11 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.ffn_dim = 1408  # Hidden width of the SwiGLU MLP.
   c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this (preference pairs: dpo.max_length, a row holding several sequences).
   c.model.rope_theta = 10000.0  # RoPE base frequency (LLaMA-2: 10000, LLaMA-3: 500000).
-  c.model.rope_scaling = 'none'  # RoPE frequency scaling for longer contexts: none | linear | llama3 (Llama 3.1/3.2).
-  c.model.rope_scaling_factor = 1.0  # linear / llama3: factor the (low) frequencies are divided by (Llama 3.1: 8, 3.2: 32).
+  c.model.rope_scaling = 'none'  # RoPE frequency scaling for longer contexts: none | linear | llama3 (Llama 3.1/3.2) | yarn (YaRN: Qwen, DeepSeek; llm_jax/model/layers.py Rope).
+  c.model.rope_scaling_factor = 1.0  # linear / llama3 / yarn: factor the (low) frequencies are divided by (Llama 3.1: 8, 3.2: 32; YaRN: the context extension, e.g. 4).
   c.model.rope_low_freq_factor = 1.0  # llama3: wavelengths above rope_original_max_len / this are fully scaled.
   c.model.rope_high_freq_factor = 4.0  # llama3: wavelengths below rope_original_max_len / this are not scaled.
-  c.model.rope_original_max_len = 8192  # llama3: context length of the model before scaling.
+  c.model.rope_original_max_len = 8192  # llama3 / yarn: context length of the model before scaling.
+  c.model.rope_yarn_beta_fast = 32.0  # yarn: dimensions turning more than this many times over rope_original_max_len keep their frequency (HF beta_fast).
+  c.model.rope_yarn_beta_slow = 1.0  # yarn: dimensions turning fewer than this many times are fully divided by rope_scaling_factor; a linear ramp between (HF beta_slow).
+  c.model.rope_attention_factor = 0.0  # yarn: cos and sin are multiplied by this (the logits by its square); 0 = 0.1 * ln(rope_scaling_factor) + 1, as the paper (HF attention_factor; imported from mscale / mscale_all_dim where given).
   c.model.qkv_bias = False  # Biases on the q, k and v projections (Qwen2/2.5); changes the parameter tree.
   c.model.qk_norm = False  # RMSNorm of the queries and keys over all heads, before RoPE (OLMoE); changes the parameter tree.
   c.model.ffn = 'dense'  # Feed-forward layer of every block: dense (SwiGLU of ffn_dim) | moe (mixture of SwiGLU experts; llm_jax/model/moe.py).
@@ -196,6 +200,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Data-parallel mesh axis size (-1 = all devices the other axes leave).
   c.mesh.expert = 1  # Expert-parallel axis size: the experts of model.ffn=moe split over it (rule 'expert'); like data, it also splits the batch.
   c.mesh.fsdp = 1  # Fully-sharded data-parallel axis size: parameters and optimizer state sharded over it.
+  c.mesh.context = 1  # Context-parallel axis size: every activation's sequence split over it (rule 'act_seq'), attention exchanging keys and values across it (llm_jax/model/context.py); weights stay sharded over it with fsdp (rule 'embed'). data.seq_len must divide into context chunks (2 * context with context_load_balance).
+  c.mesh.context_exchange = 'all_gather'  # mesh.context > 1: how attention sees the other devices' keys and values: all_gather (gather K/V over the axis, then one kernel call, xla or splash; small with grouped-query attention) | ring (K/V blocks passed round the axis with ppermute, the next block's transfer issued before this block's compute, online-softmax accumulation: one block of K/V held at a time; xla kernel only). model.attention=cudnn is refused under either; auto takes xla on GPU and under ring.
+  c.mesh.context_load_balance = False  # mesh.context > 1 and causal attention: device i holds sequence chunks i and 2*context-1-i (of 2*context), so causal work per device is even where the kernel skips masked blocks (splash); positions and segment ids move with their tokens, the model's output returns to input order.
   c.mesh.tensor = 1  # Tensor-parallel axis size: heads, MLP and vocabulary sharded over it.
   c.mesh.rules = DEFAULT_RULES  # Logical-axis rules: (logical name, mesh axis or tuple of axes or None).
 
@@ -313,6 +320,10 @@ def check_run(config, num_devices: int) -> dict[str, int]:
   if config.checkpoint.keep <= 0:
     fail('checkpoint.keep', f'must be positive, got {config.checkpoint.keep}')
   mesh = resolve_mesh_shape(config.mesh, num_devices)
+  chunks = mesh['context'] * (2 if config.mesh.context_load_balance else 1)
+  if mesh['context'] > 1 and d.seq_len % chunks:
+    fail('data.seq_len', f'{d.seq_len} does not split into mesh.context * {2 if chunks != mesh["context"] else 1} = '
+         f'{chunks} equal chunks (context parallelism{", load-balanced" if chunks != mesh["context"] else ""})')
   batch_shards = mesh['data'] * mesh['expert'] * mesh['fsdp']
   if d.global_batch_size % (batch_shards * t.grad_accum_steps):
     fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*expert*fsdp*grad_accum_steps = '

@@ -33,7 +33,7 @@ SECTION_INTROS = {  # one line under each section heading; a section not listed 
     'train': 'Optimizer, schedule, logging and failure policy of the training loop (`llm_jax/optim.py`, `llm_jax/train.py`).',
     'eval': 'Periodic evaluation on the eval split.',
     'checkpoint': 'Orbax checkpoints under `<workdir>/checkpoints/` (`llm_jax/checkpoint.py`).',
-    'mesh': 'Device mesh `(data, fsdp, tensor)` and the logical-axis rules (see [architecture](architecture.md#logical-axis-rules)).',
+    'mesh': 'Device mesh `(data, expert, fsdp, context, tensor)` and the logical-axis rules (see [architecture](architecture.md#logical-axis-rules)).',
     'lora': 'Low-rank adapters for fine-tuning (see [fine-tuning](finetune.md)).',
     'xla': 'XLA compiler options and GPU memory share, applied alike by training and the benchmark (`llm_jax/xla_options.py`, [performance](performance.md)).',
 }

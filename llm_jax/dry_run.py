@@ -192,7 +192,8 @@ def summary(config) -> dict[str, Any]:
               logits_dtype=m.logits_dtype, moments_dtype=t.moments_dtype, attention=m.attention, remat=m.remat,
               scan_layers=m.scan_layers, ffn=m.ffn, moe_compute=m.moe_compute,
               mesh=dict(data=config.mesh.data, expert=config.mesh.expert, fsdp=config.mesh.fsdp,
-                        tensor=config.mesh.tensor))
+                        context=config.mesh.context, tensor=config.mesh.tensor),
+              context_exchange=config.mesh.context_exchange, context_load_balance=config.mesh.context_load_balance)
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Device mesh, logical-axis rules, batch placement and the multi-process start.
 
-The mesh has axes config.MESH_AXES = ('data', 'expert', 'fsdp', 'tensor') sized by config.mesh. Every parameter
+The mesh has axes config.MESH_AXES = ('data', 'expert', 'fsdp', 'context', 'tensor') sized by config.mesh. Every parameter
 carries logical axis names (from nn.with_logical_partitioning); config.mesh.rules maps them to mesh axes. State is created shape-first:
 `jax.eval_shape` gives the boxed abstract tree, `logical_shardings` a NamedSharding per leaf, and the Trainer
 runs the initialiser under jit with those out_shardings, so the full state never lands on one device.

@@ -68,7 +68,7 @@ def inference_config(config, num_devices: int):
   try:
     mesh = config_lib.resolve_mesh_shape(config.mesh, num_devices)
   except config_lib.ConfigError:
-    config.mesh.data, config.mesh.expert, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1, 1
+    config.mesh.data, config.mesh.expert, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = -1, 1, 1, 1, 1
     mesh = config_lib.resolve_mesh_shape(config.mesh, num_devices)
   shards = mesh['data'] * mesh['expert'] * mesh['fsdp']
   batch = config.data.global_batch_size

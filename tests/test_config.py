@@ -86,4 +86,4 @@ def test_locked_config_rejects_unknown_field():
 def test_mesh_minus_one_takes_remaining_devices():
   config = _base()
   config.mesh.update(data=-1, fsdp=2, tensor=2)
-  assert validation.validate(config, 8) == {'data': 2, 'expert': 1, 'fsdp': 2, 'tensor': 2}
+  assert validation.validate(config, 8) == {'data': 2, 'expert': 1, 'fsdp': 2, 'context': 1, 'tensor': 2}

@@ -313,8 +313,8 @@ def test_unexpected_tensor(untied, tmp_path):
 @pytest.mark.parametrize('edit, field', [
     ({'model_type': 'gemma'}, 'model_type'),
     ({'architectures': ['LlamaForSequenceClassification']}, 'architectures'),
-    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 5e5, 'factor': 8.0}}, "rope_parameters: rope scaling "
-     "of type 'yarn'"),
+    ({'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 5e5, 'factor': 8.0}}, "rope_parameters: rope "
+     "scaling of type 'longrope'"),
     ({'rope_scaling': {'type': 'dynamic', 'factor': 2.0}, 'rope_parameters': None},
      "rope_scaling: rope scaling of type 'dynamic'"),
     ({'attention_bias': True}, 'attention_bias'),

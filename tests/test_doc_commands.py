@@ -177,7 +177,7 @@ COVERAGE = [  # (pattern searched in the command, the test that runs it or why n
     (r'benchmark --config=experiments/tiny\.py', 'test_benchmark.py::test_cli_on_cpu_with_tiny_config'),
     (r'--dry_run', NOT_RUN + 'compiles a large preset (minutes); the dry run itself: test_dry_run.py::'
      'test_main_dry_run_cli, --target: test_aot.py'),
-    (r'experiments/(125m|1b|7b|lm1b|llama3_8b|llama3_2_1b|mixtral_8x7b)\.py',
+    (r'experiments/(125m|1b|7b|lm1b|llama3_8b|llama3_8b_long|llama3_2_1b|mixtral_8x7b)\.py',
      NOT_RUN + 'a preset too large for the test machine (fields and flags checked above)'),
     (r'gs://|s3://', NOT_RUN + 'needs a bucket; the same jobs against emulators: test_object_store.py'),
     (r'/models/|/runs/|/data/|llama_dir|--hf_dir=(D|Llama-3\.2-1B-Instruct) |chat/\*|/tmp/sft_run|experiments/imported\.py',

@@ -58,7 +58,7 @@ def test_tiny_dry_run_on_fsdp_mesh_reports_memory():
   assert json.loads(text.strip().splitlines()[-1])['params'] == r['params']
   for word in ('arguments', 'outputs', 'temporaries', 'generated code', 'total', 'peak estimate', 'FLOPs'):
     assert word in text
-  assert r['num_devices'] == 8 and r['mesh'] == {'data': 1, 'expert': 1, 'fsdp': 8, 'tensor': 1}
+  assert r['num_devices'] == 8 and r['mesh'] == {'data': 1, 'expert': 1, 'fsdp': 8, 'context': 1, 'tensor': 1}
   assert r['params'] == 918_144
   mem = r['memory_per_device_bytes']
   assert mem['arguments'] > 0 and mem['temporaries'] > 0

@@ -1,11 +1,12 @@
 """Llama 3.x, Qwen2/2.5 and Mistral against transformers: tiny random models with the features that set them apart.
 
-Each case is built with transformers (torch, CPU, float32) with odd shapes: GQA, tied embeddings, RoPE scaling with
-a short original context (16) so that scaling changes the function at the tested lengths, q/k/v biases drawn at
-random (transformers initialises them to zero, which would test nothing), and a sliding window (8) shorter than
-the sequences. Logits are compared at 40 tokens (past the window and the original context) within 1e-4; a
-negative control checks that each feature matters at that length. Round trips compare tensors exactly, and
-greedy KV-cache generation is compared with transformers' `generate` from a prompt longer than the window.
+Each case is built with transformers (torch, CPU, float32) with odd shapes: GQA, tied embeddings, RoPE scaling
+(linear, llama3, yarn) with a short original context (16) so that scaling changes the function at the tested
+lengths, q/k/v biases drawn at random (transformers initialises them to zero, which would test nothing), and a
+sliding window (8) shorter than the sequences. Logits are compared at 40 tokens (past the window and the original
+context) within 1e-4; a negative control checks that each feature matters at that length. Round trips compare
+tensors exactly, and greedy KV-cache generation is compared with transformers' `generate` from a prompt longer than
+the window.
 """
 
 import dataclasses
@@ -42,6 +43,11 @@ CASES = {
     'qwen2_window': ('Qwen2Config', 'Qwen2ForCausalLM',
                      dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
                      dict(qkv_bias=True, sliding_window=8), dict(sliding_window=0)),
+    'qwen2_yarn': ('Qwen2Config', 'Qwen2ForCausalLM',
+                   dict(rope_parameters=dict(rope_type='yarn', rope_theta=10000.0, factor=4.0, beta_fast=8.0,
+                                             original_max_position_embeddings=16)),
+                   dict(rope_scaling='yarn', rope_scaling_factor=4.0, rope_original_max_len=16,
+                        rope_yarn_beta_fast=8.0), dict(rope_scaling='none')),
     'mistral': ('MistralConfig', 'MistralForCausalLM', dict(sliding_window=8),
                 dict(sliding_window=8, qkv_bias=False), dict(sliding_window=0)),
 }
@@ -67,7 +73,7 @@ def test_logits_match_transformers(imported, name):
     assert np.max(np.abs(our_logits(other, params, ids) - expected)) > 1e-2, f'{control} does not matter here'
 
 
-@pytest.mark.parametrize('name', ['llama3.2', 'qwen2.5', 'mistral'])
+@pytest.mark.parametrize('name', ['llama3.2', 'qwen2.5', 'mistral', 'qwen2_yarn'])
 def test_round_trip_gives_identical_tensors(imported, tmp_path, name):
   hf_dir, model, workdir, config, _ = imported(name)
   out = str(tmp_path / 'out')
@@ -115,8 +121,12 @@ def test_packed_documents_keep_their_own_window(imported):
 
 
 @pytest.mark.parametrize('edit, field', [
-    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}, "rope_parameters: rope scaling of "
-     "type 'yarn'"),
+    ({'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1e4, 'factor': 4.0}}, "rope_parameters: rope scaling "
+     "of type 'longrope'"),
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}},
+     'rope_parameters.original_max_position_embeddings: missing'),
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0, 'truncate': False,
+                          'original_max_position_embeddings': 16}}, 'rope_parameters.truncate'),
     ({'rope_scaling': {'type': 'dynamic', 'factor': 2.0}, 'rope_parameters': None}, "rope_scaling: rope scaling of "
      "type 'dynamic'"),
     ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}},
@@ -137,8 +147,12 @@ def test_unsupported_fields_are_refused_by_name(imported, tmp_path, edit, field)
 
 def test_config_refuses_bad_values():
   config = config_lib.get_config()
-  config.model.rope_scaling = 'yarn'
+  config.model.rope_scaling = 'longrope'
   with pytest.raises(config_lib.ConfigError, match='model.rope_scaling'):
+    validation.validate(config, 1)
+  config = config_lib.get_config()
+  config.model.update(rope_scaling='yarn', rope_scaling_factor=4.0, rope_yarn_beta_slow=32.0)
+  with pytest.raises(config_lib.ConfigError, match='model.rope_yarn_beta_fast: yarn needs 0 < rope_yarn_beta_slow'):
     validation.validate(config, 1)
   config = config_lib.get_config()
   config.model.sliding_window = -1
@@ -204,3 +218,23 @@ def test_imported_preset_is_the_workdir_config(imported):
   config = module.get_config(workdir)
   assert (config.model.sliding_window, config.model.qkv_bias, config.model.vocab_size) == (8, False, 128)
   assert module.get_config().model.sliding_window == 0
+
+
+@pytest.mark.parametrize('extra', [dict(), dict(mscale=1.0, mscale_all_dim=0.8),
+                                   dict(beta_fast=16.0, beta_slow=2.0, attention_factor=1.3)], ids=str)
+def test_yarn_frequencies_and_attention_factor_match_transformers(extra):
+  """Our YaRN (model/layers.py Rope) from an HF rope config, against transformers' own yarn init: the inverse
+  frequencies (float32, rtol 1e-6) and the factor on cos and sin, with DeepSeek's mscale pair and explicit values."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  from llm_jax.families import base
+  from llm_jax.model.layers import Rope
+  params = dict(rope_type='yarn', rope_theta=10000.0, factor=8.0, original_max_position_embeddings=64, **extra)
+  hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=512,
+                                rope_parameters=dict(params))
+  want_freq, want_factor = ROPE_INIT_FUNCTIONS['yarn'](hf, 'cpu')
+  rope, _ = base.rope_of({'rope_parameters': params})
+  ours = Rope(theta=rope['rope_theta'], scaling='yarn', factor=rope['factor'],
+              original_max_len=rope['original_max_position_embeddings'], beta_fast=rope.get('beta_fast', 32.0),
+              beta_slow=rope.get('beta_slow', 1.0), attention_factor=rope.get('attention_factor', 0.0))
+  np.testing.assert_allclose(ours.inv_freq(32), want_freq.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(ours.attention_scaling(), want_factor, rtol=1e-6)

@@ -18,7 +18,7 @@ from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import validation
 from llm_jax.data import cleaning, sft, tokenizer as tokenizer_lib
-from llm_jax.model import attention, layers, moe, transformer
+from llm_jax.model import attention, context, layers, moe, transformer
 from llm_jax.objectives import grpo, preference
 from llm_jax.model import TransformerConfig, Transformer
 
@@ -164,6 +164,7 @@ REGISTRIES = {
     'model.remat': transformer.REMAT_POLICIES,
     'model.ffn': moe.FFN_KINDS,
     'model.moe_compute': moe.EXPERT_COMPUTE,
+    'mesh.context_exchange': context.EXCHANGES,
     'model.objective': objectives.REGISTRY,
     'dpo.loss_type': preference.LOSS_TYPES,
     'dpo.reference_dtype': preference.REFERENCE_DTYPES,

@@ -301,7 +301,7 @@ def test_presets_moe_tiny_matches_tiny_per_token_and_mixtral_has_its_size():
   assert metrics.matmul_params(sparse) - metrics.matmul_params(tiny) == router  # same active FFN weights
   mixtral = config_lib.load_experiment('mixtral_8x7b')
   assert metrics.total_params(mixtral.model) == 46_702_792_704  # Mixtral-8x7B's published count
-  assert validation.validate(mixtral, 32) == {'data': 1, 'expert': 8, 'fsdp': 4, 'tensor': 1}  # v5p-64: 32 chips
+  assert validation.validate(mixtral, 32) == {'data': 1, 'expert': 8, 'fsdp': 4, 'context': 1, 'tensor': 1}  # v5p-64: 32 chips
 
 
 def test_log_steps_carry_the_per_layer_expert_load(tmp_path):

@@ -134,7 +134,7 @@ def test_expert_parallel_meshes_give_the_single_device_run(mesh, monkeypatch):
   gate = state.params['layers']['mlp']['gate']  # ('layers', 'expert', 'embed', 'expert_mlp')
   fsdp = 'fsdp' if mesh.get('fsdp', 1) > 1 else None
   tensor = 'tensor' if mesh.get('tensor', 1) > 1 else None
-  assert gate.sharding.spec == P(None, 'expert', 'fsdp', 'tensor'), gate.sharding.spec
+  assert gate.sharding.spec == P(None, 'expert', ('fsdp', 'context'), 'tensor'), gate.sharding.spec
   assert gate.addressable_shards[0].data.shape == (2, 4 // mesh.get('expert', 1), 32 // mesh.get('fsdp', 1),
                                                    32 // mesh.get('tensor', 1))
   del fsdp, tensor

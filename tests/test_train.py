@@ -43,7 +43,7 @@ def test_meshes_give_the_same_losses_and_shard_parameters():
     gate = state.params['layers']['mlp']['gate']['kernel']  # logical ('layers', 'embed', 'mlp')
     fsdp = 'fsdp' if mesh['fsdp'] > 1 else None
     tensor = 'tensor' if mesh['tensor'] > 1 else None
-    assert gate.sharding.spec == P(None, 'fsdp', 'tensor'), gate.sharding.spec
+    assert gate.sharding.spec == P(None, ('fsdp', 'context'), 'tensor'), gate.sharding.spec
     assert gate.addressable_shards[0].data.shape == (2, 32 // mesh['fsdp'], 64 // mesh['tensor'])
     q = state.params['layers']['attn']['q']['kernel']  # ('layers', 'embed', 'heads', 'head_dim')
     assert q.addressable_shards[0].data.shape == (2, 32 // mesh['fsdp'], 4 // mesh['tensor'], 8)
@@ -196,7 +196,7 @@ def test_init_from_builds_sharded_optimizer_state(tmp_path):
   state = train._restore_or_init(trainer, manager)
   manager.close()
   mu = state.opt_state[1].mu['layers']['mlp']['gate']['kernel']
-  assert mu.sharding.spec == P(None, 'fsdp', 'tensor') and mu.addressable_shards[0].data.shape == (2, 4, 64)
+  assert mu.sharding.spec == P(None, ('fsdp', 'context'), 'tensor') and mu.addressable_shards[0].data.shape == (2, 4, 64)
   loaded, _ = checkpoint.load_params(source, train.abstract_params(config))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(loaded))
 

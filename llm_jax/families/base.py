@@ -195,15 +195,25 @@ def check_plan_covers(abstract, slots: list[Slot]) -> None:
 
 # --------------------------------------------------------------------------------------------------- RoPE
 
-ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3'}  # HF rope_type -> config.model.rope_scaling
+# HF rope_type -> config.model.rope_scaling
+ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'llama3': 'llama3', 'yarn': 'yarn'}
 ROPE_FIELDS = {'factor': 'rope_scaling_factor', 'low_freq_factor': 'rope_low_freq_factor',  # HF key -> ours
-               'high_freq_factor': 'rope_high_freq_factor', 'original_max_position_embeddings': 'rope_original_max_len'}
+               'high_freq_factor': 'rope_high_freq_factor', 'original_max_position_embeddings': 'rope_original_max_len',
+               'beta_fast': 'rope_yarn_beta_fast', 'beta_slow': 'rope_yarn_beta_slow',
+               'attention_factor': 'rope_attention_factor'}
+# The HF keys each scaling reads (and is exported with); yarn's attention_factor is written as the value used.
+ROPE_KEYS = {'linear': ('factor',),
+             'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
+             'yarn': ('factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'attention_factor')}
+ROPE_REQUIRED = {'linear': ('factor',), 'llama3': ROPE_KEYS['llama3'],
+                 'yarn': ('factor', 'original_max_position_embeddings')}
 
 
 def rope_of(hf: dict) -> tuple[dict, str]:
   """(the RoPE parameters, the config field they came from) from either form: transformers>=5 `rope_parameters`,
   or the older top-level `rope_theta` + `rope_scaling`. The dict has rope_type ('default' when unscaled),
-  rope_theta and the scaling's own keys."""
+  rope_theta and the scaling's own keys. A yarn attention factor given as DeepSeek's mscale / mscale_all_dim
+  becomes its value (transformers' formula: their ratio of 0.1 * m * ln(factor) + 1)."""
   params = dict(hf.get('rope_scaling') or {})
   field = 'rope_scaling' if params else 'rope_parameters'
   if hf.get('rope_parameters'):
@@ -211,6 +221,14 @@ def rope_of(hf: dict) -> tuple[dict, str]:
     field = 'rope_parameters'
   params['rope_type'] = params.get('rope_type') or params.get('type') or 'default'
   params['rope_theta'] = float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+  if params['rope_type'] == 'yarn':
+    for key in ('beta_fast', 'beta_slow', 'attention_factor'):  # transformers: None or 0 = the default
+      if not params.get(key):
+        params.pop(key, None)
+    factor = params.get('factor')
+    if 'attention_factor' not in params and params.get('mscale') and params.get('mscale_all_dim') and factor:
+      mscale = lambda m: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+      params['attention_factor'] = mscale(params['mscale']) / mscale(params['mscale_all_dim'])
   return params, field
 
 
@@ -218,10 +236,11 @@ def hf_rope(model) -> dict:
   """The rope_parameters of our config.model."""
   params = dict(rope_type=next(k for k, v in ROPE_TYPES.items() if v == model.rope_scaling),
                 rope_theta=model.rope_theta)
-  if model.rope_scaling == 'linear':
-    params['factor'] = model.rope_scaling_factor
-  elif model.rope_scaling == 'llama3':
-    params.update({key: model[ours] for key, ours in ROPE_FIELDS.items()})
+  for key in ROPE_KEYS.get(model.rope_scaling, ()):
+    params[key] = model[ROPE_FIELDS[key]]
+  if model.rope_scaling == 'yarn':  # the factor actually used, so transformers computes the same function
+    params['attention_factor'] = float(model.rope_attention_factor or (
+        1.0 if model.rope_scaling_factor <= 1 else 0.1 * math.log(model.rope_scaling_factor) + 1.0))
   return params
 
 
@@ -232,8 +251,9 @@ def check_rope(hf: dict, refuse: Callable) -> None:
            f'{", ".join(ROPE_TYPES)})')
   if rope.get('partial_rotary_factor', 1.0) != 1.0:
     refuse(f'{rope_field}.partial_rotary_factor', f'{rope["partial_rotary_factor"]} is not supported (expected 1.0)')
-  needed = {'linear': ('factor',), 'llama3': tuple(ROPE_FIELDS)}.get(rope['rope_type'], ())
-  for key in needed:
+  if rope['rope_type'] == 'yarn' and rope.get('truncate', True) is False:
+    refuse(f'{rope_field}.truncate', 'yarn without truncation is not supported (expected true)')
+  for key in ROPE_REQUIRED.get(rope['rope_type'], ()):
     if key not in rope:
       refuse(f'{rope_field}.{key}', f'missing for rope scaling {rope["rope_type"]!r}')
 

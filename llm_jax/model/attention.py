@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -46,6 +45,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from llm_jax.model import context as context_lib
+from llm_jax.model.context import axes_size, axis_index
 from llm_jax.model.layers import Projection, RMSNorm, Rope, apply_rope
 from llm_jax.model.partitioning import active, constrain
 
@@ -62,24 +63,30 @@ class MaskInfo:
 
   def dense(self) -> jax.Array:
     """[B,T,S] bool: same segment, (if causal) key index <= query index, (if window) within the window."""
-    mask = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
-    if self.causal or self.window:
-      t, s = self.q_segment_ids.shape[1], self.kv_segment_ids.shape[1]
-      q_index = jnp.arange(t)[:, None] + jnp.asarray(self.q_offset).reshape(-1, 1, 1)
-      k_index = jnp.arange(s)[None, :]
-      if self.causal:
-        mask = mask & (k_index <= q_index)
-      if self.window:  # causal: the window reaches back only; bidirectional (mlm): both ways
-        mask = mask & (q_index - k_index < self.window)
-        if not self.causal:
-          mask = mask & (k_index - q_index < self.window)
-    return mask
+    t, s = self.q_segment_ids.shape[1], self.kv_segment_ids.shape[1]
+    q_index = jnp.arange(t)[None, :] + jnp.asarray(self.q_offset).reshape(-1, 1)  # [1 or B, T]
+    return index_mask(self.q_segment_ids, self.kv_segment_ids, q_index, jnp.arange(s), self.causal, self.window)
 
   def window_sides(self) -> tuple[int, int] | None:
     """(left, right) keys a query sees around itself, the form of cuDNN's and splash's local masks; None = all."""
-    if not self.window:
-      return None
-    return (self.window - 1, 0 if self.causal else self.window - 1)
+    return mask_window(self.causal, self.window)
+
+
+def index_mask(q_segment_ids, kv_segment_ids, q_index, k_index, causal: bool, window: int) -> jax.Array:
+  """[B,T,S] bool, the one mask rule: same segment, (if causal) key index <= query index, (if window) within the
+  window. q_index [T] or [B,T] and k_index [S] are sequence indices in input order (a context-parallel shard
+  passes its own tokens', llm_jax/model/context.py)."""
+  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  if causal or window:
+    q_index = jnp.asarray(q_index).reshape(-1, q_segment_ids.shape[1], 1)
+    k_index = jnp.asarray(k_index)[None, None, :]
+    if causal:
+      mask = mask & (k_index <= q_index)
+    if window:  # causal: the window reaches back only; bidirectional (mlm): both ways
+      mask = mask & (q_index - k_index < window)
+      if not causal:
+        mask = mask & (k_index - q_index < window)
+  return mask
 
 
 def _masked_attention(q, k, v, mask):
@@ -239,22 +246,24 @@ def splash_block(length: int) -> int | None:
   return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
 
 
-def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret):
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret, q_start: int = 0):
   """Splash on one device's shard: q [b,T,n,H], k/v [b,S,kv,H] with n % kv == 0 (GQA is native to the kernel:
-  each kv head serves its group of query heads; nothing is repeated in memory)."""
+  each kv head serves its group of query heads; nothing is repeated in memory). Query i sits at key index
+  q_start + i (a context-parallel shard's queries over the whole key sequence)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   _, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  s, kv_heads = k.shape[1], k.shape[2]
   if window:  # the window's left side (and, when causal, no right side) in one local mask
-    head_mask = sm.LocalMask((t, t), window_size=window, offset=0)
+    head_mask = sm.LocalMask((t, s), window_size=window, offset=q_start)
   else:
-    head_mask = sm.CausalMask((t, t)) if causal else sm.FullMask((t, t))
-  block = splash_block(t)
-  if block is None:
-    raise ValueError(f'splash attention needs a sequence length divisible by {SPLASH_BLOCKS[-1]}, got {t}')
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    head_mask = sm.CausalMask((t, s), offset=q_start) if causal else sm.FullMask((t, s))
+  block, block_kv = splash_block(t), splash_block(s)
+  if block is None or block_kv is None:
+    raise ValueError(f'splash attention needs sequence lengths divisible by {SPLASH_BLOCKS[-1]}, got {t} queries '
+                     f'and {s} keys (under context parallelism: the chunk each device holds)')
+  sizes = sk.BlockSizes(block_q=block, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block,
+                        block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block, block_kv_dq=block_kv)
   mask = sm.MultiHeadMask([head_mask] * n)
   make = sk.make_splash_mqa_single_device if kv_heads == 1 else sk.make_splash_mha_single_device
   kernel = make(mask, block_sizes=sizes, interpret=interpret)
@@ -285,7 +294,7 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
   mesh, rules = context
   batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_heads', None), rules)
   _, _, kv_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_kv_heads', None), rules)
-  head_shards = _axes_size(mesh, head_axes)
+  head_shards = axes_size(mesh, head_axes)
   n, kv_heads = q.shape[2], k.shape[2]
   if n % head_shards:
     raise ValueError(f'splash attention: {n} query heads do not split over {head_shards} devices ({head_axes})')
@@ -296,7 +305,7 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
     group, heads_per_shard = n // kv_heads, n // head_shards
 
     def pick(kv):
-      return jax.lax.dynamic_slice_in_dim(kv, (_axis_index(head_axes) * heads_per_shard) // group, 1, axis=2)
+      return jax.lax.dynamic_slice_in_dim(kv, (axis_index(head_axes) * heads_per_shard) // group, 1, axis=2)
   else:
     raise ValueError(f'splash attention: {kv_heads} kv heads and {n} query heads cannot share '
                      f'{head_shards} tensor shards; use num_kv_heads divisible by (or dividing) {head_shards}')
@@ -312,23 +321,35 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
   return sharded(q, k, v, mask_info.q_segment_ids, mask_info.kv_segment_ids)
 
 
-def _axes_size(mesh, axes) -> int:
-  """Devices along one mesh axis name, a tuple of them, or None (1)."""
-  if axes is None:
-    return 1
-  names = axes if isinstance(axes, tuple) else (axes,)
-  return math.prod(mesh.shape[a] for a in names)
+def mask_window(causal: bool, window: int) -> tuple[int, int] | None:
+  """(left, right) keys a query sees around itself (cuDNN's and splash's local masks); None = all."""
+  return None if not window else (window - 1, 0 if causal else window - 1)
 
 
-def _axis_index(axes):
-  """This device's index along one mesh axis or several (major to minor), inside shard_map."""
-  if axes is None:
-    return 0
-  names = axes if isinstance(axes, tuple) else (axes,)
-  index = 0
-  for name in names:
-    index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
-  return index
+def _context_splash(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard, *, causal, window,
+                    interpret, load_balance):
+  """Splash inside the all_gather context exchange (context.sharded_attention's local kernel): the gathered
+  keys back in input order (a local gather), then one splash call per run of this device's queries
+  (context.query_runs: one, or an early and a late chunk), each with its static mask offset. The device's runs
+  are static per device, so the kernels of all devices are built and lax.switch picks this one's."""
+  del q_index, k_index
+  length = k.shape[1]
+  shards = length // q.shape[1]
+  order = context_lib.token_order(length, shards, load_balance)
+  k, v, kv_segment_ids = (context_lib.from_layout(x, order) for x in (k, v, kv_segment_ids))
+
+  def device(runs):
+    def attend(q, k, v, q_segment_ids, kv_segment_ids):
+      outs, at = [], 0
+      for start, size in runs:
+        outs.append(_splash_local(q[:, at:at + size], k, v, q_segment_ids[:, at:at + size], kv_segment_ids,
+                                  causal=causal, window=window, interpret=interpret, q_start=start))
+        at += size
+      return jnp.concatenate(outs, axis=1)
+    return attend
+
+  branches = [device(runs) for runs in context_lib.query_runs(length, shards, load_balance)]
+  return jax.lax.switch(shard, branches, q, k, v, q_segment_ids, kv_segment_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,7 +530,7 @@ def _ragged_sharded(call, context, num_heads: int, kv_heads: int):
   mesh, rules = context
   _, _, head_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_heads', None), rules)
   _, _, kv_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_kv_heads', None), rules)
-  shards = _axes_size(mesh, head_axes)
+  shards = axes_size(mesh, head_axes)
   if kv_axes != head_axes or num_heads % shards or kv_heads % shards:
     raise ValueError(f'ragged paged attention: {num_heads} query and {kv_heads} kv heads do not split alike over '
                      f'{shards} devices ({head_axes}, {kv_axes}); use the xla paged kernel')
@@ -598,6 +619,8 @@ class SelfAttention(nn.Module):
   qk_norm: bool = False  # RMSNorm of q and k over all their heads at once, before RoPE (OLMoE)
   norm_eps: float = 1e-5  # qk_norm's epsilon
   platform: str = ''  # platform the step compiles for ('tpu', 'gpu', 'cpu'; '' = the default backend)
+  context_exchange: str = 'all_gather'  # under a context mesh axis > 1: context.EXCHANGES
+  context_load_balance: bool = False  # the sequence is in context.token_order's load-balanced layout
 
   def _proj(self, name, features, axes, in_dims=1):
     rank = self.lora_rank if name in self.lora_targets else 0
@@ -632,12 +655,36 @@ class SelfAttention(nn.Module):
                            window=self.window)
     platform = self.platform or platform_of(jax.devices())
     kernel = choose_kernel(self.kernel, head_dim, self.dtype, x.shape[1], platform, decoding=decode)
-    if kernel == 'splash':  # the Mosaic kernel runs on CPU only in interpret mode (how tests check it)
+    if not decode and context_lib.active_shards() > 1:
+      out = self._context_parallel(q, k, v, segment_ids, kernel, platform)
+    elif kernel == 'splash':  # the Mosaic kernel runs on CPU only in interpret mode (how tests check it)
       out = splash_attention(q, k, v, mask_info, interpret=platform == 'cpu')
     else:
       out = KERNELS[kernel](q, k, v, mask_info)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
+
+  def _context_parallel(self, q, k, v, segment_ids, kernel: str, platform: str):
+    """Attention over a sequence split across the context axis (llm_jax/model/context.py), with the xla kernel:
+    cuDNN and splash are not wired in (their causal masks assume queries and keys start together), so auto
+    takes xla here and naming them is refused (model.check_config)."""
+    mask = functools.partial(index_mask, causal=self.causal, window=self.window)
+    shards = context_lib.active_shards()
+    run = q.shape[1] // (shards * (2 if self.context_load_balance else 1))  # a device's contiguous queries
+    if self.kernel == 'auto' and (kernel == 'cudnn' or self.context_exchange != 'all_gather' or
+                                  (kernel == 'splash' and splash_block(run) is None)):
+      kernel = 'xla'
+    if kernel == 'xla':
+      def local(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard):
+        return _masked_attention(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, k_index))
+    elif kernel == 'splash' and self.context_exchange == 'all_gather':
+      local = functools.partial(_context_splash, causal=self.causal, window=mask_window(self.causal, self.window),
+                                interpret=platform == 'cpu', load_balance=self.context_load_balance)
+    else:
+      raise ValueError(f'context parallelism ({self.context_exchange}) does not run the {kernel} kernel '
+                       f'(model.attention)')
+    return context_lib.sharded_attention(q, k, v, segment_ids, segment_ids, exchange=self.context_exchange,
+                                         load_balance=self.context_load_balance, mask=mask, local=local)
 
   def _paged(self, q, k, v, valid, positions, pages: PageTable):
     """Writes this call's k/v [B,T,K,H] into the layer's pool ('cache' collection: kv_pages

@@ -80,7 +80,7 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-ROPE_SCALINGS = ('none', 'linear', 'llama3')  # implemented RoPE frequency scalings (Hugging Face rope_type names)
+ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn')  # implemented RoPE frequency scalings (Hugging Face rope_type names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,10 @@ class Rope:
     linear  inv_freq / factor (position interpolation)
     llama3  Llama 3.1's: wavelengths above original_max_len/low_freq_factor are divided by `factor`, those
             below original_max_len/high_freq_factor kept, and the band between interpolated smoothly.
+    yarn    YaRN (Qwen, DeepSeek): dimensions that turn fewer than beta_slow times over original_max_len are
+            divided by `factor`, those that turn more than beta_fast times kept, a linear ramp between (bounds
+            floored and ceiled, as transformers' truncate=True); cos and sin are multiplied by the attention
+            factor (`attention_scaling`: 0.1 ln(factor) + 1 unless given), which scales the logits by its square.
 
   Same formulas as transformers' modeling_rope_utils, so imported checkpoints compute the same function.
   """
@@ -100,6 +104,17 @@ class Rope:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_len: int = 8192
+  beta_fast: float = 32.0  # yarn
+  beta_slow: float = 1.0  # yarn
+  attention_factor: float = 0.0  # yarn: multiplies cos and sin; 0 = 0.1 ln(factor) + 1 (1 for factor <= 1)
+
+  def attention_scaling(self) -> float:
+    """The factor cos and sin are multiplied by (1 except under yarn)."""
+    if self.scaling != 'yarn':
+      return 1.0
+    if self.attention_factor:
+      return float(self.attention_factor)
+    return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
 
   def inv_freq(self, head_dim: int) -> np.ndarray:
     """[H/2] float32 inverse frequencies (static: computed when tracing)."""
@@ -117,6 +132,15 @@ class Rope:
       smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
       medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
       inv_freq = np.where(medium, smoothed, scaled)
+    elif self.scaling == 'yarn':
+      # the dimension index (of head_dim) at which a frequency turns `rotations` times over original_max_len
+      turns = lambda rotations: (head_dim * math.log(self.original_max_len / (rotations * 2 * math.pi)) /  # noqa: E731
+                                 (2 * math.log(self.theta)))
+      low = max(math.floor(turns(self.beta_fast)), 0)
+      high = min(math.ceil(turns(self.beta_slow)), head_dim - 1)
+      high = high + 0.001 if high == low else high
+      ramp = np.clip((np.arange(half, dtype=np.float32) - low) / (high - low), 0, 1)  # 0: keep, 1: interpolate
+      inv_freq = inv_freq / np.float32(self.factor) * ramp + inv_freq * (1 - ramp)
     elif self.scaling != 'none':
       raise ValueError(f'unknown rope scaling {self.scaling!r}; expected one of {ROPE_SCALINGS}')
     return np.asarray(inv_freq, np.float32)
@@ -131,8 +155,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.A
   rope = theta if isinstance(theta, Rope) else Rope(theta=theta)
   inv_freq = rope.inv_freq(x.shape[-1])
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
+  scale = rope.attention_scaling()
+  sin = jnp.sin(angles)[:, :, None, :] * scale
+  cos = jnp.cos(angles)[:, :, None, :] * scale
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)

@@ -125,11 +125,13 @@ def ragged_experts(x, experts, weights, gate, up, down):
 
 
 def _mesh_axes(rules):
-  """(batch axes, expert axes, embed axes, expert_mlp axes) of the rules table: mesh axis tuples, () for none."""
+  """(token axes, expert axes, embed axes, expert_mlp axes) of the rules table: mesh axis tuples, () for none. The
+  tokens are the rows of [B,T] flattened, so they split over the axes of 'act_batch' and then of 'act_seq' (the
+  context axis: each device routes and combines the tokens of its own sequence chunk)."""
   def axes(name):
     spec = nn.logical_to_mesh_axes((name,), rules)[0]
     return () if spec is None else spec if isinstance(spec, tuple) else (spec,)
-  return axes('act_batch'), axes('expert'), axes('embed'), axes('expert_mlp')
+  return axes('act_batch') + axes('act_seq'), axes('expert'), axes('embed'), axes('expert_mlp')
 
 
 def _sized(mesh, axes) -> tuple:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.errors import check_choice, fail
-from llm_jax.model import moe
+from llm_jax.model import context, moe
 from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
 from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
 from llm_jax.model.attention import PageTable, SelfAttention
@@ -73,6 +73,9 @@ class TransformerConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_attention_factor: float = 0.0
   qkv_bias: bool = False
   qk_norm: bool = False
   ffn: str = 'dense'
@@ -100,12 +103,17 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ()
   platform: str = ''  # what the attention kernel is chosen for: the mesh's platform (tpu, gpu, cpu); '' = default backend
+  context_exchange: str = 'all_gather'  # config.mesh.context_exchange: how attention exchanges K/V over a context axis
+  context_load_balance: bool = False  # config.mesh.context_load_balance: the load-balanced sequence layout
 
   @classmethod
   def from_config(cls, config) -> 'TransformerConfig':
     """From the full ml_collections config (config.model plus config.lora)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in config.model.items() if k in fields}
+    mesh = config.get('mesh')
+    if mesh is not None:  # the context exchange is the model's business: the mesh only sizes the axis
+      values.update(context_exchange=mesh.context_exchange, context_load_balance=mesh.context_load_balance)
     lora = config.get('lora')
     if lora is not None and lora.rank:
       values.update(lora_rank=lora.rank, lora_alpha=lora.alpha,
@@ -120,7 +128,8 @@ class TransformerConfig:
   def rope(self) -> Rope:
     return Rope(theta=self.rope_theta, scaling=self.rope_scaling, factor=self.rope_scaling_factor,
                 low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                original_max_len=self.rope_original_max_len)
+                original_max_len=self.rope_original_max_len, beta_fast=self.rope_yarn_beta_fast,
+                beta_slow=self.rope_yarn_beta_slow, attention_factor=self.rope_attention_factor)
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # config.model.dtype, param_dtype and logits_dtype
@@ -152,9 +161,26 @@ def check_config(config) -> None:
            f'got {m.rope_low_freq_factor} and {m.rope_high_freq_factor}')
     if m.rope_original_max_len <= 0:
       fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
+  if m.rope_scaling == 'yarn':
+    if m.rope_original_max_len <= 0:
+      fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
+    if not 0 < m.rope_yarn_beta_slow < m.rope_yarn_beta_fast:
+      fail('model.rope_yarn_beta_fast', f'yarn needs 0 < rope_yarn_beta_slow < rope_yarn_beta_fast, got '
+           f'{m.rope_yarn_beta_slow} and {m.rope_yarn_beta_fast}')
+    if m.rope_attention_factor < 0:
+      fail('model.rope_attention_factor', f'must be >= 0 (0 = from the factor), got {m.rope_attention_factor}')
   if m.sliding_window < 0:
     fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
   check_choice('model.remat', m.remat, REMAT_POLICIES)
+  mesh = config.get('mesh')
+  if mesh is not None:
+    check_choice('mesh.context_exchange', mesh.context_exchange, context.EXCHANGES)
+    if mesh.context != 1 and m.attention == 'cudnn':
+      fail('model.attention', 'cudnn does not run under context parallelism (mesh.context > 1); use auto, xla or '
+           'splash')
+    if mesh.context != 1 and m.attention == 'splash' and mesh.context_exchange != 'all_gather':
+      fail('mesh.context_exchange', f'{mesh.context_exchange} runs the xla kernel only; splash (model.attention) '
+           'runs inside all_gather')
   if not 0 <= m.max_segments_per_row <= m.max_seq_len:
     fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
   moe.check_config(config)
@@ -184,7 +210,8 @@ class Block(nn.Module):
                           causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
                           window=cfg.sliding_window, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                          platform=cfg.platform, name='attn',
+                          platform=cfg.platform, context_exchange=cfg.context_exchange,
+                          context_load_balance=cfg.context_load_balance, name='attn',
                           **lora)(h, segment_ids, positions, self.decode, pages)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
     x = x + FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
@@ -218,8 +245,15 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('vocab', 'embed')), name='embed')
+    # Under context parallelism with load balancing the tokens take the devices' layout (context.token_order):
+    # positions and segment ids move with them, and the output returns to input order before the head.
+    order = None
+    if not self.decode and pages is None:
+      order = context.token_order(tokens.shape[1], context.active_shards(), cfg.context_load_balance)
+    tokens, segment_ids, positions = (context.to_layout(a, order) for a in (tokens, segment_ids, positions))
     x = constrain(embed(tokens), ('act_batch', 'act_seq', 'act_embed'))
     x = self._blocks(x, segment_ids, positions, pages)
+    x = context.from_layout(x, order)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name='final_norm')(x)

@@ -1,0 +1,189 @@
+"""Context parallelism: attention over a sequence split across the context mesh axis (config.mesh.context).
+
+Every activation [B,T,...] is split along T by the rules table (act_seq -> context); RMSNorm, the FFN and the
+projections work per token and stay local. Attention is the one place a token needs the others' keys and
+values: `sharded_attention` runs inside shard_map over the mesh, each device holding its T/C queries, keys and
+values (C = context shards), and exchanges K/V one of two ways (config.mesh.context_exchange, `EXCHANGES`):
+
+  all_gather  K/V and their segment ids all-gathered over the axis, then one call of the local kernel (xla or
+              splash) over the whole key sequence. Per layer and device it holds 2*T*K*H of K/V (K kv heads: small
+              under grouped-query attention) and receives (C-1)/C of it in one collective before the kernel; the
+              backward pass reduce-scatters dK/dV.
+  ring        C steps: at step s a device attends to the K/V block of device (c - s) mod C, while the block of
+              step s+1 is already in flight (its ppermute is issued before this block's compute, so the transfer
+              can overlap it). An online softmax (running max, sum and output, float32) accumulates the blocks.
+              The same bytes as all_gather in C-1 neighbour-to-neighbour steps; the forward holds one K/V block
+              at a time (autodiff keeps each step's block for the backward pass). xla arithmetic only.
+
+Load balancing (config.mesh.context_load_balance). Under a causal mask the device holding the last chunk has
+the most work. With `token_order` the sequence is cut into 2C chunks and device c holds chunks c and 2C-1-c, one
+early and one late, so every device has the same causal work wherever the kernel skips masked blocks (splash).
+The model permutes tokens, segment ids and positions at its input, so positions and document ids travel with
+their tokens, and restores input order before the final norm (one [B,T,D] exchange per step, against a K/V
+exchange per layer): every objective then sees its logits in the order it gave them, with no knowledge of the
+layout (why not leave the order permuted and rely on losses being sums: objectives read logits by index -
+logits_at, completion spans, per-sequence sums - and each would have to learn the layout).
+
+The mask never reads positions (they restart in every packed document): each device takes the original
+sequence index of its queries and of every key from the static order, and the kernel masks by segment id,
+causality and window over those indices, exactly the one-device mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from llm_jax.model.partitioning import active
+
+EXCHANGES = ('all_gather', 'ring')  # config.mesh.context_exchange
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # masked logit: finite, so exp(masked - running max) never NaNs
+
+
+def axes_size(mesh, axes) -> int:
+  """Devices along one mesh axis name, a tuple of them, or None (1)."""
+  if axes is None:
+    return 1
+  names = axes if isinstance(axes, tuple) else (axes,)
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def axis_index(axes):
+  """This device's index along one mesh axis or several (major to minor), inside shard_map."""
+  if axes is None:
+    return 0
+  names = axes if isinstance(axes, tuple) else (axes,)
+  index = 0
+  for name in names:
+    index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
+  return index
+
+
+def sequence_axes(rules):
+  """The mesh axes the sequence of activations is split over (rule 'act_seq'): a name, a tuple, or None."""
+  return nn.logical_to_mesh_axes(('act_seq',), rules)[0]
+
+
+def active_shards() -> int:
+  """Context shards of the enclosing activation_sharding context (1 outside one: a plain forward)."""
+  context = active()
+  if context is None:
+    return 1
+  mesh, rules = context
+  return axes_size(mesh, sequence_axes(rules))
+
+
+def token_order(length: int, shards: int, load_balance: bool) -> np.ndarray | None:
+  """order[j] = the input index of the token at slot j of the layout the devices hold (device c: slots
+  [c*T/C, (c+1)*T/C)); None for the input order itself (one shard, or no load balancing)."""
+  if shards <= 1 or not load_balance:
+    return None
+  chunk = length // (2 * shards)
+  chunks = [(c, 2 * shards - 1 - c) for c in range(shards)]
+  return np.concatenate([np.arange(i * chunk, (i + 1) * chunk) for pair in chunks for i in pair]).astype(np.int32)
+
+
+def query_runs(length: int, shards: int, load_balance: bool) -> list[list[tuple[int, int]]]:
+  """Per device, its queries as contiguous runs of the input order, in the order it holds them:
+  [(start, size), ...] (one run; two, an early and a late chunk, under load balancing). What a kernel whose
+  masks take a static offset (splash) needs: one mask per run."""
+  if load_balance and shards > 1:
+    chunk = length // (2 * shards)
+    return [[(c * chunk, chunk), ((2 * shards - 1 - c) * chunk, chunk)] for c in range(shards)]
+  block = length // shards
+  return [[(c * block, block)] for c in range(shards)]
+
+
+def to_layout(x: jax.Array, order: np.ndarray | None) -> jax.Array:
+  """x [B,T,...] in input order -> the devices' layout (axis 1 permuted by `order`)."""
+  return x if order is None else jnp.take(x, order, axis=1)
+
+
+def from_layout(x: jax.Array, order: np.ndarray | None) -> jax.Array:
+  """The inverse of to_layout."""
+  return x if order is None else jnp.take(x, np.argsort(order).astype(np.int32), axis=1)
+
+
+# local(q [b,t,N,H], k, v [b,S,K,H], q_segment_ids [b,t], kv_segment_ids [b,S], q_index [t], k_index [S], shard)
+# -> out: attention of a device's queries over all keys (in the layout's order), with the input-order index of
+# every query and key, and the device's index along the context axes (`query_runs` gives its static runs).
+LocalKernel = Callable[..., jax.Array]
+# mask(q_segment_ids [b,t], kv_segment_ids [b,S], q_index [t], k_index [S]) -> [b,t,S] bool.
+MaskFn = Callable[..., jax.Array]
+
+
+def sharded_attention(q, k, v, q_segment_ids, kv_segment_ids, *, exchange: str, load_balance: bool,
+                      mask: MaskFn, local: LocalKernel | None):
+  """Attention of q [B,T,N,H] over k/v [B,T,K,H], all in the devices' layout (`token_order`) and split over the
+  context axis, inside shard_map over the active mesh (batch and heads split as the rules say). `local` is the
+  all_gather exchange's kernel; the ring computes its blocks itself under `mask`."""
+  mesh, rules = active()
+  axes = sequence_axes(rules)
+  shards = axes_size(mesh, axes)
+  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_heads', None), rules)
+  _, _, kv_axes, _ = nn.logical_to_mesh_axes(('act_batch', 'act_seq', 'act_kv_heads', None), rules)
+  n, kv_heads, length = q.shape[2], k.shape[2], q.shape[1]
+  head_shards = axes_size(mesh, head_axes)
+  if kv_axes != head_axes or n % head_shards or kv_heads % head_shards:
+    raise ValueError(f'context parallelism: {n} query and {kv_heads} kv heads do not split alike over '
+                     f'{head_shards} devices ({head_axes}, {kv_axes})')
+  if length % shards:
+    raise ValueError(f'context parallelism: a sequence of {length} tokens does not split over {shards} devices')
+  order = token_order(length, shards, load_balance)
+  index = np.arange(length, dtype=np.int32) if order is None else order
+  block = length // shards
+
+  def body(q, k, v, q_segment_ids, kv_segment_ids):
+    me = axis_index(axes)
+    all_index = jnp.asarray(index)
+    q_index = jax.lax.dynamic_slice_in_dim(all_index, me * block, block)
+    if exchange == 'all_gather':
+      k, v, kv_segment_ids = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (k, v, kv_segment_ids))
+      return local(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me)
+    if exchange == 'ring':
+      source_index = lambda source: jax.lax.dynamic_slice_in_dim(all_index, source * block, block)  # noqa: E731
+      return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask)
+    raise ValueError(f'unknown context exchange {exchange!r}; expected one of {", ".join(EXCHANGES)}')
+
+  q_spec, kv_spec = P(batch_axes, axes, head_axes, None), P(batch_axes, axes, kv_axes, None)
+  seg_spec = P(batch_axes, axes)
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                          out_specs=q_spec, check_vma=False)
+  return sharded(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask):
+  """The ring exchange on one device (module docstring): online softmax over the C key blocks."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  shape = (b, kv_heads, n // kv_heads, t)
+  peak, total = jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32)
+  out = jnp.zeros(shape + (h,), jnp.float32)
+  step_right = [(j, (j + 1) % shards) for j in range(shards)]
+  held = (k, v, kv_segment_ids)
+  for step in range(shards):
+    # The next block's transfer first, so it can run while this block is computed.
+    incoming = [jax.lax.ppermute(x, axes, step_right) for x in held] if step < shards - 1 else None
+    k_block, v_block, k_segments = held
+    visible = mask(q_segment_ids, k_segments, q_index, source_index((me - step) % shards))  # [b,t,S]
+    logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k_block, preferred_element_type=jnp.float32) * (h ** -0.5)
+    visible = visible[:, None, None]
+    logits = jnp.where(visible, logits, _NEG)
+    new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+    probs = jnp.where(visible, jnp.exp(logits - new_peak[..., None]), 0.0)
+    rescale = jnp.exp(peak - new_peak)
+    total = total * rescale + jnp.sum(probs, axis=-1)
+    out = out * rescale[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', probs.astype(v_block.dtype), v_block,
+                                                preferred_element_type=jnp.float32)
+    peak = new_peak
+    held = incoming
+  # every query sees at least itself (same segment, index distance 0), so total > 0
+  out = out / total[..., None]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
