@@ -35,7 +35,8 @@ MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
-                'scan_layers', 'qkv_bias', 'qk_norm', 'ffn', 'num_experts', 'expert_ffn_dim', 'shared_expert_ffn_dim')
+                'scan_layers', 'qkv_bias', 'qk_norm', 'qk_norm_per_head', 'head_dim', 'ffn', 'num_experts',
+                'expert_ffn_dim', 'shared_expert_ffn_dim')
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
                    'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window', 'experts_per_token',
                    'router_norm_topk')
@@ -75,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 32000  # Vocabulary size; at least the tokenizer's size when a tokenizer is used (extra rows are padding).
   c.model.d_model = 512  # Width of the residual stream.
   c.model.num_layers = 8  # Number of transformer blocks.
-  c.model.num_heads = 8  # Query heads; must divide d_model (head_dim = d_model // num_heads).
+  c.model.num_heads = 8  # Query heads; must divide d_model unless model.head_dim is set.
+  c.model.head_dim = 0  # Width of each attention head (even, for RoPE); 0 = d_model // num_heads (Qwen3-0.6B, Gemma: wider heads than that).
   c.model.num_kv_heads = 8  # Key/value heads (grouped-query attention); must divide num_heads.
   c.model.ffn_dim = 1408  # Hidden width of the SwiGLU MLP.
   c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this (preference pairs: dpo.max_length, a row holding several sequences).
@@ -87,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_original_max_len = 8192  # llama3: context length of the model before scaling.
   c.model.qkv_bias = False  # Biases on the q, k and v projections (Qwen2/2.5); changes the parameter tree.
   c.model.qk_norm = False  # RMSNorm of the queries and keys over all heads, before RoPE (OLMoE); changes the parameter tree.
+  c.model.qk_norm_per_head = False  # RMSNorm of each query and key head over head_dim (one scale [head_dim] shared by the heads), before RoPE (Qwen3, Gemma 3); not with qk_norm; changes the parameter tree.
   c.model.ffn = 'dense'  # Feed-forward layer of every block: dense (SwiGLU of ffn_dim) | moe (mixture of SwiGLU experts; llm_jax/model/moe.py).
   c.model.num_experts = 0  # ffn=moe: routed experts per layer (>= 2).
   c.model.experts_per_token = 2  # ffn=moe: experts each token is routed to (top-k of the float32 router's softmax).

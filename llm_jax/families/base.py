@@ -21,6 +21,7 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax.errors import UserError
+from llm_jax.model import head_dim_of
 
 
 class ConversionError(UserError, ValueError):
@@ -255,7 +256,7 @@ def no_import_fields(hf: dict) -> dict:
 
 
 def dense_only(model) -> bool:
-  """A LLaMA-like family: the dense SwiGLU and plain q/k."""
+  """A LLaMA-like family: the dense SwiGLU and no q/k norm over all heads (qk_norm_per_head: Family's own field)."""
   return model.get('ffn', 'dense') == 'dense' and not model.get('qk_norm', False)
 
 
@@ -276,10 +277,11 @@ class Family:
   export_fields: Callable[[Any, int | None], dict] = no_fields
   import_fields: Callable[[dict], dict] = no_import_fields  # its own config.model fields (the experts)
   expresses_ffn: Callable[[Any], bool] = dense_only  # whether its FFN and attention extras are the model's
+  qk_norm_per_head: bool = False  # its q and k heads are always RMS-normalised over head_dim (Qwen3)
 
   def expresses(self, model) -> bool:
     return (self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
-            and self.expresses_ffn(model))
+            and self.qk_norm_per_head == bool(model.get('qk_norm_per_head', False)) and self.expresses_ffn(model))
 
   def model_fields(self, hf: dict) -> dict[str, Any]:
     """config.model fields of the model a (checked) HF config of this family describes."""
@@ -293,9 +295,11 @@ class Family:
         norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
         tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
         init_std=float(hf.get('initializer_range', 0.02)),
-        qkv_bias=self.qkv_bias,
+        qkv_bias=self.qkv_bias, qk_norm_per_head=self.qk_norm_per_head,
         sliding_window=self.window(hf, None),
     )
+    if hf.get('head_dim') and hf['head_dim'] * hf['num_attention_heads'] != hf['hidden_size']:
+      fields['head_dim'] = hf['head_dim']  # else 0: the width follows d_model, as in configs made before the field
     for key, ours in ROPE_FIELDS.items():
       if key in rope and fields['rope_scaling'] != 'none':
         fields[ours] = type(config_lib.get_config().model[ours])(rope[key])
@@ -310,7 +314,7 @@ class Family:
         architectures=[self.architecture], model_type=self.model_type, vocab_size=model.vocab_size,
         hidden_size=model.d_model, intermediate_size=model.ffn_dim, num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_heads, num_key_value_heads=model.num_kv_heads,
-        head_dim=model.d_model // model.num_heads, hidden_act='silu', max_position_embeddings=model.max_seq_len,
+        head_dim=head_dim_of(model), hidden_act='silu', max_position_embeddings=model.max_seq_len,
         rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
         rope_scaling=({k: v for k, v in rope.items() if k != 'rope_theta'} if model.rope_scaling != 'none' else None),
         rope_parameters=rope, attention_dropout=0.0, tie_word_embeddings=model.tie_embeddings,

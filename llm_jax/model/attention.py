@@ -596,7 +596,9 @@ class SelfAttention(nn.Module):
   qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
   window: int = 0  # sliding window in tokens (0 = attend to the whole causal context)
   qk_norm: bool = False  # RMSNorm of q and k over all their heads at once, before RoPE (OLMoE)
-  norm_eps: float = 1e-5  # qk_norm's epsilon
+  qk_norm_per_head: bool = False  # RMSNorm of each q and k head over head_dim, before RoPE (Qwen3, Gemma 3)
+  norm_eps: float = 1e-5  # the q/k norms' epsilon
+  head_dim: int = 0  # width of a head; 0 = d_model // num_heads
   platform: str = ''  # platform the step compiles for ('tpu', 'gpu', 'cpu'; '' = the default backend)
 
   def _proj(self, name, features, axes, in_dims=1):
@@ -608,13 +610,16 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids, positions, decode: bool = False, pages: PageTable | None = None):
     d_model = x.shape[-1]
-    head_dim = d_model // self.num_heads
+    head_dim = self.head_dim or d_model // self.num_heads
     n, kv = self.num_heads, self.num_kv_heads
     q = self._proj('q', (n, head_dim), ('embed', 'heads', 'head_dim'))(x)  # [B,T,N,H]
     k = self._proj('k', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)  # [B,T,K,H]
     v = self._proj('v', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)
     if self.qk_norm:
       q, k = self._norm_heads(q, 'q_norm'), self._norm_heads(k, 'k_norm')
+    if self.qk_norm_per_head:  # one [H] scale for all heads: RMSNorm normalises the last axis
+      q = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name='q_norm')(q)
+      k = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name='k_norm')(k)
     q = constrain(apply_rope(q, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_heads', None))
     k = constrain(apply_rope(k, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_kv_heads', None))
     v = constrain(v, ('act_batch', 'act_seq', 'act_kv_heads', None))

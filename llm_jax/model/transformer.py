@@ -75,6 +75,8 @@ class TransformerConfig:
   rope_original_max_len: int = 8192
   qkv_bias: bool = False
   qk_norm: bool = False
+  qk_norm_per_head: bool = False
+  head_dim: int = 0  # 0 = d_model // num_heads; resolved in __post_init__, so cfg.head_dim is always the width
   ffn: str = 'dense'
   num_experts: int = 0
   experts_per_token: int = 2
@@ -112,15 +114,19 @@ class TransformerConfig:
                     lora_targets=tuple(t.strip() for t in lora.targets.split(',') if t.strip()))
     return cls(**values)
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+  def __post_init__(self):
+    object.__setattr__(self, 'head_dim', self.head_dim or self.d_model // self.num_heads)
 
   @property
   def rope(self) -> Rope:
     return Rope(theta=self.rope_theta, scaling=self.rope_scaling, factor=self.rope_scaling_factor,
                 low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
                 original_max_len=self.rope_original_max_len)
+
+
+def head_dim_of(model_config) -> int:
+  """The width of an attention head of a config.model: model.head_dim, or d_model // num_heads when it is 0."""
+  return model_config.get('head_dim', 0) or model_config.d_model // model_config.num_heads
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # config.model.dtype, param_dtype and logits_dtype
@@ -134,12 +140,18 @@ def check_config(config) -> None:
   for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'max_seq_len'):
     if m[name] <= 0:
       fail(f'model.{name}', f'must be positive, got {m[name]}')
-  if m.d_model % m.num_heads:
-    fail('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model}')
+  if m.head_dim < 0:
+    fail('model.head_dim', f'must be >= 0 (0 = d_model // num_heads), got {m.head_dim}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    fail('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model} (or set model.head_dim)')
   if m.num_heads % m.num_kv_heads:
     fail('model.num_kv_heads', f'{m.num_kv_heads} kv heads do not divide num_heads={m.num_heads}')
-  if (m.d_model // m.num_heads) % 2:
-    fail('model.num_heads', f'head_dim = d_model/num_heads = {m.d_model // m.num_heads} must be even for RoPE')
+  if head_dim_of(m) % 2:
+    fail('model.head_dim' if m.head_dim else 'model.num_heads',
+         f'head_dim = {head_dim_of(m)} must be even for RoPE')
+  if m.qk_norm and m.qk_norm_per_head:
+    fail('model.qk_norm_per_head', 'qk_norm (over all heads, OLMoE) and qk_norm_per_head (Qwen3, Gemma 3) are two '
+         'forms of the same norm: set one')
   for name in ('dtype', 'param_dtype', 'logits_dtype'):
     check_choice(f'model.{name}', m[name], DTYPES)
   check_choice('model.attention', m.attention, ATTENTION_CHOICES)
@@ -183,7 +195,8 @@ class Block(nn.Module):
     x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope, kernel=cfg.attention,
                           causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
-                          window=cfg.sliding_window, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                          window=cfg.sliding_window, qk_norm=cfg.qk_norm, qk_norm_per_head=cfg.qk_norm_per_head,
+                          head_dim=cfg.head_dim, norm_eps=cfg.norm_eps,
                           platform=cfg.platform, name='attn',
                           **lora)(h, segment_ids, positions, self.decode, pages)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
