@@ -29,6 +29,11 @@ CASES = {
     'qwen3': ('Qwen3Config', 'Qwen3ForCausalLM', dict(tie_word_embeddings=True),
               dict(head_dim=32, qk_norm_per_head=True, qkv_bias=False, tie_embeddings=True),
               dict(qk_norm_per_head=False)),
+    'qwen3_moe': ('Qwen3MoeConfig', 'Qwen3MoeForCausalLM',
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False),
+                  dict(ffn='moe', num_experts=4, expert_ffn_dim=32, router_norm_topk=False, head_dim=32,
+                       qk_norm_per_head=True),
+                  dict(qk_norm_per_head=False)),
 }
 
 
@@ -95,3 +100,35 @@ def test_greedy_generation_through_decoder_and_engine_matches_transformers(impor
     expected = out[0, len(prompt):].tolist()
     assert ours == expected
     assert engine_out.outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize('name,edit,field', [
+    ('qwen3_moe', {'decoder_sparse_step': 2}, 'decoder_sparse_step'),
+    ('qwen3_moe', {'mlp_only_layers': [1]}, 'mlp_only_layers'),
+    ('qwen3', {'attention_bias': True}, 'attention_bias'),
+    ('qwen3', {'head_dim': 31}, 'head_dim'),
+])
+def test_unsupported_fields_are_refused_by_name(imported, tmp_path, name, edit, field):
+  with open(os.path.join(imported(name)[0], 'config.json')) as f:
+    hf = json.load(f)
+  hf.update(edit)
+  (tmp_path / 'config.json').write_text(json.dumps(hf))
+  with pytest.raises(convert.ConversionError, match=f'config.json: {field}'):
+    convert.from_hf(str(tmp_path), str(tmp_path / 'work'))
+
+
+@pytest.mark.parametrize('edit,field', [
+    (dict(qk_norm=True, qk_norm_per_head=True), 'model.qk_norm_per_head'),
+    (dict(head_dim=-1), 'model.head_dim'),
+    (dict(head_dim=33), 'model.head_dim'),
+    (dict(d_model=60, num_heads=8), 'model.num_heads'),
+])
+def test_config_refuses_bad_head_settings(edit, field):
+  from llm_jax import validation
+  config = config_lib.get_config()
+  config.model.update(edit)
+  with pytest.raises(config_lib.ConfigError, match=field):
+    validation.validate(config, 1)
+  if field == 'model.num_heads':  # the same shape is fine once the width is explicit
+    config.model.head_dim = 16
+    validation.validate(config, 1)
