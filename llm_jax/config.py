@@ -36,7 +36,7 @@ MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
                 'scan_layers', 'qkv_bias', 'qk_norm', 'qk_norm_per_head', 'head_dim', 'ffn', 'num_experts',
-                'expert_ffn_dim', 'shared_expert_ffn_dim')
+                'expert_ffn_dim', 'shared_expert_ffn_dim', 'attention_pattern')
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
                    'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window', 'experts_per_token',
                    'router_norm_topk')
@@ -100,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.router_z_loss_coef = 0.0  # ffn=moe: coefficient of the router z-loss, the mean of logsumexp(router logits)^2 (ST-MoE: 1e-3), logged as aux/router_z; 0 = off.
   c.model.moe_compute = 'ragged'  # ffn=moe: ragged (dropless: tokens sorted by expert, jax.lax.ragged_dot grouped matmuls; on a mesh always inside shard_map, each device routing its own tokens; under an expert mesh axis > 1 the tokens are all-gathered over it and each device runs its own experts) | dense (every expert on every token, one-hot combine: the reference).
   c.model.sliding_window = 0  # Sliding-window attention: each token sees itself and the previous sliding_window-1 tokens (Mistral); 0 = the whole context.
+  c.model.attention_pattern = 'global'  # Attention of each layer, comma-separated kinds repeated over the layers (layer i: kind i mod their count): global | sliding (as sliding:WINDOW, a window of WINDOW tokens); either kind may end in @THETA, the layer's own RoPE base, unscaled (Gemma 2: 'sliding:4096,global'; Gemma 3: 'sliding:1024@10000' five times, then 'global'). With scan_layers one repeat of the pattern is scanned, the layers after the last whole repeat unrolled; changes the parameter tree then.
   c.model.norm_eps = 1e-5  # Epsilon of RMSNorm.
   c.model.tie_embeddings = False  # Share the token embedding with the output projection.
   c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.

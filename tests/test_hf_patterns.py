@@ -20,6 +20,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from llm_jax import config as config_lib, convert, decoding, train  # noqa: E402
 from llm_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
+from llm_jax.serving.engine import unstack_layers  # noqa: E402
 import hf_compare  # noqa: E402
 from hf_compare import TOL, hf_logits, our_logits, tokens  # noqa: E402
 
@@ -34,19 +35,36 @@ CASES = {
                   dict(ffn='moe', num_experts=4, expert_ffn_dim=32, router_norm_topk=False, head_dim=32,
                        qk_norm_per_head=True),
                   dict(qk_norm_per_head=False)),
+    # windows on some layers: Qwen2's max_window_layers (layers from 1 on), Qwen3's explicit layer_types over 5
+    # layers (scanned: two repeats of the pattern and the fifth layer unrolled)
+    'qwen2_partial': ('Qwen2Config', 'Qwen2ForCausalLM',
+                      dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None),
+                      dict(attention_pattern='global,sliding:8', sliding_window=0, qkv_bias=True),
+                      dict(attention_pattern='global')),
+    'qwen3_layer_types': ('Qwen3Config', 'Qwen3ForCausalLM',
+                          dict(use_sliding_window=True, sliding_window=8, num_hidden_layers=5,
+                               layer_types=['full_attention', 'sliding_attention'] * 2 + ['full_attention']),
+                          dict(attention_pattern='global,sliding:8', sliding_window=0, qk_norm_per_head=True),
+                          dict(attention_pattern='global')),
 }
 
 
 imported = hf_compare.imported_fixture(CASES, BASE, random_norms=True)
 
 
-def _without_qk_norm(params):
-  """The negative control's parameters: the q/k norm scales dropped (qk_norm_per_head=False has none)."""
+def _control(config, params, edit):
+  """The negative control's config and parameters: `edit` applied, layers unrolled (a pattern changes how scanned
+  layers are grouped) and, without qk_norm_per_head, the q/k norm scales dropped."""
+  params = unstack_layers(params, train.create_model(config).cfg)
+  other = config_lib.get_config()
+  other.update(config.to_dict())
+  other.model.update(edit, scan_layers=False)
+
   def strip(tree):
     if isinstance(tree, dict):
-      return {k: strip(v) for k, v in tree.items() if k not in ('q_norm', 'k_norm')}
+      return {k: strip(v) for k, v in tree.items() if other.model.qk_norm_per_head or k not in ('q_norm', 'k_norm')}
     return tree
-  return strip(params)
+  return other, strip(params)
 
 
 @pytest.mark.parametrize('name', list(CASES))
@@ -59,9 +77,7 @@ def test_logits_match_transformers(imported, name):
   diff = np.max(np.abs(our_logits(config, params, ids) - expected))
   print(f'{name}: max abs logits difference {diff:.2e}')
   assert diff <= TOL
-  other = config_lib.load_workdir_config(workdir)
-  other.model.update(CASES[name][4])
-  other_params = _without_qk_norm(params) if not other.model.qk_norm_per_head else params
+  other, other_params = _control(config, params, CASES[name][4])
   assert np.max(np.abs(our_logits(other, other_params, ids) - expected)) > 1e-2, f'{CASES[name][4]} does not matter'
 
 
@@ -132,3 +148,32 @@ def test_config_refuses_bad_head_settings(edit, field):
   if field == 'model.num_heads':  # the same shape is fine once the width is explicit
     config.model.head_dim = 16
     validation.validate(config, 1)
+
+
+def test_pattern_is_the_same_on_xla_and_splash_scanned_and_unrolled():
+  """A pattern of a 16-token window with its own RoPE base, a 40-token window and a global layer over 4 layers (one
+  repeat scanned, the fourth layer unrolled after it) on 128 tokens of two packed documents: the xla kernel
+  unrolled (the reference), xla scanned and interpret-mode splash scanned give the same logits (float32, 1e-4);
+  the all-global model does not (the windows are exercised)."""
+  import dataclasses
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from llm_jax.model import Transformer, TransformerConfig
+  cfg = TransformerConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=2, num_kv_heads=1, ffn_dim=48,
+                          head_dim=128, max_seq_len=128, dtype='float32', init_std=0.1, attention='xla',
+                          attention_pattern='sliding:16@500,sliding:40,global')
+  params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))['params']
+  assert sorted(params['layers']) == ['block_0', 'block_1', 'block_2'] and 'layers_3' in params
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 61, (1, 128)))
+  segments = jnp.asarray([[1] * 100 + [2] * 28])
+  unrolled = unstack_layers(params, cfg)
+
+  def logits(config, p):
+    return np.asarray(jax.jit(lambda p: Transformer(config).apply({'params': p}, ids, segments))(p))
+
+  reference = logits(dataclasses.replace(cfg, scan_layers=False), unrolled)
+  for config in (cfg, dataclasses.replace(cfg, attention='splash')):
+    np.testing.assert_allclose(logits(config, params), reference, atol=1e-4, err_msg=config.attention)
+  everywhere = logits(dataclasses.replace(cfg, scan_layers=False, attention_pattern='global'), unrolled)
+  assert np.max(np.abs(everywhere - reference)) > 1e-2

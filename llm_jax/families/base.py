@@ -21,7 +21,8 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax.errors import UserError
-from llm_jax.model import head_dim_of
+from llm_jax.model import head_dim_of, layer_location
+from llm_jax.model.layer_pattern import LayerKind, kind_of_layer, parse_pattern
 
 
 class ConversionError(UserError, ValueError):
@@ -176,7 +177,7 @@ def plan(tensors: TensorMap, model_config) -> list[Slot]:
            if not (model_config.tie_embeddings and t.ours[0] == 'lm_head')]
   layer_tensors = tensors.layer + (tensors.qkv_bias if model_config.qkv_bias else ())
   for i in range(model_config.num_layers):
-    prefix, layer = (('layers',), i) if model_config.scan_layers else ((f'layers_{i}',), None)
+    prefix, layer = layer_location(model_config, i)
     for t in layer_tensors:
       slots.append(Slot(t.hf.format(i=i), prefix + t.ours, layer, t.transform))
     for j in range(model_config.num_experts if tensors.experts else 0):
@@ -255,6 +256,31 @@ def no_import_fields(hf: dict) -> dict:
   return {}
 
 
+def repeating_pattern(kinds: list[str]) -> str:
+  """config.model.attention_pattern of per-layer kinds ('global', 'sliding:W', ...): the shortest list whose
+  repetition gives them (['global', 'sliding:8', 'global', 'sliding:8'] -> 'global,sliding:8')."""
+  period = next(p for p in range(1, len(kinds) + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds)))
+  return ','.join(kinds[:period])
+
+
+def layer_windows(model) -> list[int]:
+  """Each layer's sliding window (0 = global) of a config.model: its kind's, or the one sliding_window."""
+  pattern = parse_pattern(model.get('attention_pattern', 'global'))
+  return [kind_of_layer(pattern, i).window or model.sliding_window for i in range(model.num_layers)]
+
+
+def plain_pattern(model) -> bool:
+  """A family that states no per-layer attention: every layer the same kind, the model's RoPE."""
+  return parse_pattern(model.get('attention_pattern', 'global')) == (LayerKind(),)
+
+
+def layer_types_pattern(model) -> bool:
+  """A family that states each layer as full_attention or sliding_attention (Qwen2's layer_types): one window
+  over the sliding layers, the model's RoPE on all."""
+  pattern = parse_pattern(model.get('attention_pattern', 'global'))
+  return not any(kind.rope_theta for kind in pattern) and len({w for w in layer_windows(model) if w}) <= 1
+
+
 def dense_only(model) -> bool:
   """A LLaMA-like family: the dense SwiGLU and no q/k norm over all heads (qk_norm_per_head: Family's own field)."""
   return model.get('ffn', 'dense') == 'dense' and not model.get('qk_norm', False)
@@ -264,7 +290,8 @@ def dense_only(model) -> bool:
 class Family:
   """A Hugging Face architecture llm_jax computes exactly, and what it can express.
 
-  window(hf, refuse) -> the sliding window of a (checked) HF config, 0 for none; refuses per-layer windows.
+  window(hf, refuse) -> the sliding window of every layer of a (checked) HF config, 0 for none (per-layer windows:
+  refused, or 0 and given by import_fields as attention_pattern).
   export_fields(model, window) -> the family's own config.json fields (its window form, its flags).
   """
   model_type: str
@@ -278,10 +305,12 @@ class Family:
   import_fields: Callable[[dict], dict] = no_import_fields  # its own config.model fields (the experts)
   expresses_ffn: Callable[[Any], bool] = dense_only  # whether its FFN and attention extras are the model's
   qk_norm_per_head: bool = False  # its q and k heads are always RMS-normalised over head_dim (Qwen3)
+  expresses_pattern: Callable[[Any], bool] = plain_pattern  # whether it states the model's attention_pattern
 
   def expresses(self, model) -> bool:
     return (self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
-            and self.qk_norm_per_head == bool(model.get('qk_norm_per_head', False)) and self.expresses_ffn(model))
+            and self.qk_norm_per_head == bool(model.get('qk_norm_per_head', False)) and self.expresses_ffn(model)
+            and self.expresses_pattern(model))
 
   def model_fields(self, hf: dict) -> dict[str, Any]:
     """config.model fields of the model a (checked) HF config of this family describes."""

@@ -18,6 +18,7 @@ from llm_jax.model import moe
 from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
 from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
 from llm_jax.model.attention import PageTable, SelfAttention
+from llm_jax.model.layer_pattern import LayerKind, kind_of_layer, parse_pattern
 from llm_jax.model.layers import ROPE_SCALINGS, SWIGLU_PROJECTIONS, RMSNorm, Rope
 from llm_jax.model.moe import AUX_COLLECTION, FFN_KINDS, LOAD_COLLECTION
 from llm_jax.model.partitioning import constrain
@@ -87,6 +88,7 @@ class TransformerConfig:
   router_z_loss_coef: float = 0.0
   moe_compute: str = 'ragged'
   sliding_window: int = 0
+  attention_pattern: str = 'global'
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   init_std: float = 0.02
@@ -122,6 +124,19 @@ class TransformerConfig:
     return Rope(theta=self.rope_theta, scaling=self.rope_scaling, factor=self.rope_scaling_factor,
                 low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
                 original_max_len=self.rope_original_max_len)
+
+  @property
+  def pattern(self) -> tuple[LayerKind, ...]:
+    """The layer kinds of attention_pattern (layer_pattern.py), repeated over the layers."""
+    return parse_pattern(self.attention_pattern)
+
+  def window_of(self, kind: LayerKind) -> int:
+    """A layer's window: its kind's, or for a global kind the model's one sliding_window (0 = none)."""
+    return kind.window or self.sliding_window
+
+  def rope_of(self, kind: LayerKind) -> Rope:
+    """A layer's RoPE: its kind's own base, unscaled, or the model's."""
+    return Rope(theta=kind.rope_theta) if kind.rope_theta else self.rope
 
 
 def head_dim_of(model_config) -> int:
@@ -166,6 +181,15 @@ def check_config(config) -> None:
       fail('model.rope_original_max_len', f'must be positive, got {m.rope_original_max_len}')
   if m.sliding_window < 0:
     fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
+  try:
+    pattern = parse_pattern(m.attention_pattern)
+  except ValueError as e:
+    fail('model.attention_pattern', str(e))
+  if m.sliding_window and any(kind.window for kind in pattern):
+    fail('model.sliding_window', 'set either one window for every layer (sliding_window) or the sliding kinds of '
+         f'model.attention_pattern={m.attention_pattern!r}, not both')
+  if len(pattern) > m.num_layers:
+    fail('model.attention_pattern', f'{len(pattern)} kinds for {m.num_layers} layers')
   check_choice('model.remat', m.remat, REMAT_POLICIES)
   if not 0 <= m.max_segments_per_row <= m.max_seq_len:
     fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
@@ -181,9 +205,11 @@ def check_config(config) -> None:
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)), the FFN of model.ffn (moe.FFN_KINDS)."""
+  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)), the FFN of model.ffn (moe.FFN_KINDS).
+  `kind`: the layer's attention (its window and RoPE) in the model's attention_pattern."""
   cfg: TransformerConfig
   decode: bool = False
+  kind: LayerKind = LayerKind()
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, pages=None):
@@ -192,10 +218,10 @@ class Block(nn.Module):
     lora = dict(lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='attn_norm')(x)
     # mlm is the one bidirectional objective (model/ imports no objectives: tested equal to Objective.causal)
-    x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope, kernel=cfg.attention,
+    x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope_of(self.kind), kernel=cfg.attention,
                           causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
-                          window=cfg.sliding_window, qk_norm=cfg.qk_norm, qk_norm_per_head=cfg.qk_norm_per_head,
+                          window=cfg.window_of(self.kind), qk_norm=cfg.qk_norm, qk_norm_per_head=cfg.qk_norm_per_head,
                           head_dim=cfg.head_dim, norm_eps=cfg.norm_eps,
                           platform=cfg.platform, name='attn',
                           **lora)(h, segment_ids, positions, self.decode, pages)
@@ -209,6 +235,19 @@ class ScannedBlock(Block):
 
   def __call__(self, x, segment_ids, positions, pages=None):
     return super().__call__(x, segment_ids, positions, pages), None
+
+
+class PatternGroup(nn.Module):
+  """One repeat of the attention pattern (block_0 ... block_{P-1}, each with its kind): what nn.scan scans when
+  the layers differ, since a scanned body must be the same function at every step."""
+  cfg: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions, pages=None):
+    for j, kind in enumerate(self.cfg.pattern):
+      x = Block(self.cfg, self.decode, kind, name=f'block_{j}')(x, segment_ids, positions, pages)
+    return x, None
 
 
 class Transformer(nn.Module):
@@ -247,25 +286,33 @@ class Transformer(nn.Module):
     return logits.astype(jnp.dtype(cfg.logits_dtype))
 
   def _blocks(self, x, segment_ids, positions, pages):
+    """The layers (layer_pattern.layer_location says where each one's parameters are): scanned, one block per
+    step when every layer has the same kind, else one repeat of the pattern per step and the layers after the
+    last whole repeat unrolled; or all unrolled."""
     cfg = self.cfg
     policy = REMAT_POLICIES[cfg.remat]
     remat = cfg.remat != 'none' and not self.decode  # decoding takes no gradients: nothing to rematerialise
+    pattern = cfg.pattern
+    first_unrolled = 0
     if cfg.scan_layers:
-      block_cls = ScannedBlock
+      grouped = len(pattern) > 1
+      body = PatternGroup if grouped else ScannedBlock
       if remat:
-        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+        body = nn.remat(body, policy=policy, prevent_cse=False)
       # the sown collections (auxiliary losses, expert load) stack per layer like the parameters
-      stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0, AUX_COLLECTION: 0, LOAD_COLLECTION: 0},
+      stack = nn.scan(body, variable_axes={'params': 0, 'cache': 0, AUX_COLLECTION: 0, LOAD_COLLECTION: 0},
                       split_rngs={'params': True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers // len(pattern),
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, self.decode, name='layers')(x, segment_ids, positions, pages)
-      return x
+      extra = {} if grouped else {'kind': pattern[0]}
+      x, _ = stack(cfg, self.decode, name='layers', **extra)(x, segment_ids, positions, pages)
+      first_unrolled = cfg.num_layers // len(pattern) * len(pattern)
     block_cls = Block
     if remat:
       block_cls = nn.remat(block_cls, policy=policy)
-    for i in range(cfg.num_layers):
-      x = block_cls(cfg, self.decode, name=f'layers_{i}')(x, segment_ids, positions, pages)
+    for i in range(first_unrolled, cfg.num_layers):
+      x = block_cls(cfg, self.decode, kind_of_layer(pattern, i), name=f'layers_{i}')(x, segment_ids, positions,
+                                                                                      pages)
     return x
 
 
