@@ -36,10 +36,11 @@ MESH_AXES = ('data', 'expert', 'fsdp', 'tensor')  # the batch is split over data
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
                 'scan_layers', 'qkv_bias', 'qk_norm', 'qk_norm_per_head', 'head_dim', 'ffn', 'num_experts',
-                'expert_ffn_dim', 'shared_expert_ffn_dim', 'attention_pattern')
+                'expert_ffn_dim', 'shared_expert_ffn_dim', 'attention_pattern', 'post_norms')
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
                    'rope_high_freq_factor', 'rope_original_max_len', 'sliding_window', 'experts_per_token',
-                   'router_norm_topk')
+                   'router_norm_topk', 'norm', 'mlp_activation', 'embed_scale', 'query_pre_attn_scalar',
+                   'attn_logit_softcap', 'final_logit_softcap')
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
 # apart. Turning FSDP into tensor parallelism is an edit of this table (or of config.mesh sizes).
@@ -102,6 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.sliding_window = 0  # Sliding-window attention: each token sees itself and the previous sliding_window-1 tokens (Mistral); 0 = the whole context.
   c.model.attention_pattern = 'global'  # Attention of each layer, comma-separated kinds repeated over the layers (layer i: kind i mod their count): global | sliding (as sliding:WINDOW, a window of WINDOW tokens); either kind may end in @THETA, the layer's own RoPE base, unscaled (Gemma 2: 'sliding:4096,global'; Gemma 3: 'sliding:1024@10000' five times, then 'global'). With scan_layers one repeat of the pattern is scanned, the layers after the last whole repeat unrolled; changes the parameter tree then.
   c.model.norm_eps = 1e-5  # Epsilon of RMSNorm.
+  c.model.norm = 'rms'  # RMSNorm's scale, in every norm of the model: rms (x / rms(x) * w) | rms_plus_one (times 1 + w, w starting at 0: Gemma).
+  c.model.post_norms = False  # Sandwich norms: an RMSNorm also after the attention and after the MLP, before each is added to the residual (Gemma 2/3); changes the parameter tree.
+  c.model.mlp_activation = 'silu'  # Activation of the gated MLP, act(gate(x)) * up(x): silu (SwiGLU) | gelu_tanh (GeGLU with GELU's tanh approximation: Gemma).
+  c.model.embed_scale = False  # Multiply the token embeddings by sqrt(d_model), in the compute dtype (Gemma); the output projection (tied or not) is unscaled.
+  c.model.query_pre_attn_scalar = 0.0  # Attention logits are q.k / sqrt(this) (Gemma: query_pre_attn_scalar); 0 = head_dim, the usual.
+  c.model.attn_logit_softcap = 0.0  # Soft-cap of the attention logits, cap * tanh(logits / cap), in every kernel but cuDNN (refused there) (Gemma 2: 50); 0 = none.
+  c.model.final_logit_softcap = 0.0  # Soft-cap of the output logits, cap * tanh(logits / cap) (Gemma 2: 30); 0 = none.
   c.model.tie_embeddings = False  # Share the token embedding with the output projection.
   c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
   c.model.dtype = 'bfloat16'  # Compute dtype of activations and matmuls: float32 | bfloat16 | float16.

@@ -79,7 +79,7 @@ def total_params(model_config) -> int:
   biases and q/k norms."""
   m = model_config
   embedding = 0 if m.tie_embeddings else m.vocab_size * m.d_model
-  norms = (2 * m.num_layers + 1) * m.d_model
+  norms = ((4 if m.get('post_norms', False) else 2) * m.num_layers + 1) * m.d_model  # + Gemma's sandwich norms
   head_dim = head_dim_of(m)
   biases = m.num_layers * (m.num_heads + 2 * m.num_kv_heads) * head_dim if m.qkv_bias else 0
   qk_norms = m.num_layers * (m.num_heads + m.num_kv_heads) * head_dim if m.get('qk_norm', False) else 0

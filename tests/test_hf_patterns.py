@@ -46,6 +46,17 @@ CASES = {
                                layer_types=['full_attention', 'sliding_attention'] * 2 + ['full_attention']),
                           dict(attention_pattern='global,sliding:8', sliding_window=0, qk_norm_per_head=True),
                           dict(attention_pattern='global')),
+    # Gemma 2 over 3 layers: every quirk at a value where it changes the logits (a query scale other than
+    # head_dim, soft-caps low enough to bite), each checked by its own negative control
+    'gemma2': ('Gemma2Config', 'Gemma2ForCausalLM',
+               dict(num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                    final_logit_softcapping=3.0),
+               dict(attention_pattern='sliding:8,global', norm='rms_plus_one', post_norms=True, embed_scale=True,
+                    mlp_activation='gelu_tanh', head_dim=32, query_pre_attn_scalar=24.0, attn_logit_softcap=2.0,
+                    final_logit_softcap=3.0, tie_embeddings=True),
+               [dict(attention_pattern='global'), dict(norm='rms'), dict(embed_scale=False),
+                dict(mlp_activation='silu'), dict(query_pre_attn_scalar=0.0), dict(attn_logit_softcap=0.0),
+                dict(final_logit_softcap=0.0)]),
 }
 
 
@@ -77,8 +88,10 @@ def test_logits_match_transformers(imported, name):
   diff = np.max(np.abs(our_logits(config, params, ids) - expected))
   print(f'{name}: max abs logits difference {diff:.2e}')
   assert diff <= TOL
-  other, other_params = _control(config, params, CASES[name][4])
-  assert np.max(np.abs(our_logits(other, other_params, ids) - expected)) > 1e-2, f'{CASES[name][4]} does not matter'
+  controls = CASES[name][4] if isinstance(CASES[name][4], list) else [CASES[name][4]]
+  for control in controls:
+    other, other_params = _control(config, params, control)
+    assert np.max(np.abs(our_logits(other, other_params, ids) - expected)) > 1e-2, f'{control} does not matter'
 
 
 @pytest.mark.parametrize('name', list(CASES))
@@ -138,8 +151,13 @@ def test_unsupported_fields_are_refused_by_name(imported, tmp_path, name, edit, 
     (dict(head_dim=-1), 'model.head_dim'),
     (dict(head_dim=33), 'model.head_dim'),
     (dict(d_model=60, num_heads=8), 'model.num_heads'),
+    (dict(attention='cudnn', attn_logit_softcap=50.0), 'model.attention: cuDNN attention has no logit soft-cap'),
+    (dict(attention_pattern='sliding'), 'model.attention_pattern'),
+    (dict(attention_pattern='sliding:8@x'), 'model.attention_pattern'),
+    (dict(attention_pattern='global,sliding:8', sliding_window=4), 'model.sliding_window'),
+    (dict(ffn='moe', num_experts=4, mlp_activation='gelu_tanh'), 'model.mlp_activation'),
 ])
-def test_config_refuses_bad_head_settings(edit, field):
+def test_config_refuses_bad_settings_by_name(edit, field):
   from llm_jax import validation
   config = config_lib.get_config()
   config.model.update(edit)
@@ -152,9 +170,9 @@ def test_config_refuses_bad_head_settings(edit, field):
 
 def test_pattern_is_the_same_on_xla_and_splash_scanned_and_unrolled():
   """A pattern of a 16-token window with its own RoPE base, a 40-token window and a global layer over 4 layers (one
-  repeat scanned, the fourth layer unrolled after it) on 128 tokens of two packed documents: the xla kernel
-  unrolled (the reference), xla scanned and interpret-mode splash scanned give the same logits (float32, 1e-4);
-  the all-global model does not (the windows are exercised)."""
+  repeat scanned, the fourth layer unrolled after it), logits soft-capped at 0.5, on 128 tokens of two packed
+  documents: the xla kernel unrolled (the reference), xla scanned and interpret-mode splash scanned give the same
+  logits (float32, 1e-4); the all-global and the uncapped models do not (windows and cap are exercised)."""
   import dataclasses
   import flax.linen as nn
   import jax
@@ -162,7 +180,7 @@ def test_pattern_is_the_same_on_xla_and_splash_scanned_and_unrolled():
   from llm_jax.model import Transformer, TransformerConfig
   cfg = TransformerConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=2, num_kv_heads=1, ffn_dim=48,
                           head_dim=128, max_seq_len=128, dtype='float32', init_std=0.1, attention='xla',
-                          attention_pattern='sliding:16@500,sliding:40,global')
+                          attention_pattern='sliding:16@500,sliding:40,global', attn_logit_softcap=0.5)
   params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))['params']
   assert sorted(params['layers']) == ['block_0', 'block_1', 'block_2'] and 'layers_3' in params
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 61, (1, 128)))
@@ -175,5 +193,53 @@ def test_pattern_is_the_same_on_xla_and_splash_scanned_and_unrolled():
   reference = logits(dataclasses.replace(cfg, scan_layers=False), unrolled)
   for config in (cfg, dataclasses.replace(cfg, attention='splash')):
     np.testing.assert_allclose(logits(config, params), reference, atol=1e-4, err_msg=config.attention)
-  everywhere = logits(dataclasses.replace(cfg, scan_layers=False, attention_pattern='global'), unrolled)
-  assert np.max(np.abs(everywhere - reference)) > 1e-2
+  for control in (dict(attention_pattern='global'), dict(attn_logit_softcap=0.0)):
+    other = logits(dataclasses.replace(cfg, scan_layers=False, **control), unrolled)
+    assert np.max(np.abs(other - reference)) > 1e-2, control
+
+
+def _softcapped_attention_numpy(q, k, v, cotangent, cap):
+  """float64 forward and hand-written backward of causal softmax(cap * tanh(q.k / sqrt(H) / cap)) . v, one head:
+  (out, dq, dk, dv) for the loss sum(out * cotangent)."""
+  q, k, v, cotangent = (x.astype(np.float64) for x in (q, k, v, cotangent))
+  t, h = q.shape
+  scores = q @ k.T / np.sqrt(h)
+  tanh = np.tanh(scores / cap)
+  capped = np.where(np.tril(np.ones((t, t), bool)), cap * tanh, -np.inf)
+  probs = np.exp(capped - capped.max(axis=-1, keepdims=True))
+  probs /= probs.sum(axis=-1, keepdims=True)
+  out = probs @ v
+  dv = probs.T @ cotangent
+  dprobs = cotangent @ v.T
+  dcapped = probs * (dprobs - np.sum(dprobs * probs, axis=-1, keepdims=True))
+  dscores = dcapped * (1 - tanh ** 2)  # d(cap tanh(s / cap)) / ds; masked entries have zero probability
+  return out, dscores @ k / np.sqrt(h), dscores.T @ q / np.sqrt(h), dv
+
+
+def test_soft_capping_gradients_match_float64_numpy():
+  """Attention logits soft-capped at 1.5 (where the cap bites: |q.k| / sqrt(H) reaches several units): the xla
+  kernel's and interpret-mode splash's output and gradients against a float64 numpy forward and backward, within
+  1e-4 of the largest entry (float32, blockwise sums in splash); and the output-logit cap's gradient, 1 - tanh^2."""
+  import jax
+  import jax.numpy as jnp
+  from llm_jax.model import attention
+  cap, t, h = 1.5, 128, 128
+  rng = np.random.default_rng(0)
+  q, k, v, cotangent = (rng.normal(size=(t, h)).astype(np.float32) for _ in range(4))
+  expected = _softcapped_attention_numpy(q, k, v, cotangent, cap)
+  uncapped = _softcapped_attention_numpy(q, k, v, cotangent, 1e6)
+  assert np.max(np.abs(expected[1] - uncapped[1])) > 0.1 * np.max(np.abs(expected[1]))  # the cap matters here
+  segments = jnp.ones((1, t), jnp.int32)
+  info = attention.MaskInfo(segments, segments, True)
+  kernels = {'xla': lambda q, k, v: attention.xla_attention(q, k, v, info, cap),
+             'splash': lambda q, k, v: attention.splash_attention(q, k, v, info, cap, interpret=True)}
+  for name, kernel in kernels.items():
+    def loss(q, k, v):
+      out = kernel(q[None, :, None], k[None, :, None], v[None, :, None])[0, :, 0]
+      return jnp.sum(out * cotangent), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    for got, want in zip((out,) + grads, expected):
+      np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.max(np.abs(want)), err_msg=name)
+  x = np.linspace(-10, 10, 41).astype(np.float32)
+  grad = jax.grad(lambda x: jnp.sum(attention.soft_cap(x, 3.0)))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(grad), 1 - np.tanh(x.astype(np.float64) / 3.0) ** 2, atol=1e-6)

@@ -162,6 +162,8 @@ REGISTRIES = {
     'model.dtype': transformer.DTYPES,
     'model.rope_scaling': layers.ROPE_SCALINGS,
     'model.attention_pattern': layer_pattern.LAYER_KINDS,
+    'model.norm': layers.NORMS,
+    'model.mlp_activation': layers.MLP_ACTIVATIONS,
     'model.remat': transformer.REMAT_POLICIES,
     'model.ffn': moe.FFN_KINDS,
     'model.moe_compute': moe.EXPERT_COMPUTE,

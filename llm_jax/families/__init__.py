@@ -1,5 +1,5 @@
 """Hugging Face model families, one module each (llama.py, mistral.py, qwen2.py, qwen3.py; the mixtures of
-experts mixtral.py, qwen2_moe.py, olmoe.py, qwen3_moe.py): tensor-name map, config
+experts mixtral.py, qwen2_moe.py, olmoe.py, qwen3_moe.py; gemma2.py): tensor-name map, config
 translation both ways, quirks. `llm_jax.convert` is the CLI and the safetensors I/O over them.
 
 Adding a family: a module here building a `base.Family` (its tensors, its window form, the HF fields it must
@@ -8,13 +8,13 @@ refuse), and one line in FAMILIES. Nothing else in the package or in convert.py 
 
 from __future__ import annotations
 
-from llm_jax.families import llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
+from llm_jax.families import gemma2, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
 from llm_jax.families.base import ConversionError, Family, Slot, check_plan_covers, check_rope, plan
 
 # model_type -> family; export tries them in this order (bias -> qwen2, window -> mistral; experts: the MoE ones)
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, mixtral.FAMILY,
                                                          qwen2_moe.FAMILY, olmoe.FAMILY, qwen3.FAMILY,
-                                                         qwen3_moe.FAMILY)}
+                                                         qwen3_moe.FAMILY, gemma2.FAMILY)}
 
 __all__ = ['FAMILIES', 'ConversionError', 'Family', 'Slot', 'check_plan_covers', 'check_supported', 'plan',
            'export_family', 'model_fields_from_hf']
@@ -37,7 +37,7 @@ def check_supported(hf: dict, source: str = 'config.json') -> Family:
     if field not in hf:
       raise ConversionError(f'{source}: {field}: missing')
   check_rope(hf, refuse)
-  for field, implemented in family.must_be + (('hidden_act', 'silu'),):
+  for field, implemented in family.must_be + (family.activation,):
     if hf.get(field, implemented) != implemented:
       refuse(field, f'{hf[field]!r} is not supported (expected {implemented!r})')
   if hf.get('quantization_config'):

@@ -281,6 +281,12 @@ def layer_types_pattern(model) -> bool:
   return not any(kind.rope_theta for kind in pattern) and len({w for w in layer_windows(model) if w}) <= 1
 
 
+# config.model fields of a model's building blocks, at their LLaMA values: a family computes these unless its
+# `style` says otherwise (Gemma's norms, GeGLU, embedding scale; None there: any value, the family states it).
+LLAMA_STYLE = dict(norm='rms', post_norms=False, mlp_activation='silu', embed_scale=False, query_pre_attn_scalar=0.0,
+                   attn_logit_softcap=0.0, final_logit_softcap=0.0)
+
+
 def dense_only(model) -> bool:
   """A LLaMA-like family: the dense SwiGLU and no q/k norm over all heads (qk_norm_per_head: Family's own field)."""
   return model.get('ffn', 'dense') == 'dense' and not model.get('qk_norm', False)
@@ -306,11 +312,15 @@ class Family:
   expresses_ffn: Callable[[Any], bool] = dense_only  # whether its FFN and attention extras are the model's
   qk_norm_per_head: bool = False  # its q and k heads are always RMS-normalised over head_dim (Qwen3)
   expresses_pattern: Callable[[Any], bool] = plain_pattern  # whether it states the model's attention_pattern
+  style: tuple[tuple[str, Any], ...] = ()  # its values of LLAMA_STYLE's fields where they differ (None: any)
+  activation: tuple[str, str] = ('hidden_act', 'silu')  # the HF field naming its MLP activation, and its value
 
   def expresses(self, model) -> bool:
+    style = {**LLAMA_STYLE, **dict(self.style)}
     return (self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
             and self.qk_norm_per_head == bool(model.get('qk_norm_per_head', False)) and self.expresses_ffn(model)
-            and self.expresses_pattern(model))
+            and self.expresses_pattern(model)
+            and all(value is None or model.get(field, LLAMA_STYLE[field]) == value for field, value in style.items()))
 
   def model_fields(self, hf: dict) -> dict[str, Any]:
     """config.model fields of the model a (checked) HF config of this family describes."""
@@ -332,6 +342,7 @@ class Family:
     for key, ours in ROPE_FIELDS.items():
       if key in rope and fields['rope_scaling'] != 'none':
         fields[ours] = type(config_lib.get_config().model[ours])(rope[key])
+    fields.update({field: value for field, value in self.style if value is not None})
     fields.update(self.import_fields(hf))
     return fields
 

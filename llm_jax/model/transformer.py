@@ -19,7 +19,8 @@ from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
 from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
 from llm_jax.model.attention import PageTable, SelfAttention
 from llm_jax.model.layer_pattern import LayerKind, kind_of_layer, parse_pattern
-from llm_jax.model.layers import ROPE_SCALINGS, SWIGLU_PROJECTIONS, RMSNorm, Rope
+from llm_jax.model.attention import CUDNN_SOFTCAP, soft_cap
+from llm_jax.model.layers import MLP_ACTIVATIONS, NORMS, ROPE_SCALINGS, SWIGLU_PROJECTIONS, RMSNorm, Rope
 from llm_jax.model.moe import AUX_COLLECTION, FFN_KINDS, LOAD_COLLECTION
 from llm_jax.model.partitioning import constrain
 
@@ -90,6 +91,13 @@ class TransformerConfig:
   sliding_window: int = 0
   attention_pattern: str = 'global'
   norm_eps: float = 1e-5
+  norm: str = 'rms'
+  post_norms: bool = False
+  mlp_activation: str = 'silu'
+  embed_scale: bool = False
+  query_pre_attn_scalar: float = 0.0
+  attn_logit_softcap: float = 0.0
+  final_logit_softcap: float = 0.0
   tie_embeddings: bool = False
   init_std: float = 0.02
   dtype: str = 'float32'
@@ -129,6 +137,11 @@ class TransformerConfig:
   def pattern(self) -> tuple[LayerKind, ...]:
     """The layer kinds of attention_pattern (layer_pattern.py), repeated over the layers."""
     return parse_pattern(self.attention_pattern)
+
+  def norm_layer(self, name: str) -> RMSNorm:
+    """An RMSNorm of the model's form (model.norm) named `name`."""
+    return RMSNorm(self.norm_eps, jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.norm == 'rms_plus_one',
+                   name=name)
 
   def window_of(self, kind: LayerKind) -> int:
     """A layer's window: its kind's, or for a global kind the model's one sliding_window (0 = none)."""
@@ -190,6 +203,13 @@ def check_config(config) -> None:
          f'model.attention_pattern={m.attention_pattern!r}, not both')
   if len(pattern) > m.num_layers:
     fail('model.attention_pattern', f'{len(pattern)} kinds for {m.num_layers} layers')
+  check_choice('model.norm', m.norm, NORMS)
+  check_choice('model.mlp_activation', m.mlp_activation, MLP_ACTIVATIONS)
+  for name in ('query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap'):
+    if m[name] < 0:
+      fail(f'model.{name}', f'must be >= 0 (0 = off), got {m[name]}')
+  if m.attn_logit_softcap and m.attention == 'cudnn':
+    fail('model.attention', CUDNN_SOFTCAP)
   check_choice('model.remat', m.remat, REMAT_POLICIES)
   if not 0 <= m.max_segments_per_row <= m.max_seq_len:
     fail('model.max_segments_per_row', f'must be in [0, max_seq_len={m.max_seq_len}], got {m.max_segments_per_row}')
@@ -216,17 +236,24 @@ class Block(nn.Module):
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     lora = dict(lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
-    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='attn_norm')(x)
+    h = cfg.norm_layer('attn_norm')(x)
     # mlm is the one bidirectional objective (model/ imports no objectives: tested equal to Objective.causal)
-    x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope_of(self.kind), kernel=cfg.attention,
+    h = SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope_of(self.kind), kernel=cfg.attention,
                           causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
                           window=cfg.window_of(self.kind), qk_norm=cfg.qk_norm, qk_norm_per_head=cfg.qk_norm_per_head,
-                          head_dim=cfg.head_dim, norm_eps=cfg.norm_eps,
+                          head_dim=cfg.head_dim, norm_eps=cfg.norm_eps, norm_plus_one=cfg.norm == 'rms_plus_one',
+                          query_pre_attn_scalar=cfg.query_pre_attn_scalar, softcap=cfg.attn_logit_softcap,
                           platform=cfg.platform, name='attn',
                           **lora)(h, segment_ids, positions, self.decode, pages)
-    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
-    x = x + FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
+    if cfg.post_norms:  # Gemma's sandwich: the branch's output normalised before the residual add
+      h = cfg.norm_layer('post_attn_norm')(h)
+    x = x + h
+    h = cfg.norm_layer('mlp_norm')(x)
+    h = FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
+    if cfg.post_norms:
+      h = cfg.norm_layer('post_mlp_norm')(h)
+    x = x + h
     return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
 
 
@@ -270,11 +297,14 @@ class Transformer(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('vocab', 'embed')), name='embed')
-    x = constrain(embed(tokens), ('act_batch', 'act_seq', 'act_embed'))
+    x = embed(tokens)
+    if cfg.embed_scale:  # in the compute dtype, as transformers' Gemma (sqrt(d_model) rounded to it first)
+      x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+    x = constrain(x, ('act_batch', 'act_seq', 'act_embed'))
     x = self._blocks(x, segment_ids, positions, pages)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-    x = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name='final_norm')(x)
+    x = cfg.norm_layer('final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -283,6 +313,8 @@ class Transformer(nn.Module):
                         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('embed', 'vocab')))(x)
     logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
+    if cfg.final_logit_softcap:  # in float32: tanh saturates, and bfloat16 would round the cap's neighbourhood
+      logits = soft_cap(logits.astype(jnp.float32), cfg.final_logit_softcap)
     return logits.astype(jnp.dtype(cfg.logits_dtype))
 
   def _blocks(self, x, segment_ids, positions, pages):
