@@ -1,11 +1,15 @@
-"""Qwen3 (dense and MoE) against transformers: tiny random models (torch, CPU, float32) converted in and out.
+"""Qwen3 (dense and MoE), Qwen2 and Qwen3 with windows on some layers, Gemma 2 and Gemma 3 against transformers:
+tiny random models (torch, CPU, float32) converted in and out; and per-layer attention patterns and soft-capping
+in the kernels.
 
-What sets each family apart: an explicit head_dim wider than d_model / heads (64 wide, 4 heads of 32) and the
-RMSNorm of each query and key head over head_dim (norm weights drawn at random so a wrong layout shows), for
-Qwen3-MoE also its un-normalised top-2 of 4 experts. Logits at 40 tokens within 1e-4 (float32) with a negative
-control that the per-head q/k norm matters; greedy generation token for token through our decoder
-(llm_jax/decoding.py) and the serving engine against transformers' `generate`; `to_hf` of the import gives
-identical tensors and transformers loads the export.
+What sets each family apart: an explicit head_dim (4 heads of 32 in 64: Gemma's query_pre_attn_scalar of 24 then
+differs from it), the RMSNorm of each query and key head over head_dim (norm weights drawn at random so a wrong
+layout shows), Qwen3-MoE's un-normalised top-2 of 4 experts, sliding windows (8) on some layers only, Gemma's
+(1 + w) norms, sandwich norms, GeGLU, embedding scale and soft-caps low enough to bite (2 and 3), Gemma 3's RoPE per
+layer kind (local base 100; global 10000 with linear scaling 4). Logits at 40 tokens (past the window) within 1e-4
+(float32), with a negative control per quirk showing it matters there; greedy generation token for token through
+our decoder (llm_jax/decoding.py) and the serving engine (paged, chunked prefill) against transformers' `generate`
+from a 13-token prompt; `to_hf` of the import gives identical tensors and transformers loads the export.
 """
 
 import json
@@ -57,6 +61,18 @@ CASES = {
                [dict(attention_pattern='global'), dict(norm='rms'), dict(embed_scale=False),
                 dict(mlp_activation='silu'), dict(query_pre_attn_scalar=0.0), dict(attn_logit_softcap=0.0),
                 dict(final_logit_softcap=0.0)]),
+    # Gemma 3 text: two sliding layers to one global (and a fourth layer, sliding, after the repeat), each kind
+    # with its RoPE (local base 100 unscaled; global 10000 with linear scaling 4), per-head (1 + w) q/k norms
+    'gemma3_text': ('Gemma3TextConfig', 'Gemma3ForCausalLM',
+                    dict(num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=24,
+                         layer_types=['sliding_attention', 'sliding_attention', 'full_attention', 'sliding_attention'],
+                         rope_parameters=dict(sliding_attention=dict(rope_type='default', rope_theta=100.0),
+                                              full_attention=dict(rope_type='linear', factor=4.0, rope_theta=10000.0))),
+                    dict(attention_pattern='sliding:8@100,sliding:8@100,global', rope_theta=10000.0,
+                         rope_scaling='linear', rope_scaling_factor=4.0, qk_norm_per_head=True, norm='rms_plus_one',
+                         post_norms=True, embed_scale=True, mlp_activation='gelu_tanh', attn_logit_softcap=0.0),
+                    [dict(attention_pattern='sliding:8,sliding:8,global'), dict(rope_scaling='none'),
+                     dict(qk_norm_per_head=False)]),
 }
 
 
@@ -243,3 +259,56 @@ def test_soft_capping_gradients_match_float64_numpy():
   x = np.linspace(-10, 10, 41).astype(np.float32)
   grad = jax.grad(lambda x: jnp.sum(attention.soft_cap(x, 3.0)))(jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(grad), 1 - np.tanh(x.astype(np.float64) / 3.0) ** 2, atol=1e-6)
+
+
+def test_gemma3_multimodal_checkpoint_imports_its_language_model(imported, tmp_path, capsys):
+  """A Gemma3ForConditionalGeneration checkpoint (a tiny vision tower beside the gemma3_text case's language model):
+  the import says once that the vision tower is skipped, its logits on text equal the wrapper's own (1e-4), and
+  the export is a Gemma3ForCausalLM that transformers loads with the same logits."""
+  text = dict(BASE, **CASES['gemma3_text'][2])
+  vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                patch_size=14)
+  torch.manual_seed(0)
+  model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+      text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+  with torch.no_grad():
+    for param_name, param in model.named_parameters():
+      if param_name.endswith('norm.weight') and 'language_model' in param_name:
+        param.uniform_(0.5, 1.5)
+  hf_dir, workdir, out = str(tmp_path / 'hf'), str(tmp_path / 'work'), str(tmp_path / 'out')
+  model.save_pretrained(hf_dir)
+  capsys.readouterr()
+  config = convert.from_hf(hf_dir, workdir, dtype='float32')
+  note = capsys.readouterr().err
+  assert note.count('vision_tower.') == 1 and 'skipped' in note
+  assert config.model.attention_pattern == 'sliding:8@100,sliding:8@100,global'
+  from llm_jax import checkpoint
+  params, _ = checkpoint.load_params(workdir, train.abstract_params(config))
+  ids = tokens()
+  expected = hf_logits(model, ids)
+  assert np.max(np.abs(our_logits(config, params, ids) - expected)) <= TOL
+  convert.to_hf(workdir, out)
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f)['architectures'] == ['Gemma3ForCausalLM']
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  assert np.max(np.abs(hf_logits(reloaded, ids) - expected)) <= TOL
+
+
+def test_gemma3_4b_hub_config_reads_as_its_released_shape():
+  """gemma-3-4b-it's config.json as the hub has it (text_config states only what differs from Gemma3TextConfig's
+  defaults; RoPE as rope_scaling + the default bases): the language model's fields."""
+  from llm_jax import families
+  hub = {'architectures': ['Gemma3ForConditionalGeneration'], 'model_type': 'gemma3', 'mm_tokens_per_image': 256,
+         'text_config': {'hidden_size': 2560, 'intermediate_size': 10240, 'model_type': 'gemma3_text',
+                         'num_hidden_layers': 34, 'rope_scaling': {'factor': 8.0, 'rope_type': 'linear'},
+                         'sliding_window': 1024},
+         'vision_config': {'model_type': 'siglip_vision_model'}}
+  assert families.check_supported(hub).architecture == 'Gemma3ForConditionalGeneration'
+  fields = families.model_fields_from_hf(hub)
+  assert {k: fields[k] for k in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+                                 'ffn_dim', 'rope_theta', 'rope_scaling', 'rope_scaling_factor', 'tie_embeddings',
+                                 'query_pre_attn_scalar')} == dict(
+      vocab_size=262_208, d_model=2560, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, ffn_dim=10240,
+      rope_theta=1e6, rope_scaling='linear', rope_scaling_factor=8.0, tie_embeddings=True,
+      query_pre_attn_scalar=256.0)
+  assert fields['attention_pattern'] == ','.join(['sliding:1024@10000'] * 5 + ['global'])

@@ -1,5 +1,5 @@
 """Hugging Face model families, one module each (llama.py, mistral.py, qwen2.py, qwen3.py; the mixtures of
-experts mixtral.py, qwen2_moe.py, olmoe.py, qwen3_moe.py; gemma2.py): tensor-name map, config
+experts mixtral.py, qwen2_moe.py, olmoe.py, qwen3_moe.py; gemma2.py, gemma3.py): tensor-name map, config
 translation both ways, quirks. `llm_jax.convert` is the CLI and the safetensors I/O over them.
 
 Adding a family: a module here building a `base.Family` (its tensors, its window form, the HF fields it must
@@ -8,13 +8,14 @@ refuse), and one line in FAMILIES. Nothing else in the package or in convert.py 
 
 from __future__ import annotations
 
-from llm_jax.families import gemma2, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
+from llm_jax.families import gemma2, gemma3, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
 from llm_jax.families.base import ConversionError, Family, Slot, check_plan_covers, check_rope, plan
 
 # model_type -> family; export tries them in this order (bias -> qwen2, window -> mistral; experts: the MoE ones)
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, mixtral.FAMILY,
                                                          qwen2_moe.FAMILY, olmoe.FAMILY, qwen3.FAMILY,
-                                                         qwen3_moe.FAMILY, gemma2.FAMILY)}
+                                                         qwen3_moe.FAMILY, gemma2.FAMILY, gemma3.FAMILY,
+                                                         gemma3.MULTIMODAL)}
 
 __all__ = ['FAMILIES', 'ConversionError', 'Family', 'Slot', 'check_plan_covers', 'check_supported', 'plan',
            'export_family', 'model_fields_from_hf']
@@ -30,6 +31,7 @@ def check_supported(hf: dict, source: str = 'config.json') -> Family:
   family = FAMILIES.get(hf.get('model_type'))
   if family is None:
     refuse('model_type', f'{hf.get("model_type")!r} is not supported (expected one of {", ".join(FAMILIES)})')
+  hf = family.hf_view(hf, refuse)
   architectures = hf.get('architectures') or [family.architecture]
   if list(architectures) != [family.architecture]:
     refuse('architectures', f'{architectures} is not supported (expected ["{family.architecture}"])')

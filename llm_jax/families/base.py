@@ -248,6 +248,11 @@ def no_window(hf: dict, refuse: Callable) -> int:
   return 0
 
 
+def as_saved(hf: dict, refuse: Callable | None) -> dict:
+  """A family whose config.json has the LLaMA-shaped fields the checks read, as it is."""
+  return hf
+
+
 def no_fields(model, window: int | None) -> dict:
   return {}
 
@@ -314,16 +319,21 @@ class Family:
   expresses_pattern: Callable[[Any], bool] = plain_pattern  # whether it states the model's attention_pattern
   style: tuple[tuple[str, Any], ...] = ()  # its values of LLAMA_STYLE's fields where they differ (None: any)
   activation: tuple[str, str] = ('hidden_act', 'silu')  # the HF field naming its MLP activation, and its value
+  # its config.json in the LLaMA shape the checks and model_fields read (Gemma 3: one RoPE of several flattened)
+  hf_view: Callable[[dict, Callable | None], dict] = as_saved
+  skipped: tuple[str, ...] = ()  # tensor-name prefixes of parts its checkpoints hold that llm_jax does not import
+  exports: bool = True  # False: import only (a multimodal wrapper: its language model exports as the text family)
 
   def expresses(self, model) -> bool:
     style = {**LLAMA_STYLE, **dict(self.style)}
-    return (self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
+    return (self.exports and self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
             and self.qk_norm_per_head == bool(model.get('qk_norm_per_head', False)) and self.expresses_ffn(model)
             and self.expresses_pattern(model)
             and all(value is None or model.get(field, LLAMA_STYLE[field]) == value for field, value in style.items()))
 
   def model_fields(self, hf: dict) -> dict[str, Any]:
     """config.model fields of the model a (checked) HF config of this family describes."""
+    hf = self.hf_view(hf, None)
     rope, _ = rope_of(hf)
     fields = dict(
         vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
