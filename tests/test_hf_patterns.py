@@ -312,3 +312,28 @@ def test_gemma3_4b_hub_config_reads_as_its_released_shape():
       rope_theta=1e6, rope_scaling='linear', rope_scaling_factor=8.0, tie_embeddings=True,
       query_pre_attn_scalar=256.0)
   assert fields['attention_pattern'] == ','.join(['sliding:1024@10000'] * 5 + ['global'])
+
+
+@pytest.mark.parametrize('preset, architecture, released', [
+    ('qwen3_8b', 'Qwen3ForCausalLM', 8_190_735_360),  # Qwen/Qwen3-8B
+    ('gemma3_4b', 'Gemma3ForCausalLM', 3_880_263_168),  # google/gemma-3-4b-pt's language model
+])
+def test_presets_have_the_released_shapes(preset, architecture, released):
+  """Parameter counts without allocating: ours (eval_shape), the FLOPs formula's, and transformers' model built from
+  the exported config.json on the meta device (nothing allocated either), all the released model's."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from llm_jax import metrics, validation
+  config = config_lib.load_experiment(preset)
+  validation.validate(config, 8)
+  shapes = jax.eval_shape(lambda r: nn.unbox(train.create_model(config).init(r, jnp.zeros((1, 8), jnp.int32))),
+                          jax.random.key(0))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert count == metrics.total_params(config.model) == released
+  hf = convert.hf_config_from_model(config.model, 'bfloat16', {})
+  assert hf['architectures'] == [architecture]
+  with torch.device('meta'):
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
+  print(f'{preset}: {count:,} parameters')
+  assert model.num_parameters() == count
