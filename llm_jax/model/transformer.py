@@ -225,7 +225,8 @@ def check_config(config) -> None:
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)), the FFN of model.ffn (moe.FFN_KINDS).
+  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)), the FFN of model.ffn (moe.FFN_KINDS); with
+  model.post_norms each branch's output is normalised too before it is added (Gemma's sandwich).
   `kind`: the layer's attention (its window and RoPE) in the model's attention_pattern."""
   cfg: TransformerConfig
   decode: bool = False
