@@ -35,11 +35,13 @@ MESH_AXES = ('data', 'expert', 'fsdp', 'context', 'tensor')  # the batch is spli
 # config.model fields a checkpoint's parameters depend on (their shapes and tree), and fields that change what
 # those weights compute: a checkpoint is only loaded into a config that agrees on both.
 SHAPE_FIELDS = ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'tie_embeddings',
-                'scan_layers', 'qkv_bias', 'qk_norm', 'ffn', 'num_experts', 'expert_ffn_dim', 'shared_expert_ffn_dim')
+                'scan_layers', 'qkv_bias', 'qk_norm', 'qk_norm_per_head', 'head_dim', 'ffn', 'num_experts',
+                'expert_ffn_dim', 'shared_expert_ffn_dim', 'attention_pattern', 'post_norms')
 FUNCTION_FIELDS = ('rope_theta', 'norm_eps', 'rope_scaling', 'rope_scaling_factor', 'rope_low_freq_factor',
                    'rope_high_freq_factor', 'rope_original_max_len', 'rope_yarn_beta_fast', 'rope_yarn_beta_slow',
-                   'rope_attention_factor', 'sliding_window', 'experts_per_token',
-                   'router_norm_topk')
+                   'rope_attention_factor', 'sliding_window', 'experts_per_token', 'router_norm_topk', 'norm',
+                   'mlp_activation', 'embed_scale', 'query_pre_attn_scalar', 'attn_logit_softcap',
+                   'final_logit_softcap')
 
 # Logical axis -> mesh axes. Parameters and activations have their own names, so their shardings are tuned
 # apart. Turning FSDP into tensor parallelism is an edit of this table (or of config.mesh sizes).
@@ -76,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 32000  # Vocabulary size; at least the tokenizer's size when a tokenizer is used (extra rows are padding).
   c.model.d_model = 512  # Width of the residual stream.
   c.model.num_layers = 8  # Number of transformer blocks.
-  c.model.num_heads = 8  # Query heads; must divide d_model (head_dim = d_model // num_heads).
+  c.model.num_heads = 8  # Query heads; must divide d_model unless model.head_dim is set.
+  c.model.head_dim = 0  # Width of each attention head (even, for RoPE); 0 = d_model // num_heads (Qwen3-0.6B, Gemma: wider heads than that).
   c.model.num_kv_heads = 8  # Key/value heads (grouped-query attention); must divide num_heads.
   c.model.ffn_dim = 1408  # Hidden width of the SwiGLU MLP.
   c.model.max_seq_len = 2048  # Longest sequence the model accepts (training, decoding); data.seq_len <= this (preference pairs: dpo.max_length, a row holding several sequences).
@@ -91,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.rope_attention_factor = 0.0  # yarn: cos and sin are multiplied by this (the logits by its square); 0 = 0.1 * ln(rope_scaling_factor) + 1, as the paper (HF attention_factor; imported from mscale / mscale_all_dim where given).
   c.model.qkv_bias = False  # Biases on the q, k and v projections (Qwen2/2.5); changes the parameter tree.
   c.model.qk_norm = False  # RMSNorm of the queries and keys over all heads, before RoPE (OLMoE); changes the parameter tree.
+  c.model.qk_norm_per_head = False  # RMSNorm of each query and key head over head_dim (one scale [head_dim] shared by the heads), before RoPE (Qwen3, Gemma 3); not with qk_norm; changes the parameter tree.
   c.model.ffn = 'dense'  # Feed-forward layer of every block: dense (SwiGLU of ffn_dim) | moe (mixture of SwiGLU experts; llm_jax/model/moe.py).
   c.model.num_experts = 0  # ffn=moe: routed experts per layer (>= 2).
   c.model.experts_per_token = 2  # ffn=moe: experts each token is routed to (top-k of the float32 router's softmax).
@@ -101,7 +105,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.router_z_loss_coef = 0.0  # ffn=moe: coefficient of the router z-loss, the mean of logsumexp(router logits)^2 (ST-MoE: 1e-3), logged as aux/router_z; 0 = off.
   c.model.moe_compute = 'ragged'  # ffn=moe: ragged (dropless: tokens sorted by expert, jax.lax.ragged_dot grouped matmuls; on a mesh always inside shard_map, each device routing its own tokens; under an expert mesh axis > 1 the tokens are all-gathered over it and each device runs its own experts) | dense (every expert on every token, one-hot combine: the reference).
   c.model.sliding_window = 0  # Sliding-window attention: each token sees itself and the previous sliding_window-1 tokens (Mistral); 0 = the whole context.
+  c.model.attention_pattern = 'global'  # Attention of each layer, comma-separated kinds repeated over the layers (layer i: kind i mod their count): global | sliding (as sliding:WINDOW, a window of WINDOW tokens); either kind may end in @THETA, the layer's own RoPE base, unscaled (Gemma 2: 'sliding:4096,global'; Gemma 3: 'sliding:1024@10000' five times, then 'global'). With scan_layers one repeat of the pattern is scanned, the layers after the last whole repeat unrolled; changes the parameter tree then.
   c.model.norm_eps = 1e-5  # Epsilon of RMSNorm.
+  c.model.norm = 'rms'  # RMSNorm's scale, in every norm of the model: rms (x / rms(x) * w) | rms_plus_one (times 1 + w, w starting at 0: Gemma).
+  c.model.post_norms = False  # Sandwich norms: an RMSNorm also after the attention and after the MLP, before each is added to the residual (Gemma 2/3); changes the parameter tree.
+  c.model.mlp_activation = 'silu'  # Activation of the gated MLP, act(gate(x)) * up(x): silu (SwiGLU) | gelu_tanh (GeGLU with GELU's tanh approximation: Gemma).
+  c.model.embed_scale = False  # Multiply the token embeddings by sqrt(d_model), in the compute dtype (Gemma); the output projection (tied or not) is unscaled.
+  c.model.query_pre_attn_scalar = 0.0  # Attention logits are q.k / sqrt(this) (Gemma: query_pre_attn_scalar); 0 = head_dim, the usual.
+  c.model.attn_logit_softcap = 0.0  # Soft-cap of the attention logits, cap * tanh(logits / cap), in every kernel but cuDNN (refused there) (Gemma 2: 50); 0 = none.
+  c.model.final_logit_softcap = 0.0  # Soft-cap of the output logits, cap * tanh(logits / cap) (Gemma 2: 30); 0 = none.
   c.model.tie_embeddings = False  # Share the token embedding with the output projection.
   c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
   c.model.dtype = 'bfloat16'  # Compute dtype of activations and matmuls: float32 | bfloat16 | float16.

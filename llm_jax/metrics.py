@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 from llm_jax import storage
+from llm_jax.model import head_dim_of
 
 # Peak dense bf16 FLOP/s per device, from the vendors' data sheets. Unknown kinds (CPUs) have no peak, and
 # their MFU is reported as null rather than a made-up number.
@@ -67,7 +68,7 @@ def matmul_params(model_config) -> int:
   """Weights used in matmuls (see the module docstring), from the config alone. A mixture of experts counts the
   weights each token multiplies: the router, its experts_per_token experts and the shared expert."""
   m = model_config
-  head_dim = m.d_model // m.num_heads
+  head_dim = head_dim_of(m)
   attention = m.d_model * head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o; k, v
   mlp = _ffn_params(m, m.get('experts_per_token', 0))
   return m.num_layers * (attention + mlp) + m.vocab_size * m.d_model  # + output projection
@@ -78,10 +79,11 @@ def total_params(model_config) -> int:
   biases and q/k norms."""
   m = model_config
   embedding = 0 if m.tie_embeddings else m.vocab_size * m.d_model
-  norms = (2 * m.num_layers + 1) * m.d_model
-  head_dim = m.d_model // m.num_heads
+  norms = ((4 if m.get('post_norms', False) else 2) * m.num_layers + 1) * m.d_model  # + Gemma's sandwich norms
+  head_dim = head_dim_of(m)
   biases = m.num_layers * (m.num_heads + 2 * m.num_kv_heads) * head_dim if m.qkv_bias else 0
   qk_norms = m.num_layers * (m.num_heads + m.num_kv_heads) * head_dim if m.get('qk_norm', False) else 0
+  qk_norms += m.num_layers * 2 * head_dim if m.get('qk_norm_per_head', False) else 0  # one [H] scale each
   idle_experts = m.num_layers * (_ffn_params(m, m.num_experts) - _ffn_params(m, m.experts_per_token)) \
       if m.get('ffn', 'dense') == 'moe' else 0
   return matmul_params(m) + embedding + norms + biases + qk_norms + idle_experts
@@ -92,7 +94,7 @@ def flops_per_token(model_config, seq_len: int) -> float:
   m = model_config
   from llm_jax import objectives  # pylint: disable=g-import-not-at-top  (metrics is imported by data tools)
   attention_factor = 6 if objectives.REGISTRY[m.objective].causal else 12
-  return 6 * matmul_params(m) + attention_factor * m.num_layers * m.d_model * seq_len
+  return 6 * matmul_params(m) + attention_factor * m.num_layers * m.num_heads * head_dim_of(m) * seq_len
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, num_devices: int, device_kind: str | None = None):

@@ -60,23 +60,23 @@ def _segments(rng, batch, length):
 
 
 def _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, mesh=None, exchange='', balance=False,
-                           local=None):
+                           local=None, softcap=0.0):
   """Output and q/k/v gradients of <attention, cotangent>: one device's xla kernel (mesh None), or the context
   path, in the load-balanced layout when `balance` (inputs in, output back out of it)."""
   mask = functools.partial(attention.index_mask, causal=causal, window=window)
 
   def xla_local(q, k, v, qs, ks, qi, ki, shard):
-    return attention._masked_attention(q, k, v, mask(qs, ks, qi, ki))
+    return attention._masked_attention(q, k, v, mask(qs, ks, qi, ki), softcap)
 
   def loss(q, k, v):
     if mesh is None:
-      out = attention.xla_attention(q, k, v, attention.MaskInfo(segments, segments, causal, window=window))
+      out = attention.xla_attention(q, k, v, attention.MaskInfo(segments, segments, causal, window=window), softcap)
       return jnp.sum(out * cotangent), out
     with activation_sharding(mesh, config_lib.DEFAULT_RULES):
       order = context.token_order(q.shape[1], mesh.shape['context'], balance)
       lq, lk, lv, ls = (context.to_layout(x, order) for x in (q, k, v, segments))
       out = context.sharded_attention(lq, lk, lv, ls, ls, exchange=exchange, load_balance=balance, mask=mask,
-                                      local=local or xla_local)
+                                      local=local or xla_local, softcap=softcap)
       out = context.from_layout(out, order)
     return jnp.sum(out * cotangent), out
 
@@ -84,22 +84,22 @@ def _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, mesh=No
   return np.asarray(out), [np.asarray(g) for g in grads]
 
 
-LAYER_CASES = [  # (mesh, exchange, load balance, causal, window)
-    (dict(context=2, fsdp=2, tensor=2), 'all_gather', False, True, 0),
-    (dict(context=4, tensor=2), 'all_gather', True, True, 10),
-    (dict(context=4, tensor=2), 'ring', False, True, 10),
-    (dict(context=4, fsdp=2), 'ring', True, False, 7),  # bidirectional (mlm) with a two-sided window
+LAYER_CASES = [  # (mesh, exchange, load balance, causal, window, logit soft-cap (Gemma 2))
+    (dict(context=2, fsdp=2, tensor=2), 'all_gather', False, True, 0, 0.0),
+    (dict(context=4, tensor=2), 'all_gather', True, True, 10, 1.0),
+    (dict(context=4, tensor=2), 'ring', False, True, 10, 1.0),
+    (dict(context=4, fsdp=2), 'ring', True, False, 7, 0.0),  # bidirectional (mlm) with a two-sided window
 ]
 
 
-@pytest.mark.parametrize('mesh,exchange,balance,causal,window', LAYER_CASES, ids=str)
-def test_split_sequence_attention_equals_one_device(mesh, exchange, balance, causal, window):
+@pytest.mark.parametrize('mesh,exchange,balance,causal,window,softcap', LAYER_CASES, ids=str)
+def test_split_sequence_attention_equals_one_device(mesh, exchange, balance, causal, window, softcap):
   rng = np.random.default_rng(0)
   q, k, v, cotangent = (jnp.asarray(rng.normal(size=(4, SEQ, n, 8)), jnp.float32) for n in (4, 2, 2, 4))
   segments = jnp.asarray(_segments(rng, 4, SEQ))
-  want, want_grads = _layer_value_and_grads(q, k, v, segments, cotangent, causal, window)
+  want, want_grads = _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, softcap=softcap)
   got, got_grads = _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, make_mesh(**mesh),
-                                          exchange, balance)
+                                          exchange, balance, softcap=softcap)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   for name, g, w in zip('qkv', got_grads, want_grads):
     np.testing.assert_allclose(g, w, atol=2e-4 * float(np.abs(w).max()), rtol=0, err_msg=f'd{name}')

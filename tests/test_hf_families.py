@@ -131,8 +131,6 @@ def test_packed_documents_keep_their_own_window(imported):
      "type 'dynamic'"),
     ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 1e4, 'factor': 8.0}},
      'rope_parameters.low_freq_factor: missing'),
-    ({'use_sliding_window': True, 'sliding_window': 8, 'max_window_layers': 1, 'layer_types': None},
-     'max_window_layers'),
     ({'model_type': 'gemma'}, 'model_type'),
     ({'architectures': ['MistralForCausalLM']}, 'architectures'),
 ])

@@ -18,7 +18,7 @@ from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import validation
 from llm_jax.data import cleaning, sft, tokenizer as tokenizer_lib
-from llm_jax.model import attention, context, layers, moe, transformer
+from llm_jax.model import attention, context, layer_pattern, layers, moe, transformer
 from llm_jax.objectives import grpo, preference
 from llm_jax.model import TransformerConfig, Transformer
 
@@ -161,6 +161,9 @@ REGISTRIES = {
     'model.attention': attention.CHOICES,
     'model.dtype': transformer.DTYPES,
     'model.rope_scaling': layers.ROPE_SCALINGS,
+    'model.attention_pattern': layer_pattern.LAYER_KINDS,
+    'model.norm': layers.NORMS,
+    'model.mlp_activation': layers.MLP_ACTIVATIONS,
     'model.remat': transformer.REMAT_POLICIES,
     'model.ffn': moe.FFN_KINDS,
     'model.moe_compute': moe.EXPERT_COMPUTE,

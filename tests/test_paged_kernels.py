@@ -34,8 +34,9 @@ def _case(window):
   return q, pool, table, positions, valid, page_size, num_pages
 
 
-def _numpy_reference(q, pool, table, positions, valid, page_size, window):
-  """float64: each real query against its row's keys at positions <= its own (within the window)."""
+def _numpy_reference(q, pool, table, positions, valid, page_size, window, softcap=0.0):
+  """float64: each real query against its row's keys at positions <= its own (within the window), logits
+  soft-capped (cap * tanh(logits / cap)) when softcap > 0."""
   b, t, n, h = q.shape
   kv = pool.shape[2] // 2
   out = np.zeros(q.shape, np.float64)
@@ -51,17 +52,21 @@ def _numpy_reference(q, pool, table, positions, valid, page_size, window):
         k = np.array([pool[pg, off, 2 * g] for pg, off in slots], np.float64)
         v = np.array([pool[pg, off, 2 * g + 1] for pg, off in slots], np.float64)
         logits = k @ q[r, j, head].astype(np.float64) / np.sqrt(h)
+        if softcap:
+          logits = softcap * np.tanh(logits / softcap)
         w = np.exp(logits - logits.max())
         out[r, j, head] = (w / w.sum()) @ v
   return out
 
 
-@pytest.mark.parametrize('window', [0, 3])
-def test_paged_kernels_equal_float64(window):
+@pytest.mark.parametrize('window, softcap', [(0, 0.0), (3, 0.0), (3, 2.0)])
+def test_paged_kernels_equal_float64(window, softcap):
   q, pool, table, positions, valid, page_size, num_pages = _case(window)
   pages = PageTable(jnp.asarray(table), page_size, num_pages)
-  expected = _numpy_reference(q, pool, table, positions, valid, page_size, window)
-  args = (jnp.asarray(q), jnp.asarray(pool), pages, jnp.asarray(positions), jnp.asarray(valid), window)
+  expected = _numpy_reference(q, pool, table, positions, valid, page_size, window, softcap)
+  if softcap:  # the cap matters at these logits (|q.k| / sqrt(H) reaches several units)
+    assert np.max(np.abs(expected - _numpy_reference(q, pool, table, positions, valid, page_size, window))) > 1e-2
+  args = (jnp.asarray(q), jnp.asarray(pool), pages, jnp.asarray(positions), jnp.asarray(valid), window, softcap)
   xla = np.asarray(attention.paged_xla_attention(*args))
   ragged = np.asarray(attention.paged_ragged_attention(*args, reference=True))
   mask = valid[:, :, None, None]
@@ -69,17 +74,17 @@ def test_paged_kernels_equal_float64(window):
   np.testing.assert_allclose(ragged, expected, atol=2e-5, rtol=1e-5)  # padding comes back as zeros
 
 
-@pytest.mark.parametrize('window', [0, 3])
+@pytest.mark.parametrize('window, softcap', [(0, 0.0), (3, 0.0), (3, 2.0)])
 @pytest.mark.parametrize('pages_per_block', [1, 2, 4])
-def test_blocked_kernel_equals_float64(window, pages_per_block, monkeypatch):
+def test_blocked_kernel_equals_float64(window, softcap, pages_per_block, monkeypatch):
   """The online softmax over blocks of pages: one block (the whole table), two, and a page a time (so a row's
   keys span several folds, some fully masked; under the window the loop starts past the first block)."""
   q, pool, table, positions, valid, page_size, num_pages = _case(window)
   monkeypatch.setattr(attention, '_pages_per_block', lambda *_: pages_per_block)
-  expected = _numpy_reference(q, pool, table, positions, valid, page_size, window)
-  out = jax.jit(attention.paged_blocked_attention, static_argnums=5)(
+  expected = _numpy_reference(q, pool, table, positions, valid, page_size, window, softcap)
+  out = jax.jit(attention.paged_blocked_attention, static_argnums=(5, 6))(
       jnp.asarray(q), jnp.asarray(pool), PageTable(jnp.asarray(table), page_size, num_pages), jnp.asarray(positions),
-      jnp.asarray(valid), window)
+      jnp.asarray(valid), window, softcap)
   np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-5)  # padding comes back as zeros
 
 

@@ -21,6 +21,8 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax.errors import UserError
+from llm_jax.model import head_dim_of, layer_location
+from llm_jax.model.layer_pattern import LayerKind, kind_of_layer, parse_pattern
 
 
 class ConversionError(UserError, ValueError):
@@ -175,7 +177,7 @@ def plan(tensors: TensorMap, model_config) -> list[Slot]:
            if not (model_config.tie_embeddings and t.ours[0] == 'lm_head')]
   layer_tensors = tensors.layer + (tensors.qkv_bias if model_config.qkv_bias else ())
   for i in range(model_config.num_layers):
-    prefix, layer = (('layers',), i) if model_config.scan_layers else ((f'layers_{i}',), None)
+    prefix, layer = layer_location(model_config, i)
     for t in layer_tensors:
       slots.append(Slot(t.hf.format(i=i), prefix + t.ours, layer, t.transform))
     for j in range(model_config.num_experts if tensors.experts else 0):
@@ -266,6 +268,11 @@ def no_window(hf: dict, refuse: Callable) -> int:
   return 0
 
 
+def as_saved(hf: dict, refuse: Callable | None) -> dict:
+  """A family whose config.json has the LLaMA-shaped fields the checks read, as it is."""
+  return hf
+
+
 def no_fields(model, window: int | None) -> dict:
   return {}
 
@@ -274,8 +281,39 @@ def no_import_fields(hf: dict) -> dict:
   return {}
 
 
+def repeating_pattern(kinds: list[str]) -> str:
+  """config.model.attention_pattern of per-layer kinds ('global', 'sliding:W', ...): the shortest list whose
+  repetition gives them (['global', 'sliding:8', 'global', 'sliding:8'] -> 'global,sliding:8')."""
+  period = next(p for p in range(1, len(kinds) + 1) if all(k == kinds[i % p] for i, k in enumerate(kinds)))
+  return ','.join(kinds[:period])
+
+
+def layer_windows(model) -> list[int]:
+  """Each layer's sliding window (0 = global) of a config.model: its kind's, or the one sliding_window."""
+  pattern = parse_pattern(model.get('attention_pattern', 'global'))
+  return [kind_of_layer(pattern, i).window or model.sliding_window for i in range(model.num_layers)]
+
+
+def plain_pattern(model) -> bool:
+  """A family that states no per-layer attention: every layer the same kind, the model's RoPE."""
+  return parse_pattern(model.get('attention_pattern', 'global')) == (LayerKind(),)
+
+
+def layer_types_pattern(model) -> bool:
+  """A family that states each layer as full_attention or sliding_attention (Qwen2's layer_types): one window
+  over the sliding layers, the model's RoPE on all."""
+  pattern = parse_pattern(model.get('attention_pattern', 'global'))
+  return not any(kind.rope_theta for kind in pattern) and len({w for w in layer_windows(model) if w}) <= 1
+
+
+# config.model fields of a model's building blocks, at their LLaMA values: a family computes these unless its
+# `style` says otherwise (Gemma's norms, GeGLU, embedding scale; None there: any value, the family states it).
+LLAMA_STYLE = dict(norm='rms', post_norms=False, mlp_activation='silu', embed_scale=False, query_pre_attn_scalar=0.0,
+                   attn_logit_softcap=0.0, final_logit_softcap=0.0)
+
+
 def dense_only(model) -> bool:
-  """A LLaMA-like family: the dense SwiGLU and plain q/k."""
+  """A LLaMA-like family: the dense SwiGLU and no q/k norm over all heads (qk_norm_per_head: Family's own field)."""
   return model.get('ffn', 'dense') == 'dense' and not model.get('qk_norm', False)
 
 
@@ -283,7 +321,8 @@ def dense_only(model) -> bool:
 class Family:
   """A Hugging Face architecture llm_jax computes exactly, and what it can express.
 
-  window(hf, refuse) -> the sliding window of a (checked) HF config, 0 for none; refuses per-layer windows.
+  window(hf, refuse) -> the sliding window of every layer of a (checked) HF config, 0 for none (per-layer windows:
+  refused, or 0 and given by import_fields as attention_pattern).
   export_fields(model, window) -> the family's own config.json fields (its window form, its flags).
   """
   model_type: str
@@ -296,13 +335,25 @@ class Family:
   export_fields: Callable[[Any, int | None], dict] = no_fields
   import_fields: Callable[[dict], dict] = no_import_fields  # its own config.model fields (the experts)
   expresses_ffn: Callable[[Any], bool] = dense_only  # whether its FFN and attention extras are the model's
+  qk_norm_per_head: bool = False  # its q and k heads are always RMS-normalised over head_dim (Qwen3)
+  expresses_pattern: Callable[[Any], bool] = plain_pattern  # whether it states the model's attention_pattern
+  style: tuple[tuple[str, Any], ...] = ()  # its values of LLAMA_STYLE's fields where they differ (None: any)
+  activation: tuple[str, str] = ('hidden_act', 'silu')  # the HF field naming its MLP activation, and its value
+  # its config.json in the LLaMA shape the checks and model_fields read (Gemma 3: one RoPE of several flattened)
+  hf_view: Callable[[dict, Callable | None], dict] = as_saved
+  skipped: tuple[str, ...] = ()  # tensor-name prefixes of parts its checkpoints hold that llm_jax does not import
+  exports: bool = True  # False: import only (a multimodal wrapper: its language model exports as the text family)
 
   def expresses(self, model) -> bool:
-    return (self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
-            and self.expresses_ffn(model))
+    style = {**LLAMA_STYLE, **dict(self.style)}
+    return (self.exports and self.qkv_bias == bool(model.qkv_bias) and (self.has_window or not model.sliding_window)
+            and self.qk_norm_per_head == bool(model.get('qk_norm_per_head', False)) and self.expresses_ffn(model)
+            and self.expresses_pattern(model)
+            and all(value is None or model.get(field, LLAMA_STYLE[field]) == value for field, value in style.items()))
 
   def model_fields(self, hf: dict) -> dict[str, Any]:
     """config.model fields of the model a (checked) HF config of this family describes."""
+    hf = self.hf_view(hf, None)
     rope, _ = rope_of(hf)
     fields = dict(
         vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
@@ -313,12 +364,15 @@ class Family:
         norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
         tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
         init_std=float(hf.get('initializer_range', 0.02)),
-        qkv_bias=self.qkv_bias,
+        qkv_bias=self.qkv_bias, qk_norm_per_head=self.qk_norm_per_head,
         sliding_window=self.window(hf, None),
     )
+    if hf.get('head_dim') and hf['head_dim'] * hf['num_attention_heads'] != hf['hidden_size']:
+      fields['head_dim'] = hf['head_dim']  # else 0: the width follows d_model, as in configs made before the field
     for key, ours in ROPE_FIELDS.items():
       if key in rope and fields['rope_scaling'] != 'none':
         fields[ours] = type(config_lib.get_config().model[ours])(rope[key])
+    fields.update({field: value for field, value in self.style if value is not None})
     fields.update(self.import_fields(hf))
     return fields
 
@@ -330,7 +384,7 @@ class Family:
         architectures=[self.architecture], model_type=self.model_type, vocab_size=model.vocab_size,
         hidden_size=model.d_model, intermediate_size=model.ffn_dim, num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_heads, num_key_value_heads=model.num_kv_heads,
-        head_dim=model.d_model // model.num_heads, hidden_act='silu', max_position_embeddings=model.max_seq_len,
+        head_dim=head_dim_of(model), hidden_act='silu', max_position_embeddings=model.max_seq_len,
         rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
         rope_scaling=({k: v for k, v in rope.items() if k != 'rope_theta'} if model.rope_scaling != 'none' else None),
         rope_parameters=rope, attention_dropout=0.0, tie_word_embeddings=model.tie_embeddings,

@@ -1,7 +1,8 @@
 """Grouped-query self-attention and the one place that picks the attention kernel.
 
-Kernels share one signature, `kernel(q, k, v, mask_info) -> out`, with q [B,T,N,H], k/v [B,S,K,H] and out
-[B,T,N,H]. `mask_info` carries segment ids, whether attention is causal and the sliding window; each kernel builds
+Kernels share one signature, `kernel(q, k, v, mask_info, softcap=0.0) -> out`, with q [B,T,N,H], k/v [B,S,K,H]
+and out [B,T,N,H]; `softcap` > 0 soft-caps the scaled logits, softcap * tanh(logits / softcap) (Gemma 2), and a
+kernel that cannot (cuDNN) refuses it. `mask_info` carries segment ids, whether attention is causal and the sliding window; each kernel builds
 the mask its own way, and none may ignore the segment ids (tokens never attend across packed documents) or the
 window (a query sees itself and the window-1 keys before it: Mistral's `sliding_window`, as transformers masks it).
 Packed documents are contiguous, so a window over key indices is the same window over positions in a document.
@@ -89,21 +90,28 @@ def index_mask(q_segment_ids, kv_segment_ids, q_index, k_index, causal: bool, wi
   return mask
 
 
-def _masked_attention(q, k, v, mask):
-  """softmax(q.k / sqrt(H), where mask [B,T,S]) . v in float32, queries grouped over their shared kv head."""
+def soft_cap(logits: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(logits / cap): logits bounded to (-cap, cap), nearly unchanged well inside; cap 0 = none."""
+  return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def _masked_attention(q, k, v, mask, softcap: float = 0.0):
+  """softmax(soft_cap(q.k / sqrt(H)), where mask [B,T,S]) . v in float32, queries grouped over their shared kv
+  head."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32) * (h ** -0.5)
+  logits = soft_cap(logits, softcap)
   logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v)
   return out.reshape(b, t, n, h)
 
 
-def xla_attention(q, k, v, mask_info: MaskInfo):
+def xla_attention(q, k, v, mask_info: MaskInfo, softcap: float = 0.0):
   """Reference kernel: the dense mask of MaskInfo."""
-  return _masked_attention(q, k, v, mask_info.dense())
+  return _masked_attention(q, k, v, mask_info.dense(), softcap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,10 +220,13 @@ def cudnn_checks_for(devices):
     fa.check_compute_capability, fa.is_cuda_compute_capability_equal = saved
 
 
-def cudnn_attention(q, k, v, mask_info: MaskInfo, implementation: str = 'cudnn'):
+def cudnn_attention(q, k, v, mask_info: MaskInfo, softcap: float = 0.0, implementation: str = 'cudnn'):
   """cuDNN flash attention; GQA is native. No dense mask where the packing allows (module docstring); the
-  sliding window goes in as local_window_size. (`implementation='xla'` runs the same calls on any backend: how
+  sliding window goes in as local_window_size; no logit soft-cap (jax's cuDNN entry has none: refused, and
+  model.check_config refuses the config first). (`implementation='xla'` runs the same calls on any backend: how
   tests check the arguments on CPU.)"""
+  if softcap:
+    raise ValueError(CUDNN_SOFTCAP)
   causal, window = mask_info.causal, mask_info.window_sides()
 
   def dense(q, k, v):
@@ -246,7 +257,8 @@ def splash_block(length: int) -> int | None:
   return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
 
 
-def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret, q_start: int = 0):
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret, q_start: int = 0,
+                  softcap: float = 0.0):
   """Splash on one device's shard: q [b,T,n,H], k/v [b,S,kv,H] with n % kv == 0 (GQA is native to the kernel:
   each kv head serves its group of query heads; nothing is repeated in memory). Query i sits at key index
   q_start + i (a context-parallel shard's queries over the whole key sequence)."""
@@ -266,7 +278,7 @@ def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, int
                         block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block, block_kv_dq=block_kv)
   mask = sm.MultiHeadMask([head_mask] * n)
   make = sk.make_splash_mqa_single_device if kv_heads == 1 else sk.make_splash_mha_single_device
-  kernel = make(mask, block_sizes=sizes, interpret=interpret)
+  kernel = make(mask, block_sizes=sizes, interpret=interpret, attn_logits_soft_cap=softcap or None)
   # splash works per example on [heads, seq, head_dim] with pre-scaled queries.
   qt = jnp.swapaxes(q, 1, 2) * jnp.asarray(h ** -0.5, q.dtype)
   kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
@@ -277,7 +289,7 @@ def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, int
   return jnp.swapaxes(out, 1, 2)
 
 
-def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
+def splash_attention(q, k, v, mask_info: MaskInfo, softcap: float = 0.0, interpret: bool = False):
   """Pallas splash attention (TPU; `interpret=True` runs the same kernel on CPU, for tests).
 
   A Mosaic kernel cannot be partitioned by XLA, so under a mesh (the step's `activation_sharding` context) it
@@ -287,7 +299,7 @@ def splash_attention(q, k, v, mask_info: MaskInfo, interpret: bool = False):
   the one its query heads read.
   """
   local = functools.partial(_splash_local, causal=mask_info.causal, window=mask_info.window_sides(),
-                            interpret=interpret)
+                            interpret=interpret, softcap=softcap)
   context = active()
   if context is None or context[0].size == 1:
     return local(q, k, v, mask_info.q_segment_ids, mask_info.kv_segment_ids)
@@ -327,7 +339,7 @@ def mask_window(causal: bool, window: int) -> tuple[int, int] | None:
 
 
 def _context_splash(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard, *, causal, window,
-                    interpret, load_balance):
+                    interpret, load_balance, softcap: float = 0.0):
   """Splash inside the all_gather context exchange (context.sharded_attention's local kernel): the gathered
   keys back in input order (a local gather), then one splash call per run of this device's queries
   (context.query_runs: one, or an early and a late chunk), each with its static mask offset. The device's runs
@@ -343,7 +355,8 @@ def _context_splash(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, sh
       outs, at = [], 0
       for start, size in runs:
         outs.append(_splash_local(q[:, at:at + size], k, v, q_segment_ids[:, at:at + size], kv_segment_ids,
-                                  causal=causal, window=window, interpret=interpret, q_start=start))
+                                  causal=causal, window=window, interpret=interpret, q_start=start,
+                                  softcap=softcap))
         at += size
       return jnp.concatenate(outs, axis=1)
     return attend
@@ -389,7 +402,7 @@ def interleave_kv(k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.stack([k, v], axis=-2).reshape(k.shape[:-2] + (2 * k.shape[-2], k.shape[-1]))
 
 
-def paged_xla_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0):
+def paged_xla_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0, softcap: float = 0.0):
   """Reference paged kernel: gather each row's pages, then the dense mask by position. q [B,T,N,H] at
   `positions` [B,T] (valid [B,T]: real tokens), kv_pool [num_pages, page_size, 2K, H] already holding this call's
   keys and values. A query sees the keys of its row at positions <= its own (and within the window): the row's
@@ -400,7 +413,7 @@ def paged_xla_attention(q, kv_pool, pages: PageTable, positions, valid, window: 
   mask = (key_positions <= positions[:, :, None]) & valid[:, :, None]
   if window:
     mask = mask & (positions[:, :, None] - key_positions < window)
-  return _masked_attention(q, k, v, mask)
+  return _masked_attention(q, k, v, mask, softcap)
 
 
 def _pages_per_block(pages_wide: int, page_size: int, queries: int) -> int:
@@ -441,9 +454,7 @@ def paged_blocked_attention(q, kv_pool, pages: PageTable, positions, valid, wind
     if window:
       mask = mask & (positions[:, :, None] - key_positions[None, None, :] < window)
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', query, k, preferred_element_type=jnp.float32) * (h ** -0.5)
-    if softcap:
-      logits = softcap * jnp.tanh(logits / softcap)
-    logits = jnp.where(mask[:, None, None], logits, low)
+    logits = jnp.where(mask[:, None, None], soft_cap(logits, softcap), low)
     new_best = jnp.maximum(best, logits.max(axis=-1))
     probs = jnp.exp(logits - new_best[..., None])
     scale = jnp.exp(best - new_best)
@@ -491,8 +502,8 @@ def _ragged_blocks(page_size: int, pages_per_seq: int, tokens: int) -> dict:
               num_queries_per_block=min(tokens, 32))
 
 
-def paged_ragged_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0, *,
-                           reference: bool = False):
+def paged_ragged_attention(q, kv_pool, pages: PageTable, positions, valid, window: int = 0, softcap: float = 0.0,
+                           *, reference: bool = False):
   """jax's Pallas TPU ragged paged attention (jax.experimental.pallas.ops.tpu.ragged_paged_attention): prefill
   chunks and decode tokens of any length in one kernel call that reads the pool's pages where they lie (no
   gather). Our rows become its ragged layout: the real tokens of every row packed one after another (cu_q_lens),
@@ -510,7 +521,7 @@ def paged_ragged_attention(q, kv_pool, pages: PageTable, positions, valid, windo
   order, dest, kv_lens, cu_q_lens, num_seqs = _ragged_layout(positions, valid)
   packed = jnp.zeros((b * t, n, h), q.dtype).at[dest.reshape(-1)].set(q.reshape(b * t, n, h), mode='drop')
   table = pages.pages[order]
-  options = dict(sm_scale=h ** -0.5, sliding_window=window or None)
+  options = dict(sm_scale=h ** -0.5, sliding_window=window or None, soft_cap=softcap or None)
   if reference:
     out = rpa.ref_ragged_paged_attention(packed, kv_pool, kv_lens, table, cu_q_lens, num_seqs, **options)
     out = jnp.concatenate([out, jnp.zeros((b * t - out.shape[0], n, h), out.dtype)])
@@ -540,7 +551,8 @@ def _ragged_sharded(call, context, num_heads: int, kv_heads: int):
 
 
 # Paged kernels (the serving engine's attention over a page pool), by name, one signature:
-# kernel(q [B,T,N,H], kv_pool [num_pages, page_size, 2K, H], pages, positions [B,T], valid [B,T], window) -> [B,T,N,H].
+# kernel(q [B,T,N,H], kv_pool [num_pages, page_size, 2K, H], pages, positions [B,T], valid [B,T], window, softcap)
+# -> [B,T,N,H].
 # The plain gather is the reference and runs everywhere; 'blocked' reads a block of pages at a time (online
 # softmax) and runs everywhere; 'ragged' is jax's Pallas TPU kernel (TPU only).
 PAGED_KERNELS: dict[str, Callable] = {'xla': paged_xla_attention, 'blocked': paged_blocked_attention,
@@ -566,6 +578,10 @@ CHOICES = ('auto', *KERNELS)  # config.model.attention: a kernel, or auto (choos
 PROJECTIONS = ('q', 'k', 'v', 'o')  # the attention's projections, by name (LoRA targets)
 
 
+CUDNN_SOFTCAP = ('cuDNN attention has no logit soft-cap (model.attn_logit_softcap, Gemma 2): use model.attention=xla '
+                 'or splash')
+
+
 def cudnn_supported(head_dim: int, dtype) -> bool:
   return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
 
@@ -578,7 +594,7 @@ def platform_of(devices) -> str:
 
 
 def choose_kernel(name: str, head_dim: int, dtype, seq_len: int | None = None, platform: str = '',
-                  decoding: bool = False) -> str:
+                  decoding: bool = False, softcap: float = 0.0) -> str:
   """Resolves 'auto' once, from the platform the step compiles for and the shapes.
 
   `platform` is that of the mesh's devices (`platform_of`; Runtime passes it down through
@@ -586,14 +602,15 @@ def choose_kernel(name: str, head_dim: int, dtype, seq_len: int | None = None, p
   training there would take; '' falls back to the default backend (a model built without a mesh).
 
   Decoding always uses xla, whatever `name` says: queries there sit at `q_offset` in a longer cache, which only
-  the xla kernel's dense mask takes into account (the others assume T == S).
+  the xla kernel's dense mask takes into account (the others assume T == S). A soft-capped model (`softcap`)
+  never gets cuDNN from auto: it has no soft-cap.
   """
   if decoding:
     return 'xla'
   if name != 'auto':
     return name
   platform = platform or platform_of(jax.devices())
-  if platform == 'gpu' and cudnn_supported(head_dim, dtype):
+  if platform == 'gpu' and cudnn_supported(head_dim, dtype) and not softcap:
     return 'cudnn'
   if platform == 'tpu' and head_dim % 128 == 0 and (seq_len is None or splash_block(seq_len)):
     return 'splash'
@@ -617,7 +634,12 @@ class SelfAttention(nn.Module):
   qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
   window: int = 0  # sliding window in tokens (0 = attend to the whole causal context)
   qk_norm: bool = False  # RMSNorm of q and k over all their heads at once, before RoPE (OLMoE)
-  norm_eps: float = 1e-5  # qk_norm's epsilon
+  qk_norm_per_head: bool = False  # RMSNorm of each q and k head over head_dim, before RoPE (Qwen3, Gemma 3)
+  norm_eps: float = 1e-5  # the q/k norms' epsilon
+  norm_plus_one: bool = False  # the q/k norms scale by (1 + w) (Gemma's RMSNorm)
+  head_dim: int = 0  # width of a head; 0 = d_model // num_heads
+  query_pre_attn_scalar: float = 0.0  # logits scaled by its -1/2 power (Gemma); 0 = head_dim's, the usual
+  softcap: float = 0.0  # logit soft-cap of every kernel (Gemma 2's attn_logit_softcapping); 0 = none
   platform: str = ''  # platform the step compiles for ('tpu', 'gpu', 'cpu'; '' = the default backend)
   context_exchange: str = 'all_gather'  # under a context mesh axis > 1: context.EXCHANGES
   context_load_balance: bool = False  # the sequence is in context.token_order's load-balanced layout
@@ -631,13 +653,18 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids, positions, decode: bool = False, pages: PageTable | None = None):
     d_model = x.shape[-1]
-    head_dim = d_model // self.num_heads
+    head_dim = self.head_dim or d_model // self.num_heads
     n, kv = self.num_heads, self.num_kv_heads
     q = self._proj('q', (n, head_dim), ('embed', 'heads', 'head_dim'))(x)  # [B,T,N,H]
     k = self._proj('k', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)  # [B,T,K,H]
     v = self._proj('v', (kv, head_dim), ('embed', 'kv_heads', 'head_dim'))(x)
     if self.qk_norm:
       q, k = self._norm_heads(q, 'q_norm'), self._norm_heads(k, 'k_norm')
+    if self.qk_norm_per_head:  # one [H] scale for all heads: RMSNorm normalises the last axis
+      q = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.norm_plus_one, name='q_norm')(q)
+      k = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, self.norm_plus_one, name='k_norm')(k)
+    if self.query_pre_attn_scalar:  # every kernel divides by sqrt(head_dim): the queries make up the difference
+      q = q * jnp.asarray((head_dim / self.query_pre_attn_scalar) ** 0.5, q.dtype)
     q = constrain(apply_rope(q, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_heads', None))
     k = constrain(apply_rope(k, positions, self.rope_theta), ('act_batch', 'act_seq', 'act_kv_heads', None))
     v = constrain(v, ('act_batch', 'act_seq', 'act_kv_heads', None))
@@ -654,13 +681,14 @@ class SelfAttention(nn.Module):
       mask_info = MaskInfo(segment_ids, segment_ids, self.causal, max_segments=self.max_segments,
                            window=self.window)
     platform = self.platform or platform_of(jax.devices())
-    kernel = choose_kernel(self.kernel, head_dim, self.dtype, x.shape[1], platform, decoding=decode)
+    kernel = choose_kernel(self.kernel, head_dim, self.dtype, x.shape[1], platform, decoding=decode,
+                           softcap=self.softcap)
     if not decode and context_lib.active_shards() > 1:
       out = self._context_parallel(q, k, v, segment_ids, kernel, platform)
     elif kernel == 'splash':  # the Mosaic kernel runs on CPU only in interpret mode (how tests check it)
-      out = splash_attention(q, k, v, mask_info, interpret=platform == 'cpu')
+      out = splash_attention(q, k, v, mask_info, self.softcap, interpret=platform == 'cpu')
     else:
-      out = KERNELS[kernel](q, k, v, mask_info)
+      out = KERNELS[kernel](q, k, v, mask_info, self.softcap)
     out = checkpoint_name(constrain(out, ('act_batch', 'act_seq', 'act_heads', None)), 'attention_out')
     return checkpoint_name(self._proj('o', (d_model,), ('heads', 'head_dim', 'embed'), in_dims=2)(out), 'out_proj')
 
@@ -676,15 +704,17 @@ class SelfAttention(nn.Module):
       kernel = 'xla'
     if kernel == 'xla':
       def local(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard):
-        return _masked_attention(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, k_index))
+        return _masked_attention(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, k_index), self.softcap)
     elif kernel == 'splash' and self.context_exchange == 'all_gather':
       local = functools.partial(_context_splash, causal=self.causal, window=mask_window(self.causal, self.window),
-                                interpret=platform == 'cpu', load_balance=self.context_load_balance)
+                                interpret=platform == 'cpu', load_balance=self.context_load_balance,
+                                softcap=self.softcap)
     else:
       raise ValueError(f'context parallelism ({self.context_exchange}) does not run the {kernel} kernel '
                        f'(model.attention)')
     return context_lib.sharded_attention(q, k, v, segment_ids, segment_ids, exchange=self.context_exchange,
-                                         load_balance=self.context_load_balance, mask=mask, local=local)
+                                         load_balance=self.context_load_balance, mask=mask, local=local,
+                                         softcap=self.softcap)
 
   def _paged(self, q, k, v, valid, positions, pages: PageTable):
     """Writes this call's k/v [B,T,K,H] into the layer's pool ('cache' collection: kv_pages
@@ -696,7 +726,7 @@ class SelfAttention(nn.Module):
     new = interleave_kv(k, v).reshape((-1,) + shape[2:]).astype(pool.value.dtype)
     flat = pool.value.reshape((-1,) + shape[2:])
     pool.value = flat.at[slots].set(new).reshape(shape)
-    return PAGED_KERNELS[pages.kernel](q, pool.value, pages, positions, valid, self.window)
+    return PAGED_KERNELS[pages.kernel](q, pool.value, pages, positions, valid, self.window, self.softcap)
 
   def _norm_heads(self, x, name):
     """RMSNorm over the flattened [N*H] of x [B,T,N,H] (one scale per head and channel), as OLMoE's q_norm."""

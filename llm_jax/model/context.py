@@ -119,10 +119,11 @@ MaskFn = Callable[..., jax.Array]
 
 
 def sharded_attention(q, k, v, q_segment_ids, kv_segment_ids, *, exchange: str, load_balance: bool,
-                      mask: MaskFn, local: LocalKernel | None):
+                      mask: MaskFn, local: LocalKernel | None, softcap: float = 0.0):
   """Attention of q [B,T,N,H] over k/v [B,T,K,H], all in the devices' layout (`token_order`) and split over the
   context axis, inside shard_map over the active mesh (batch and heads split as the rules say). `local` is the
-  all_gather exchange's kernel; the ring computes its blocks itself under `mask`."""
+  all_gather exchange's kernel; the ring computes its blocks itself under `mask`, soft-capping its logits at
+  `softcap` (0 = none; the local kernel applies its own)."""
   mesh, rules = active()
   axes = sequence_axes(rules)
   shards = axes_size(mesh, axes)
@@ -148,7 +149,7 @@ def sharded_attention(q, k, v, q_segment_ids, kv_segment_ids, *, exchange: str, 
       return local(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me)
     if exchange == 'ring':
       source_index = lambda source: jax.lax.dynamic_slice_in_dim(all_index, source * block, block)  # noqa: E731
-      return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask)
+      return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask, softcap)
     raise ValueError(f'unknown context exchange {exchange!r}; expected one of {", ".join(EXCHANGES)}')
 
   q_spec, kv_spec = P(batch_axes, axes, head_axes, None), P(batch_axes, axes, kv_axes, None)
@@ -158,7 +159,7 @@ def sharded_attention(q, k, v, q_segment_ids, kv_segment_ids, *, exchange: str, 
   return sharded(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask):
+def _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask, softcap=0.0):
   """The ring exchange on one device (module docstring): online softmax over the C key blocks."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
@@ -174,6 +175,8 @@ def _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axe
     k_block, v_block, k_segments = held
     visible = mask(q_segment_ids, k_segments, q_index, source_index((me - step) % shards))  # [b,t,S]
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k_block, preferred_element_type=jnp.float32) * (h ** -0.5)
+    if softcap:  # Gemma 2's attention-logit soft-cap, as attention.soft_cap
+      logits = softcap * jnp.tanh(logits / softcap)
     visible = visible[:, None, None]
     logits = jnp.where(visible, logits, _NEG)
     new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))

@@ -7,6 +7,7 @@ H head_dim, F ffn_dim, V vocab. Parameters are stored in `param_dtype` and cast 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -65,19 +66,25 @@ class Projection(nn.Module):
     return y * (self.lora_alpha / rank)
 
 
+NORMS = ('rms', 'rms_plus_one')  # RMSNorm's scale: w (LLaMA), or 1 + w with w starting at 0 (Gemma)
+
+
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in float32 whatever the compute dtype."""
+  """x / rms(x) * scale, computed in float32 whatever the compute dtype; scale = 1 + w when `plus_one` (Gemma's
+  form: w is stored and starts at zero)."""
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  plus_one: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)), (x.shape[-1],),
-                       self.param_dtype)
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param('scale', nn.with_logical_partitioning(init, ('norm',)), (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    scale = scale.astype(jnp.float32) + (1.0 if self.plus_one else 0.0)
+    return (y * scale).astype(self.dtype)
 
 
 ROPE_SCALINGS = ('none', 'linear', 'llama3', 'yarn')  # implemented RoPE frequency scalings (Hugging Face rope_type names)
@@ -164,10 +171,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float | Rope) -> jax.A
 
 
 SWIGLU_PROJECTIONS = ('gate', 'up', 'down')  # SwiGLU's projections, by name (LoRA targets)
+# The gated MLP's activation, by config.model.mlp_activation: silu (SwiGLU, LLaMA) or the tanh approximation of GELU
+# (GeGLU, Gemma's gelu_pytorch_tanh).
+MLP_ACTIVATIONS = {'silu': nn.silu, 'gelu_tanh': functools.partial(nn.gelu, approximate=True)}
 
 
 class SwiGLU(nn.Module):
-  """down(silu(gate(x)) * up(x)): the LLaMA MLP."""
+  """down(act(gate(x)) * up(x)): the LLaMA MLP with act = silu; GeGLU (Gemma) with act = gelu_tanh."""
   ffn_dim: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -175,6 +185,7 @@ class SwiGLU(nn.Module):
   lora_targets: Sequence[str] = ()
   lora_rank: int = 0
   lora_alpha: float = 16.0
+  activation: str = 'silu'  # a name in MLP_ACTIVATIONS
 
   def _proj(self, name, features, axes):
     rank = self.lora_rank if name in self.lora_targets else 0
@@ -186,5 +197,5 @@ class SwiGLU(nn.Module):
     d_model = x.shape[-1]
     gate = checkpoint_name(self._proj('gate', (self.ffn_dim,), ('embed', 'mlp'))(x), 'mlp_gate')
     up = checkpoint_name(self._proj('up', (self.ffn_dim,), ('embed', 'mlp'))(x), 'mlp_up')
-    h = constrain(nn.silu(gate) * up, ('act_batch', 'act_seq', 'act_mlp'))
+    h = constrain(MLP_ACTIVATIONS[self.activation](gate) * up, ('act_batch', 'act_seq', 'act_mlp'))
     return checkpoint_name(self._proj('down', (d_model,), ('mlp', 'embed'))(h), 'mlp_out')

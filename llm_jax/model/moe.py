@@ -299,7 +299,7 @@ class MoE(nn.Module):
 
 def dense_ffn(cfg, dtype, param_dtype, lora: dict) -> Callable:
   """The LLaMA SwiGLU (the parameter tree and numbers of every model before MoE)."""
-  mlp = SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, name='mlp', **lora)
+  mlp = SwiGLU(cfg.ffn_dim, dtype, param_dtype, cfg.init_std, activation=cfg.mlp_activation, name='mlp', **lora)
   return lambda h, segment_ids: mlp(h)
 
 
@@ -334,6 +334,8 @@ def check_config(config) -> None:
   check_choice('model.moe_compute', m.moe_compute, EXPERT_COMPUTE)
   if m.ffn != 'moe':
     return
+  if m.mlp_activation != 'silu':
+    fail('model.mlp_activation', f'{m.mlp_activation} experts are not implemented; model.ffn=moe uses silu')
   if m.num_experts < 2:
     fail('model.num_experts', f'model.ffn=moe needs at least 2 experts, got {m.num_experts}')
   if not 1 <= m.experts_per_token <= m.num_experts:

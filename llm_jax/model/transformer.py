@@ -18,7 +18,9 @@ from llm_jax.model import context, moe
 from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
 from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
 from llm_jax.model.attention import PageTable, SelfAttention
-from llm_jax.model.layers import ROPE_SCALINGS, SWIGLU_PROJECTIONS, RMSNorm, Rope
+from llm_jax.model.layer_pattern import LayerKind, kind_of_layer, parse_pattern
+from llm_jax.model.attention import CUDNN_SOFTCAP, soft_cap
+from llm_jax.model.layers import MLP_ACTIVATIONS, NORMS, ROPE_SCALINGS, SWIGLU_PROJECTIONS, RMSNorm, Rope
 from llm_jax.model.moe import AUX_COLLECTION, FFN_KINDS, LOAD_COLLECTION
 from llm_jax.model.partitioning import constrain
 
@@ -78,6 +80,8 @@ class TransformerConfig:
   rope_attention_factor: float = 0.0
   qkv_bias: bool = False
   qk_norm: bool = False
+  qk_norm_per_head: bool = False
+  head_dim: int = 0  # 0 = d_model // num_heads; resolved in __post_init__, so cfg.head_dim is always the width
   ffn: str = 'dense'
   num_experts: int = 0
   experts_per_token: int = 2
@@ -88,7 +92,15 @@ class TransformerConfig:
   router_z_loss_coef: float = 0.0
   moe_compute: str = 'ragged'
   sliding_window: int = 0
+  attention_pattern: str = 'global'
   norm_eps: float = 1e-5
+  norm: str = 'rms'
+  post_norms: bool = False
+  mlp_activation: str = 'silu'
+  embed_scale: bool = False
+  query_pre_attn_scalar: float = 0.0
+  attn_logit_softcap: float = 0.0
+  final_logit_softcap: float = 0.0
   tie_embeddings: bool = False
   init_std: float = 0.02
   dtype: str = 'float32'
@@ -120,9 +132,8 @@ class TransformerConfig:
                     lora_targets=tuple(t.strip() for t in lora.targets.split(',') if t.strip()))
     return cls(**values)
 
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+  def __post_init__(self):
+    object.__setattr__(self, 'head_dim', self.head_dim or self.d_model // self.num_heads)
 
   @property
   def rope(self) -> Rope:
@@ -130,6 +141,29 @@ class TransformerConfig:
                 low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
                 original_max_len=self.rope_original_max_len, beta_fast=self.rope_yarn_beta_fast,
                 beta_slow=self.rope_yarn_beta_slow, attention_factor=self.rope_attention_factor)
+
+  @property
+  def pattern(self) -> tuple[LayerKind, ...]:
+    """The layer kinds of attention_pattern (layer_pattern.py), repeated over the layers."""
+    return parse_pattern(self.attention_pattern)
+
+  def norm_layer(self, name: str) -> RMSNorm:
+    """An RMSNorm of the model's form (model.norm) named `name`."""
+    return RMSNorm(self.norm_eps, jnp.dtype(self.dtype), jnp.dtype(self.param_dtype), self.norm == 'rms_plus_one',
+                   name=name)
+
+  def window_of(self, kind: LayerKind) -> int:
+    """A layer's window: its kind's, or for a global kind the model's one sliding_window (0 = none)."""
+    return kind.window or self.sliding_window
+
+  def rope_of(self, kind: LayerKind) -> Rope:
+    """A layer's RoPE: its kind's own base, unscaled, or the model's."""
+    return Rope(theta=kind.rope_theta) if kind.rope_theta else self.rope
+
+
+def head_dim_of(model_config) -> int:
+  """The width of an attention head of a config.model: model.head_dim, or d_model // num_heads when it is 0."""
+  return model_config.get('head_dim', 0) or model_config.d_model // model_config.num_heads
 
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # config.model.dtype, param_dtype and logits_dtype
@@ -143,12 +177,18 @@ def check_config(config) -> None:
   for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'ffn_dim', 'max_seq_len'):
     if m[name] <= 0:
       fail(f'model.{name}', f'must be positive, got {m[name]}')
-  if m.d_model % m.num_heads:
-    fail('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model}')
+  if m.head_dim < 0:
+    fail('model.head_dim', f'must be >= 0 (0 = d_model // num_heads), got {m.head_dim}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    fail('model.num_heads', f'{m.num_heads} heads do not divide d_model={m.d_model} (or set model.head_dim)')
   if m.num_heads % m.num_kv_heads:
     fail('model.num_kv_heads', f'{m.num_kv_heads} kv heads do not divide num_heads={m.num_heads}')
-  if (m.d_model // m.num_heads) % 2:
-    fail('model.num_heads', f'head_dim = d_model/num_heads = {m.d_model // m.num_heads} must be even for RoPE')
+  if head_dim_of(m) % 2:
+    fail('model.head_dim' if m.head_dim else 'model.num_heads',
+         f'head_dim = {head_dim_of(m)} must be even for RoPE')
+  if m.qk_norm and m.qk_norm_per_head:
+    fail('model.qk_norm_per_head', 'qk_norm (over all heads, OLMoE) and qk_norm_per_head (Qwen3, Gemma 3) are two '
+         'forms of the same norm: set one')
   for name in ('dtype', 'param_dtype', 'logits_dtype'):
     check_choice(f'model.{name}', m[name], DTYPES)
   check_choice('model.attention', m.attention, ATTENTION_CHOICES)
@@ -171,6 +211,22 @@ def check_config(config) -> None:
       fail('model.rope_attention_factor', f'must be >= 0 (0 = from the factor), got {m.rope_attention_factor}')
   if m.sliding_window < 0:
     fail('model.sliding_window', f'must be >= 0 (0 = no window), got {m.sliding_window}')
+  try:
+    pattern = parse_pattern(m.attention_pattern)
+  except ValueError as e:
+    fail('model.attention_pattern', str(e))
+  if m.sliding_window and any(kind.window for kind in pattern):
+    fail('model.sliding_window', 'set either one window for every layer (sliding_window) or the sliding kinds of '
+         f'model.attention_pattern={m.attention_pattern!r}, not both')
+  if len(pattern) > m.num_layers:
+    fail('model.attention_pattern', f'{len(pattern)} kinds for {m.num_layers} layers')
+  check_choice('model.norm', m.norm, NORMS)
+  check_choice('model.mlp_activation', m.mlp_activation, MLP_ACTIVATIONS)
+  for name in ('query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap'):
+    if m[name] < 0:
+      fail(f'model.{name}', f'must be >= 0 (0 = off), got {m[name]}')
+  if m.attn_logit_softcap and m.attention == 'cudnn':
+    fail('model.attention', CUDNN_SOFTCAP)
   check_choice('model.remat', m.remat, REMAT_POLICIES)
   mesh = config.get('mesh')
   if mesh is not None:
@@ -195,26 +251,37 @@ def check_config(config) -> None:
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)), the FFN of model.ffn (moe.FFN_KINDS)."""
+  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)), the FFN of model.ffn (moe.FFN_KINDS); with
+  model.post_norms each branch's output is normalised too before it is added (Gemma's sandwich).
+  `kind`: the layer's attention (its window and RoPE) in the model's attention_pattern."""
   cfg: TransformerConfig
   decode: bool = False
+  kind: LayerKind = LayerKind()
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, pages=None):
     cfg = self.cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     lora = dict(lora_targets=cfg.lora_targets, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
-    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='attn_norm')(x)
+    h = cfg.norm_layer('attn_norm')(x)
     # mlm is the one bidirectional objective (model/ imports no objectives: tested equal to Objective.causal)
-    x = x + SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope, kernel=cfg.attention,
+    h = SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.rope_of(self.kind), kernel=cfg.attention,
                           causal=cfg.objective != 'mlm', dtype=dtype, param_dtype=param_dtype,
                           init_std=cfg.init_std, max_segments=cfg.max_segments_per_row, qkv_bias=cfg.qkv_bias,
-                          window=cfg.sliding_window, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                          window=cfg.window_of(self.kind), qk_norm=cfg.qk_norm, qk_norm_per_head=cfg.qk_norm_per_head,
+                          head_dim=cfg.head_dim, norm_eps=cfg.norm_eps, norm_plus_one=cfg.norm == 'rms_plus_one',
+                          query_pre_attn_scalar=cfg.query_pre_attn_scalar, softcap=cfg.attn_logit_softcap,
                           platform=cfg.platform, context_exchange=cfg.context_exchange,
                           context_load_balance=cfg.context_load_balance, name='attn',
                           **lora)(h, segment_ids, positions, self.decode, pages)
-    h = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
-    x = x + FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
+    if cfg.post_norms:  # Gemma's sandwich: the branch's output normalised before the residual add
+      h = cfg.norm_layer('post_attn_norm')(h)
+    x = x + h
+    h = cfg.norm_layer('mlp_norm')(x)
+    h = FFN_KINDS[cfg.ffn](cfg, dtype, param_dtype, lora)(h, segment_ids)
+    if cfg.post_norms:
+      h = cfg.norm_layer('post_mlp_norm')(h)
+    x = x + h
     return constrain(x, ('act_batch', 'act_seq', 'act_embed'))
 
 
@@ -223,6 +290,19 @@ class ScannedBlock(Block):
 
   def __call__(self, x, segment_ids, positions, pages=None):
     return super().__call__(x, segment_ids, positions, pages), None
+
+
+class PatternGroup(nn.Module):
+  """One repeat of the attention pattern (block_0 ... block_{P-1}, each with its kind): what nn.scan scans when
+  the layers differ, since a scanned body must be the same function at every step."""
+  cfg: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions, pages=None):
+    for j, kind in enumerate(self.cfg.pattern):
+      x = Block(self.cfg, self.decode, kind, name=f'block_{j}')(x, segment_ids, positions, pages)
+    return x, None
 
 
 class Transformer(nn.Module):
@@ -251,12 +331,15 @@ class Transformer(nn.Module):
     if not self.decode and pages is None:
       order = context.token_order(tokens.shape[1], context.active_shards(), cfg.context_load_balance)
     tokens, segment_ids, positions = (context.to_layout(a, order) for a in (tokens, segment_ids, positions))
-    x = constrain(embed(tokens), ('act_batch', 'act_seq', 'act_embed'))
+    x = embed(tokens)
+    if cfg.embed_scale:  # in the compute dtype, as transformers' Gemma (sqrt(d_model) rounded to it first)
+      x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
+    x = constrain(x, ('act_batch', 'act_seq', 'act_embed'))
     x = self._blocks(x, segment_ids, positions, pages)
     x = context.from_layout(x, order)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-    x = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name='final_norm')(x)
+    x = cfg.norm_layer('final_norm')(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
@@ -265,28 +348,38 @@ class Transformer(nn.Module):
                         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('embed', 'vocab')))(x)
     logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
+    if cfg.final_logit_softcap:  # in float32: tanh saturates, and bfloat16 would round the cap's neighbourhood
+      logits = soft_cap(logits.astype(jnp.float32), cfg.final_logit_softcap)
     return logits.astype(jnp.dtype(cfg.logits_dtype))
 
   def _blocks(self, x, segment_ids, positions, pages):
+    """The layers (layer_pattern.layer_location says where each one's parameters are): scanned, one block per
+    step when every layer has the same kind, else one repeat of the pattern per step and the layers after the
+    last whole repeat unrolled; or all unrolled."""
     cfg = self.cfg
     policy = REMAT_POLICIES[cfg.remat]
     remat = cfg.remat != 'none' and not self.decode  # decoding takes no gradients: nothing to rematerialise
+    pattern = cfg.pattern
+    first_unrolled = 0
     if cfg.scan_layers:
-      block_cls = ScannedBlock
+      grouped = len(pattern) > 1
+      body = PatternGroup if grouped else ScannedBlock
       if remat:
-        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+        body = nn.remat(body, policy=policy, prevent_cse=False)
       # the sown collections (auxiliary losses, expert load) stack per layer like the parameters
-      stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0, AUX_COLLECTION: 0, LOAD_COLLECTION: 0},
+      stack = nn.scan(body, variable_axes={'params': 0, 'cache': 0, AUX_COLLECTION: 0, LOAD_COLLECTION: 0},
                       split_rngs={'params': True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers // len(pattern),
                       metadata_params={nn.PARTITION_NAME: 'layers'})
-      x, _ = stack(cfg, self.decode, name='layers')(x, segment_ids, positions, pages)
-      return x
+      extra = {} if grouped else {'kind': pattern[0]}
+      x, _ = stack(cfg, self.decode, name='layers', **extra)(x, segment_ids, positions, pages)
+      first_unrolled = cfg.num_layers // len(pattern) * len(pattern)
     block_cls = Block
     if remat:
       block_cls = nn.remat(block_cls, policy=policy)
-    for i in range(cfg.num_layers):
-      x = block_cls(cfg, self.decode, name=f'layers_{i}')(x, segment_ids, positions, pages)
+    for i in range(first_unrolled, cfg.num_layers):
+      x = block_cls(cfg, self.decode, kind_of_layer(pattern, i), name=f'layers_{i}')(x, segment_ids, positions,
+                                                                                      pages)
     return x
 
 

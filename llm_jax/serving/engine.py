@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from llm_jax.errors import UserError
-from llm_jax.model import Transformer, TransformerConfig
+from llm_jax.model import Transformer, TransformerConfig, layer_location
 from llm_jax.model.transformer import DTYPES
 from llm_jax.model import attention
 from llm_jax.model.attention import PageTable
@@ -129,14 +129,21 @@ class _Request:
     return all(seq.finished for seq in self.seqs)
 
 
-def unstack_layers(params: Any, num_layers: int) -> Any:
-  """A scanned model's parameters (params['layers'] stacked on a leading [L] axis) as an unrolled model's
-  (params['layers_0'], ...); other trees are returned as they are."""
+def unstack_layers(params: Any, model_config: TransformerConfig) -> Any:
+  """A scanned model's parameters (params['layers'] stacked on a leading axis, by layer or by repeat of the
+  attention pattern: layer_pattern.layer_location) as an unrolled model's (params['layers_0'], ...); other trees
+  are returned as they are."""
   if 'layers' not in params:
     return params
   out = {k: v for k, v in params.items() if k != 'layers'}
-  for i in range(num_layers):
-    out[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
+  scanned = dataclasses.replace(model_config, scan_layers=True)
+  for i in range(model_config.num_layers):
+    path, index = layer_location(scanned, i)
+    if index is not None:
+      subtree = params
+      for key in path:
+        subtree = subtree[key]
+      out[f'layers_{i}'] = jax.tree.map(lambda x, index=index: x[index], subtree)
   return out
 
 
@@ -187,7 +194,7 @@ class Engine:
   def set_params(self, params: Any) -> None:
     """Serve these parameters from the next step on (a scanned model's are unstacked once, here). On CPU, weights
     stored in a narrower float than the compute dtype are widened once here, not converted on every step."""
-    params = unstack_layers(params, self.model_config.num_layers)
+    params = unstack_layers(params, self.model_config)
     if self.platform == 'cpu':
       wide = jnp.dtype(self.model_config.dtype)
       params = jax.tree.map(lambda x: x.astype(wide) if jnp.issubdtype(x.dtype, jnp.floating)
