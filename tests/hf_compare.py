@@ -1,9 +1,12 @@
-"""Helpers shared by tests/test_hf_families.py and tests/test_hf_moe.py: a tiny random transformers model per case,
-imported once per module, and logits from both sides (torch, CPU, float32).
+"""Helpers shared by tests/test_hf_families.py, test_hf_moe.py and test_hf_patterns.py: a tiny random transformers
+model per case, imported once per module, logits from both sides (torch, CPU, float32), and the export check.
 
 Each test file keeps its CASES: name -> (config class, model class, overrides of BASE, the config.model fields the
 import must set, a negative control).
 """
+
+import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +16,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 from llm_jax import checkpoint, convert, train  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 torch.set_num_threads(1)
 TOL = 1e-4
@@ -72,3 +76,20 @@ def hf_logits(model, ids):
 
 def our_logits(config, params, ids):
   return np.asarray(train.create_model(config).apply({'params': params}, jnp.asarray(ids)))
+
+
+def check_export(hf_dir, workdir, out, model, tie_embeddings=False):
+  """Exports an imported workdir to `out` and holds it to the HF directory it came from: the same tensors bit for
+  bit, the source model's architecture, and transformers loading it gives the source model's logits (TOL)."""
+  convert.to_hf(workdir, out)
+  source, exported = load_file(os.path.join(hf_dir, 'model.safetensors')), load_file(os.path.join(out, 'model.safetensors'))
+  if tie_embeddings:
+    source.pop('lm_head.weight', None)  # some transformers versions save the shared copy
+  assert sorted(source) == sorted(exported)
+  for key, value in source.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f)['architectures'] == [model.__class__.__name__]
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  ids = tokens(1)
+  assert np.max(np.abs(hf_logits(reloaded, ids) - hf_logits(model, ids))) <= TOL

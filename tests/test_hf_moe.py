@@ -15,11 +15,10 @@ import pytest
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
-from safetensors.numpy import load_file  # noqa: E402
 
 from llm_jax import config as config_lib, convert, decoding, train  # noqa: E402
 import hf_compare  # noqa: E402
-from hf_compare import TOL, hf_logits, our_logits, tokens  # noqa: E402
+from hf_compare import TOL, check_export, hf_logits, our_logits, tokens  # noqa: E402
 
 BASE = dict(hf_compare.BASE, intermediate_size=48, num_experts_per_tok=2)
 # name -> (config class, model class, overrides, config.model fields the import must set, a negative control)
@@ -61,17 +60,7 @@ def test_logits_match_transformers(imported, name):
 @pytest.mark.parametrize('name', list(CASES))
 def test_round_trip_gives_identical_tensors_and_loads_in_transformers(imported, tmp_path, name):
   hf_dir, model, workdir, _, _ = imported(name)
-  out = str(tmp_path / 'out')
-  convert.to_hf(workdir, out)
-  source, exported = load_file(os.path.join(hf_dir, 'model.safetensors')), load_file(os.path.join(out, 'model.safetensors'))
-  assert sorted(source) == sorted(exported)
-  for key, value in source.items():
-    np.testing.assert_array_equal(exported[key], value, err_msg=key)
-  with open(os.path.join(out, 'config.json')) as f:
-    assert json.load(f)['architectures'] == [model.__class__.__name__]
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  ids = tokens(1)
-  assert np.max(np.abs(hf_logits(reloaded, ids) - hf_logits(model, ids))) <= TOL
+  check_export(hf_dir, workdir, str(tmp_path / 'out'), model)
 
 
 @pytest.mark.slow
