@@ -7,6 +7,8 @@ tiny_config`). It imports nothing from the tests and no jax, so a child process 
 
 import os
 
+import numpy as np
+
 from llm_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,3 +42,18 @@ def tiny_config_with(**defaults):
       merged[name] = {**merged.get(name, {}), **values}
     return tiny_config(**merged)
   return config
+
+
+def packed_segments(rng, batch, length, max_padding):
+  """Segment ids [batch, length] of rows holding 1-4 documents of random lengths, half of them ending in 1 to
+  max_padding - 1 positions of padding (segment 0): packed rows for attention tests."""
+  rows = []
+  for _ in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, length), size=rng.integers(0, 4), replace=False))
+    row = np.zeros(length, np.int32)
+    for i, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, length])):
+      row[a:b] = i + 1
+    if rng.random() < 0.5:
+      row[length - rng.integers(1, max_padding):] = 0
+    rows.append(row)
+  return np.stack(rows)

@@ -93,3 +93,16 @@ def check_export(hf_dir, workdir, out, model, tie_embeddings=False):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   ids = tokens(1)
   assert np.max(np.abs(hf_logits(reloaded, ids) - hf_logits(model, ids))) <= TOL
+
+
+def check_logits(name, case, model, config, params):
+  """The import set `case`'s config.model fields (CASES' fourth entry), and our logits equal transformers' within
+  TOL. Returns the tokens and transformers' logits, for a file's negative controls."""
+  for field, value in case[3].items():
+    assert config.model[field] == value, field
+  ids = tokens()
+  expected = hf_logits(model, ids)
+  diff = np.max(np.abs(our_logits(config, params, ids) - expected))
+  print(f'{name}: max abs logits difference {diff:.2e}')
+  assert diff <= TOL
+  return ids, expected

@@ -33,7 +33,7 @@ from llm_jax import dry_run, runtime, train, validation
 from llm_jax.data import synthetic
 from llm_jax.model import attention, context
 from llm_jax.model.partitioning import activation_sharding
-from helpers import tiny_config_with
+from helpers import packed_segments, tiny_config_with
 
 SEQ = 64
 config_of = tiny_config_with(model=dict(max_seq_len=SEQ), data=dict(seq_len=SEQ, global_batch_size=4),
@@ -43,20 +43,6 @@ config_of = tiny_config_with(model=dict(max_seq_len=SEQ), data=dict(seq_len=SEQ,
 def make_mesh(**sizes):
   shape = [sizes.get(axis, 1) for axis in config_lib.MESH_AXES]
   return Mesh(np.asarray(jax.devices()[:int(np.prod(shape))]).reshape(shape), config_lib.MESH_AXES)
-
-
-def _segments(rng, batch, length):
-  """Rows of 1-4 documents of random lengths, some ending in padding (segment 0)."""
-  rows = []
-  for _ in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, length), size=rng.integers(0, 4), replace=False))
-    row = np.zeros(length, np.int32)
-    for i, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, length])):
-      row[a:b] = i + 1
-    if rng.random() < 0.5:
-      row[length - rng.integers(1, 12):] = 0
-    rows.append(row)
-  return np.stack(rows)
 
 
 def _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, mesh=None, exchange='', balance=False,
@@ -96,7 +82,7 @@ LAYER_CASES = [  # (mesh, exchange, load balance, causal, window, logit soft-cap
 def test_split_sequence_attention_equals_one_device(mesh, exchange, balance, causal, window, softcap):
   rng = np.random.default_rng(0)
   q, k, v, cotangent = (jnp.asarray(rng.normal(size=(4, SEQ, n, 8)), jnp.float32) for n in (4, 2, 2, 4))
-  segments = jnp.asarray(_segments(rng, 4, SEQ))
+  segments = jnp.asarray(packed_segments(rng, 4, SEQ, max_padding=12))
   want, want_grads = _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, softcap=softcap)
   got, got_grads = _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, make_mesh(**mesh),
                                           exchange, balance, softcap=softcap)
@@ -176,7 +162,7 @@ def test_indices_not_moved_with_their_tokens_are_caught():
   then reads the wrong query and key indices); the comparison must fail."""
   rng = np.random.default_rng(1)
   q, k, v, cotangent = (jnp.asarray(rng.normal(size=(4, SEQ, n, 8)), jnp.float32) for n in (4, 2, 2, 4))
-  segments = jnp.asarray(_segments(rng, 4, SEQ))
+  segments = jnp.asarray(packed_segments(rng, 4, SEQ, max_padding=12))
   want, _ = _layer_value_and_grads(q, k, v, segments, cotangent, True, 0)
   sharded = context.sharded_attention
   with pytest.MonkeyPatch.context() as patch:
@@ -226,7 +212,7 @@ def test_splash_inside_all_gather_equals_one_device(mesh, balance, window, lengt
   queries, its mask offset static), against the one-device xla kernel; float32, splash_test's tolerances."""
   rng = np.random.default_rng(2)
   q, k, v, cotangent = (jnp.asarray(rng.normal(size=(2, length, n, 128)), jnp.float32) for n in (2, 2, 2, 2))
-  segments = jnp.asarray(_segments(rng, 2, length))
+  segments = jnp.asarray(packed_segments(rng, 2, length, max_padding=12))
   want, want_grads = _layer_value_and_grads(q, k, v, segments, cotangent, True, window)
   splash = functools.partial(attention._context_splash, causal=True, window=attention.mask_window(True, window),
                              interpret=True, load_balance=balance)

@@ -24,7 +24,7 @@ transformers = pytest.importorskip('transformers')
 from llm_jax import config as config_lib, convert, decoding, train  # noqa: E402
 from llm_jax import validation  # noqa: E402
 import hf_compare  # noqa: E402
-from hf_compare import TOL, check_export, hf_logits, our_logits, tokens  # noqa: E402
+from hf_compare import check_export, check_logits, our_logits, tokens  # noqa: E402
 
 LLAMA3_ROPE = dict(rope_type='llama3', rope_theta=50000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=16)
@@ -58,13 +58,7 @@ imported = hf_compare.imported_fixture(CASES, hf_compare.BASE)
 @pytest.mark.parametrize('name', list(CASES))
 def test_logits_match_transformers(imported, name):
   _, model, _, config, params = imported(name)
-  for field, value in CASES[name][3].items():
-    assert config.model[field] == value, field
-  ids = tokens()
-  expected = hf_logits(model, ids)
-  diff = np.max(np.abs(our_logits(config, params, ids) - expected))
-  print(f'{name}: max abs logits difference {diff:.2e}')
-  assert diff <= TOL
+  ids, expected = check_logits(name, CASES[name], model, config, params)
   control = CASES[name][4]
   if control:
     other = config_lib.load_workdir_config(imported(name)[2])

@@ -18,7 +18,7 @@ transformers = pytest.importorskip('transformers')
 
 from llm_jax import config as config_lib, convert, decoding, train  # noqa: E402
 import hf_compare  # noqa: E402
-from hf_compare import TOL, check_export, hf_logits, our_logits, tokens  # noqa: E402
+from hf_compare import check_export, check_logits, our_logits, tokens  # noqa: E402
 
 BASE = dict(hf_compare.BASE, intermediate_size=48, num_experts_per_tok=2)
 # name -> (config class, model class, overrides, config.model fields the import must set, a negative control)
@@ -44,13 +44,7 @@ imported = hf_compare.imported_fixture(CASES, BASE, random_norms=True)
 @pytest.mark.parametrize('name', list(CASES))
 def test_logits_match_transformers(imported, name):
   _, model, workdir, config, params = imported(name)
-  for field, value in CASES[name][3].items():
-    assert config.model[field] == value, field
-  ids = tokens()
-  expected = hf_logits(model, ids)
-  diff = np.max(np.abs(our_logits(config, params, ids) - expected))
-  print(f'{name}: max abs logits difference {diff:.2e}')
-  assert diff <= TOL
+  ids, expected = check_logits(name, CASES[name], model, config, params)
   other = config_lib.load_workdir_config(workdir)
   other.model.update(CASES[name][4])
   assert np.max(np.abs(our_logits(other, params, ids) - expected)) > 1e-2, f'{CASES[name][4]} does not matter here'

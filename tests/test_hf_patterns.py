@@ -25,7 +25,7 @@ from llm_jax import config as config_lib, convert, decoding, train  # noqa: E402
 from llm_jax.serving import Engine, EngineConfig, SamplingParams  # noqa: E402
 from llm_jax.serving.engine import unstack_layers  # noqa: E402
 import hf_compare  # noqa: E402
-from hf_compare import TOL, check_export, hf_logits, our_logits, tokens  # noqa: E402
+from hf_compare import TOL, check_export, check_logits, hf_logits, our_logits, tokens  # noqa: E402
 
 BASE = dict(hf_compare.BASE, head_dim=32)
 # name -> (config class, model class, overrides, config.model fields the import must set, a negative control)
@@ -96,13 +96,7 @@ def _control(config, params, edit):
 @pytest.mark.parametrize('name', list(CASES))
 def test_logits_match_transformers(imported, name):
   _, model, workdir, config, params = imported(name)
-  for field, value in CASES[name][3].items():
-    assert config.model[field] == value, field
-  ids = tokens()
-  expected = hf_logits(model, ids)
-  diff = np.max(np.abs(our_logits(config, params, ids) - expected))
-  print(f'{name}: max abs logits difference {diff:.2e}')
-  assert diff <= TOL
+  ids, expected = check_logits(name, CASES[name], model, config, params)
   controls = CASES[name][4] if isinstance(CASES[name][4], list) else [CASES[name][4]]
   for control in controls:
     other, other_params = _control(config, params, control)

@@ -14,23 +14,10 @@ from jax.sharding import Mesh
 from llm_jax import config as config_lib
 from llm_jax.model import attention
 from llm_jax.model.partitioning import activation_sharding
+from helpers import packed_segments
 
 HEAD_DIM = 128
 SEQ = 256
-
-
-def _packed_segments(rng, batch, length):
-  """Rows of 1-4 documents of random lengths, some with trailing padding (segment 0)."""
-  rows = []
-  for _ in range(batch):
-    cuts = np.sort(rng.choice(np.arange(1, length), size=rng.integers(0, 4), replace=False))
-    row = np.zeros(length, np.int32)
-    for i, (a, b) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, length])):
-      row[a:b] = i + 1
-    if rng.random() < 0.5:
-      row[length - rng.integers(1, 40):] = 0
-    rows.append(row)
-  return jnp.asarray(np.stack(rows))
 
 
 def _inputs(seed, batch, heads, kv_heads):
@@ -38,7 +25,7 @@ def _inputs(seed, batch, heads, kv_heads):
   q, k, v = (jnp.asarray(rng.normal(size=(batch, SEQ, n, HEAD_DIM)), jnp.float32)
              for n in (heads, kv_heads, kv_heads))
   cotangent = jnp.asarray(rng.normal(size=(batch, SEQ, heads, HEAD_DIM)), jnp.float32)
-  return q, k, v, _packed_segments(rng, batch, SEQ), cotangent
+  return q, k, v, jnp.asarray(packed_segments(rng, batch, SEQ, max_padding=40)), cotangent
 
 
 def _fake_mesh(fsdp, tensor):
