@@ -119,6 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'bfloat16'  # Compute dtype of activations and matmuls: float32 | bfloat16 | float16.
   c.model.param_dtype = 'float32'  # Storage dtype of the parameters (master weights).
   c.model.logits_dtype = 'float32'  # Dtype of the output logits fed to the loss.
+  c.model.logits_chunks = 1  # >1: the losses (clm, mlm, SFT, DPO and kin) compute the output head and their per-token values over this many strided chunks of the tokens, one at a time, each rematerialised in the backward pass, so the [batch, seq, vocab] logits never exist whole (llm_jax/model/output_head.py; MaxText's num_vocab_tiling): for long sequences with a large vocabulary, where the logits are the largest activations. data.seq_len must divide into logits_chunks * mesh.context.
   c.model.attention = 'auto'  # Attention kernel: auto | xla | cudnn | splash. auto: cudnn on GPU, splash on TPU, else xla.
   c.model.max_segments_per_row = 8  # cuDNN attention: runs of segment ids (documents, padding) per row the packed layout has room for; rows with more fall back to the dense mask at run time; 0 = always the dense mask.
   c.model.remat = 'none'  # Rematerialisation policy: none | full | save_matmuls | save_attention_out | minimal (projections and mlp_out kept, as MaxText's: the TPU choice) | minimal_with_context (projections, attention output and its cuDNN softmax statistics kept; not mlp_out: the GPU choice).
@@ -336,6 +337,10 @@ def check_run(config, num_devices: int) -> dict[str, int]:
   if mesh['context'] > 1 and d.seq_len % chunks:
     fail('data.seq_len', f'{d.seq_len} does not split into mesh.context * {2 if chunks != mesh["context"] else 1} = '
          f'{chunks} equal chunks (context parallelism{", load-balanced" if chunks != mesh["context"] else ""})')
+  logits_chunks = config.model.get('logits_chunks', 1)
+  if logits_chunks > 1 and d.seq_len % (logits_chunks * mesh['context']):
+    fail('model.logits_chunks', f'data.seq_len = {d.seq_len} does not split into logits_chunks * mesh.context = '
+         f'{logits_chunks}*{mesh["context"]} (each chunk of the loss is split over the context axis)')
   batch_shards = mesh['data'] * mesh['expert'] * mesh['fsdp']
   if d.global_batch_size % (batch_shards * t.grad_accum_steps):
     fail('data.global_batch_size', f'{d.global_batch_size} is not divisible by data*expert*fsdp*grad_accum_steps = '

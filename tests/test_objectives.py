@@ -188,14 +188,16 @@ def test_registry_is_configs_list_of_choices():
 
 
 class SowingModel(nn.Module):
-  """A linear LM that records an auxiliary term (as a mixture-of-experts router records its balance loss)."""
+  """A linear LM that records an auxiliary term (as a mixture-of-experts router records its balance loss); like
+  the Transformer, it returns a per-token reduction of its logits when given `reduce` (the objectives' contract)."""
   vocab: int = 16
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None):
+  def __call__(self, tokens, segment_ids=None, positions=None, reduce=None):
     x = nn.Embed(self.vocab, 8)(tokens)
     self.sow(objectives.AUX_COLLECTION, 'balance', 0.5 * jnp.sum(jnp.square(x)))
-    return nn.Dense(self.vocab)(x)
+    logits = nn.Dense(self.vocab)(x)
+    return logits if reduce is None else reduce[0](logits, reduce[1])
 
 
 def test_sown_auxiliary_terms_join_the_loss_and_the_metrics():

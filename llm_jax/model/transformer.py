@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.errors import check_choice, fail
-from llm_jax.model import context, moe
+from llm_jax.model import context, moe, output_head
 from llm_jax.model.attention import CHOICES as ATTENTION_CHOICES
 from llm_jax.model.attention import PROJECTIONS as ATTENTION_PROJECTIONS
 from llm_jax.model.attention import PageTable, SelfAttention
@@ -106,6 +106,7 @@ class TransformerConfig:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   logits_dtype: str = 'float32'
+  logits_chunks: int = 1
   attention: str = 'auto'
   max_segments_per_row: int = 8
   remat: str = 'none'
@@ -189,6 +190,8 @@ def check_config(config) -> None:
   if m.qk_norm and m.qk_norm_per_head:
     fail('model.qk_norm_per_head', 'qk_norm (over all heads, OLMoE) and qk_norm_per_head (Qwen3, Gemma 3) are two '
          'forms of the same norm: set one')
+  if m.get('logits_chunks', 1) < 1:
+    fail('model.logits_chunks', f'must be >= 1 (1 = the logits whole), got {m.logits_chunks}')
   for name in ('dtype', 'param_dtype', 'logits_dtype'):
     check_choice(f'model.{name}', m[name], DTYPES)
   check_choice('model.attention', m.attention, ATTENTION_CHOICES)
@@ -311,12 +314,16 @@ class Transformer(nn.Module):
   `pages` (attention.PageTable, with decode=True): the serving engine's paged K/V; the 'cache' collection then
   holds each layer's page pool, and segment ids only mark real tokens (non-zero) from padding.
   `logits_at` [B,K] (indices into T): logits of those positions only, [B,K,V] (a prefill needs its last one).
+  `reduce` (reducer, extra): instead of the logits, reducer(logits [B,C,V], extra [B,C,...]) -> per-token values
+  for all T tokens, computed over cfg.logits_chunks strided chunks of the tokens (output_head.reduce_in_chunks):
+  what a loss takes, without the whole [B,T,V] logits.
   """
   cfg: TransformerConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None, pages: PageTable | None = None, logits_at=None):
+  def __call__(self, tokens, segment_ids=None, positions=None, pages: PageTable | None = None, logits_at=None,
+               reduce: tuple[output_head.Reducer, object] | None = None):
     cfg = self.cfg
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
@@ -341,16 +348,22 @@ class Transformer(nn.Module):
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = cfg.norm_layer('final_norm')(x)
     if cfg.tie_embeddings:
-      logits = embed.attend(x)
+      weight = embed.embedding
     else:
-      logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                        param_dtype=jnp.dtype(cfg.param_dtype), name='lm_head',
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                 ('embed', 'vocab')))(x)
-    logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
-    if cfg.final_logit_softcap:  # in float32: tanh saturates, and bfloat16 would round the cap's neighbourhood
-      logits = soft_cap(logits.astype(jnp.float32), cfg.final_logit_softcap)
-    return logits.astype(jnp.dtype(cfg.logits_dtype))
+      weight = output_head.HeadKernel(cfg.vocab_size, cfg.init_std, jnp.dtype(cfg.param_dtype),
+                                      name='lm_head')(cfg.d_model)
+
+    def logits_of(h):
+      logits = output_head.head_logits(h, weight, jnp.dtype(cfg.dtype), cfg.tie_embeddings)
+      logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
+      if cfg.final_logit_softcap:  # in float32: tanh saturates, and bfloat16 would round the cap's neighbourhood
+        logits = soft_cap(logits.astype(jnp.float32), cfg.final_logit_softcap)
+      return logits.astype(jnp.dtype(cfg.logits_dtype))
+
+    if reduce is None:
+      return logits_of(x)
+    reducer, extra = reduce
+    return output_head.reduce_in_chunks(x, logits_of, reducer, extra, cfg.logits_chunks)
 
   def _blocks(self, x, segment_ids, positions, pages):
     """The layers (layer_pattern.layer_location says where each one's parameters are): scanned, one block per

@@ -13,6 +13,10 @@ An objective (one instance per run, built from the config by `llm_jax.objectives
   eval_sums(model, params, batch, ref)   named sums of one eval batch (no gradient)
   eval_metrics(totals)               the eval row from the sums over the eval batches (`eval_` names)
 
+The model is called as the Transformer is: `model.apply(variables, inputs, segment_ids, positions)` gives the
+logits, and with `reduce=(reducer, extra)` the per-token values reducer(logits, extra) instead (`per_token`): the
+losses take that form, so that the model can compute the logits in chunks (config.model.logits_chunks).
+
 `ref` is the frozen reference an objective asks for with `reference_kind() == 'copy'` (a copy of the initial parameters
 held in the TrainState, never in the optimizer) or `'lora_base'` (the base weights of a LoRA run, read from the
 trained parameters with the adapters off: no second copy); None otherwise.
@@ -104,10 +108,11 @@ class Objective:
     raise NotImplementedError
 
 
-def apply_with_aux(model, params, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(logits, {name: summed auxiliary term}) of `model` on the batch; {} when the model sows nothing."""
+def apply_with_aux(model, params, batch: dict, reduce=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(logits, {name: summed auxiliary term}) of `model` on the batch; {} when the model sows nothing.
+  With `reduce` (reducer, extra), the per-token values of the reducer instead of the logits (see `per_token`)."""
   logits, state = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
-                              mutable=[AUX_COLLECTION])
+                              reduce=reduce, mutable=[AUX_COLLECTION])
   sown = state.get(AUX_COLLECTION, {})
   terms = {}
   for path, value in jax.tree_util.tree_leaves_with_path(sown):
@@ -120,6 +125,13 @@ def apply_with_aux(model, params, batch: dict) -> tuple[jax.Array, dict[str, jax
 def with_aux(total: jax.Array, metrics: dict[str, jax.Array], terms: dict[str, jax.Array]) -> Loss:
   """The Loss of the objective's total and metrics with the model's auxiliary terms (`Loss.value` adds them)."""
   return Loss(total, metrics, dict(terms))
+
+
+def per_token(model, params, batch: dict, reducer, extra):
+  """reducer(logits [B,C,V], extra [B,C,...]) over every token of the batch, without the aux terms: the model
+  computes the logits in config.model.logits_chunks chunks (model/output_head.py), never all at once."""
+  return model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'],
+                     reduce=(reducer, extra))
 
 
 def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:

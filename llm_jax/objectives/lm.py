@@ -56,6 +56,18 @@ def token_losses(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def log_z_and_target_logit(logits, targets):
+  """(log Z, the target's logit) per token in float32: [B,T,V], [B,T] -> two [B,T]."""
+  logits = logits.astype(jnp.float32)
+  return (jax.nn.logsumexp(logits, axis=-1),
+          jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0])
+
+
+def losses_and_hits(logits, targets):
+  """(cross-entropy, 1.0 where the argmax is the target) per token: [B,T,V], [B,T] -> two [B,T]."""
+  return token_losses(logits, targets), (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+
 @register
 class CausalLM(base.Objective):
   """Next-token cross-entropy on the targets of `loss_mask` (pre-training text, and SFT: the sft_jsonl source
@@ -69,25 +81,23 @@ class CausalLM(base.Objective):
 
   def loss(self, model, params, batch, reference=None):
     del reference
-    logits, aux = base.apply_with_aux(model, params, batch)
     z_coef = self.config.train.z_loss
     mask = batch['loss_mask']
     if z_coef:  # cross-entropy = log Z - logit[target], from the same log Z the z-loss uses
-      logits = logits.astype(jnp.float32)
-      log_z = jax.nn.logsumexp(logits, axis=-1)
-      target_logits = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+      (log_z, target_logits), aux = base.apply_with_aux(model, params, batch,
+                                                        reduce=(log_z_and_target_logit, batch['targets']))
       ce, z = jnp.sum((log_z - target_logits) * mask), z_coef * jnp.sum(jnp.square(log_z) * mask)
       return base.with_aux(ce + z, dict(loss=ce, z_loss=z), aux)
     # the plain cross-entropy, exactly as before z-loss existed (same numbers, same resumes)
-    ce = jnp.sum(token_losses(logits, batch['targets']) * mask)
+    losses, aux = base.apply_with_aux(model, params, batch, reduce=(token_losses, batch['targets']))
+    ce = jnp.sum(losses * mask)
     return base.with_aux(ce, dict(loss=ce, z_loss=jnp.zeros((), jnp.float32)), aux)
 
   def eval_sums(self, model, params, batch, reference=None):
     del reference
-    logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+    losses, correct = base.per_token(model, params, batch, losses_and_hits, batch['targets'])
     mask = batch['loss_mask']
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch['targets']) * mask)
-    return dict(loss=jnp.sum(token_losses(logits, batch['targets']) * mask), tokens=jnp.sum(mask), correct=correct)
+    return dict(loss=jnp.sum(losses * mask), tokens=jnp.sum(mask), correct=jnp.sum(correct * mask))
 
   def eval_metrics(self, totals):
     eval_loss = totals['loss'] / max(totals['tokens'], 1.0)

@@ -155,8 +155,7 @@ class DPO(base.Objective):
       model = Transformer(dataclasses.replace(model.cfg, lora_rank=0, lora_targets=()), decode=model.decode)
       reference = lora_lib.split(params)[0]
     reference = jax.lax.stop_gradient(reference)
-    logits = model.apply({'params': reference}, batch['inputs'], batch['segment_ids'], batch['positions'])
-    logprobs = jax.lax.stop_gradient(base.target_logprobs(logits, batch['targets']))
+    logprobs = jax.lax.stop_gradient(base.per_token(model, reference, batch, base.target_logprobs, batch['targets']))
     return pair_sums(logprobs * batch['loss_mask'], batch['segment_ids'])
 
   def pair_sums_of(self, logprobs, ref_sums, batch) -> dict[str, jax.Array]:
@@ -173,15 +172,15 @@ class DPO(base.Objective):
     return {name: jnp.sum(jnp.where(valid, value, 0.0)) for name, value in terms.items()}
 
   def loss(self, model, params, batch, reference=None):
-    logits, aux = base.apply_with_aux(model, params, batch)
+    logprobs, aux = base.apply_with_aux(model, params, batch, reduce=(base.target_logprobs, batch['targets']))
     ref_sums = self.reference_sums(model, params, batch, reference)
-    sums = self.pair_sums_of(base.target_logprobs(logits, batch['targets']), ref_sums, batch)
+    sums = self.pair_sums_of(logprobs, ref_sums, batch)
     return base.with_aux(sums['loss'], sums, aux)
 
   def eval_sums(self, model, params, batch, reference=None):
-    logits = model.apply({'params': params}, batch['inputs'], batch['segment_ids'], batch['positions'])
+    logprobs = base.per_token(model, params, batch, base.target_logprobs, batch['targets'])
     ref_sums = self.reference_sums(model, params, batch, reference)
-    sums = self.pair_sums_of(base.target_logprobs(logits, batch['targets']), ref_sums, batch)
+    sums = self.pair_sums_of(logprobs, ref_sums, batch)
     valid, _, _ = self._valid(batch)
     return dict(sums, pairs=jnp.sum(valid.astype(jnp.float32)))
 

@@ -1,0 +1,86 @@
+"""The output head: final hidden states -> logits, whole, or chunk by chunk into per-token values.
+
+A loss needs a few numbers per token (log Z, the target's logit), not the [B,T,V] logits; but computed whole, the
+logits and what the backward pass keeps of them (a float32 copy, the softmax) are the largest activations of a long
+sequence with a large vocabulary: 32,768 tokens a device of Llama 3's 128,256 ids are 16 GiB per float32 copy.
+`reduce_in_chunks` computes the head and a per-token reduction over `chunks` strided slices of the tokens, one at a
+time under `lax.scan`, each rematerialised in the backward pass, so at most one chunk's logits exist (MaxText's
+`num_vocab_tiling`, Levanter's blockwise cross-entropy). Strided slices (token t goes to chunk t % chunks) keep
+each chunk split over the context axis like the sequence itself, so every device works on every chunk.
+
+The head kernel lives where `nn.Dense(name='lm_head')` kept it (`lm_head/kernel` [D,V]); `head_logits` computes
+what that Dense (or the tied embedding's `attend`) did, in the same dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.model.partitioning import constrain
+
+# fn(logits [B,C,V], extra sliced to [B,C,...]) -> pytree of per-token values [B,C,...]
+Reducer = Callable[[jax.Array, Any], Any]
+
+
+class HeadKernel(nn.Module):
+  """The untied head's kernel [d_model, vocab] as a parameter at `<name>/kernel`, as nn.Dense stores it."""
+  features: int
+  init_std: float
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, in_features: int) -> jax.Array:
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), ('embed', 'vocab'))
+    return self.param('kernel', init, (in_features, self.features), self.param_dtype)
+
+
+def head_logits(x: jax.Array, weight: jax.Array, dtype, tied: bool) -> jax.Array:
+  """x [..., D] -> logits [..., V] in `dtype`: x . kernel [D,V], or x . embedding[V,D]^T when tied (as flax's
+  Dense and Embed.attend compute them: both operands cast to `dtype`)."""
+  x, weight = x.astype(dtype), weight.astype(dtype)
+  if tied:
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+  return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _to_chunks(a: jax.Array, chunks: int) -> jax.Array:
+  """[B,T,...] -> [chunks, B, T/chunks, ...], chunk j holding tokens j, j + chunks, j + 2*chunks, ..."""
+  b, t = a.shape[:2]
+  a = a.reshape((b, t // chunks, chunks) + a.shape[2:])
+  return jnp.moveaxis(a, 2, 0)
+
+
+def _from_chunks(a: jax.Array) -> jax.Array:
+  """The inverse of _to_chunks: [chunks, B, C, ...] -> [B, C * chunks, ...]."""
+  chunks, b, c = a.shape[:3]
+  return jnp.moveaxis(a, 0, 2).reshape((b, c * chunks) + a.shape[3:])
+
+
+def reduce_in_chunks(x: jax.Array, logits_of: Callable[[jax.Array], jax.Array], reducer: Reducer, extra: Any,
+                     chunks: int) -> Any:
+  """reducer over the logits of every token of x [B,T,D], `chunks` strided slices at a time (module docstring).
+
+  `logits_of` maps hidden states [B,C,D] to logits [B,C,V]; `extra` is a pytree of per-token arrays [B,T,...]
+  sliced like x (targets, masks). With chunks = 1 this is reducer(logits_of(x), extra), with nothing rematerialised.
+  A T that `chunks` does not divide is padded with zeros, and the padded tokens' values are dropped.
+  """
+  if chunks <= 1:
+    return reducer(logits_of(x), extra)
+  t = x.shape[1]
+  pad = -t % chunks
+  if pad:
+    widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    x, extra = widen(x), jax.tree.map(widen, extra)
+  x_chunks = constrain(_to_chunks(x, chunks), (None, 'act_batch', 'act_seq', 'act_embed'))
+  extra_chunks = jax.tree.map(lambda a: _to_chunks(a, chunks), extra)
+
+  @jax.checkpoint
+  def one_chunk(x_chunk, extra_chunk):
+    return reducer(logits_of(x_chunk), extra_chunk)
+
+  _, out = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_chunks, extra_chunks))
+  return jax.tree.map(lambda a: _from_chunks(a)[:, :t], out)
