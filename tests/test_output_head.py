@@ -4,7 +4,8 @@
   loss rtol 1e-6, gradients rtol 1e-5 and atol 1e-6 of the largest entry: only the order of the sums differs), untied
   and tied heads, with the final-logit soft-cap, on chunk counts that divide the sequence and one that does not (padded);
 - the per-token log-probs DPO and its kin take, and the eval sums (loss, argmax hits), equal the whole logits';
-- on a context mesh (context 2, load-balanced, fsdp 2) the chunked loss and gradients equal one device's whole ones;
+- on meshes (context with fsdp, load-balanced; context with tensor and data; load-balanced whole logits) the loss and
+  gradients equal one device's whole ones;
 - the HLO: the per-device temporaries of the loss-and-gradient step fall with the chunks (a large vocabulary, where
   the logits are the largest activations);
 - validation: logits_chunks below 1, and a sequence that does not split into chunks x context, name the field.
@@ -88,11 +89,19 @@ def test_per_token_logprobs_and_eval_sums_equal_the_whole_logits():
   assert float(sums[1]['tokens']) == float(sums[0]['tokens']) > 0
 
 
-def test_chunked_head_on_a_context_mesh_equals_one_device():
+MESH_CASES = [  # (mesh, load balance, chunks): the chunk loop runs manual over the batch and sequence axes, the
+    (dict(context=2, fsdp=2), True, 2),  # vocabulary's tensor axis automatic inside it
+    (dict(context=2, tensor=2, data=2), False, 3),
+    (dict(context=4), True, 1),  # whole logits, the per-token values taken out of the layout
+]
+
+
+@pytest.mark.parametrize('mesh,balance,chunks', MESH_CASES, ids=str)
+def test_chunked_head_on_a_mesh_equals_one_device(mesh, balance, chunks):
   want = _loss_and_grads(config_of(), jax.devices()[:1])
-  config = config_of(model=dict(logits_chunks=2),
-                     mesh=dict(context=2, fsdp=2, context_exchange='all_gather', context_load_balance=True))
-  _assert_same(_loss_and_grads(config, jax.devices()[:4]), want)
+  config = config_of(model=dict(logits_chunks=chunks),
+                     mesh=dict(mesh, context_exchange='all_gather', context_load_balance=balance))
+  _assert_same(_loss_and_grads(config, jax.devices()[:int(np.prod(list(mesh.values())))]), want)
 
 
 def _step_temporaries(chunks: int) -> int:

@@ -20,10 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.model.partitioning import constrain
+from jax.sharding import PartitionSpec as P
+
+from llm_jax.model.partitioning import active, constrain
 
 # fn(logits [B,C,V], extra sliced to [B,C,...]) -> pytree of per-token values [B,C,...]
 Reducer = Callable[[jax.Array, Any], Any]
+# fn(hidden [B,C,D], head weight, pin the logits' sharding) -> logits [B,C,V]
+LogitsFn = Callable[[jax.Array, jax.Array, bool], jax.Array]
 
 
 class HeadKernel(nn.Module):
@@ -60,27 +64,59 @@ def _from_chunks(a: jax.Array) -> jax.Array:
   return jnp.moveaxis(a, 0, 2).reshape((b, c * chunks) + a.shape[3:])
 
 
-def reduce_in_chunks(x: jax.Array, logits_of: Callable[[jax.Array], jax.Array], reducer: Reducer, extra: Any,
+def reduce_in_chunks(x: jax.Array, weight: jax.Array, logits_of: LogitsFn, reducer: Reducer, extra: Any,
                      chunks: int) -> Any:
   """reducer over the logits of every token of x [B,T,D], `chunks` strided slices at a time (module docstring).
 
-  `logits_of` maps hidden states [B,C,D] to logits [B,C,V]; `extra` is a pytree of per-token arrays [B,T,...]
-  sliced like x (targets, masks). With chunks = 1 this is reducer(logits_of(x), extra), with nothing rematerialised.
-  A T that `chunks` does not divide is padded with zeros, and the padded tokens' values are dropped.
+  `logits_of(h [B,C,D], weight, constrain)` gives the logits [B,C,V] (`constrain`: pin their sharding; False inside
+  the manual region below); `extra` is a pytree of per-token arrays [B,T,...] sliced like x (targets, masks). With
+  chunks = 1 this is reducer(logits_of(x, weight, True), extra), nothing rematerialised. A T that `chunks` does not
+  divide is padded with zeros, and the padded tokens' values are dropped.
+
+  On a mesh the chunk loop runs inside shard_map, manual over the axes that split the tokens (batch and sequence;
+  the vocabulary's tensor axis stays automatic): the head's weight is gathered once on the way in, each device
+  sums its own tokens' share of the weight's gradient over the chunks, and one reduction over the devices follows
+  on the way out, where the automatic partitioner would gather the weight and reduce its gradient in every chunk.
   """
   if chunks <= 1:
-    return reducer(logits_of(x), extra)
+    return reducer(logits_of(x, weight, True), extra)
   t = x.shape[1]
   pad = -t % chunks
   if pad:
-    widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     x, extra = widen(x), jax.tree.map(widen, extra)
   x_chunks = constrain(_to_chunks(x, chunks), (None, 'act_batch', 'act_seq', 'act_embed'))
   extra_chunks = jax.tree.map(lambda a: _to_chunks(a, chunks), extra)
 
-  @jax.checkpoint
-  def one_chunk(x_chunk, extra_chunk):
-    return reducer(logits_of(x_chunk), extra_chunk)
+  def loop(x_chunks, weight, extra_chunks, constrain_logits=True):
+    @jax.checkpoint
+    def one_chunk(x_chunk, extra_chunk):
+      return reducer(logits_of(x_chunk, weight, constrain_logits), extra_chunk)
 
-  _, out = jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_chunks, extra_chunks))
+    return jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_chunks, extra_chunks))[1]
+
+  manual = _token_axes()
+  if manual is None:
+    out = loop(x_chunks, weight, extra_chunks)
+  else:
+    mesh, batch_axes, seq_axes, names = manual
+    tokens = P(None, batch_axes, seq_axes)  # a prefix: the dims after [chunks, B, C] stay whole
+    out = jax.shard_map(lambda *a: loop(*a, constrain_logits=False), mesh=mesh, in_specs=(tokens, P(), tokens),
+                        out_specs=tokens, axis_names=names, check_vma=False)(x_chunks, weight, extra_chunks)
   return jax.tree.map(lambda a: _from_chunks(a)[:, :t], out)
+
+
+def _token_axes():
+  """(mesh, batch axes, sequence axes, their names as a set) of the active mesh's token-splitting axes, or None
+  without a mesh or when they are all of size 1."""
+  context = active()
+  if context is None:
+    return None
+  mesh, rules = context
+  batch_axes, seq_axes = nn.logical_to_mesh_axes(('act_batch', 'act_seq'), rules)
+  names = set()
+  for axes in (batch_axes, seq_axes):
+    names.update(axes if isinstance(axes, tuple) else (axes,) if axes else ())
+  if all(mesh.shape[name] == 1 for name in names):
+    return None
+  return mesh, batch_axes, seq_axes, frozenset(names)  # the specs name size-1 axes too: manual as well

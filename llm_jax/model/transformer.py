@@ -343,7 +343,8 @@ class Transformer(nn.Module):
       x = x * jnp.asarray(cfg.d_model ** 0.5, x.dtype)
     x = constrain(x, ('act_batch', 'act_seq', 'act_embed'))
     x = self._blocks(x, segment_ids, positions, pages)
-    x = context.from_layout(x, order)
+    if reduce is None:  # a loss's per-token values need no input order: they leave the layout instead (below)
+      x = context.from_layout(x, order)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = cfg.norm_layer('final_norm')(x)
@@ -353,17 +354,23 @@ class Transformer(nn.Module):
       weight = output_head.HeadKernel(cfg.vocab_size, cfg.init_std, jnp.dtype(cfg.param_dtype),
                                       name='lm_head')(cfg.d_model)
 
-    def logits_of(h):
+    def logits_of(h, weight, pin=True):
       logits = output_head.head_logits(h, weight, jnp.dtype(cfg.dtype), cfg.tie_embeddings)
-      logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
+      if pin:
+        logits = constrain(logits, ('act_batch', 'act_seq', 'act_vocab'))
       if cfg.final_logit_softcap:  # in float32: tanh saturates, and bfloat16 would round the cap's neighbourhood
         logits = soft_cap(logits.astype(jnp.float32), cfg.final_logit_softcap)
       return logits.astype(jnp.dtype(cfg.logits_dtype))
 
     if reduce is None:
-      return logits_of(x)
+      return logits_of(x, weight)
+    # The per-token values are computed in the devices' layout (load-balanced context parallelism) with `extra`
+    # taken into it, and only they return to input order: moving the hidden states back would gather the whole
+    # sequence's [T, d_model] on every device.
     reducer, extra = reduce
-    return output_head.reduce_in_chunks(x, logits_of, reducer, extra, cfg.logits_chunks)
+    extra = jax.tree.map(lambda a: context.to_layout(a, order), extra)
+    out = output_head.reduce_in_chunks(x, weight, logits_of, reducer, extra, cfg.logits_chunks)
+    return jax.tree.map(lambda a: context.from_layout(a, order), out)
 
   def _blocks(self, x, segment_ids, positions, pages):
     """The layers (layer_pattern.layer_location says where each one's parameters are): scanned, one block per
