@@ -13,8 +13,14 @@ module from its entry computation instead, multiplying every loop body by its tr
                  Pallas TPU ragged paged attention: the serving engine's steps), 'cudnn' (cuDNN
                  fused attention on q, k, v alone), 'cudnn_packed' (with packed lengths and offsets),
                  'cudnn_bias' (with a bias operand: a dense mask), or 'dense' (no attention kernel: XLA's einsums)
-  collectives    all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute: count and bytes of
-                 their results per step
+  collectives    all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute: count, bytes of their
+                 results, and the bytes each device sends (and receives) per step under the bandwidth-optimal
+                 (ring) algorithm over its group of n devices: all-gather (n-1)/n of its result, reduce-scatter
+                 (n-1) x its result, all-reduce 2(n-1)/n of its operand, all-to-all (n-1)/n, a permute its
+                 buffer. TPU's all-reduce-scatter fusions (a kCustom fusion whose all-reduce is cut to this
+                 device's slice by a dynamic-slice: the backend runs a reduce-scatter) count as reduce-scatters,
+                 (n-1)/n of the all-reduce's operand; `fused` says how many of them. The largest sources of each
+                 kind (the jax op named in the instruction's metadata) say what each collective is for.
 
 A conditional (cuDNN's per-batch choice of kernel) counts its costliest branch, and its kernels are all listed.
 """
@@ -42,6 +48,9 @@ class StepStats:
   attention_kernels: set = dataclasses.field(default_factory=set)
   collectives: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # op -> count
   collective_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # op -> bytes
+  collective_traffic: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # op -> sent
+  fused_reduce_scatters: float = 0  # of the reduce-scatters, TPU's all-reduce-scatter fusions
+  sources: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (op, jax op) -> sent
   unknown_trip_counts: int = 0  # while loops whose trip count XLA did not record (counted once)
 
   def add(self, other: 'StepStats', times: float = 1.0) -> None:
@@ -50,13 +59,30 @@ class StepStats:
     for op in other.collectives:
       self.collectives[op] += other.collectives[op] * times
       self.collective_bytes[op] += other.collective_bytes[op] * times
+      self.collective_traffic[op] += other.collective_traffic[op] * times
+    for key, sent in other.sources.items():
+      self.sources[key] += sent * times
+    self.fused_reduce_scatters += other.fused_reduce_scatters * times
     self.unknown_trip_counts += other.unknown_trip_counts
 
-  def summary(self) -> dict:
+  def add_collective(self, op: str, result_bytes: int, sent_bytes: float, source: str) -> None:
+    self.collectives[op] += 1
+    self.collective_bytes[op] += result_bytes
+    self.collective_traffic[op] += sent_bytes
+    self.sources[(op, source)] += sent_bytes
+
+  def summary(self, top_sources: int = 3) -> dict:
+    collectives = {}
+    for op in sorted(self.collectives):
+      top = sorted(((sent, src) for (kind, src), sent in self.sources.items() if kind == op), reverse=True)
+      collectives[op] = dict(count=int(self.collectives[op]), bytes=int(self.collective_bytes[op]),
+                             sent_bytes=int(self.collective_traffic[op]),
+                             top_sources=[dict(op=src, sent_bytes=int(sent)) for sent, src in top[:top_sources]])
+      if op == 'reduce-scatter':
+        collectives[op]['fused'] = int(self.fused_reduce_scatters)
     return dict(matmul_flops=self.matmul_flops,
                 attention_kernels=sorted(self.attention_kernels) or ['dense'],
-                collectives={op: dict(count=int(self.collectives[op]), bytes=int(self.collective_bytes[op]))
-                             for op in sorted(self.collectives)},
+                collectives=collectives,
                 unknown_trip_counts=self.unknown_trip_counts)
 
 
@@ -148,6 +174,49 @@ def _logical_lines(text: str):
     pending = line
   if pending is not None:
     yield pending
+
+
+_GROUPS_LISTED = re.compile(r'replica_groups=\{\{([0-9,]*)\}')
+_GROUPS_IOTA = re.compile(r'replica_groups=\[(\d+),(\d+)\]')
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _group_size(attributes: str, partitions: int) -> int:
+  """Devices in each replica group of a collective: listed ({{0,1,2,3},...}), iota ([groups,size]<=[...]), or mesh
+  axes (mesh['axis_0'=4,'axis_1'=1] {'axis_0'}: the product of the named axes' sizes); all partitions otherwise."""
+  listed = _GROUPS_LISTED.search(attributes)
+  if listed:
+    return max(1, len([d for d in listed.group(1).split(',') if d]))
+  iota = _GROUPS_IOTA.search(attributes)
+  if iota:
+    return int(iota.group(2))
+  mesh = _GROUPS_MESH.search(attributes)
+  if mesh:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+    return math.prod(int(sizes.get(name, 1)) for name in re.findall(r"'([^']+)'", mesh.group(2)))
+  return partitions
+
+
+def _sent_bytes(op: str, result_bytes: int, operand_bytes: int, n: int) -> float:
+  """Bytes one device sends (and receives) for a collective over n devices, bandwidth-optimal (module docstring)."""
+  if n <= 1:
+    return 0.0
+  if op == 'all-gather':
+    return result_bytes * (n - 1) / n
+  if op == 'reduce-scatter':
+    return result_bytes * (n - 1)
+  if op == 'all-reduce':
+    return 2 * operand_bytes * (n - 1) / n
+  if op == 'all-to-all':
+    return operand_bytes * (n - 1) / n
+  return operand_bytes  # collective-permute
+
+
+def _source(inst: _Instruction) -> str:
+  """The jax op an instruction came from (its metadata's op_name, without the jit(...) prefix), or its name."""
+  match = _OP_NAME.search(inst.attributes)
+  return re.sub(r'^jit\([^)]*\)/', '', match.group(1)) if match else inst.name
 
 
 def _parse_module(text: str):
@@ -305,10 +374,23 @@ def _trip_count(inst: _Instruction, computations: dict, instructions: dict) -> i
   return max(0, -(-(limit - start) // step))
 
 
+def _all_reduce_scatter(body: list) -> _Instruction | None:
+  """The all-reduce of a TPU all-reduce-scatter fusion's computation (an all-reduce whose result the root
+  dynamic-slices), else None."""
+  if not body or body[-1].opcode != 'dynamic-slice':
+    return None
+  return next((inst for inst in body if inst.opcode in ('all-reduce', 'all-reduce-start')), None)
+
+
 def analyze_text(text: str) -> StepStats:
   computations, entry, types = _parse_module(text)
   instructions = {inst.name: inst for body in computations.values() for inst in body}
+  partitions = re.search(r'num_partitions=(\d+)', text)
+  partitions = int(partitions.group(1)) if partitions else 1
   cache: dict[str, StepStats] = {}
+
+  def operand_bytes(inst: _Instruction) -> int:
+    return sum(_largest_array_bytes(t or types.get(o, '')) for o, t in zip(inst.operands, inst.operand_types))
 
   def visit(name: str) -> StepStats:
     if name in cache:
@@ -327,8 +409,10 @@ def analyze_text(text: str) -> StepStats:
           stats.attention_kernels.add(kernel)
       base = op[:-6] if op.endswith('-start') else op
       if base in _COLLECTIVES:
-        stats.collectives[base] += 1
-        stats.collective_bytes[base] += _largest_array_bytes(inst.type)
+        result = _largest_array_bytes(inst.type)
+        n = _group_size(inst.attributes, partitions)
+        stats.add_collective(base, result, _sent_bytes(base, result, operand_bytes(inst) or result, n),
+                             _source(inst))
       if op == 'while':
         trips = _trip_count(inst, computations, instructions)
         if trips is None:
@@ -345,7 +429,16 @@ def analyze_text(text: str) -> StepStats:
           for other in branch_stats:
             stats.attention_kernels |= other.attention_kernels
       elif op in ('fusion', 'call', 'async-start'):
-        for callee in _called(inst.attributes, 'calls') + _called(inst.attributes, 'to_apply'):
+        callees = _called(inst.attributes, 'calls') + _called(inst.attributes, 'to_apply')
+        reduce = _all_reduce_scatter(computations.get(callees[0], [])) if op == 'fusion' and callees else None
+        if reduce is not None and 'kind=kCustom' in inst.attributes:
+          full = operand_bytes(reduce) or _largest_array_bytes(reduce.type)
+          n = _group_size(reduce.attributes, partitions)
+          source = _source(inst) if _OP_NAME.search(inst.attributes) else _source(reduce)
+          stats.add_collective('reduce-scatter', _largest_array_bytes(inst.type), full * (n - 1) / n, source)
+          stats.fused_reduce_scatters += 1
+          continue
+        for callee in callees:
           stats.add(visit(callee))
     cache[name] = stats
     return stats
@@ -358,3 +451,49 @@ def analyze_text(text: str) -> StepStats:
 def analyze(compiled) -> dict:
   """StepStats.summary() of a `jax.stages.Compiled` (its optimized, partitioned HLO: per-device figures)."""
   return analyze_text(compiled.as_text()).summary()
+
+
+def collectives_table(named_stats: dict[str, StepStats]) -> str:
+  """A markdown table of the collectives of several compiled steps side by side: per kind, count, GiB of results,
+  and GiB each device sends (module docstring), for each name."""
+  gib = 2.0 ** 30
+  kinds = sorted({op for stats in named_stats.values() for op in stats.collectives})
+  names = list(named_stats)
+  lines = ['| collective | ' + ' | '.join(f'{name}: count / result GiB / sent GiB' for name in names) + ' |',
+           '|---|' + '---|' * len(names)]
+  for op in kinds:
+    cells = []
+    for stats in named_stats.values():
+      count = stats.collectives.get(op, 0)
+      fused = f' ({int(stats.fused_reduce_scatters)} fused)' if op == 'reduce-scatter' and count else ''
+      cells.append(f'{int(count)}{fused} / {stats.collective_bytes.get(op, 0) / gib:.2f} / '
+                   f'{stats.collective_traffic.get(op, 0) / gib:.2f}')
+    lines.append(f'| {op} | ' + ' | '.join(cells) + ' |')
+  totals = [f'{sum(s.collectives.values()):.0f} / {sum(s.collective_bytes.values()) / gib:.2f} / '
+            f'{sum(s.collective_traffic.values()) / gib:.2f}' for s in named_stats.values()]
+  lines.append('| all | ' + ' | '.join(totals) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  """python -m llm_jax.hlo_analysis NAME=FILE [NAME=FILE ...]: the collectives of compiled steps' optimized HLO text
+  (an XLA dump's *after_optimizations.txt, e.g. from XLA_FLAGS=--xla_dump_to=DIR beside a --dry_run or MaxText's
+  train_compile), as a table, then each one's largest sources per kind."""
+  if not argv:
+    raise SystemExit('usage: python -m llm_jax.hlo_analysis NAME=FILE [NAME=FILE ...] (optimized HLO text files)')
+  named = {}
+  for arg in argv:
+    name, _, path = arg.rpartition('=')
+    with open(path) as f:
+      named[name or path] = analyze_text(f.read())
+  print(collectives_table(named))
+  for name, stats in named.items():
+    print(f'\n{name}: largest sources (GiB sent per device)')
+    for op, entry in stats.summary()['collectives'].items():
+      for source in entry['top_sources']:
+        print(f'  {op:18s} {source["sent_bytes"] / 2 ** 30:8.2f}  {source["op"][-150:]}')
+
+
+if __name__ == '__main__':
+  import sys
+  main(sys.argv[1:])

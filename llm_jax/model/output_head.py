@@ -74,9 +74,10 @@ def reduce_in_chunks(x: jax.Array, weight: jax.Array, logits_of: LogitsFn, reduc
   divide is padded with zeros, and the padded tokens' values are dropped.
 
   On a mesh the chunk loop runs inside shard_map, manual over the axes that split the tokens (batch and sequence;
-  the vocabulary's tensor axis stays automatic): the head's weight is gathered once on the way in, each device
-  sums its own tokens' share of the weight's gradient over the chunks, and one reduction over the devices follows
-  on the way out, where the automatic partitioner would gather the weight and reduce its gradient in every chunk.
+  the vocabulary's tensor axis stays automatic): the head's weight is gathered once on the way in (in the compute
+  dtype), each device sums its own tokens' share of the weight's gradient over the chunks, and one reduction over
+  the devices follows on the way out, where the automatic partitioner would gather the weight and reduce its
+  gradient in every chunk.
   """
   if chunks <= 1:
     return reducer(logits_of(x, weight, True), extra)
@@ -88,22 +89,49 @@ def reduce_in_chunks(x: jax.Array, weight: jax.Array, logits_of: LogitsFn, reduc
   x_chunks = constrain(_to_chunks(x, chunks), (None, 'act_batch', 'act_seq', 'act_embed'))
   extra_chunks = jax.tree.map(lambda a: _to_chunks(a, chunks), extra)
 
-  def loop(x_chunks, weight, extra_chunks, constrain_logits=True):
-    @jax.checkpoint
-    def one_chunk(x_chunk, extra_chunk):
-      return reducer(logits_of(x_chunk, weight, constrain_logits), extra_chunk)
-
-    return jax.lax.scan(lambda carry, xs: (carry, one_chunk(*xs)), None, (x_chunks, extra_chunks))[1]
-
+  weight = weight.astype(x.dtype)  # what the head multiplies: gathered below in the compute dtype, not float32
   manual = _token_axes()
   if manual is None:
-    out = loop(x_chunks, weight, extra_chunks)
+    out = _chunk_loop(logits_of, reducer, True)(x_chunks, weight, extra_chunks)
   else:
     mesh, batch_axes, seq_axes, names = manual
     tokens = P(None, batch_axes, seq_axes)  # a prefix: the dims after [chunks, B, C] stay whole
-    out = jax.shard_map(lambda *a: loop(*a, constrain_logits=False), mesh=mesh, in_specs=(tokens, P(), tokens),
+    out = jax.shard_map(_chunk_loop(logits_of, reducer, False), mesh=mesh, in_specs=(tokens, P(), tokens),
                         out_specs=tokens, axis_names=names, check_vma=False)(x_chunks, weight, extra_chunks)
   return jax.tree.map(lambda a: _from_chunks(a)[:, :t], out)
+
+
+def _chunk_loop(logits_of: LogitsFn, reducer: Reducer, pin: bool):
+  """f(x_chunks [n,B,C,D], weight, extra_chunks) -> per-token values [n,B,C,...], one chunk at a time, with its own
+  backward pass: each chunk's logits are computed again from the saved hidden states, and the weight's gradient
+  is summed over the chunks in float32 (rounded once to the weight's dtype at the end, as one matmul over all the
+  tokens would be); nothing of a chunk outlives it."""
+
+  def chunk_values(x_chunk, weight, extra_chunk):
+    return reducer(logits_of(x_chunk, weight, pin), extra_chunk)
+
+  @jax.custom_vjp
+  def loop(x_chunks, weight, extra_chunks):
+    return jax.lax.map(lambda xs: chunk_values(xs[0], weight, xs[1]), (x_chunks, extra_chunks))
+
+  def forward(x_chunks, weight, extra_chunks):
+    return loop(x_chunks, weight, extra_chunks), (x_chunks, weight, extra_chunks)
+
+  def backward(residuals, cotangents):
+    x_chunks, weight, extra_chunks = residuals
+
+    def step(weight_grad, xs):
+      x_chunk, extra_chunk, cotangent = xs
+      _, vjp = jax.vjp(lambda h, w: chunk_values(h, w, extra_chunk), x_chunk, weight)
+      x_grad, chunk_weight_grad = vjp(cotangent)
+      return weight_grad + chunk_weight_grad.astype(jnp.float32), x_grad
+
+    weight_grad, x_grads = jax.lax.scan(step, jnp.zeros(weight.shape, jnp.float32),
+                                        (x_chunks, extra_chunks, cotangents))
+    return x_grads, weight_grad.astype(weight.dtype), None
+
+  loop.defvjp(forward, backward)
+  return loop
 
 
 def _token_axes():
