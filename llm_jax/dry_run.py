@@ -247,8 +247,11 @@ def format_report(r: dict[str, Any]) -> str:
     note = ' (counts a scanned loop body once)' if r['config']['scan_layers'] else ''
     lines.append(f'  XLA cost analysis {r["xla_flops_per_device"]:.4g}{note}')
   lines.append(f'attention kernels in the compiled step: {", ".join(r["attention_kernels"])}')
-  collectives = ', '.join(f'{op} {c["count"]} x, {c["bytes"] / GIB:.3f} GiB' for op, c in r['collectives'].items())
-  lines.append(f'collectives per step: {collectives or "none"}')
+  def collective(op, c):
+    fused = f' ({c["fused"]} of them all-reduce-scatter fusions)' if c.get('fused') else ''
+    return f'{op} {c["count"]} x{fused}, {c["bytes"] / GIB:.3f} GiB, each device sends {c["sent_bytes"] / GIB:.3f} GiB'
+  collectives = '; '.join(collective(op, c) for op, c in r['collectives'].items())
+  lines.append(f'collectives per step (results; bytes sent by the ring algorithm): {collectives or "none"}')
   if r['platform'] == 'cpu':
     lines.append('  compiled for CPU: arguments/outputs are exact; temporaries are indicative of a GPU/TPU compile'
                  ' (use --target)')
