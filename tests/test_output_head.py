@@ -2,8 +2,9 @@
 
 - the losses (clm plain and with z-loss, mlm) and every gradient of the chunked head equal the whole logits' (float32:
   loss rtol 1e-6, gradients rtol 1e-5 and atol 1e-6 of the largest entry: only the order of the sums differs), untied
-  and tied heads, with the final-logit soft-cap, on chunk counts that divide the sequence and one that does not (padded);
-- the per-token log-probs DPO and its kin take, and the eval sums (loss, argmax hits), equal the whole logits';
+  and tied heads, with the final-logit soft-cap;
+- the per-token log-probs DPO and its kin take (also in chunks that do not divide the sequence: padded), and the eval
+  sums (loss, argmax hits), equal the whole logits';
 - on meshes (context with fsdp, load-balanced; context with tensor and data; load-balanced whole logits) the loss and
   gradients equal one device's whole ones;
 - the HLO: the per-device temporaries of the loss-and-gradient step fall with the chunks (a large vocabulary, where
