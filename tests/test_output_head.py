@@ -5,8 +5,8 @@
   and tied heads, with the final-logit soft-cap;
 - the per-token log-probs DPO and its kin take (also in chunks that do not divide the sequence: padded), and the eval
   sums (loss, argmax hits), equal the whole logits';
-- on meshes (context with fsdp, load-balanced; context with tensor and data; load-balanced whole logits) the loss and
-  gradients equal one device's whole ones;
+- on meshes (context with fsdp, load-balanced; context with tensor and data; a tied head; load-balanced whole
+  logits) the loss and gradients equal one device's whole ones;
 - the HLO: the per-device temporaries of the loss-and-gradient step fall with the chunks (a large vocabulary, where
   the logits are the largest activations);
 - validation: logits_chunks below 1, and a sequence that does not split into chunks x context, name the field.
@@ -99,17 +99,19 @@ def test_per_token_logprobs_and_eval_sums_equal_the_whole_logits():
   assert float(sums[1]['tokens']) == float(sums[0]['tokens']) > 0
 
 
-MESH_CASES = [  # (mesh, load balance, chunks): the chunk loop runs manual over the batch and sequence axes, the
-    (dict(context=2, fsdp=2), True, 2),  # vocabulary's tensor axis automatic inside it
-    (dict(context=2, tensor=2, data=2), False, 3),
-    (dict(context=4), True, 1),  # whole logits, the per-token values taken out of the layout
+MESH_CASES = [  # (mesh, load balance, chunks, tied head): the chunk loop runs manual over the batch and sequence
+    (dict(context=2, fsdp=2), True, 2, False),  # axes (the head's weight gathered over fsdp x context inside it),
+    (dict(context=2, tensor=2, data=2), False, 3, False),  # the vocabulary's tensor axis automatic
+    (dict(context=2, fsdp=2), False, 4, True),  # the tied embedding [V, D] as the head: gathered on its other axis
+    (dict(context=4), True, 1, False),  # whole logits, the per-token values taken out of the layout
 ]
 
 
-@pytest.mark.parametrize('mesh,balance,chunks', MESH_CASES, ids=str)
-def test_chunked_head_on_a_mesh_equals_one_device(mesh, balance, chunks):
-  want = _whole_on_one_device()
-  config = config_of(model=dict(logits_chunks=chunks),
+@pytest.mark.parametrize('mesh,balance,chunks,tied', MESH_CASES, ids=str)
+def test_chunked_head_on_a_mesh_equals_one_device(mesh, balance, chunks, tied):
+  want = (_loss_and_grads(config_of(model=dict(tie_embeddings=True)), jax.devices()[:1]) if tied else
+          _whole_on_one_device())
+  config = config_of(model=dict(logits_chunks=chunks, tie_embeddings=tied),
                      mesh=dict(mesh, context_exchange='all_gather', context_load_balance=balance))
   _assert_same(_loss_and_grads(config, jax.devices()[:int(np.prod(list(mesh.values())))]), want)
 
