@@ -100,14 +100,25 @@ def query_runs(length: int, shards: int, load_balance: bool) -> list[list[tuple[
   return [[(c * block, block)] for c in range(shards)]
 
 
+def _permute(x: jax.Array, order: np.ndarray) -> jax.Array:
+  """x[:, order] as static slices of its contiguous runs, concatenated: a gather written as slices, whose
+  transpose is pads and adds, not a scatter (under context parallelism XLA turned the K/V gradients' scatter into
+  an all-reduce of the whole sequence where it could have reduce-scattered them)."""
+  breaks = np.flatnonzero(np.diff(order) != 1) + 1
+  starts = np.concatenate([[0], breaks])
+  ends = np.concatenate([breaks, [len(order)]])
+  pieces = [jax.lax.slice_in_dim(x, int(order[a]), int(order[a]) + int(b - a), axis=1) for a, b in zip(starts, ends)]
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
 def to_layout(x: jax.Array, order: np.ndarray | None) -> jax.Array:
   """x [B,T,...] in input order -> the devices' layout (axis 1 permuted by `order`)."""
-  return x if order is None else jnp.take(x, order, axis=1)
+  return x if order is None else _permute(x, order)
 
 
 def from_layout(x: jax.Array, order: np.ndarray | None) -> jax.Array:
   """The inverse of to_layout."""
-  return x if order is None else jnp.take(x, np.argsort(order).astype(np.int32), axis=1)
+  return x if order is None else _permute(x, np.argsort(order))
 
 
 # local(q [b,t,N,H], k, v [b,S,K,H], q_segment_ids [b,t], kv_segment_ids [b,S], q_index [t], k_index [S], shard)
