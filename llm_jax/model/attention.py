@@ -257,14 +257,15 @@ def splash_block(length: int) -> int | None:
   return next((b for b in SPLASH_BLOCKS if length % b == 0), None)
 
 
-@functools.lru_cache(maxsize=64)
-def _splash_kernel(t: int, s: int, n: int, single_kv_head: bool, causal: bool, window: tuple[int, int] | None,
-                   q_start: int, softcap: float, interpret: bool):
-  """The splash kernel for t queries at key offset q_start over s keys. Built once per shape and offset: making it
-  processes the mask block by block in Python (jax's mask info), which for a long sequence takes seconds to
-  minutes, and every trace of the step (init, forward, the remat's recompute, the backward) would repeat it."""
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret, q_start: int = 0,
+                  softcap: float = 0.0):
+  """Splash on one device's shard: q [b,T,n,H], k/v [b,S,kv,H] with n % kv == 0 (GQA is native to the kernel:
+  each kv head serves its group of query heads; nothing is repeated in memory). Query i sits at key index
+  q_start + i (a context-parallel shard's queries over the whole key sequence)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  _, t, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
   if window:  # the window's left side (and, when causal, no right side) in one local mask
     head_mask = sm.LocalMask((t, s), window_size=window, offset=q_start)
   else:
@@ -276,19 +277,8 @@ def _splash_kernel(t: int, s: int, n: int, single_kv_head: bool, causal: bool, w
   sizes = sk.BlockSizes(block_q=block, block_kv=block_kv, block_kv_compute=block_kv, block_q_dkv=block,
                         block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, block_q_dq=block, block_kv_dq=block_kv)
   mask = sm.MultiHeadMask([head_mask] * n)
-  make = sk.make_splash_mqa_single_device if single_kv_head else sk.make_splash_mha_single_device
-  return make(mask, block_sizes=sizes, interpret=interpret, attn_logits_soft_cap=softcap or None)
-
-
-def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, window, interpret, q_start: int = 0,
-                  softcap: float = 0.0):
-  """Splash on one device's shard: q [b,T,n,H], k/v [b,S,kv,H] with n % kv == 0 (GQA is native to the kernel:
-  each kv head serves its group of query heads; nothing is repeated in memory). Query i sits at key index
-  q_start + i (a context-parallel shard's queries over the whole key sequence)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  _, t, n, h = q.shape
-  s, kv_heads = k.shape[1], k.shape[2]
-  kernel = _splash_kernel(t, s, n, kv_heads == 1, causal, window, q_start, softcap, interpret)
+  make = sk.make_splash_mqa_single_device if kv_heads == 1 else sk.make_splash_mha_single_device
+  kernel = make(mask, block_sizes=sizes, interpret=interpret, attn_logits_soft_cap=softcap or None)
   # splash works per example on [heads, seq, head_dim] with pre-scaled queries.
   qt = jnp.swapaxes(q, 1, 2) * jnp.asarray(h ** -0.5, q.dtype)
   kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
