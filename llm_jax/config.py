@@ -337,7 +337,7 @@ def check_run(config, num_devices: int) -> dict[str, int]:
   if mesh['context'] > 1 and d.seq_len % chunks:
     fail('data.seq_len', f'{d.seq_len} does not split into mesh.context * {2 if chunks != mesh["context"] else 1} = '
          f'{chunks} equal chunks (context parallelism{", load-balanced" if chunks != mesh["context"] else ""})')
-  logits_chunks = config.model.get('logits_chunks', 1)
+  logits_chunks = config.model.logits_chunks
   if logits_chunks > 1 and d.seq_len % (logits_chunks * mesh['context']):
     fail('model.logits_chunks', f'data.seq_len = {d.seq_len} does not split into logits_chunks * mesh.context = '
          f'{logits_chunks}*{mesh["context"]} (each chunk of the loss is split over the context axis)')

@@ -19,10 +19,10 @@ Load balancing (config.mesh.context_load_balance). Under a causal mask the devic
 the most work. With `token_order` the sequence is cut into 2C chunks and device c holds chunks c and 2C-1-c, one
 early and one late, so every device has the same causal work wherever the kernel skips masked blocks (splash).
 The model permutes tokens, segment ids and positions at its input, so positions and document ids travel with
-their tokens, and restores input order before the final norm (one [B,T,D] exchange per step, against a K/V
-exchange per layer): every objective then sees its logits in the order it gave them, with no knowledge of the
-layout (why not leave the order permuted and rely on losses being sums: objectives read logits by index -
-logits_at, completion spans, per-sequence sums - and each would have to learn the layout).
+their tokens. What leaves the model returns to input order, so no objective knows the layout (they read by index:
+logits_at, completion spans, per-sequence sums): a loss's per-token values (`Transformer`'s `reduce`, [B,T]
+numbers: the targets go into the layout, the values come out), or, when logits are asked for, the hidden states
+before the final norm (one [B,T,D] exchange). Both permutations are static slices of contiguous runs (`_permute`).
 
 The mask never reads positions (they restart in every packed document): each device takes the original
 sequence index of its queries and of every key from the static order, and the kernel masks by segment id,
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.model.partitioning import active
+from llm_jax.model.partitioning import active, axis_names
 
 EXCHANGES = ('all_gather', 'ring')  # config.mesh.context_exchange
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # masked logit: finite, so exp(masked - running max) never NaNs
@@ -48,19 +48,13 @@ _NEG = -0.7 * float(np.finfo(np.float32).max)  # masked logit: finite, so exp(ma
 
 def axes_size(mesh, axes) -> int:
   """Devices along one mesh axis name, a tuple of them, or None (1)."""
-  if axes is None:
-    return 1
-  names = axes if isinstance(axes, tuple) else (axes,)
-  return math.prod(mesh.shape[a] for a in names)
+  return math.prod(mesh.shape[a] for a in axis_names(axes))
 
 
 def axis_index(axes):
   """This device's index along one mesh axis or several (major to minor), inside shard_map."""
-  if axes is None:
-    return 0
-  names = axes if isinstance(axes, tuple) else (axes,)
   index = 0
-  for name in names:
+  for name in axis_names(axes):
     index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
   return index
 

@@ -66,7 +66,7 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax.errors import check_choice, fail
 from llm_jax.model.layers import SWIGLU_PROJECTIONS, Projection, SwiGLU
-from llm_jax.model.partitioning import active, constrain
+from llm_jax.model.partitioning import active, axis_names, constrain
 
 AUX_COLLECTION = 'aux_loss'  # = llm_jax.objectives.base.AUX_COLLECTION (model/ imports no objectives; tested)
 LOAD_COLLECTION = 'moe_load'
@@ -129,8 +129,7 @@ def _mesh_axes(rules):
   tokens are the rows of [B,T] flattened, so they split over the axes of 'act_batch' and then of 'act_seq' (the
   context axis: each device routes and combines the tokens of its own sequence chunk)."""
   def axes(name):
-    spec = nn.logical_to_mesh_axes((name,), rules)[0]
-    return () if spec is None else spec if isinstance(spec, tuple) else (spec,)
+    return axis_names(nn.logical_to_mesh_axes((name,), rules)[0])
   return axes('act_batch') + axes('act_seq'), axes('expert'), axes('embed'), axes('expert_mlp')
 
 

@@ -4,8 +4,8 @@ A loss needs a few numbers per token (log Z, the target's logit), not the [B,T,V
 logits and what the backward pass keeps of them (a float32 copy, the softmax) are the largest activations of a long
 sequence with a large vocabulary: 32,768 tokens a device of Llama 3's 128,256 ids are 16 GiB per float32 copy.
 `reduce_in_chunks` computes the head and a per-token reduction over `chunks` strided slices of the tokens, one at a
-time under `lax.scan`, each rematerialised in the backward pass, so at most one chunk's logits exist (MaxText's
-`num_vocab_tiling`, Levanter's blockwise cross-entropy). Strided slices (token t goes to chunk t % chunks) keep
+time, under a backward pass of its own that computes each chunk's logits again, so at most one chunk's logits exist
+(MaxText's `num_vocab_tiling`, Levanter's blockwise cross-entropy). Strided slices (token t goes to chunk t % chunks) keep
 each chunk split over the context axis like the sequence itself, so every device works on every chunk.
 
 The head kernel lives where `nn.Dense(name='lm_head')` kept it (`lm_head/kernel` [D,V]); `head_logits` computes
@@ -19,10 +19,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.model.partitioning import active, constrain
+from llm_jax.model.partitioning import active, axis_names, constrain
 
 # fn(logits [B,C,V], extra sliced to [B,C,...]) -> pytree of per-token values [B,C,...]
 Reducer = Callable[[jax.Array, Any], Any]
@@ -142,9 +141,7 @@ def _token_axes():
     return None
   mesh, rules = context
   batch_axes, seq_axes = nn.logical_to_mesh_axes(('act_batch', 'act_seq'), rules)
-  names = set()
-  for axes in (batch_axes, seq_axes):
-    names.update(axes if isinstance(axes, tuple) else (axes,) if axes else ())
+  names = set(axis_names(batch_axes) + axis_names(seq_axes))
   if all(mesh.shape[name] == 1 for name in names):
     return None
   return mesh, batch_axes, seq_axes, frozenset(names)  # the specs name size-1 axes too: manual as well

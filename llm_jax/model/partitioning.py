@@ -41,6 +41,14 @@ def active() -> tuple[Mesh, tuple] | None:
   return _ACTIVE.get()
 
 
+def axis_names(axes) -> tuple[str, ...]:
+  """The mesh axis names of a rule's value (what `nn.logical_to_mesh_axes` gives one logical name): one name, a
+  tuple of them, or None (none)."""
+  if axes is None:
+    return ()
+  return axes if isinstance(axes, tuple) else (axes,)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; identity when no mesh is active."""
   active = _ACTIVE.get()

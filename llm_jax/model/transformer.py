@@ -190,7 +190,7 @@ def check_config(config) -> None:
   if m.qk_norm and m.qk_norm_per_head:
     fail('model.qk_norm_per_head', 'qk_norm (over all heads, OLMoE) and qk_norm_per_head (Qwen3, Gemma 3) are two '
          'forms of the same norm: set one')
-  if m.get('logits_chunks', 1) < 1:
+  if m.logits_chunks < 1:
     fail('model.logits_chunks', f'must be >= 1 (1 = the logits whole), got {m.logits_chunks}')
   for name in ('dtype', 'param_dtype', 'logits_dtype'):
     check_choice(f'model.{name}', m[name], DTYPES)
@@ -333,7 +333,7 @@ class Transformer(nn.Module):
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                  ('vocab', 'embed')), name='embed')
     # Under context parallelism with load balancing the tokens take the devices' layout (context.token_order):
-    # positions and segment ids move with them, and the output returns to input order before the head.
+    # positions and segment ids move with them; what leaves the model returns to input order (context.py).
     order = None
     if not self.decode and pages is None:
       order = context.token_order(tokens.shape[1], context.active_shards(), cfg.context_load_balance)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import time
 from typing import Any, Sequence as Seq
 
@@ -43,6 +42,7 @@ from llm_jax.model import Transformer, TransformerConfig, layer_location
 from llm_jax.model.transformer import DTYPES
 from llm_jax.model import attention
 from llm_jax.model.attention import PageTable
+from llm_jax.model.context import axes_size
 from llm_jax.runtime import sharding_context
 from llm_jax.serving.outputs import CompletionOutput, RequestOutput
 from llm_jax.serving.pages import PagePool
@@ -443,12 +443,6 @@ class Engine:
                          completions, request.finished, request.seqs[0].cached, metrics)
 
 
-def _axes(entry) -> tuple:
-  if entry is None:
-    return ()
-  return entry if isinstance(entry, tuple) else (entry,)
-
-
 @functools.cache
 def _compiled_step(model_config: TransformerConfig, rules, mesh):
   """The jitted step of one model on one mesh, shared by every engine of it (each shape compiles once)."""
@@ -464,7 +458,7 @@ def paged_kernel(name: str, model_config: TransformerConfig, platform: str, mesh
   kernel = attention.choose_paged_kernel(name, model_config.head_dim, platform)
   if kernel == 'ragged' and mesh is not None:
     heads = nn.logical_to_mesh_axes(('act_heads',), rules)[0]
-    shards = math.prod(mesh.shape[a] for a in _axes(heads))
+    shards = axes_size(mesh, heads)
     if (heads != nn.logical_to_mesh_axes(('act_kv_heads',), rules)[0] or model_config.num_heads % shards
         or model_config.num_kv_heads % shards):
       if name == 'auto':
@@ -485,7 +479,7 @@ def pool_sharding(mesh, rules, shape) -> NamedSharding:
   """One layer's kv_pages [num_pages, page_size, 2K, H] on the mesh: split over the kv heads like the attention
   (the interleaved k/v pairs stay together), replicated where the kv heads do not divide."""
   spec = jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes((None, None, 'act_kv_heads', None), rules))
-  if (shape[2] // 2) % math.prod(mesh.shape[a] for a in _axes(spec[2])):
+  if (shape[2] // 2) % axes_size(mesh, spec[2]):
     spec = jax.sharding.PartitionSpec()
   return NamedSharding(mesh, spec)
 
