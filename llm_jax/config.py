@@ -132,6 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 2048  # Tokens per training sequence (inputs and targets are each this long).
   c.data.global_batch_size = 8  # Sequences per optimizer step, over all processes and microbatches.
   c.data.seed = 0  # Seed of the data order; batch k is a pure function of (seed, k).
+  c.data.packing = 'stream'  # stdlib / text_files / tfds / hf_datasets / mixture: how training rows are cut from the token stream: stream (windows of seq_len+1 consecutive tokens, no padding; a document is cut wherever a window ends) | documents (rows of whole documents for long-context training: one of at most seq_len+1 tokens is never cut, a longer one is cut every seq_len tokens from its start; first-fit into rows, the rest padded; llm_jax/data/document_packing.py).
   c.data.paths = ''  # text_files / sft_jsonl / preference_jsonl: comma-separated globs, files or folders of .txt, .md or .jsonl files.
   c.data.text_field = 'text'  # text_files / hf_datasets: the field holding the text in .jsonl records or dataset rows.
   c.data.document_separator = ''  # text_files: regular expression (multiline) between documents inside a .txt/.md file, e.g. '\n\s*\n' or '<\|endoftext\|>'; '' = one file is one document.

@@ -17,7 +17,7 @@ from llm_jax import data
 from llm_jax import objectives
 from llm_jax import optim
 from llm_jax import validation
-from llm_jax.data import cleaning, sft, tokenizer as tokenizer_lib
+from llm_jax.data import cleaning, pipeline, sft, tokenizer as tokenizer_lib
 from llm_jax.model import attention, context, layer_pattern, layers, moe, transformer
 from llm_jax.objectives import grpo, preference
 from llm_jax.model import TransformerConfig, Transformer
@@ -175,6 +175,7 @@ REGISTRIES = {
     'grpo.importance_sampling_level': grpo.IMPORTANCE_LEVELS,
     'grpo.scale_rewards': grpo.REWARD_SCALINGS,
     'data.source': data.SOURCES,
+    'data.packing': pipeline.PACKINGS,
     'data.sft_truncation': sft.TRUNCATIONS,
     'data.add_bos': tokenizer_lib.ADD_BOS_SETTINGS,
     'data.filters': cleaning.FILTER_NAMES,

@@ -92,6 +92,7 @@ def check_config(config) -> None:
   if d.source == 'mixture':
     from llm_jax.data import mixture  # pylint: disable=g-import-not-at-top (source modules load lazily, as above)
     mixture.parse(d.mixture)
+  check_choice('data.packing', d.packing, pipeline.PACKINGS)
   check_choice('data.sft_truncation', d.sft_truncation, sft.TRUNCATIONS)
   check_choice('data.add_bos', d.add_bos, tokenizer.ADD_BOS_SETTINGS)
 

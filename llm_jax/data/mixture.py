@@ -5,9 +5,9 @@ tokenizer. Rows of the global batch stream are given to the sources in blocks of
 q_i rows of each block (the weights' shares of BLOCK_ROWS, rounded by largest remainder), placed by a permutation
 drawn from (seed, block). Row g of the stream (g = k * global_batch_size + r) is therefore a pure function of
 (seed, g): its block b = g // BLOCK_ROWS and place o = g % BLOCK_ROWS give the source i and its rank j among
-that source's rows of the block, and it reads position b * q_i + j of source i's own window order (the same
-epoch permutations as a single split, under a seed of its own). So batch k is a pure function of (seed, k) and
-of the process slice, resume is exact, and the shares are exact per block (within 1/BLOCK_ROWS of the weights).
+that source's rows of the block, and it reads row b * q_i + j of source i's own rows (the epoch orders of a single
+split under a split id of its own, and its packing, config.data.packing). So batch k is a pure function of (seed, k)
+and of the process slice, resume is exact, and the shares are exact per block (within 1/BLOCK_ROWS of the weights).
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def prepare(config, workdir: str | None = None) -> None:
     tokenizer_lib.bind_to_workdir(storage.join(directory, index['tokenizer']['file']), workdir)
 
 
-class Mixture:
-  """Batch k of a mixture of PackedSplits as a pure function of (seed, k): see the module docstring."""
+class Mixture(pipeline.Rows):
+  """Rows of a mixture of prepared splits (pipeline.PackedSplit or DocumentSplit) as a pure function of (seed, row
+  number): see the module docstring."""
 
-  def __init__(self, parts: list[pipeline.PackedSplit], weights: list[float], seed: int, split_id: int,
+  def __init__(self, parts: list, weights: list[float], seed: int, split_id: int,
                global_batch_size: int, seq_len: int, eos_id: int):
     self.parts, self.seed, self.split_id = parts, seed, split_id
     self.global_batch_size, self.seq_len, self.eos_id = global_batch_size, seq_len, eos_id
@@ -116,7 +117,7 @@ class Mixture:
       return self._blocks[number]
 
   def sources_at(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(source, position in that source's window order) of each global row number."""
+    """(source, row number among that source's rows) of each global row number."""
     blocks, places = np.divmod(rows, BLOCK_ROWS)
     source, position = np.empty(rows.size, np.int64), np.empty(rows.size, np.int64)
     for number in np.unique(blocks):
@@ -126,18 +127,14 @@ class Mixture:
       position[where] = number * self.quotas[source[where]] + block_rank[places[where]]
     return source, position
 
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> pipeline.Batch:
-    per_process = self.global_batch_size // process_count
-    first = step * self.global_batch_size + process_index * per_process
-    source, position = self.sources_at(np.arange(first, first + per_process, dtype=np.int64))
-    tokens = np.empty((per_process, self.seq_len + 1), np.int32)
+  def rows_at(self, numbers: np.ndarray) -> pipeline.Batch:
+    source, position = self.sources_at(numbers)
+    batch = {}
     for i, part in enumerate(self.parts):
       rows = np.flatnonzero(source == i)
       if rows.size:
-        part_tokens = np.empty((rows.size, self.seq_len + 1), np.int32)
-        part.read_windows(part.windows_at(position[rows]), part_tokens)
-        tokens[rows] = part_tokens
-    batch = pipeline.pack_windows(tokens, self.eos_id)
+        for key, values in part.rows_at(position[rows]).items():
+          batch.setdefault(key, np.empty((numbers.size, self.seq_len), values.dtype))[rows] = values
     batch['source'] = source.astype(np.int32)  # which source each row came from (dropped by the iterator)
     return batch
 
@@ -156,9 +153,8 @@ def open_mixture(config, split: str = 'train', workdir: str | None = None) -> Mi
   for number, (directory, _, index) in enumerate(sources):
     stream = pipeline.TokenStream(preparation.read_split_tokens(directory, index, role))
     # A split id of its own per source, so that two sources of the same size do not share window orders.
-    parts.append(pipeline.PackedSplit(stream, config.data.seq_len, config.data.global_batch_size, config.data.seed,
-                                      _SPLIT_IDS[role] + 2 * (number + 1), index['tokenizer']['eos_id'],
-                                      name=f'{role} split of {directory}'))
+    parts.append(pipeline.open_rows(config, stream, _SPLIT_IDS[role] + 2 * (number + 1),
+                                    index['tokenizer']['eos_id'], f'{role} split of {directory}'))
   return Mixture(parts, [w for _, w, _ in sources], config.data.seed, _SPLIT_IDS[role],
                  config.data.global_batch_size, config.data.seq_len, index['tokenizer']['eos_id'])
 

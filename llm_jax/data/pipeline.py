@@ -11,7 +11,9 @@ epochs' orders are concatenated and global batch k is entries [k*B, (k+1)*B) of 
 global_batch_size. Process p of P takes rows [p*B/P, (p+1)*B/P). So batch k is a pure function of (seed, k):
 resuming at step k needs only k, and the global batch does not depend on the number of processes.
 
-Packing (`pack_windows`): a document owns the EOS that ends it, so the token after an EOS starts a new segment.
+Packing: config.data.packing='stream' (here, `PackedSplit`) cuts rows as above; 'documents' (`DocumentSplit`,
+document_packing.py) makes rows of whole documents instead, for long-context training. Within a stream window
+(`pack_windows`): a document owns the EOS that ends it, so the token after an EOS starts a new segment.
 Segment ids count documents from 1 within each row; positions restart at 0 at each document start (the partial
 document at the start of a window starts at position 0 too: RoPE only sees relative positions). The loss mask is
 1 where the target continues the input's document, i.e. everywhere except after an EOS: a document's EOS is
@@ -33,6 +35,7 @@ import numpy as np
 
 from llm_jax import storage
 from llm_jax.errors import ConfigError, fail
+from llm_jax.data import document_packing
 from llm_jax.data import preparation
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -97,20 +100,29 @@ class TokenStream:
       shard, offset = shard + 1, 0
 
   def read_rows(self, starts: np.ndarray, length: int) -> np.ndarray:
-    """rows[i] = stream[starts[i] : starts[i] + length], int32. In a bucket: one concurrent batch of ranged
-    requests for exactly these tokens (storage.read_ranges); memory holds the batch, never a shard."""
+    """rows[i] = stream[starts[i] : starts[i] + length], int32 (see read_spans)."""
     rows = np.empty((len(starts), length), np.int32)
+    self._read_spans_into(list(rows), starts)
+    return rows
+
+  def read_spans(self, starts, lengths) -> list[np.ndarray]:
+    """[stream[s : s + n] for s, n in zip(starts, lengths)], int32. In a bucket: one concurrent batch of ranged
+    requests for exactly these tokens (storage.read_ranges); memory holds the batch, never a shard."""
+    spans = [np.empty(int(n), np.int32) for n in lengths]
+    self._read_spans_into(spans, starts)
+    return spans
+
+  def _read_spans_into(self, outs: list[np.ndarray], starts) -> None:
     if not self._ranged:
-      for row, start in enumerate(starts):
-        self.read_into(rows[row], int(start))
-      return rows
-    pieces = [(row, *piece) for row, start in enumerate(starts) for piece in self._pieces(int(start), length)]
+      for out, start in zip(outs, starts):
+        self.read_into(out, int(start))
+      return
+    pieces = [(out, *piece) for out, start in zip(outs, starts) for piece in self._pieces(int(start), out.size)]
     ranges = [(self._shards[shard].path, *self._shards[shard].byte_range(offset, offset + take))
               for _, _, shard, offset, take in pieces]
-    data = storage.read_ranges(*map(list, zip(*ranges)))
-    for (row, filled, shard, _, take), chunk in zip(pieces, data):
-      rows[row, filled:filled + take] = np.frombuffer(chunk, self._shards[shard].dtype)
-    return rows
+    data = storage.read_ranges(*map(list, zip(*ranges))) if ranges else []
+    for (out, filled, shard, _, take), chunk in zip(pieces, data):
+      out[filled:filled + take] = np.frombuffer(chunk, self._shards[shard].dtype)
 
   def read_into(self, out: np.ndarray, start: int) -> None:
     """out[:] = stream[start : start + len(out)]."""
@@ -123,8 +135,24 @@ class TokenStream:
       shard, offset = shard + 1, 0
 
 
-class PackedSplit:
-  """Batch k of a split as a pure function of (seed, k): see the module docstring."""
+class Rows:
+  """A split's rows addressed by their global number: global batch k is rows [k*B, (k+1)*B), process p of P takes
+  its B/P of them. Subclasses give `rows_at(numbers) -> Batch`."""
+
+  global_batch_size: int
+
+  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
+    """This process's slice of global batch `step`."""
+    per_process = self.global_batch_size // process_count
+    first = step * self.global_batch_size + process_index * per_process
+    return self.rows_at(np.arange(first, first + per_process, dtype=np.int64))
+
+  def rows_at(self, numbers: np.ndarray) -> Batch:
+    raise NotImplementedError
+
+
+class PackedSplit(Rows):
+  """Rows of a split as windows of its token stream (config.data.packing='stream'): see the module docstring."""
 
   def __init__(self, stream: TokenStream, seq_len: int, global_batch_size: int, seed: int, split_id: int,
                eos_id: int, name: str = ''):
@@ -149,12 +177,6 @@ class PackedSplit:
         self._orders[epoch] = rng.permutation(self.num_windows)
       return self._orders[epoch]
 
-  def window_indices(self, step: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-    """The windows of this process's rows of global batch `step`."""
-    per_process = self.global_batch_size // process_count
-    first = step * self.global_batch_size + process_index * per_process
-    return self.windows_at(np.arange(first, first + per_process, dtype=np.int64))
-
   def windows_at(self, positions: np.ndarray) -> np.ndarray:
     """The windows at `positions` of the concatenated epoch orders (position p = epoch p // W, entry p % W)."""
     epochs, offsets = np.divmod(positions, self.num_windows)
@@ -164,16 +186,57 @@ class PackedSplit:
       windows[where] = self.epoch_order(int(epoch))[offsets[where]]
     return windows
 
-  def read_windows(self, windows: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = the seq_len+1 tokens of window windows[i]."""
-    out[...] = self.stream.read_rows(np.asarray(windows, np.int64) * self.seq_len, self.seq_len + 1)
+  def rows_at(self, numbers: np.ndarray) -> Batch:
+    return pack_windows(self.stream.read_rows(self.windows_at(numbers) * self.seq_len, self.seq_len + 1),
+                        self.eos_id)
 
-  def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> Batch:
-    """This process's slice of global batch `step`."""
-    windows = self.window_indices(step, process_index, process_count)
-    tokens = np.empty((windows.size, self.seq_len + 1), np.int32)
-    self.read_windows(windows, tokens)
-    return pack_windows(tokens, self.eos_id)
+
+class DocumentSplit(Rows):
+  """Rows of a split made of whole documents (config.data.packing='documents'): see document_packing.py."""
+
+  def __init__(self, stream: TokenStream, seq_len: int, global_batch_size: int, seed: int, split_id: int,
+               eos_id: int, name: str = ''):
+    self.stream, self.seq_len, self.global_batch_size = stream, seq_len, global_batch_size
+    self.seed, self.split_id, self.eos_id = seed, split_id, eos_id
+    self.document_starts, self.document_lengths = document_packing.document_spans(stream, eos_id)
+    if not (self.document_lengths > 1).any():
+      raise preparation.PrepareError(f'the {name or "data"} split has no document of two tokens or more to train on')
+    self._rows_before = [0]  # rows of the epochs before epoch e, for e = 0 .. (epochs packed so far)
+    self._plans: dict[int, document_packing.EpochPlan] = {}
+    self._lock = threading.RLock()  # tf.data calls `batch` from several threads
+
+  def plan(self, epoch: int) -> document_packing.EpochPlan:
+    """Epoch `epoch`'s packing (the last two packed are kept: batches move forward)."""
+    with self._lock:
+      if epoch not in self._plans:
+        if len(self._plans) >= 2:
+          self._plans.pop(min(self._plans))
+        self._plans[epoch] = document_packing.EpochPlan(self.document_starts, self.document_lengths, self.seq_len,
+                                                        self.seed, self.split_id, epoch)
+      return self._plans[epoch]
+
+  def locate(self, number: int) -> tuple[int, int]:
+    """(epoch, row in the epoch) of global row `number`; packs the epochs before it the first time."""
+    with self._lock:
+      while self._rows_before[-1] <= number:
+        epoch = len(self._rows_before) - 1
+        self._rows_before.append(self._rows_before[-1] + self.plan(epoch).num_rows)
+      epoch = int(np.searchsorted(self._rows_before, number, side='right')) - 1
+      return epoch, number - self._rows_before[epoch]
+
+  def rows_at(self, numbers: np.ndarray) -> Batch:
+    located = [self.locate(int(number)) for number in numbers]
+    return document_packing.fill_rows(self.stream, [(self.plan(epoch), row) for epoch, row in located],
+                                      self.seq_len, self.eos_id)
+
+
+PACKINGS = {'stream': PackedSplit, 'documents': DocumentSplit}  # config.data.packing -> how rows are cut
+
+
+def open_rows(config, stream: TokenStream, split_id: int, eos_id: int, name: str) -> Rows:
+  """The split's rows under config.data.packing."""
+  return PACKINGS[config.data.packing](stream, config.data.seq_len, config.data.global_batch_size,
+                                       config.data.seed, split_id, eos_id, name=name)
 
 
 def _role(config, split: str) -> str:
@@ -194,8 +257,9 @@ def check_seq_len(config) -> None:
     fail('data.seq_len', f'{config.data.seq_len} is longer than model.max_seq_len={config.model.max_seq_len}')
 
 
-def open_split(config, split: str = 'train', workdir: str | None = None) -> PackedSplit:
-  """The prepared split as a `PackedSplit`, after checking the config and the workdir's tokenizer against it."""
+def open_split(config, split: str = 'train', workdir: str | None = None) -> Rows:
+  """The prepared split's rows (a `PackedSplit` or a `DocumentSplit`, by config.data.packing), after checking the
+  config and the workdir's tokenizer against it."""
   check_seq_len(config)
   role = _role(config, split)
   directory = preparation.output_dir(config, workdir)
@@ -205,8 +269,7 @@ def open_split(config, split: str = 'train', workdir: str | None = None) -> Pack
   if workdir:
     tokenizer_lib.check_workdir(workdir, tokenizer)
   stream = TokenStream(preparation.read_split_tokens(directory, index, role))
-  return PackedSplit(stream, config.data.seq_len, config.data.global_batch_size, config.data.seed,
-                     _SPLIT_IDS[role], index['tokenizer']['eos_id'], name=role)
+  return open_rows(config, stream, _SPLIT_IDS[role], index['tokenizer']['eos_id'], role)
 
 
 def make_iterator(config, split: str = 'train', start_step: int = 0, process_index: int = 0,
