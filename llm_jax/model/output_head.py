@@ -64,7 +64,7 @@ def _from_chunks(a: jax.Array) -> jax.Array:
 
 
 def reduce_in_chunks(x: jax.Array, weight: jax.Array, logits_of: LogitsFn, reducer: Reducer, extra: Any,
-                     chunks: int) -> Any:
+                     chunks: int, weight_names: tuple[str, str] = ('embed', 'vocab')) -> Any:
   """reducer over the logits of every token of x [B,T,D], `chunks` strided slices at a time (module docstring).
 
   `logits_of(h [B,C,D], weight, constrain)` gives the logits [B,C,V] (`constrain`: pin their sharding; False inside
@@ -73,10 +73,10 @@ def reduce_in_chunks(x: jax.Array, weight: jax.Array, logits_of: LogitsFn, reduc
   divide is padded with zeros, and the padded tokens' values are dropped.
 
   On a mesh the chunk loop runs inside shard_map, manual over the axes that split the tokens (batch and sequence;
-  the vocabulary's tensor axis stays automatic): the head's weight is gathered once on the way in (in the compute
-  dtype), each device sums its own tokens' share of the weight's gradient over the chunks, and one reduction over
-  the devices follows on the way out, where the automatic partitioner would gather the weight and reduce its
-  gradient in every chunk.
+  the vocabulary's tensor axis stays automatic): the head's weight (logical axes `weight_names`) enters as the
+  shard each device holds and is gathered (in the compute dtype), each device sums its own tokens' share of the
+  weight's gradient over the chunks, and one reduce-scatter over the devices follows, before the layers' backward
+  may start; the automatic partitioner would gather the weight and reduce its gradient in every chunk.
   """
   if chunks <= 1:
     return reducer(logits_of(x, weight, True), extra)
@@ -91,33 +91,53 @@ def reduce_in_chunks(x: jax.Array, weight: jax.Array, logits_of: LogitsFn, reduc
   weight = weight.astype(x.dtype)  # what the head multiplies: gathered below in the compute dtype, not float32
   manual = _token_axes()
   if manual is None:
-    out = _chunk_loop(logits_of, reducer, True)(x_chunks, weight, extra_chunks)
+    out = _chunk_loop(logits_of, reducer, True, ())(x_chunks, weight, extra_chunks)
   else:
-    mesh, batch_axes, seq_axes, names = manual
+    mesh, rules, batch_axes, seq_axes, names = manual
     tokens = P(None, batch_axes, seq_axes)  # a prefix: the dims after [chunks, B, C] stay whole
-    out = jax.shard_map(_chunk_loop(logits_of, reducer, False), mesh=mesh, in_specs=(tokens, P(), tokens),
-                        out_specs=tokens, axis_names=names, check_vma=False)(x_chunks, weight, extra_chunks)
+    # The weight's shard over the manual axes (its automatic ones, the vocabulary's tensor axis, stay as they are).
+    sharded = tuple((dim, tuple(a for a in axis_names(axes) if a in names))
+                    for dim, axes in enumerate(nn.logical_to_mesh_axes(weight_names, rules)))
+    sharded = tuple((dim, axes) for dim, axes in sharded if axes)
+    weight_spec = P(*[dict(sharded).get(dim) for dim in range(weight.ndim)])
+    out = jax.shard_map(_chunk_loop(logits_of, reducer, False, sharded), mesh=mesh,
+                        in_specs=(tokens, weight_spec, tokens), out_specs=tokens, axis_names=names,
+                        check_vma=False)(x_chunks, weight, extra_chunks)
   return jax.tree.map(lambda a: _from_chunks(a)[:, :t], out)
 
 
-def _chunk_loop(logits_of: LogitsFn, reducer: Reducer, pin: bool):
-  """f(x_chunks [n,B,C,D], weight, extra_chunks) -> per-token values [n,B,C,...], one chunk at a time, with its own
-  backward pass: each chunk's logits are computed again from the saved hidden states, and the weight's gradient
+def _chunk_loop(logits_of: LogitsFn, reducer: Reducer, pin: bool, sharded: tuple[tuple[int, tuple[str, ...]], ...]):
+  """f(x_chunks [n,B,C,D], weight shard, extra_chunks) -> per-token values [n,B,C,...], one chunk at a time, with its
+  own backward pass: each chunk's logits are computed again from the saved hidden states, and the weight's gradient
   is summed over the chunks in float32 (rounded once to the weight's dtype at the end, as one matmul over all the
-  tokens would be); nothing of a chunk outlives it."""
+  tokens would be); nothing of a chunk outlives it. `sharded`: (dim, manual mesh axes) of the weight's shard, which
+  is gathered, and its gradient reduce-scattered back to the shard (the shard_map around it sums over the other
+  manual axes)."""
+
+  def gather(shard):
+    for dim, axes in sharded:
+      shard = jax.lax.all_gather(shard, axes, axis=dim, tiled=True)
+    return shard
+
+  def scatter(grad):
+    for dim, axes in reversed(sharded):
+      grad = jax.lax.psum_scatter(grad, axes, scatter_dimension=dim, tiled=True)
+    return grad
 
   def chunk_values(x_chunk, weight, extra_chunk):
     return reducer(logits_of(x_chunk, weight, pin), extra_chunk)
 
   @jax.custom_vjp
-  def loop(x_chunks, weight, extra_chunks):
+  def loop(x_chunks, shard, extra_chunks):
+    weight = gather(shard)
     return jax.lax.map(lambda xs: chunk_values(xs[0], weight, xs[1]), (x_chunks, extra_chunks))
 
-  def forward(x_chunks, weight, extra_chunks):
-    return loop(x_chunks, weight, extra_chunks), (x_chunks, weight, extra_chunks)
+  def forward(x_chunks, shard, extra_chunks):
+    return loop(x_chunks, shard, extra_chunks), (x_chunks, shard, extra_chunks)
 
   def backward(residuals, cotangents):
-    x_chunks, weight, extra_chunks = residuals
+    x_chunks, shard, extra_chunks = residuals
+    weight = gather(shard)
 
     def step(weight_grad, xs):
       x_chunk, extra_chunk, cotangent = xs
@@ -127,15 +147,19 @@ def _chunk_loop(logits_of: LogitsFn, reducer: Reducer, pin: bool):
 
     weight_grad, x_grads = jax.lax.scan(step, jnp.zeros(weight.shape, jnp.float32),
                                         (x_chunks, extra_chunks, cotangents))
-    return x_grads, weight_grad.astype(weight.dtype), None
+    # The layers' backward waits for the weight's gradient to be reduced to its shard: XLA would otherwise
+    # schedule the reduction at the end of the step and keep the float32 sum (2 GiB for Llama 3's head) alive
+    # through the whole of the layers' backward, the step's peak.
+    weight_grad, x_grads = jax.lax.optimization_barrier((scatter(weight_grad.astype(weight.dtype)), x_grads))
+    return x_grads, weight_grad, None
 
   loop.defvjp(forward, backward)
   return loop
 
 
 def _token_axes():
-  """(mesh, batch axes, sequence axes, their names as a set) of the active mesh's token-splitting axes, or None
-  without a mesh or when they are all of size 1."""
+  """(mesh, rules, batch axes, sequence axes, their names as a set) of the active mesh's token-splitting axes, or
+  None without a mesh or when they are all of size 1."""
   context = active()
   if context is None:
     return None
@@ -144,4 +168,4 @@ def _token_axes():
   names = set(axis_names(batch_axes) + axis_names(seq_axes))
   if all(mesh.shape[name] == 1 for name in names):
     return None
-  return mesh, batch_axes, seq_axes, frozenset(names)  # the specs name size-1 axes too: manual as well
+  return mesh, rules, batch_axes, seq_axes, frozenset(names)  # the specs name size-1 axes too: manual as well

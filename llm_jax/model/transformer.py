@@ -369,7 +369,8 @@ class Transformer(nn.Module):
     # sequence's [T, d_model] on every device.
     reducer, extra = reduce
     extra = jax.tree.map(lambda a: context.to_layout(a, order), extra)
-    out = output_head.reduce_in_chunks(x, weight, logits_of, reducer, extra, cfg.logits_chunks)
+    out = output_head.reduce_in_chunks(x, weight, logits_of, reducer, extra, cfg.logits_chunks,
+                                       ('vocab', 'embed') if cfg.tie_embeddings else ('embed', 'vocab'))
     return jax.tree.map(lambda a: context.from_layout(a, order), out)
 
   def _blocks(self, x, segment_ids, positions, pages):
