@@ -116,6 +116,22 @@ def test_7b_shaped_two_layers_pick_splash_on_v5e_8_with_auto():
   assert 1.1 < result['compiled_matmul_flops_per_device'] / result['model_matmul_flops_per_device'] < 1.34
 
 
+def test_fsdp_gathers_each_layer_weight_once_in_the_forward_and_once_in_the_backward():
+  """Full remat under FSDP: the backward's recompute of a projection and its transpose read one gathered weight.
+  TPU's partitioner leaves merging their two gathers to a CSE pass with a distance limit, which q and k (RoPE in
+  float32 between projection and attention) exceeded: 4 x 32 MiB more per layer here before
+  partitioning.gather_for_matmul."""
+  layers = 2
+  config = _preset('7b', model__num_layers=layers, data__seq_len=512, model__max_seq_len=512,
+                   data__global_batch_size=4, mesh__data=1, mesh__fsdp=-1, model__remat='full')
+  result = dry_run.analyze(config, target='v5p-8')
+  d, ffn, vocab = config.model.d_model, config.model.ffn_dim, config.model.vocab_size
+  layer_weights = 2 * (4 * d * d + 3 * d * ffn)  # bfloat16 q, k, v, o, gate, up, down
+  head = 2 * d * vocab  # gathered once (its gradient is reduce-scattered, not gathered)
+  gathered = result['collectives']['all-gather']['bytes']
+  assert 0 <= gathered - (2 * layers * layer_weights + head) < 2**20, gathered
+
+
 @pytest.mark.parametrize('target', ['h100', 'h100x8'])
 def test_cudnn_on_h100_one_document_branch_has_no_bias(target):
   from jax._src.cudnn import fused_attention_stablehlo as fa

@@ -643,12 +643,14 @@ class SelfAttention(nn.Module):
   platform: str = ''  # platform the step compiles for ('tpu', 'gpu', 'cpu'; '' = the default backend)
   context_exchange: str = 'all_gather'  # under a context mesh axis > 1: context.EXCHANGES
   context_load_balance: bool = False  # the sequence is in context.token_order's load-balanced layout
+  gather_kernels: bool = False  # Projection.gather_kernel for q, k, v and o (set under remat)
 
   def _proj(self, name, features, axes, in_dims=1):
     rank = self.lora_rank if name in self.lora_targets else 0
     return Projection(features, axes, in_dims=in_dims, dtype=self.dtype, param_dtype=self.param_dtype,
                       init_std=self.init_std, lora_rank=rank, lora_alpha=self.lora_alpha,
-                      use_bias=self.qkv_bias and name in ('q', 'k', 'v'), name=name)
+                      use_bias=self.qkv_bias and name in ('q', 'k', 'v'), gather_kernel=self.gather_kernels,
+                      name=name)
 
   @nn.compact
   def __call__(self, x, segment_ids, positions, decode: bool = False, pages: PageTable | None = None):

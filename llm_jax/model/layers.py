@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.model.partitioning import constrain
+from llm_jax.model.partitioning import constrain, gather_for_matmul
 
 
 class Projection(nn.Module):
@@ -35,6 +35,10 @@ class Projection(nn.Module):
   lora_rank: int = 0  # >0 adds a low-rank adapter (see llm_jax.model.lora), trained while W stays frozen
   lora_alpha: float = 16.0
   use_bias: bool = False  # + b, b of shape `features` (Qwen2's q/k/v), zero-initialised
+  # The compute-dtype W pinned whole over the batch's mesh axes (partitioning.gather_for_matmul), so every dot that
+  # reads it (a remat's recompute and the backward's transpose) shares one gather. Only under remat: without it
+  # the gathered W would be kept from the forward to the backward, a whole weight per layer.
+  gather_kernel: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,7 +47,10 @@ class Projection(nn.Module):
     kernel = self.param('kernel', init, tuple(in_shape) + tuple(self.features), self.param_dtype)
     x = x.astype(self.dtype)
     contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-    y = jax.lax.dot_general(x, kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ())))
+    kernel = kernel.astype(self.dtype)
+    if self.gather_kernel:
+      kernel = gather_for_matmul(kernel, self.kernel_axes)
+    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.in_dims))), ((), ())))
     if self.use_bias:
       bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims:])
       y = y + self.param('bias', bias_init, tuple(self.features), self.param_dtype).astype(self.dtype)

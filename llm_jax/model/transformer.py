@@ -275,7 +275,8 @@ class Block(nn.Module):
                           head_dim=cfg.head_dim, norm_eps=cfg.norm_eps, norm_plus_one=cfg.norm == 'rms_plus_one',
                           query_pre_attn_scalar=cfg.query_pre_attn_scalar, softcap=cfg.attn_logit_softcap,
                           platform=cfg.platform, context_exchange=cfg.context_exchange,
-                          context_load_balance=cfg.context_load_balance, name='attn',
+                          context_load_balance=cfg.context_load_balance,
+                          gather_kernels=cfg.remat != 'none' and not self.decode, name='attn',
                           **lora)(h, segment_ids, positions, self.decode, pages)
     if cfg.post_norms:  # Gemma's sandwich: the branch's output normalised before the residual add
       h = cfg.norm_layer('post_attn_norm')(h)
