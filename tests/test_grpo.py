@@ -578,17 +578,20 @@ def test_dynamic_sampling_drops_equal_groups_and_refills_from_further_prompts():
 
 def test_grpo_step_on_one_device_equals_fsdp_by_tensor_mesh(tmp_path, tiny_policy):
   """The same GRPO step (with the KL to the reference copy) on 1 device and on a 4 x 2 fsdp x tensor mesh of fake
-  CPU devices: the same loss, kl and gradient norm (float32 reduction order: 1e-5)."""
+  CPU devices, the latter also with the output head in 4 chunks (the policy's and the reference's log-probs and the
+  entropy per chunk, model.logits_chunks): the same loss, kl, entropy and gradient norm (float32 reduction order:
+  1e-5)."""
   from llm_jax import train  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
   batch = _rollout_like_batch(rng, rows=8, length=16)
   batch['advantages'] = batch['advantages'][:, None]
   batch['old_logps'] = rng.uniform(-5, -3, batch['targets'].shape).astype(np.float32)
   results = []
-  for mesh, devices in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                        (dict(data=1, fsdp=4, tensor=2), jax.devices()[:8])):
-    c = tiny_config(model=dict(objective='grpo'), data=dict(source='prompts_jsonl', global_batch_size=8),
-                    mesh=mesh)
+  for mesh, devices, chunks in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], 1),
+                                (dict(data=1, fsdp=4, tensor=2), jax.devices()[:8], 1),
+                                (dict(data=1, fsdp=4, tensor=2), jax.devices()[:8], 4)):
+    c = tiny_config(model=dict(objective='grpo', logits_chunks=chunks),
+                    data=dict(source='prompts_jsonl', global_batch_size=8), mesh=mesh)
     c.grpo.update(group_size=4, prompts_per_rollout=2, max_completion_tokens=8, beta=0.1, loss_type='grpo')
     trainer = train.Trainer(c, str(tmp_path), devices)
     params = jax.tree.map(jnp.copy, tiny_policy[2])  # the same tiny model's parameters (no init to compile); a
@@ -598,8 +601,9 @@ def test_grpo_step_on_one_device_equals_fsdp_by_tensor_mesh(tmp_path, tiny_polic
     state = jax.device_put(state, trainer.state_shardings)
     _, metrics = trainer.train_step(state, trainer.put(batch))
     results.append({k: float(metrics[k]) for k in ('loss', 'kl', 'grad_norm', 'entropy')})
-  for key in results[0]:
-    assert results[1][key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-7), key
+  for other in results[1:]:
+    for key in results[0]:
+      assert other[key] == pytest.approx(results[0][key], rel=1e-5, abs=1e-7), key
   assert results[0]['kl'] == 0.0 and results[0]['grad_norm'] > 0  # the reference is the starting point
 
 

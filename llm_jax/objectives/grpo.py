@@ -152,23 +152,39 @@ def weights(config_grpo, mask, segment_ids) -> dict[str, jax.Array]:
   return dict(loss_weight=loss_weight, token_weight=mask / tokens, row_weight=row_weight)
 
 
-def entropy(logits: jax.Array) -> jax.Array:
-  """Entropy of the softmax of logits [..., V] in float32 (TRL's entropy_from_logits)."""
-  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+def target_logps(temperature: float):
+  """reducer(logits [B,C,V], targets [B,C]) -> log-probs [B,C] of the targets at the rollout's temperature."""
+  return lambda logits, targets: base.target_logprobs(logits.astype(jnp.float32) / temperature, targets)
+
+
+def token_values(temperature: float):
+  """reducer(logits [B,C,V], targets [B,C]) -> {'logps', 'entropy'} per token at the rollout's temperature: all
+  the loss takes from the logits, so the model can compute them in chunks (model.logits_chunks) and never hold
+  the whole [B,T,V]. The entropy (TRL's entropy_from_logits, in float32) is a logged metric: no gradient."""
+
+  def reducer(logits, targets):
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    logps = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return dict(logps=logps, entropy=jax.lax.stop_gradient(-jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)))
+
+  return reducer
 
 
 def sums_of(config_grpo, logits, batch, ref_logps) -> dict[str, jax.Array]:
   """The weighted sums of one (micro)batch from the policy's logits [B,T,V] (loss and METRICS[loss_type]); weights
   from `prepare`. The tests take its gradient with respect to the logits against TRL's."""
-  scaled = logits.astype(jnp.float32) / config_grpo.temperature
-  logps = base.target_logprobs(scaled, batch['targets'])
+  return sums_from(config_grpo, token_values(config_grpo.temperature)(logits, batch['targets']), batch, ref_logps)
+
+
+def sums_from(config_grpo, values, batch, ref_logps) -> dict[str, jax.Array]:
+  """`sums_of` from the per-token values of `token_values` (what the objective's loss gets from the model)."""
+  logps = values['logps']
   mask = batch['loss_mask']
   terms = token_terms(config_grpo, logps, batch['old_logps'], ref_logps, mask, batch['advantages'])
   token_w, row_w = batch['token_weight'], batch['row_weight']
   per_token = terms['loss'] * jnp.ones_like(mask)  # sequence level: [B,1] broadcast over the tokens
   out = dict(loss=jnp.sum(per_token * batch['loss_weight']),
-             entropy=jax.lax.stop_gradient(jnp.sum(entropy(scaled) * token_w)),
+             entropy=jnp.sum(values['entropy'] * token_w),
              kl=jnp.zeros((), jnp.float32) if terms['kl'] is None else jax.lax.stop_gradient(
                  jnp.sum(terms['kl'] * token_w)))
   for name, value in terms['logged'].items():  # one value a completion: their mean; else the masked token mean
@@ -267,13 +283,13 @@ class GRPO(base.Objective):
       model = Transformer(dataclasses.replace(model.cfg, lora_rank=0, lora_targets=()), decode=model.decode)
       reference = lora_lib.split(params)[0]
     reference = jax.lax.stop_gradient(reference)
-    logits = model.apply({'params': reference}, batch['inputs'], batch['segment_ids'], batch['positions'])
-    scaled = logits.astype(jnp.float32) / self.config.grpo.temperature
-    return jax.lax.stop_gradient(base.target_logprobs(scaled, batch['targets']))
+    logps = base.per_token(model, reference, batch, target_logps(self.config.grpo.temperature), batch['targets'])
+    return jax.lax.stop_gradient(logps)
 
   def loss(self, model, params, batch, reference=None):
-    logits, aux = base.apply_with_aux(model, params, batch)
-    sums = sums_of(self.config.grpo, logits, batch, self.reference_logps(model, params, batch, reference))
+    values, aux = base.apply_with_aux(model, params, batch,
+                                      reduce=(token_values(self.config.grpo.temperature), batch['targets']))
+    sums = sums_from(self.config.grpo, values, batch, self.reference_logps(model, params, batch, reference))
     return base.with_aux(sums['loss'], sums, aux)
 
   def eval_sums(self, model, params, batch, reference=None):
