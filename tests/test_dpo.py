@@ -580,6 +580,29 @@ def test_records_parse_as_trls_maybe_extract_prompt(tmp_path, tokenizer_file):
                                                  rejected=lone['rejected'])
 
 
+def test_few_records_hold_out_their_tail_when_hashing_leaves_a_split_empty():
+  """The split is by a hash of each record's file:line, so for a handful of records it depends on the directory's
+  name; when the hash gives no validation (or no train) pair, the last validation_fraction of the records is the
+  validation split instead, and the prepare line says so. Given splits, or a fraction of 0, are kept as they are."""
+  from llm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  keys = [f'/d/p.jsonl:{i}' for i in range(200)]
+  train_keys = [k for k in keys if sources.role_of(k, 0.3) == 'train'][:10]
+  mixed = train_keys[:8] + [k for k in keys if sources.role_of(k, 0.3) == 'validation'][:2]
+  split_pairs = preference._split  # pylint: disable=protected-access
+  rows = [(i, key, '') for i, key in enumerate(train_keys)]  # the index stands in for the pair
+  split, tail = split_pairs(rows, 0.3)
+  assert tail and split == {'train': list(range(7)), 'validation': [7, 8, 9]}
+  split, tail = split_pairs([(i, key, '') for i, key in enumerate(mixed)], 0.3)
+  assert not tail and split == {'train': list(range(8)), 'validation': [8, 9]}
+  assert split_pairs(rows[:2], 0.01)[0] == {'train': [0], 'validation': [1]}
+  for given, fraction in (('train', 0.3), ('', 0.0)):
+    split, tail = split_pairs([(i, k, given) for i, k in enumerate(train_keys)], fraction)
+    assert not tail and split['validation'] == []
+  stats = dict(train=7, validation=3, held_out_tail=True, truncated=0, records=10, max_length=8, max_prompt_length=4,
+               truncated_prompt=0, truncated_completion=0)
+  assert '3 validation (the last records: hashing held out none)' in preference.summary(stats)
+
+
 def test_column_mapping_for_hf_datasets(tmp_path, tokenizer_file):
   """data.preference_columns maps a dataset's own column names (here HH-style implicit prompts under other
   names); a missing column names the column and the row, a bad spec is a ConfigError naming the field."""

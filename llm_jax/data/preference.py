@@ -341,16 +341,15 @@ def read_pairs(config, tokenizer) -> tuple[dict[str, list[Pair]], dict]:
     records = _stdlib_records(config)
   else:
     records = _hf_records(config)
-  split = {'train': [], 'validation': []}
-  for record, where, role in records:
-    pair = make_pair(tokenizer, record, where, max_length, max_prompt, columns)
-    split[role or sources.role_of(where, config.data.validation_fraction)].append(pair)
+  rows = [(make_pair(tokenizer, record, where, max_length, max_prompt, columns), where, role)
+          for record, where, role in records]
+  split, held_out_tail = _split(rows, config.data.validation_fraction)
   every = [p for s in split.values() for p in s]
   stats = dict(records=len(every), truncated=sum(bool(p.truncated) for p in every),
                truncated_prompt=sum('prompt' in p.truncated for p in every),
                truncated_completion=sum('completion' in p.truncated for p in every),
                max_length=max_length, max_prompt_length=max_prompt,
-               train=len(split['train']), validation=len(split['validation']))
+               train=len(split['train']), validation=len(split['validation']), held_out_tail=held_out_tail)
   for role, pairs in split.items():
     if not pairs:
       field = 'data.validation_fraction' if role == 'validation' else 'data.paths'
@@ -358,9 +357,27 @@ def read_pairs(config, tokenizer) -> tuple[dict[str, list[Pair]], dict]:
   return split, stats
 
 
+def _split(rows: list[tuple[Pair, str, str]], fraction: float) -> tuple[dict[str, list[Pair]], bool]:
+  """{'train': pairs, 'validation': pairs} of (pair, where, the source's own role or ''): by the source's split, else
+  by a hash of `where`. When hashing leaves either split empty (a handful of records), validation is instead the
+  last `fraction` of the records (at least one, never all), as the pretraining preparation holds out the
+  stream's tail: the split no longer depends on the luck of a few hashes (or of the directory's name). Returns
+  whether it did so."""
+  split = {'train': [], 'validation': []}
+  for pair, where, role in rows:
+    split[role or sources.role_of(where, fraction)].append(pair)
+  given = any(role for _, _, role in rows)
+  if given or fraction <= 0 or len(rows) < 2 or (split['train'] and split['validation']):
+    return split, False
+  held = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+  pairs = [pair for pair, _, _ in rows]
+  return {'train': pairs[:-held], 'validation': pairs[-held:]}, True
+
+
 def summary(stats: dict) -> str:
   """The prepare line: pairs per split, and how many were truncated and how."""
-  return (f'preference pairs: {stats["train"]} train, {stats["validation"]} validation; {stats["truncated"]} of '
+  tail = ' (the last records: hashing held out none)' if stats.get('held_out_tail') else ''
+  return (f'preference pairs: {stats["train"]} train, {stats["validation"]} validation{tail}; {stats["truncated"]} of '
           f'{stats["records"]} truncated to dpo.max_length={stats["max_length"]} tokens a sequence '
           f'({stats["truncated_prompt"]} with the prompt cut to its last dpo.max_prompt_length='
           f'{stats["max_prompt_length"]} tokens, {stats["truncated_completion"]} with the completions cut)')
