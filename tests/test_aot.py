@@ -105,8 +105,11 @@ def test_a_step_the_compiler_refuses_is_reported_as_not_fitting():
 
 
 @pytest.mark.slow
-def test_7b_shaped_two_layers_pick_splash_on_v5e_8_with_auto():
-  config = _preset('7b', model__num_layers=2, model__attention='auto', data__seq_len=512,
+def test_narrow_7b_two_layers_pick_splash_on_v5e_8_with_auto():
+  """The 7b preset with two layers, narrowed to d_model 512 (head_dim stays 128, which splash takes): the same
+  graph as the full width in a quarter of the compile time."""
+  config = _preset('7b', model__num_layers=2, model__d_model=512, model__ffn_dim=1024, model__num_heads=4,
+                   model__num_kv_heads=4, model__vocab_size=4096, model__attention='auto', data__seq_len=512,
                    data__global_batch_size=8, mesh__data=1, mesh__fsdp=-1, model__remat='full')
   result, _ = _report(config, 'v5e-8')
   assert result['config']['attention'] == 'auto' and result['attention_kernels'] == ['splash']
@@ -119,17 +122,18 @@ def test_7b_shaped_two_layers_pick_splash_on_v5e_8_with_auto():
 def test_fsdp_gathers_each_layer_weight_once_in_the_forward_and_once_in_the_backward():
   """Full remat under FSDP: the backward's recompute of a projection and its transpose read one gathered weight.
   TPU's partitioner leaves merging their two gathers to a CSE pass with a distance limit, which q and k (RoPE in
-  float32 between projection and attention) exceeded: 4 x 32 MiB more per layer here before
-  partitioning.gather_for_matmul."""
+  float32 between projection and attention) exceeded before partitioning.gather_for_matmul: 2 x 512 KiB more per
+  layer here (a narrow 7b: the graph, not the widths, decides; 5 s to compile)."""
   layers = 2
-  config = _preset('7b', model__num_layers=layers, data__seq_len=512, model__max_seq_len=512,
+  config = _preset('7b', model__num_layers=layers, model__d_model=512, model__ffn_dim=1024, model__num_heads=4,
+                   model__num_kv_heads=4, model__vocab_size=4096, model__max_seq_len=256, data__seq_len=256,
                    data__global_batch_size=4, mesh__data=1, mesh__fsdp=-1, model__remat='full')
   result = dry_run.analyze(config, target='v5p-8')
   d, ffn, vocab = config.model.d_model, config.model.ffn_dim, config.model.vocab_size
   layer_weights = 2 * (4 * d * d + 3 * d * ffn)  # bfloat16 q, k, v, o, gate, up, down
   head = 2 * d * vocab  # gathered once (its gradient is reduce-scattered, not gathered)
-  gathered = result['collectives']['all-gather']['bytes']
-  assert 0 <= gathered - (2 * layers * layer_weights + head) < 2**20, gathered
+  extra = result['collectives']['all-gather']['bytes'] - (2 * layers * layer_weights + head)
+  assert 0 <= extra <= 8 * d, extra  # the norms' scales at most
 
 
 @pytest.mark.parametrize('target', ['h100', 'h100x8'])
