@@ -12,8 +12,12 @@ values (C = context shards), and exchanges K/V one of two ways (config.mesh.cont
   ring        C steps: at step s a device attends to the K/V block of device (c - s) mod C, while the block of
               step s+1 is already in flight (its ppermute is issued before this block's compute, so the transfer
               can overlap it). An online softmax (running max, sum and output, float32) accumulates the blocks.
-              The same bytes as all_gather in C-1 neighbour-to-neighbour steps; the forward holds one K/V block
-              at a time (autodiff keeps each step's block for the backward pass). xla arithmetic only.
+              The same bytes as all_gather in C-1 neighbour-to-neighbour steps, holding one K/V block at a time.
+              Its own backward pass (`_ring_vjp`, the blockwise form of flash attention): the forward keeps only
+              its output and each query's log-sum-exp; the backward passes K/V round again, each block's dK/dV
+              (float32) travelling beside it and arriving home after C steps, and recomputes each block's
+              probabilities, so neither pass holds more than one block's [T/C, T/C] scores per head (autodiff
+              of the loop kept every step's: the whole [T/C, T] the xla kernel holds). xla arithmetic only.
 
 Load balancing (config.mesh.context_load_balance). Under a causal mask the device holding the last chunk has
 the most work. With `token_order` the sequence is cut into 2C chunks and device c holds chunks c and 2C-1-c, one
@@ -31,6 +35,7 @@ causality and window over those indices, exactly the one-device mask.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -153,8 +158,7 @@ def sharded_attention(q, k, v, q_segment_ids, kv_segment_ids, *, exchange: str, 
       k, v, kv_segment_ids = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (k, v, kv_segment_ids))
       return local(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me)
     if exchange == 'ring':
-      source_index = lambda source: jax.lax.dynamic_slice_in_dim(all_index, source * block, block)  # noqa: E731
-      return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask, softcap)
+      return _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, axes, shards, mask, softcap)
     raise ValueError(f'unknown context exchange {exchange!r}; expected one of {", ".join(EXCHANGES)}')
 
   q_spec, kv_spec = P(batch_axes, axes, head_axes, None), P(batch_axes, axes, kv_axes, None)
@@ -164,34 +168,114 @@ def sharded_attention(q, k, v, q_segment_ids, kv_segment_ids, *, exchange: str, 
   return sharded(q, k, v, q_segment_ids, kv_segment_ids)
 
 
-def _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, source_index, me, axes, shards, mask, softcap=0.0):
-  """The ring exchange on one device (module docstring): online softmax over the C key blocks."""
+def _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, axes, shards, mask, softcap=0.0):
+  """The ring exchange on one device (module docstring): online softmax over the C key blocks, under its own
+  backward pass (`_ring_vjp`)."""
+  attend = jax.custom_vjp(functools.partial(_ring_forward, axes=axes, shards=shards, mask=mask, softcap=softcap,
+                                            residuals=False))
+  attend.defvjp(functools.partial(_ring_forward, axes=axes, shards=shards, mask=mask, softcap=softcap,
+                                  residuals=True),
+                functools.partial(_ring_vjp, axes=axes, shards=shards, mask=mask, softcap=softcap))
+  return attend(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me)
+
+
+def _block_logits(qg, k_block, visible, softcap):
+  """One key block's scores [b,K,G,t,S] in float32 (scaled, soft-capped, masked to _NEG) and the soft-cap's
+  tanh (None without a cap), which the backward pass needs for the cap's derivative."""
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k_block, preferred_element_type=jnp.float32) * (qg.shape[-1] ** -0.5)
+  capped = None
+  if softcap:  # Gemma 2's attention-logit soft-cap, as attention.soft_cap
+    capped = jnp.tanh(logits / softcap)
+    logits = softcap * capped
+  return jnp.where(visible, logits, _NEG), capped
+
+
+def _pass_right(blocks, axes, shards):
+  """Each device's blocks sent to the next device along the ring (the last to the first)."""
+  return tuple(jax.lax.ppermute(x, axes, [(j, (j + 1) % shards) for j in range(shards)]) for x in blocks)
+
+
+def _ring_steps(step_fn, carry, held, axes, shards):
+  """Runs step_fn(carry, held K/V blocks, step) -> carry for the C ring steps: the first C-1 in a scan whose body
+  issues the next block's transfer before its compute (so it can overlap; and a loop, not C unrolled copies, so
+  the compiler reuses one step's temporaries), the last without a transfer."""
+  def body(state, step):
+    carry, held = state
+    incoming = _pass_right(held, axes, shards)
+    return (step_fn(carry, held, step), incoming), None
+
+  (carry, held), _ = jax.lax.scan(body, (carry, held), jnp.arange(shards - 1))
+  return step_fn(carry, held, shards - 1)
+
+
+def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, *, axes, shards, mask, softcap,
+                  residuals):
+  """Forward pass: the output, and with `residuals` what the backward pass keeps: the inputs, the output and
+  each query's log-sum-exp of its scores (float32), never a block's scores."""
   b, t, n, h = q.shape
-  kv_heads = k.shape[2]
+  kv_heads, block = k.shape[2], k.shape[1]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   shape = (b, kv_heads, n // kv_heads, t)
-  peak, total = jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32)
-  out = jnp.zeros(shape + (h,), jnp.float32)
-  step_right = [(j, (j + 1) % shards) for j in range(shards)]
-  held = (k, v, kv_segment_ids)
-  for step in range(shards):
-    # The next block's transfer first, so it can run while this block is computed.
-    incoming = [jax.lax.ppermute(x, axes, step_right) for x in held] if step < shards - 1 else None
+
+  def step_fn(carry, held, step):
+    peak, total, out = carry
     k_block, v_block, k_segments = held
-    visible = mask(q_segment_ids, k_segments, q_index, source_index((me - step) % shards))  # [b,t,S]
-    logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k_block, preferred_element_type=jnp.float32) * (h ** -0.5)
-    if softcap:  # Gemma 2's attention-logit soft-cap, as attention.soft_cap
-      logits = softcap * jnp.tanh(logits / softcap)
-    visible = visible[:, None, None]
-    logits = jnp.where(visible, logits, _NEG)
+    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
+    visible = mask(q_segment_ids, k_segments, q_index, source)[:, None, None]  # [b,1,1,t,S]
+    logits, _ = _block_logits(qg, k_block, visible, softcap)
     new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
     probs = jnp.where(visible, jnp.exp(logits - new_peak[..., None]), 0.0)
     rescale = jnp.exp(peak - new_peak)
     total = total * rescale + jnp.sum(probs, axis=-1)
     out = out * rescale[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', probs.astype(v_block.dtype), v_block,
                                                 preferred_element_type=jnp.float32)
-    peak = new_peak
-    held = incoming
+    return new_peak, total, out
+
+  start = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (h,), jnp.float32))
+  peak, total, out = _ring_steps(step_fn, start, (k, v, kv_segment_ids), axes, shards)
   # every query sees at least itself (same segment, index distance 0), so total > 0
-  out = out / total[..., None]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  out = (out / total[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  if not residuals:
+    return out
+  log_sum = peak + jnp.log(total)  # [b,K,G,t]
+  return out, (q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, out, log_sum)
+
+
+def _ring_vjp(saved, d_out, *, axes, shards, mask, softcap):
+  """Backward pass of the ring, the blockwise (flash) form: K/V go round the ring again with their gradients
+  travelling beside them (float32; passed on after every step, C times, so each block's dK/dV arrives back at
+  its owner); each block's probabilities are recomputed from the saved log-sum-exp, so no pass holds more than
+  one block's scores."""
+  q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, out, log_sum = saved
+  b, t, n, h = q.shape
+  kv_heads, block = k.shape[2], k.shape[1]
+  qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+  d_outg = d_out.reshape(qg.shape)
+  # d(softmax) = p * (dp - sum_s p dp), and sum_s p dp = sum_h dO * O per query
+  delta = jnp.einsum('BTKGH,BTKGH->BKGT', d_outg.astype(jnp.float32), out.reshape(qg.shape).astype(jnp.float32))
+  scale = h ** -0.5
+
+  def step_fn(carry, held, step):
+    dq, dk_block, dv_block = carry
+    k_block, v_block, k_segments = held
+    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
+    visible = mask(q_segment_ids, k_segments, q_index, source)[:, None, None]
+    logits, capped = _block_logits(qg, k_block, visible, softcap)
+    probs = jnp.where(visible, jnp.exp(logits - log_sum[..., None]), 0.0)  # [b,K,G,t,S]
+    dv_block = dv_block + jnp.einsum('BKGTS,BTKGH->BSKH', probs.astype(d_out.dtype), d_outg,
+                                     preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum('BTKGH,BSKH->BKGTS', d_outg, v_block, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - delta[..., None])
+    if capped is not None:
+      d_logits = d_logits * (1.0 - capped * capped)
+    d_logits = (d_logits * scale).astype(q.dtype)
+    dq = dq + jnp.einsum('BKGTS,BSKH->BTKGH', d_logits, k_block, preferred_element_type=jnp.float32)
+    dk_block = dk_block + jnp.einsum('BKGTS,BTKGH->BSKH', d_logits, qg, preferred_element_type=jnp.float32)
+    # the gradients follow their block; after the last step this pass takes them home to its owner
+    dk_block, dv_block = _pass_right((dk_block, dv_block), axes, shards)
+    return dq, dk_block, dv_block
+
+  start = (jnp.zeros(qg.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dq, dk, dv = _ring_steps(step_fn, start, (k, v, kv_segment_ids), axes, shards)
+  return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None,
+          None)

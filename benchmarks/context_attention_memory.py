@@ -1,0 +1,70 @@
+"""Per-device memory of one context-parallel attention's gradient, compiled for a target from this machine: the
+two exchanges (config.mesh.context_exchange) with the xla arithmetic, load-balanced layout, causal, bfloat16
+q/k/v [1, T, heads, head_dim], the context axis over all of the target's devices. What benchmarks/RESULTS.md's
+ring row is:
+
+  PYTHONPATH=. python benchmarks/context_attention_memory.py --target=v5p-8 --seq=8192
+  PYTHONPATH=. python benchmarks/context_attention_memory.py --target=h100x8 --seq=16384
+
+XLA's temporaries (`temp_size_in_bytes`) are what the attention adds to a step: the all_gather exchange's xla
+kernel holds each device's [T/C, T] scores per head, the ring one [T/C, T/C] block at a time (its own backward,
+llm_jax/model/context.py).
+"""
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llm_jax import config as config_lib
+from llm_jax import platforms, targets
+from llm_jax.model import attention, context
+from llm_jax.model.partitioning import activation_sharding
+
+
+def gradient_temporaries(devices, exchange: str, length: int, heads: int, kv_heads: int, head_dim: int,
+                         dtype=jnp.bfloat16) -> int:
+  """Bytes of XLA temporaries per device of d/d(q,k,v) sum(attention^2) over a sequence split across `devices`
+  (tests/test_context_parallel.py runs it on CPU devices)."""
+  shape = [len(devices) if axis == 'context' else 1 for axis in config_lib.MESH_AXES]
+  mesh = Mesh(np.asarray(devices).reshape(shape), config_lib.MESH_AXES)
+  mask = functools.partial(attention.index_mask, causal=True, window=0)
+
+  def xla_local(q, k, v, q_segments, kv_segments, q_index, k_index, shard):
+    return attention._masked_attention(q, k, v, mask(q_segments, kv_segments, q_index, k_index))
+
+  def loss(q, k, v, segments):
+    with activation_sharding(mesh, config_lib.DEFAULT_RULES):
+      out = context.sharded_attention(q, k, v, segments, segments, exchange=exchange, load_balance=True,
+                                      mask=mask, local=xla_local)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  split = NamedSharding(mesh, P(None, 'context'))
+  args = [jax.ShapeDtypeStruct((1, length, n, head_dim), dtype, sharding=split) for n in (heads, kv_heads, kv_heads)]
+  args.append(jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=split))
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--target', required=True, help=', '.join(targets.names()))
+  parser.add_argument('--seq', type=int, required=True, help='tokens of the one sequence')
+  parser.add_argument('--heads', type=int, default=8)
+  parser.add_argument('--kv_heads', type=int, default=2)
+  parser.add_argument('--head_dim', type=int, default=128)
+  args = parser.parse_args()
+  platforms.quiet_start()
+  devices = targets.get(args.target).devices()
+  print(f'{args.target}: context {len(devices)}, {args.seq:,} tokens, {args.heads} query and {args.kv_heads} kv '
+        f'heads of {args.head_dim}')
+  for exchange in context.EXCHANGES:
+    temporaries = gradient_temporaries(devices, exchange, args.seq, args.heads, args.kv_heads, args.head_dim)
+    print(f'  {exchange:<10} temporaries {temporaries / 2**20:9.1f} MiB', flush=True)
+
+
+if __name__ == '__main__':
+  main()
