@@ -17,7 +17,10 @@ values (C = context shards), and exchanges K/V one of two ways (config.mesh.cont
               its output and each query's log-sum-exp; the backward passes K/V round again, each block's dK/dV
               (float32) travelling beside it and arriving home after C steps, and recomputes each block's
               probabilities, so neither pass holds more than one block's [T/C, T/C] scores per head (autodiff
-              of the loop kept every step's: the whole [T/C, T] the xla kernel holds). xla arithmetic only.
+              of the loop kept every step's: the whole [T/C, T] the xla kernel holds). Each step works on
+              pairs of (half the queries, half the key block) and skips, by lax.cond, a pair whose queries see
+              none of its keys: under a causal mask about half of them, with or without load balancing (in
+              the load-balanced layout the halves are the early and the late chunk). xla arithmetic only.
 
 Load balancing (config.mesh.context_load_balance). Under a causal mask the device holding the last chunk has
 the most work. With `token_order` the sequence is cut into 2C chunks and device c holds chunks c and 2C-1-c, one
@@ -208,20 +211,24 @@ def _ring_steps(step_fn, carry, held, axes, shards):
   return step_fn(carry, held, shards - 1)
 
 
+def _halves(length: int) -> list[tuple[int, int]]:
+  """(start, size) of the two halves of a device's block (under load balancing: its early and its late chunk), or
+  the block whole when its length is odd: the pieces the ring skips when no query of one sees any key of another."""
+  return [(0, length // 2), (length // 2, length // 2)] if length % 2 == 0 else [(0, length)]
+
+
 def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, *, axes, shards, mask, softcap,
                   residuals):
   """Forward pass: the output, and with `residuals` what the backward pass keeps: the inputs, the output and
-  each query's log-sum-exp of its scores (float32), never a block's scores."""
+  each query's log-sum-exp of its scores (float32), never a block's scores. Each step works on the four pairs of
+  (half of the queries, half of the key block), and skips a pair no query of which sees any of its keys (under a
+  causal mask about half of all pairs; lax.cond, so the compute is skipped on devices, not masked)."""
   b, t, n, h = q.shape
   kv_heads, block = k.shape[2], k.shape[1]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-  shape = (b, kv_heads, n // kv_heads, t)
 
-  def step_fn(carry, held, step):
-    peak, total, out = carry
-    k_block, v_block, k_segments = held
-    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
-    visible = mask(q_segment_ids, k_segments, q_index, source)[:, None, None]  # [b,1,1,t,S]
+  def update(state, qg, k_block, v_block, visible):
+    peak, total, out = state
     logits, _ = _block_logits(qg, k_block, visible, softcap)
     new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
     probs = jnp.where(visible, jnp.exp(logits - new_peak[..., None]), 0.0)
@@ -231,13 +238,30 @@ def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me
                                                 preferred_element_type=jnp.float32)
     return new_peak, total, out
 
-  start = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (h,), jnp.float32))
-  peak, total, out = _ring_steps(step_fn, start, (k, v, kv_segment_ids), axes, shards)
+  def step_fn(states, held, step):
+    k_block, v_block, k_segments = held
+    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
+    states = list(states)
+    for i, (qa, qn) in enumerate(_halves(t)):
+      for ka, kn in _halves(block):
+        visible = mask(q_segment_ids[:, qa:qa + qn], k_segments[:, ka:ka + kn], q_index[qa:qa + qn],
+                       source[ka:ka + kn])[:, None, None]  # [b,1,1,t/2,S/2]
+        states[i] = jax.lax.cond(jnp.any(visible), functools.partial(update, visible=visible),
+                                 lambda state, *_: state, states[i], qg[:, qa:qa + qn], k_block[:, ka:ka + kn],
+                                 v_block[:, ka:ka + kn])
+    return tuple(states)
+
+  def start(size):
+    shape = (b, kv_heads, n // kv_heads, size)
+    return jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (h,), jnp.float32)
+
+  states = _ring_steps(step_fn, tuple(start(qn) for _, qn in _halves(t)), (k, v, kv_segment_ids), axes, shards)
   # every query sees at least itself (same segment, index distance 0), so total > 0
-  out = (out / total[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  out = jnp.concatenate([out / total[..., None] for _, total, out in states], axis=3)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
   if not residuals:
     return out
-  log_sum = peak + jnp.log(total)  # [b,K,G,t]
+  log_sum = jnp.concatenate([peak + jnp.log(total) for peak, total, _ in states], axis=3)  # [b,K,G,t]
   return out, (q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, out, log_sum)
 
 
@@ -245,7 +269,7 @@ def _ring_vjp(saved, d_out, *, axes, shards, mask, softcap):
   """Backward pass of the ring, the blockwise (flash) form: K/V go round the ring again with their gradients
   travelling beside them (float32; passed on after every step, C times, so each block's dK/dV arrives back at
   its owner); each block's probabilities are recomputed from the saved log-sum-exp, so no pass holds more than
-  one block's scores."""
+  one block's scores. The same pairs as the forward pass are skipped."""
   q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, out, log_sum = saved
   b, t, n, h = q.shape
   kv_heads, block = k.shape[2], k.shape[1]
@@ -255,27 +279,42 @@ def _ring_vjp(saved, d_out, *, axes, shards, mask, softcap):
   delta = jnp.einsum('BTKGH,BTKGH->BKGT', d_outg.astype(jnp.float32), out.reshape(qg.shape).astype(jnp.float32))
   scale = h ** -0.5
 
-  def step_fn(carry, held, step):
+  def grads(carry, qg, d_outg, delta, log_sum, k_block, v_block, visible):
     dq, dk_block, dv_block = carry
-    k_block, v_block, k_segments = held
-    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
-    visible = mask(q_segment_ids, k_segments, q_index, source)[:, None, None]
     logits, capped = _block_logits(qg, k_block, visible, softcap)
     probs = jnp.where(visible, jnp.exp(logits - log_sum[..., None]), 0.0)  # [b,K,G,t,S]
-    dv_block = dv_block + jnp.einsum('BKGTS,BTKGH->BSKH', probs.astype(d_out.dtype), d_outg,
+    dv_block = dv_block + jnp.einsum('BKGTS,BTKGH->BSKH', probs.astype(d_outg.dtype), d_outg,
                                      preferred_element_type=jnp.float32)
     d_probs = jnp.einsum('BTKGH,BSKH->BKGTS', d_outg, v_block, preferred_element_type=jnp.float32)
     d_logits = probs * (d_probs - delta[..., None])
     if capped is not None:
       d_logits = d_logits * (1.0 - capped * capped)
-    d_logits = (d_logits * scale).astype(q.dtype)
+    d_logits = (d_logits * scale).astype(qg.dtype)
     dq = dq + jnp.einsum('BKGTS,BSKH->BTKGH', d_logits, k_block, preferred_element_type=jnp.float32)
     dk_block = dk_block + jnp.einsum('BKGTS,BTKGH->BSKH', d_logits, qg, preferred_element_type=jnp.float32)
-    # the gradients follow their block; after the last step this pass takes them home to its owner
-    dk_block, dv_block = _pass_right((dk_block, dv_block), axes, shards)
     return dq, dk_block, dv_block
 
-  start = (jnp.zeros(qg.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  def step_fn(carry, held, step):
+    dq, dk, dv = (list(x) for x in carry)  # per half of the queries; per half of the key block
+    k_block, v_block, k_segments = held
+    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
+    for i, (qa, qn) in enumerate(_halves(t)):
+      for j, (ka, kn) in enumerate(_halves(block)):
+        visible = mask(q_segment_ids[:, qa:qa + qn], k_segments[:, ka:ka + kn], q_index[qa:qa + qn],
+                       source[ka:ka + kn])[:, None, None]
+        dq[i], dk[j], dv[j] = jax.lax.cond(
+            jnp.any(visible), functools.partial(grads, visible=visible), lambda carry, *_: carry,
+            (dq[i], dk[j], dv[j]), qg[:, qa:qa + qn], d_outg[:, qa:qa + qn], delta[..., qa:qa + qn],
+            log_sum[..., qa:qa + qn], k_block[:, ka:ka + kn], v_block[:, ka:ka + kn])
+    # the gradients follow their block; after the last step this pass takes them home to its owner
+    passed = _pass_right(dk + dv, axes, shards)
+    return tuple(dq), passed[:len(dk)], passed[len(dk):]
+
+  zeros = lambda shape, at, size: jnp.zeros(shape[:at] + (size,) + shape[at + 1:], jnp.float32)  # noqa: E731
+  start = (tuple(zeros(qg.shape, 1, qn) for _, qn in _halves(t)), tuple(zeros(k.shape, 1, kn) for _, kn in
+                                                                        _halves(block)),
+           tuple(zeros(v.shape, 1, kn) for _, kn in _halves(block)))
   dq, dk, dv = _ring_steps(step_fn, start, (k, v, kv_segment_ids), axes, shards)
+  dq, dk, dv = (jnp.concatenate(x, axis=1) for x in (dq, dk, dv))
   return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None,
           None)
