@@ -20,7 +20,8 @@ values (C = context shards), and exchanges K/V one of two ways (config.mesh.cont
               of the loop kept every step's: the whole [T/C, T] the xla kernel holds). Each step works on
               pairs of (half the queries, half the key block) and skips, by lax.cond, a pair whose queries see
               none of its keys: under a causal mask about half of them, with or without load balancing (in
-              the load-balanced layout the halves are the early and the late chunk). xla arithmetic only.
+              the load-balanced layout the halves are the early and the late chunk), and computes a pair's scores
+              for tiles of up to RING_QUERY_TILE queries at a time. xla arithmetic only.
 
 Load balancing (config.mesh.context_load_balance). Under a causal mask the device holding the last chunk has
 the most work. With `token_order` the sequence is cut into 2C chunks and device c holds chunks c and 2C-1-c, one
@@ -46,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.model.partitioning import active, axis_names
@@ -179,7 +181,12 @@ def _ring(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, axes, 
   attend.defvjp(functools.partial(_ring_forward, axes=axes, shards=shards, mask=mask, softcap=softcap,
                                   residuals=True),
                 functools.partial(_ring_vjp, axes=axes, shards=shards, mask=mask, softcap=softcap))
-  return attend(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me)
+  # A remat block of its own, keeping only the output and log-sum-exp: inside the layers' scan under remat, partial
+  # evaluation otherwise split the forward's own loops and kept every ring step's scores and masks for the backward
+  # pass (the long preset on 8 H100s, 64k tokens: XLA's peak 91.8 GiB -> 31.9). Without remat the scan still keeps
+  # them (about half the all_gather exchange's temporaries).
+  keep = jax.checkpoint_policies.save_only_these_names('ring_out', 'ring_log_sum')
+  return jax.checkpoint(attend, policy=keep)(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me)
 
 
 def _block_logits(qg, k_block, visible, softcap):
@@ -211,6 +218,33 @@ def _ring_steps(step_fn, carry, held, axes, shards):
   return step_fn(carry, held, shards - 1)
 
 
+RING_QUERY_TILE = 1024  # queries whose scores against a ring step's key piece are computed at once
+
+
+def _split_tiles(x: jax.Array, axis: int, tile: int) -> jax.Array:
+  """x with its `axis` cut into tiles of `tile`, the tiles along a new leading axis."""
+  x = x.reshape(x.shape[:axis] + (x.shape[axis] // tile, tile) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _join_tiles(x: jax.Array, axis: int) -> jax.Array:
+  """The inverse of _split_tiles."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _over_query_tiles(fn, carry, args, out_axes):
+  """fn(carry, *tiles) -> (carry, outputs) over tiles of up to RING_QUERY_TILE queries, in a scan, so a step holds
+  one tile's [tile, S] scores per head however long the sequence (a flash kernel's tiling, in xla arithmetic).
+  `args` are (array, its query axis) pairs; the outputs are joined back along `out_axes`."""
+  length = args[0][0].shape[args[0][1]]
+  tile = max(d for d in range(1, min(length, RING_QUERY_TILE) + 1) if length % d == 0)
+  if tile == length:
+    return fn(carry, *(x for x, _ in args))
+  carry, outs = jax.lax.scan(lambda c, xs: fn(c, *xs), carry, tuple(_split_tiles(x, a, tile) for x, a in args))
+  return carry, tuple(_join_tiles(y, a) for y, a in zip(outs, out_axes))
+
+
 def _halves(length: int) -> list[tuple[int, int]]:
   """(start, size) of the two halves of a device's block (under load balancing: its early and its late chunk), or
   the block whole when its length is odd: the pieces the ring skips when no query of one sees any key of another."""
@@ -228,15 +262,19 @@ def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
 
   def update(state, qg, k_block, v_block, visible):
+    def tile(_, qg, peak, total, out, visible):
+      logits, _ = _block_logits(qg, k_block, visible, softcap)
+      new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
+      probs = jnp.where(visible, jnp.exp(logits - new_peak[..., None]), 0.0)
+      rescale = jnp.exp(peak - new_peak)
+      total = total * rescale + jnp.sum(probs, axis=-1)
+      out = out * rescale[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', probs.astype(v_block.dtype), v_block,
+                                                  preferred_element_type=jnp.float32)
+      return (), (new_peak, total, out)
+
     peak, total, out = state
-    logits, _ = _block_logits(qg, k_block, visible, softcap)
-    new_peak = jnp.maximum(peak, jnp.max(logits, axis=-1))
-    probs = jnp.where(visible, jnp.exp(logits - new_peak[..., None]), 0.0)
-    rescale = jnp.exp(peak - new_peak)
-    total = total * rescale + jnp.sum(probs, axis=-1)
-    out = out * rescale[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', probs.astype(v_block.dtype), v_block,
-                                                preferred_element_type=jnp.float32)
-    return new_peak, total, out
+    _, state = _over_query_tiles(tile, (), [(qg, 1), (peak, 3), (total, 3), (out, 3), (visible, 3)], (3, 3, 3))
+    return state
 
   def step_fn(states, held, step):
     k_block, v_block, k_segments = held
@@ -262,6 +300,7 @@ def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me
   if not residuals:
     return out
   log_sum = jnp.concatenate([peak + jnp.log(total) for peak, total, _ in states], axis=3)  # [b,K,G,t]
+  out, log_sum = checkpoint_name(out, 'ring_out'), checkpoint_name(log_sum, 'ring_log_sum')
   return out, (q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, out, log_sum)
 
 
@@ -280,18 +319,24 @@ def _ring_vjp(saved, d_out, *, axes, shards, mask, softcap):
   scale = h ** -0.5
 
   def grads(carry, qg, d_outg, delta, log_sum, k_block, v_block, visible):
+    def tile(kv_grads, qg, d_outg, delta, log_sum, visible, dq):
+      dk_block, dv_block = kv_grads
+      logits, capped = _block_logits(qg, k_block, visible, softcap)
+      probs = jnp.where(visible, jnp.exp(logits - log_sum[..., None]), 0.0)  # [b,K,G,tile,S]
+      dv_block = dv_block + jnp.einsum('BKGTS,BTKGH->BSKH', probs.astype(d_outg.dtype), d_outg,
+                                       preferred_element_type=jnp.float32)
+      d_probs = jnp.einsum('BTKGH,BSKH->BKGTS', d_outg, v_block, preferred_element_type=jnp.float32)
+      d_logits = probs * (d_probs - delta[..., None])
+      if capped is not None:
+        d_logits = d_logits * (1.0 - capped * capped)
+      d_logits = (d_logits * scale).astype(qg.dtype)
+      dq = dq + jnp.einsum('BKGTS,BSKH->BTKGH', d_logits, k_block, preferred_element_type=jnp.float32)
+      dk_block = dk_block + jnp.einsum('BKGTS,BTKGH->BSKH', d_logits, qg, preferred_element_type=jnp.float32)
+      return (dk_block, dv_block), (dq,)
+
     dq, dk_block, dv_block = carry
-    logits, capped = _block_logits(qg, k_block, visible, softcap)
-    probs = jnp.where(visible, jnp.exp(logits - log_sum[..., None]), 0.0)  # [b,K,G,t,S]
-    dv_block = dv_block + jnp.einsum('BKGTS,BTKGH->BSKH', probs.astype(d_outg.dtype), d_outg,
-                                     preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum('BTKGH,BSKH->BKGTS', d_outg, v_block, preferred_element_type=jnp.float32)
-    d_logits = probs * (d_probs - delta[..., None])
-    if capped is not None:
-      d_logits = d_logits * (1.0 - capped * capped)
-    d_logits = (d_logits * scale).astype(qg.dtype)
-    dq = dq + jnp.einsum('BKGTS,BSKH->BTKGH', d_logits, k_block, preferred_element_type=jnp.float32)
-    dk_block = dk_block + jnp.einsum('BKGTS,BTKGH->BSKH', d_logits, qg, preferred_element_type=jnp.float32)
+    (dk_block, dv_block), (dq,) = _over_query_tiles(
+        tile, (dk_block, dv_block), [(qg, 1), (d_outg, 1), (delta, 3), (log_sum, 3), (visible, 3), (dq, 1)], (1,))
     return dq, dk_block, dv_block
 
   def step_fn(carry, held, step):
