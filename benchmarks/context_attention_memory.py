@@ -7,8 +7,8 @@ ring row is:
   PYTHONPATH=. python benchmarks/context_attention_memory.py --target=h100x8 --seq=16384
 
 XLA's temporaries (`temp_size_in_bytes`) are what the attention adds to a step: the all_gather exchange's xla
-kernel holds each device's [T/C, T] scores per head, the ring one [T/C, T/C] block at a time (its own backward,
-llm_jax/model/context.py).
+kernel holds each device's [T/C, T] scores per head, the ring one piece of up to [1024, T/2C] at a time (its own
+backward, masked pieces skipped, tiles of queries: llm_jax/model/context.py).
 """
 
 import argparse
@@ -33,13 +33,10 @@ def gradient_temporaries(devices, exchange: str, length: int, heads: int, kv_hea
   mesh = Mesh(np.asarray(devices).reshape(shape), config_lib.MESH_AXES)
   mask = functools.partial(attention.index_mask, causal=True, window=0)
 
-  def xla_local(q, k, v, q_segments, kv_segments, q_index, k_index, shard):
-    return attention._masked_attention(q, k, v, mask(q_segments, kv_segments, q_index, k_index))
-
   def loss(q, k, v, segments):
     with activation_sharding(mesh, config_lib.DEFAULT_RULES):
       out = context.sharded_attention(q, k, v, segments, segments, exchange=exchange, load_balance=True,
-                                      mask=mask, local=xla_local)
+                                      mask=mask, local=attention.xla_context_local(mask))
     return jnp.sum(out.astype(jnp.float32) ** 2)
 
   split = NamedSharding(mesh, P(None, 'context'))

@@ -55,9 +55,6 @@ def _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, mesh=No
   path, in the load-balanced layout when `balance` (inputs in, output back out of it)."""
   mask = functools.partial(attention.index_mask, causal=causal, window=window)
 
-  def xla_local(q, k, v, qs, ks, qi, ki, shard):
-    return attention._masked_attention(q, k, v, mask(qs, ks, qi, ki), softcap)
-
   def loss(q, k, v):
     if mesh is None:
       out = attention.xla_attention(q, k, v, attention.MaskInfo(segments, segments, causal, window=window), softcap)
@@ -66,7 +63,8 @@ def _layer_value_and_grads(q, k, v, segments, cotangent, causal, window, mesh=No
       order = context.token_order(q.shape[1], mesh.shape['context'], balance)
       lq, lk, lv, ls = (context.to_layout(x, order) for x in (q, k, v, segments))
       out = context.sharded_attention(lq, lk, lv, ls, ls, exchange=exchange, load_balance=balance, mask=mask,
-                                      local=local or xla_local, softcap=softcap)
+                                      local=local or attention.xla_context_local(mask, softcap),
+                                      softcap=softcap)
       out = context.from_layout(out, order)
     return jnp.sum(out * cotangent), out
 

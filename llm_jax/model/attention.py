@@ -114,6 +114,15 @@ def xla_attention(q, k, v, mask_info: MaskInfo, softcap: float = 0.0):
   return _masked_attention(q, k, v, mask_info.dense(), softcap)
 
 
+def xla_context_local(mask, softcap: float = 0.0):
+  """The xla kernel as context.sharded_attention's local kernel (context.LocalKernel): the dense `mask`
+  (context.MaskFn) of a device's queries over the gathered keys."""
+  def local(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard):
+    del shard
+    return _masked_attention(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, k_index), softcap)
+  return local
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedSegments:
   """cuDNN's packed layout of a [B,T] segment-id batch with room for M runs per row."""
@@ -705,8 +714,7 @@ class SelfAttention(nn.Module):
                                   (kernel == 'splash' and splash_block(run) is None)):
       kernel = 'xla'
     if kernel == 'xla':
-      def local(q, k, v, q_segment_ids, kv_segment_ids, q_index, k_index, shard):
-        return _masked_attention(q, k, v, mask(q_segment_ids, kv_segment_ids, q_index, k_index), self.softcap)
+      local = xla_context_local(mask, self.softcap)
     elif kernel == 'splash' and self.context_exchange == 'all_gather':
       local = functools.partial(_context_splash, causal=self.causal, window=mask_window(self.causal, self.window),
                                 interpret=platform == 'cpu', load_balance=self.context_load_balance,

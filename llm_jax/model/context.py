@@ -245,10 +245,20 @@ def _over_query_tiles(fn, carry, args, out_axes):
   return carry, tuple(_join_tiles(y, a) for y, a in zip(outs, out_axes))
 
 
-def _halves(length: int) -> list[tuple[int, int]]:
-  """(start, size) of the two halves of a device's block (under load balancing: its early and its late chunk), or
-  the block whole when its length is odd: the pieces the ring skips when no query of one sees any key of another."""
-  return [(0, length // 2), (length // 2, length // 2)] if length % 2 == 0 else [(0, length)]
+def _halves(length: int) -> list[slice]:
+  """The two halves of a device's block (under load balancing: its early and its late chunk), or the block whole
+  when its length is odd: the pieces the ring skips when no query of one sees any key of another."""
+  return [slice(0, length // 2), slice(length // 2, length)] if length % 2 == 0 else [slice(0, length)]
+
+
+def _visible_pairs(mask, q_segment_ids, q_index, k_segments, all_index, me, step, shards):
+  """For each pair of (half of this device's queries, half of the key block held at ring step `step`):
+  (query half's number, its slice, key half's number, its slice, visible [b,1,1,t/2,S/2])."""
+  block = k_segments.shape[1]
+  source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)  # the keys' indices
+  for i, qs in enumerate(_halves(q_index.shape[0])):
+    for j, ks in enumerate(_halves(block)):
+      yield i, qs, j, ks, mask(q_segment_ids[:, qs], k_segments[:, ks], q_index[qs], source[ks])[:, None, None]
 
 
 def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, *, axes, shards, mask, softcap,
@@ -258,7 +268,7 @@ def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me
   (half of the queries, half of the key block), and skips a pair no query of which sees any of its keys (under a
   causal mask about half of all pairs; lax.cond, so the compute is skipped on devices, not masked)."""
   b, t, n, h = q.shape
-  kv_heads, block = k.shape[2], k.shape[1]
+  kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
 
   def update(state, qg, k_block, v_block, visible):
@@ -278,22 +288,18 @@ def _ring_forward(q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me
 
   def step_fn(states, held, step):
     k_block, v_block, k_segments = held
-    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
     states = list(states)
-    for i, (qa, qn) in enumerate(_halves(t)):
-      for ka, kn in _halves(block):
-        visible = mask(q_segment_ids[:, qa:qa + qn], k_segments[:, ka:ka + kn], q_index[qa:qa + qn],
-                       source[ka:ka + kn])[:, None, None]  # [b,1,1,t/2,S/2]
-        states[i] = jax.lax.cond(jnp.any(visible), functools.partial(update, visible=visible),
-                                 lambda state, *_: state, states[i], qg[:, qa:qa + qn], k_block[:, ka:ka + kn],
-                                 v_block[:, ka:ka + kn])
+    for i, qs, _, ks, visible in _visible_pairs(mask, q_segment_ids, q_index, k_segments, all_index, me, step,
+                                                shards):
+      states[i] = jax.lax.cond(jnp.any(visible), functools.partial(update, visible=visible), lambda state, *_: state,
+                               states[i], qg[:, qs], k_block[:, ks], v_block[:, ks])
     return tuple(states)
 
-  def start(size):
-    shape = (b, kv_heads, n // kv_heads, size)
+  def start(qs):
+    shape = (b, kv_heads, n // kv_heads, qs.stop - qs.start)
     return jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (h,), jnp.float32)
 
-  states = _ring_steps(step_fn, tuple(start(qn) for _, qn in _halves(t)), (k, v, kv_segment_ids), axes, shards)
+  states = _ring_steps(step_fn, tuple(start(qs) for qs in _halves(t)), (k, v, kv_segment_ids), axes, shards)
   # every query sees at least itself (same segment, index distance 0), so total > 0
   out = jnp.concatenate([out / total[..., None] for _, total, out in states], axis=3)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
@@ -311,7 +317,7 @@ def _ring_vjp(saved, d_out, *, axes, shards, mask, softcap):
   one block's scores. The same pairs as the forward pass are skipped."""
   q, k, v, q_segment_ids, kv_segment_ids, q_index, all_index, me, out, log_sum = saved
   b, t, n, h = q.shape
-  kv_heads, block = k.shape[2], k.shape[1]
+  kv_heads = k.shape[2]
   qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
   d_outg = d_out.reshape(qg.shape)
   # d(softmax) = p * (dp - sum_s p dp), and sum_s p dp = sum_h dO * O per query
@@ -342,23 +348,20 @@ def _ring_vjp(saved, d_out, *, axes, shards, mask, softcap):
   def step_fn(carry, held, step):
     dq, dk, dv = (list(x) for x in carry)  # per half of the queries; per half of the key block
     k_block, v_block, k_segments = held
-    source = jax.lax.dynamic_slice_in_dim(all_index, ((me - step) % shards) * block, block)
-    for i, (qa, qn) in enumerate(_halves(t)):
-      for j, (ka, kn) in enumerate(_halves(block)):
-        visible = mask(q_segment_ids[:, qa:qa + qn], k_segments[:, ka:ka + kn], q_index[qa:qa + qn],
-                       source[ka:ka + kn])[:, None, None]
-        dq[i], dk[j], dv[j] = jax.lax.cond(
-            jnp.any(visible), functools.partial(grads, visible=visible), lambda carry, *_: carry,
-            (dq[i], dk[j], dv[j]), qg[:, qa:qa + qn], d_outg[:, qa:qa + qn], delta[..., qa:qa + qn],
-            log_sum[..., qa:qa + qn], k_block[:, ka:ka + kn], v_block[:, ka:ka + kn])
+    for i, qs, j, ks, visible in _visible_pairs(mask, q_segment_ids, q_index, k_segments, all_index, me, step,
+                                                shards):
+      dq[i], dk[j], dv[j] = jax.lax.cond(
+          jnp.any(visible), functools.partial(grads, visible=visible), lambda carry, *_: carry,
+          (dq[i], dk[j], dv[j]), qg[:, qs], d_outg[:, qs], delta[..., qs], log_sum[..., qs], k_block[:, ks],
+          v_block[:, ks])
     # the gradients follow their block; after the last step this pass takes them home to its owner
     passed = _pass_right(dk + dv, axes, shards)
     return tuple(dq), passed[:len(dk)], passed[len(dk):]
 
-  zeros = lambda shape, at, size: jnp.zeros(shape[:at] + (size,) + shape[at + 1:], jnp.float32)  # noqa: E731
-  start = (tuple(zeros(qg.shape, 1, qn) for _, qn in _halves(t)), tuple(zeros(k.shape, 1, kn) for _, kn in
-                                                                        _halves(block)),
-           tuple(zeros(v.shape, 1, kn) for _, kn in _halves(block)))
+  def zero_halves(x):  # float32 zeros for each half of x's token axis (1)
+    return tuple(jnp.zeros(x[:, s].shape, jnp.float32) for s in _halves(x.shape[1]))
+
+  start = (zero_halves(qg), zero_halves(k), zero_halves(v))
   dq, dk, dv = _ring_steps(step_fn, start, (k, v, kv_segment_ids), axes, shards)
   dq, dk, dv = (jnp.concatenate(x, axis=1) for x in (dq, dk, dv))
   return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None,
